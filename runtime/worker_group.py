@@ -73,8 +73,8 @@ class RankActor:
     def node_info(self) -> tuple[str, list[int]]:
         return _node_ip(), [int(i) for i in ray.get_gpu_ids()]
 
-    def free_port(self) -> tuple[str, int]:
-        ip = _node_ip()
+    def free_port(self, loopback: bool) -> tuple[str, int]:
+        ip = "127.0.0.1" if loopback else _node_ip()
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             s.bind((ip, 0))
             return ip, s.getsockname()[1]
@@ -113,6 +113,15 @@ class RankActor:
 
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _wait_removed(pg, timeout_s: float = 10.0) -> None:
+    """Block until Ray records the placement group as removed, so its resources are free again."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if ray.util.placement_group_table(pg).get("state") == "REMOVED":
+            return
+        time.sleep(0.05)
 
 
 def _node_ip() -> str:
@@ -157,7 +166,8 @@ class WorkerGroup:
             ]
             infos = ray.get([a.node_info.remote() for a in self.actors])
             self.node_ips = [ip for ip, _ in infos]
-            master = ray.get(self.actors[0].free_port.remote())
+            # All ranks on one node: rendezvous on loopback, never exposed beyond this machine.
+            master = ray.get(self.actors[0].free_port.remote(len(set(self.node_ips)) == 1))
             self.run_dir.mkdir(parents=True, exist_ok=True)
             setups = [a.setup.remote(self._fields(r), master, pg_timeout_s) for r, a in enumerate(self.actors)]
             self.backend = self._gather(setups)[0]
@@ -245,8 +255,8 @@ class WorkerGroup:
         self.actors = []
         if self.pg is not None:
             remove_placement_group(self.pg)
+            _wait_removed(self.pg)
             self.pg = None
-        time.sleep(0)  # let Ray process the kills before a caller inspects resources
 
     def __enter__(self) -> "WorkerGroup":
         return self

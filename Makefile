@@ -1,0 +1,36 @@
+# Two commands do all the set-up from a fresh clone:
+#   make demo   creates .venv, installs Plait, trains the reference GPT on 2 Ray workers (embedded cluster)
+#   make test   creates/updates .venv, runs the test suite
+# Re-running is quick: the install step re-runs only when pyproject.toml changes.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.plait-installed
+# DeepSpeed JIT-compiles a comm op on first use; keep the build where a fresh clone finds it again.
+export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/plait/torch_extensions
+export RAY_USAGE_STATS_ENABLED ?= 0
+SPEC ?= examples/gpt_dp2.toml
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test lint bench clean
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/plait run $(SPEC)
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check runtime parallel storage gnn rl tests bench
+
+clean:
+	rm -rf runs data .pytest_cache

@@ -1,0 +1,243 @@
+"""Pipeline parallelism for Plait's GPT through ``torch.distributed.pipelining``.
+
+    pipe = build_pipeline(lambda: GPT(cfg), mesh["pp"], schedule="Interleaved1F1B", microbatches=8,
+                          virtual_stages=2, loss_fn=lm_loss, device=ctx.device)
+    opt = torch.optim.AdamW(pipe.parameters())
+    loss = pipe.step(inputs, targets)      # mean loss on the rank holding the last stage, else None
+    opt.step()
+
+Design:
+
+* Stages are cut by layer ranges from one full GPT built (same seed) on every rank: a stage keeps the
+  layers it owns and sets ``tok_embeddings`` / ``norm`` / ``output`` to None when it is not the first /
+  last stage, which makes ``GPT.forward`` pass hidden states through. Layers sit in a ModuleDict keyed
+  by global index, so parameter FQNs (``layers.5.attention.wq.weight``) are the same as in the unsplit
+  model: checkpoints, optimizers and tests line up across plans without any renaming.
+* Which stages a rank holds follows the schedule: "loop" placement (stage s on rank s % pp) for GPipe,
+  1F1B, Interleaved1F1B, LoopedBFS and InterleavedZeroBubble; "v" placement (rank r holds stages r and
+  2*pp-1-r) for ZBVZeroBubble and DualPipeV. Torch computes the same mappings internally; we have to
+  agree with them when deciding which layers to keep.
+* The pp process group comes from the 1-D ``pp_mesh`` that is passed in (possibly ``mesh["pp"]`` of a
+  (dp, pp, tp) mesh). Nothing global.
+* Loss scaling. The schedule calls ``loss_fn`` on each microbatch (a mean over that microbatch's
+  tokens) and backpropagates each microbatch loss separately, so the accumulated gradient is the SUM
+  of m per-microbatch mean gradients. Torch's schedules are built with ``scale_grads=True`` (default,
+  kept here), which divides every stage's ``.grad`` by ``n_microbatches`` once after the last backward
+  (``stage.scale_grads`` from ``perform_reduce_grad`` / the REDUCE_GRAD action). Sum of m means / m =
+  the mean loss's gradient over the full batch, exactly, provided every microbatch holds the same
+  number of tokens - so ``step`` refuses a batch that does not split into equal microbatches. Two
+  consequences: ``loss_fn`` must reduce with a mean (a sum-reducing loss would need
+  ``scale_grads=False``), and the division hits the whole ``.grad`` - gradients left over from before
+  the step would be divided too - so ``step`` clears gradients first (no accumulation across steps).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.pipelining import PipelineStage
+from torch.distributed.pipelining.schedules import PipelineScheduleSingle, get_schedule_class
+
+# Every schedule torch 2.13 ships, by name -> (placement style, stages per rank: 1, 2 or None = any >= 1).
+SCHEDULES: dict[str, tuple[str, int | None]] = {
+    "GPipe": ("loop", 1),
+    "1F1B": ("loop", 1),
+    "Interleaved1F1B": ("loop", None),
+    "LoopedBFS": ("loop", None),
+    "InterleavedZeroBubble": ("loop", None),
+    "ZBVZeroBubble": ("v", 2),
+    "DualPipeV": ("v", 2),
+}
+
+
+def schedule_name(name: str) -> str:
+    """The canonical spelling of a schedule name (matched case-insensitively, like torch)."""
+    by_lower = {k.lower(): k for k in SCHEDULES}
+    if name.lower() not in by_lower:
+        raise ValueError(f"unknown pipeline schedule {name!r}; valid schedules: {', '.join(SCHEDULES)}")
+    return by_lower[name.lower()]
+
+
+def schedule_style(name: str) -> str:
+    """"loop" or "v": how the schedule places stages on ranks."""
+    return SCHEDULES[schedule_name(name)][0]
+
+
+def stage_ids(pp_rank: int, pp_size: int, virtual_stages: int, style: str) -> list[int]:
+    """The global stage indices rank ``pp_rank`` holds, ascending. ``style`` is "loop" or "v"
+    (or a schedule name, whose style is used)."""
+    if style not in ("loop", "v"):
+        style = schedule_style(style)
+    if not 0 <= pp_rank < pp_size:
+        raise ValueError(f"pp_rank={pp_rank} is outside a pipeline of pp_size={pp_size}")
+    if style == "v":
+        if virtual_stages != 2:
+            raise ValueError(f"V-style placement holds exactly 2 stages per rank, not virtual_stages={virtual_stages}")
+        return [pp_rank, 2 * pp_size - 1 - pp_rank]
+    return [pp_rank + i * pp_size for i in range(virtual_stages)]
+
+
+def layer_ranges(n_layers: int, num_stages: int) -> list[tuple[int, int]]:
+    """Contiguous [start, stop) layer ranges, one per stage; sizes differ by at most one (the first
+    stages take the extra layers, the last one already carries the output projection)."""
+    if num_stages < 1:
+        raise ValueError(f"num_stages={num_stages}: need at least one stage")
+    if n_layers < num_stages:
+        raise ValueError(
+            f"n_layers={n_layers} cannot fill {num_stages} pipeline stages (every stage needs at least one "
+            f"layer): use at most {n_layers} stages (pp * virtual_stages) or a deeper model"
+        )
+    base, extra = divmod(n_layers, num_stages)
+    ranges, start = [], 0
+    for s in range(num_stages):
+        stop = start + base + (1 if s < extra else 0)
+        ranges.append((start, stop))
+        start = stop
+    return ranges
+
+
+def check_schedule(schedule: str, pp_size: int, virtual_stages: int, microbatches: int) -> str:
+    """Validate a schedule configuration before building anything; return the canonical name.
+    Mirrors (and explains) the checks torch 2.13's schedule constructors make."""
+    name = schedule_name(schedule)
+    style, per_rank = SCHEDULES[name]
+    stages = pp_size * virtual_stages
+    if virtual_stages < 1 or pp_size < 1 or microbatches < 1:
+        raise ValueError(f"pp_size={pp_size}, virtual_stages={virtual_stages}, microbatches={microbatches}: "
+                         "all must be >= 1")
+    if per_rank == 1 and virtual_stages != 1:
+        raise ValueError(f"schedule {name} runs exactly one stage per rank, not virtual_stages={virtual_stages}: "
+                         "set virtual_stages=1 or use Interleaved1F1B / LoopedBFS / InterleavedZeroBubble")
+    if per_rank == 2 and virtual_stages != 2:
+        raise ValueError(f"schedule {name} places exactly 2 stages per rank in a V: set virtual_stages=2, "
+                         f"not {virtual_stages}")
+    if name == "1F1B" and microbatches < stages:
+        raise ValueError(f"schedule 1F1B needs microbatches >= stages ({stages}) to fill its warm-up; got "
+                         f"microbatches={microbatches}")
+    if name == "DualPipeV" and microbatches < stages:
+        raise ValueError(f"schedule DualPipeV needs microbatches >= stages (2*pp = {stages}); got "
+                         f"microbatches={microbatches}")
+    if name in ("Interleaved1F1B", "InterleavedZeroBubble"):
+        rounds = max(1, microbatches // pp_size)
+        if microbatches % rounds:
+            raise ValueError(
+                f"schedule {name} runs microbatches in rounds of pp={pp_size}: microbatches={microbatches} must "
+                f"be below pp or a multiple of the {rounds} rounds it makes; try {rounds * pp_size}"
+            )
+    return name
+
+
+def cut_stage(model: nn.Module, layers: tuple[int, int], is_first: bool, is_last: bool) -> nn.Module:
+    """Keep layers [start, stop) of a GPT (in place) and drop the embedding / head it does not own."""
+    start, stop = layers
+    for key in list(model.layers.keys()):
+        if not start <= int(key) < stop:
+            del model.layers[key]
+    if not is_first:
+        model.tok_embeddings = None
+    if not is_last:
+        model.norm = None
+        model.output = None
+    return model
+
+
+@dataclass
+class Pipeline:
+    """This rank's part of a pipeline: its stages (ascending stage index), their modules, the schedule."""
+
+    schedule: object  # a torch.distributed.pipelining schedule instance
+    stages: list[PipelineStage]
+    modules: list[nn.Module]  # the stage modules, same order as ``stages``
+    name: str  # canonical schedule name
+    microbatches: int
+
+    @property
+    def has_first(self) -> bool:
+        return any(s.is_first for s in self.stages)
+
+    @property
+    def has_last(self) -> bool:
+        return any(s.is_last for s in self.stages)
+
+    def named_parameters(self) -> dict[str, nn.Parameter]:
+        """This rank's parameters by their unsplit-model FQN (stages never share a name)."""
+        return {n: p for m in self.modules for n, p in m.named_parameters()}
+
+    def parameters(self) -> list[nn.Parameter]:
+        return list(self.named_parameters().values())
+
+    def step(self, inputs: torch.Tensor | None, targets: torch.Tensor | None) -> torch.Tensor | None:
+        """One forward/backward of the whole batch over ``microbatches`` microbatches; gradients end in
+        ``.grad`` equal to those of the full-batch mean loss (see the module docstring).
+
+        ``inputs`` is used only where this rank holds the first stage and ``targets`` only where it holds
+        the last (other ranks may pass None; with V schedules rank 0 holds both). Returns the mean of the
+        microbatch losses - the full-batch mean loss - detached, on the rank holding the last stage;
+        None on every other rank. Gradients are cleared at the start (see the module docstring)."""
+        for m in self.modules:
+            m.zero_grad(set_to_none=True)
+        args: tuple = ()
+        if self.has_first:
+            if inputs is None:
+                raise ValueError("this rank holds the first stage: step() needs the inputs")
+            self._check_batch(inputs, "inputs")
+            args = (inputs,)
+        kwargs: dict = {}
+        losses: list[torch.Tensor] | None = None
+        if self.has_last:
+            if targets is None:
+                raise ValueError("this rank holds the last stage: step() needs the targets")
+            self._check_batch(targets, "targets")
+            kwargs["target"], losses = targets, []
+        self.schedule.step(*args, losses=losses, return_outputs=False, **kwargs)
+        if losses is None:
+            return None
+        return torch.stack([loss.detach() for loss in losses]).mean()
+
+    def _check_batch(self, t: torch.Tensor, what: str) -> None:
+        if t.shape[0] % self.microbatches:
+            raise ValueError(
+                f"{what} batch of {t.shape[0]} does not split into {self.microbatches} equal microbatches; "
+                "unequal microbatches would weight the mean loss wrongly"
+            )
+
+
+def build_pipeline(model: nn.Module | Callable[[], nn.Module], pp_mesh: DeviceMesh, *, schedule: str,
+                   microbatches: int, virtual_stages: int = 1, loss_fn: Callable, device: torch.device | str,
+                   ) -> Pipeline:
+    """Cut this rank's stages out of a GPT and wire them to a torch pipeline schedule.
+
+    ``model`` is a full GPT or a zero-argument factory (called once); each local stage is cut from a
+    deep copy, so the caller's model is left whole. Every rank must produce identical weights (same
+    seed before the call, or seed inside the factory). A factory may build
+    on the meta device: the cut stage is then materialised on ``device`` and filled by its
+    ``init_weights()`` - values then differ from an unsplit model's init, so load a checkpoint if they
+    must match. ``pp_mesh`` is a 1-D DeviceMesh (e.g. ``mesh["pp"]``); its group carries the p2p.
+    """
+    if pp_mesh.ndim != 1:
+        raise ValueError(f"pp_mesh must be 1-D (pass mesh['pp']), got a {pp_mesh.ndim}-D mesh")
+    pp_size, pp_rank = pp_mesh.size(), pp_mesh.get_local_rank()
+    name = check_schedule(schedule, pp_size, virtual_stages, microbatches)
+    num_stages = pp_size * virtual_stages
+    device = torch.device(device)
+    stages, modules = [], []
+    full = model if isinstance(model, nn.Module) else model()  # one build: every stage cut from the same init
+    ranges = layer_ranges(len(full.layers), num_stages)
+    for sid in stage_ids(pp_rank, pp_size, virtual_stages, schedule_style(name)):
+        part = cut_stage(copy.deepcopy(full), ranges[sid], sid == 0, sid == num_stages - 1)
+        if any(p.is_meta for p in part.parameters()):
+            part = part.to_empty(device=device)
+            part.init_weights()
+        part = part.to(device)
+        modules.append(part)
+        stages.append(PipelineStage(part, sid, num_stages, device, group=pp_mesh.get_group()))
+    cls = get_schedule_class(name)
+    # Single-stage schedules take one stage, multi-stage ones a list (even of one).
+    held = stages[0] if issubclass(cls, PipelineScheduleSingle) else stages
+    sched = cls(held, n_microbatches=microbatches, loss_fn=loss_fn, scale_grads=True)
+    return Pipeline(schedule=sched, stages=stages, modules=modules, name=name, microbatches=microbatches)

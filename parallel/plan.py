@@ -1,0 +1,180 @@
+"""ParallelPlan: how a model is split, declared in Python and checked before any process starts.
+
+    plan = ParallelPlan(dp=2, tp=2, pp=2, engine="fsdp2", schedule="Interleaved1F1B",
+                        microbatches=4, virtual_stages=2, sequence_parallel=True)
+    plan.validate(world_size=8, model_cfg=gpt_cfg, batch_per_dp_rank=8)   # raises PlanError
+
+Each violation names the constraint, the values, and a plan that would work.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+ENGINES = ("ddp", "fsdp2", "zero1", "zero2", "zero3")
+# schedule name -> how many stages each pipeline rank holds ("1": exactly one, "many": >= 2, "2": exactly 2)
+SCHEDULES = {
+    "GPipe": "1", "1F1B": "1",
+    "Interleaved1F1B": "many", "LoopedBFS": "many", "InterleavedZeroBubble": "many",
+    "ZBVZeroBubble": "2", "DualPipeV": "2",
+}
+CHECKPOINTING = ("off", "full", "selective")
+PRECISIONS = ("fp32", "bf16")
+
+
+class PlanError(ValueError):
+    """The plan cannot run; the message says which constraint failed and a plan that works."""
+
+
+@dataclass
+class ParallelPlan:
+    dp: int = 1
+    tp: int = 1
+    pp: int = 1
+    sequence_parallel: bool = False  # shard norms/residual activations along the sequence (needs tp > 1)
+    loss_parallel: bool = False  # keep logits vocab-sharded into the cross-entropy (needs tp > 1)
+    engine: str = "ddp"  # data-parallel engine: ddp | fsdp2 | zero1 | zero2 | zero3 (DeepSpeed)
+    schedule: str = "1F1B"  # pipeline schedule, by torch.distributed.pipelining's name
+    microbatches: int = 1
+    virtual_stages: int = 1  # pipeline stages per pp rank (2+ for interleaved / V schedules)
+    activation_checkpointing: str = "off"  # off | full | selective (every other block)
+    mixed_precision: str = "fp32"  # fp32 | bf16 (bf16 params and compute, fp32 gradient reduction)
+
+    @property
+    def world_size(self) -> int:
+        return self.dp * self.tp * self.pp
+
+    @property
+    def num_stages(self) -> int:
+        return self.pp * self.virtual_stages
+
+    def check(self) -> None:
+        """Checks that need no world size or model (also run when a spec is parsed)."""
+        for name in ("dp", "tp", "pp", "microbatches", "virtual_stages"):
+            if getattr(self, name) < 1:
+                raise PlanError(f"plan.{name}={getattr(self, name)}: must be >= 1")
+        _one_of("engine", self.engine, ENGINES)
+        _one_of("schedule", self.schedule, tuple(SCHEDULES))
+        _one_of("activation_checkpointing", self.activation_checkpointing, CHECKPOINTING)
+        _one_of("mixed_precision", self.mixed_precision, PRECISIONS)
+
+    def validate(self, world_size: int, model_cfg: Any, batch_per_dp_rank: int | None = None) -> None:
+        self.check()
+        good = suggest_plan(world_size, model_cfg, self)
+        fix = f"; a plan that works: {good}" if good else ""
+        if self.world_size != world_size:
+            raise PlanError(
+                f"dp*tp*pp = {self.dp}*{self.tp}*{self.pp} = {self.world_size} but the job has {world_size} "
+                f"ranks: make the product equal workers.num{fix}"
+            )
+        for msg in model_violations(self, model_cfg):
+            raise PlanError(msg + fix)
+        for msg in schedule_violations(self):
+            raise PlanError(msg)
+        for msg in engine_violations(self):
+            raise PlanError(msg)
+        if batch_per_dp_rank is not None and self.pp > 1 and batch_per_dp_rank % self.microbatches:
+            raise PlanError(
+                f"the batch per data-parallel rank ({batch_per_dp_rank}) must split into plan.microbatches="
+                f"{self.microbatches} equal microbatches: pick microbatches dividing {batch_per_dp_rank}"
+            )
+
+    def describe(self) -> str:
+        parts = [f"dp{self.dp}({self.engine})", f"tp{self.tp}" + ("+sp" if self.sequence_parallel else ""),
+                 f"pp{self.pp}"]
+        if self.pp > 1:
+            parts.append(f"{self.schedule}x{self.microbatches}mb" + (f"/v{self.virtual_stages}"
+                                                                   if self.virtual_stages > 1 else ""))
+        return " ".join(parts)
+
+
+def _one_of(name: str, value: str, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        raise PlanError(f"plan.{name}={value!r} is not one of: {', '.join(valid)}")
+
+
+def model_violations(plan: ParallelPlan, cfg: Any) -> list[str]:
+    out = []
+    heads, kv = cfg.n_heads, getattr(cfg, "kv_heads", cfg.n_heads)
+    sizes = {"model.n_heads": heads, "model.n_kv_heads": kv, "model.d_model": cfg.d_model,
+             "ffn hidden size": getattr(cfg, "hidden", cfg.d_model)}
+    if plan.loss_parallel:
+        sizes["model.vocab_size"] = cfg.vocab_size
+    for name, size in sizes.items():
+        if size % plan.tp:
+            out.append(f"{name}={size} is not divisible by plan.tp={plan.tp} (tensor parallelism splits it)")
+    stages = plan.num_stages
+    if plan.pp > 1 and cfg.n_layers % stages:
+        out.append(
+            f"model.n_layers={cfg.n_layers} does not divide into pp*virtual_stages = {plan.pp}*"
+            f"{plan.virtual_stages} = {stages} equal pipeline stages"
+        )
+    if plan.tp == 1 and (plan.sequence_parallel or plan.loss_parallel):
+        out.append("plan.sequence_parallel / plan.loss_parallel need plan.tp > 1: turn them off or raise tp")
+    return out
+
+
+def schedule_violations(plan: ParallelPlan) -> list[str]:
+    if plan.pp == 1:
+        if plan.virtual_stages != 1:
+            return [f"plan.virtual_stages={plan.virtual_stages} needs plan.pp > 1 (no pipeline to interleave)"]
+        return []
+    kind, v, name = SCHEDULES[plan.schedule], plan.virtual_stages, plan.schedule
+    if kind == "1" and v != 1:
+        return [f"schedule {name} runs one stage per rank, not virtual_stages={v}: set virtual_stages=1 "
+                f"or pick Interleaved1F1B / InterleavedZeroBubble / LoopedBFS"]
+    if kind == "many" and v < 2:
+        return [f"schedule {name} interleaves several stages per rank: set virtual_stages >= 2 "
+                f"(or use 1F1B for one stage per rank)"]
+    if kind == "2" and v != 2:
+        return [f"schedule {name} places exactly 2 stages per rank in a V: set virtual_stages=2"]
+    if name != "GPipe" and plan.microbatches < plan.pp:
+        return [f"schedule {name} needs microbatches >= pp to fill the pipeline; got microbatches="
+                f"{plan.microbatches}, pp={plan.pp}: set microbatches={plan.pp} or more"]
+    return []
+
+
+def engine_violations(plan: ParallelPlan) -> list[str]:
+    if plan.engine.startswith("zero") and plan.pp > 1:
+        return [f"engine={plan.engine} with pp={plan.pp}: DeepSpeed's pipeline engine refuses ZeRO-2/3 and does "
+                "not run torch.distributed.pipelining schedules; Plait composes pipelines with FSDP2 instead: "
+                "set engine='fsdp2'"]
+    if plan.engine.startswith("zero") and plan.tp > 1:
+        return [f"engine={plan.engine} with tp={plan.tp}: DeepSpeed ZeRO does not shard DTensor tensor-parallel "
+                "parameters; set engine='fsdp2' (FSDP2 composes with DTensor TP on the same mesh)"]
+    if plan.engine == "ddp" and plan.tp > 1:
+        return [f"engine='ddp' with tp={plan.tp}: DDP does not reduce DTensor parameters; set engine='fsdp2'"]
+    if plan.engine == "ddp" and plan.mixed_precision == "bf16":
+        return ["mixed_precision='bf16' needs engine='fsdp2' or a ZeRO engine (DDP keeps fp32 parameters)"]
+    return []
+
+
+def suggest_plan(world_size: int, cfg: Any, like: ParallelPlan) -> str:
+    """The closest valid degrees for ``world_size``: keep tp and pp where possible, fill with dp."""
+    candidates = []
+    for tp in _divisors(world_size):
+        for pp in _divisors(world_size // tp):
+            dp = world_size // (tp * pp)
+            trial = replace(like, dp=dp, tp=tp, pp=pp,
+                            virtual_stages=like.virtual_stages if pp > 1 else 1,
+                            sequence_parallel=like.sequence_parallel and tp > 1,
+                            loss_parallel=like.loss_parallel and tp > 1,
+                            microbatches=max(like.microbatches, pp))
+            if trial.engine != "fsdp2" and (tp > 1 or (pp > 1 and trial.engine.startswith("zero"))):
+                trial = replace(trial, engine="fsdp2")
+            if model_violations(trial, cfg) or schedule_violations(trial) or engine_violations(trial):
+                continue
+            distance = abs(tp - like.tp) + abs(pp - like.pp)
+            candidates.append((distance, -dp, trial))
+    if not candidates:
+        return ""
+    best = min(candidates, key=lambda c: c[:2])[2]
+    extra = f",engine={best.engine}" if best.engine != like.engine else ""
+    if best.pp > 1 and best.microbatches != like.microbatches:
+        extra += f",microbatches={best.microbatches}"
+    return f"dp={best.dp},tp={best.tp},pp={best.pp}{extra}"
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]

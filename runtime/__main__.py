@@ -1,0 +1,5 @@
+import sys
+
+from plait.runtime.cli import main
+
+sys.exit(main())

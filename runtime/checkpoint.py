@@ -1,0 +1,173 @@
+"""Distributed checkpoints that commit atomically and reshard on load.
+
+Layout under ``root``::
+
+    step_00000040/          a committed checkpoint (torch.distributed.checkpoint files,
+        .metadata, *.distcp   one rng/rankN.pt per rank, meta.json written last by rank 0)
+    .step_00000050.tmp/     a checkpoint being written; never read
+
+Every rank writes into the temporary folder; after a barrier rank 0 writes ``meta.json`` and renames
+the folder into place, so a crash mid-write leaves the previous checkpoint the latest one. Model and
+optimizer go through ``get_state_dict``/``set_state_dict`` (DDP, FSDP2, TP and pipeline stages alike),
+so a checkpoint saved under one parallel plan loads under another. The rename commit assumes all
+ranks see one filesystem (one node, or a shared mount on a cluster).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.checkpoint.stateful import Stateful
+
+STEP_DIR = re.compile(r"^step_(\d{8})$")
+
+
+class ModelOptimizer(Stateful):
+    """Model parts + their optimizers as one FQN-keyed state dict, the plan-independent form DCP reshards.
+
+    A rank may hold several model parts (pipeline stages), each with its own optimizer, as in
+    torchtitan; flattened optimizer state ("state.<fqn>.exp_avg") merges across parts without clashes.
+    """
+
+    OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
+
+    def __init__(self, models: Any, optimizers: Any = None):
+        self.models = list(models) if isinstance(models, (list, tuple)) else [models]
+        if optimizers is None:
+            self.optimizers = [None] * len(self.models)
+        else:
+            self.optimizers = list(optimizers) if isinstance(optimizers, (list, tuple)) else [optimizers]
+        if len(self.optimizers) != len(self.models):
+            raise ValueError(f"{len(self.models)} model parts but {len(self.optimizers)} optimizers: pass one each")
+
+    def _part(self, model: torch.nn.Module, optimizer: Any) -> tuple[dict, dict]:
+        return get_state_dict(model, () if optimizer is None else optimizer, options=self.OPTIONS)
+
+    def state_dict(self) -> dict:
+        merged: dict[str, dict] = {"model": {}, "optim": {}}
+        for model, optimizer in zip(self.models, self.optimizers):
+            model_sd, optim_sd = self._part(model, optimizer)
+            merged["model"].update(model_sd)
+            merged["optim"].update(optim_sd)
+        return merged
+
+    def load_state_dict(self, state: dict) -> None:
+        for model, optimizer in zip(self.models, self.optimizers):
+            model_keys, optim_keys = (set(sd) for sd in self._part(model, optimizer))
+            set_state_dict(
+                model, () if optimizer is None else optimizer,
+                model_state_dict={k: v for k, v in state["model"].items() if k in model_keys},
+                optim_state_dict={k: v for k, v in state["optim"].items() if k in optim_keys},
+                options=self.OPTIONS,
+            )
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def rng_state() -> dict[str, torch.Tensor]:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+class Checkpointer:
+    def __init__(self, root: str | Path, keep_last: int = 3):
+        if keep_last < 1:
+            raise ValueError(f"keep_last={keep_last}: keep at least one checkpoint")
+        self.root, self.keep_last = Path(root), keep_last
+
+    def committed(self) -> list[Path]:
+        """Committed checkpoints, oldest first (a folder counts only once its meta.json exists)."""
+        if not self.root.is_dir():
+            return []
+        found = [p for p in self.root.iterdir() if STEP_DIR.match(p.name) and (p / "meta.json").is_file()]
+        return sorted(found, key=lambda p: p.name)
+
+    def latest(self) -> Path | None:
+        done = self.committed()
+        return done[-1] if done else None
+
+    def save(self, step: int, model: Any, optimizer: Any = None, meta: dict | None = None) -> Path:
+        """Collective: every rank calls it with the same step. ``model``/``optimizer``: one or a list."""
+        final = self.root / f"step_{step:08d}"
+        tmp = self.root / f".step_{step:08d}.tmp"
+        if _rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)  # a torn attempt at this step
+            (tmp / "rng").mkdir(parents=True)
+        _barrier()
+        dcp.save({"app": ModelOptimizer(model, optimizer)}, checkpoint_id=str(tmp))
+        rng_file = tmp / "rng" / f"rank{_rank()}.pt"
+        with open(rng_file, "wb") as f:
+            torch.save(rng_state(), f)
+            f.flush()
+            os.fsync(f.fileno())
+        _barrier()
+        if _rank() == 0:
+            info = {"step": step, "world_size": dist.get_world_size() if dist.is_initialized() else 1}
+            info.update(meta or {})
+            with open(tmp / "meta.json", "w") as f:
+                json.dump(info, f, indent=1)
+                f.flush()
+                os.fsync(f.fileno())
+            if final.exists():  # re-saving a step after a restart: replace it
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            _fsync_dir(self.root)
+            for old in self.committed()[: -self.keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+        _barrier()
+        return final
+
+    def resolve(self, which: str | Path) -> Path | None:
+        """'latest' -> newest committed checkpoint (None if none); a path -> that checkpoint."""
+        if str(which) == "latest":
+            return self.latest()
+        path = Path(which)
+        if not (path / "meta.json").is_file():
+            raise FileNotFoundError(
+                f"{path} is not a committed checkpoint (no meta.json); committed ones: "
+                f"{[p.name for p in self.committed()] or 'none'}"
+            )
+        return path
+
+    def load(self, which: str | Path, model: Any, optimizer: Any = None) -> dict | None:
+        """Collective. Restores model, optimizer and this rank's RNG; returns meta.json (None: nothing)."""
+        path = self.resolve(which)
+        if path is None:
+            return None
+        dcp.load({"app": ModelOptimizer(model, optimizer)}, checkpoint_id=str(path))
+        rng_file = path / "rng" / f"rank{_rank()}.pt"
+        if rng_file.is_file():  # absent when resuming on more ranks than saved: RNG stays as seeded
+            set_rng_state(torch.load(rng_file, weights_only=True))
+        return json.loads((path / "meta.json").read_text())

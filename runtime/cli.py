@@ -1,0 +1,71 @@
+"""The ``plait`` command (``python -m plait.runtime`` is the same).
+
+    plait run SPEC [section.key=value ...] [--address ADDR]
+    plait plot RUN_DIR [--out FILE.png]
+    plait plan estimate SPEC [--plan dp=2,tp=2,...] [section.key=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from plait.runtime.config import ConfigError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="plait", description="Ray-orchestrated distributed training")
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run a job spec (TOML) on Ray")
+    run.add_argument("spec")
+    run.add_argument("overrides", nargs="*", help="section.key=value (TOML values), e.g. train.steps=20")
+    run.add_argument("--address", default="", help="Ray cluster address (else PLAIT_RAY_ADDRESS, RAY_ADDRESS, local)")
+    plot = sub.add_parser("plot", help="write a PNG of loss and throughput for a run directory")
+    plot.add_argument("run_dir")
+    plot.add_argument("--out", default=None)
+    plan = sub.add_parser("plan", help="parallel-plan tools")
+    plan_sub = plan.add_subparsers(dest="plan_command", required=True)
+    est = plan_sub.add_parser("estimate", help="per-rank memory of a spec's model under a plan, before launch")
+    est.add_argument("spec")
+    est.add_argument("overrides", nargs="*")
+    est.add_argument("--plan", default="", help="comma-separated plan fields, e.g. dp=2,tp=2,engine=fsdp2")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            from plait.runtime.job import run_job
+            from plait.runtime.spec import load_spec
+
+            spec = load_spec(args.spec, args.overrides)
+            if args.address:
+                spec.cluster.address = args.address
+            summary = run_job(spec)
+            print(json.dumps(summary, indent=1, default=str))
+        elif args.command == "plot":
+            from plait.runtime.plot import plot_run
+
+            print(f"wrote {plot_run(args.run_dir, args.out)}")
+        elif args.command == "plan":
+            from plait.runtime.spec import load_spec
+
+            overrides = list(args.overrides) + [f"plan.{kv}" for kv in args.plan.split(",") if kv]
+            spec = load_spec(args.spec, overrides)
+            estimate = getattr(spec.module, "estimate", None)
+            if estimate is None:
+                raise ConfigError(f"job {spec.job!r} has no memory estimator")
+            print(estimate(spec.config, spec.workers.num))
+    except ConfigError as e:
+        print(f"plait: config error: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError) as e:
+        print(f"plait: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""Per-step metrics: a JSONL file, TensorBoard scalars and a progress bar, written by one rank.
+
+    metrics = MetricsLogger(run_dir, enabled=ctx.is_main, total_steps=cfg.train.steps)
+    metrics.log(step, loss=..., tokens_per_s=..., step_time_s=...)   # memory is added here
+    metrics.close()
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+
+
+def memory_bytes(device: torch.device | None = None) -> int:
+    """Peak device memory on GPU, else this process's resident set size."""
+    if device is not None and device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(psutil.Process(os.getpid()).memory_info().rss)
+
+
+def _progress_bar(total: int, desc: str):
+    import ray
+
+    if ray.is_initialized():  # inside a rank actor: Ray renders this bar in the driver's terminal
+        from ray.experimental.tqdm_ray import tqdm
+
+        return tqdm(total=total, desc=desc)
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc)
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: str | Path, *, enabled: bool, total_steps: int, start_step: int = 0,
+                 device: torch.device | None = None, progress: bool = True, desc: str = "train"):
+        self.enabled, self.device = enabled, device
+        self.jsonl = self.tb = self.bar = None
+        if not enabled:
+            return
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.jsonl = open(run_dir / "metrics.jsonl", "a")
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+        if progress:
+            self.bar = _progress_bar(total_steps, desc)
+            self.bar.update(start_step)
+
+    def log(self, step: int, **scalars: Any) -> None:
+        if not self.enabled:
+            return
+        scalars.setdefault("mem_bytes", memory_bytes(self.device))
+        record = {"step": step, "time": time.time(), **{k: float(v) for k, v in scalars.items()}}
+        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.flush()
+        for key, value in scalars.items():
+            self.tb.add_scalar(key, float(value), step)
+        if self.bar is not None:
+            self.bar.set_description(f"loss {scalars.get('loss', float('nan')):.4f}")
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self.jsonl.close()
+        self.tb.close()
+        if self.bar is not None:
+            self.bar.close()
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: is {run_dir} a Plait run directory (made by `plait run`)?")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,112 @@
+"""Checkpoints: resume equals an uninterrupted run, restarts after a killed rank, torn writes ignored."""
+
+import json
+
+import pytest
+import torch
+
+from plait.parallel.models.gpt import GPT, GPTConfig
+from plait.runtime.checkpoint import Checkpointer
+from plait.runtime.job import run_job
+from plait.runtime.spec import spec_from_table
+
+MODEL = {"vocab_size": 64, "d_model": 32, "n_layers": 2, "n_heads": 4, "max_seq_len": 16}
+
+
+def tiny_job(tmp_path, run: str, max_restarts: int = 0, **train):
+    table = {
+        "job": "plait.parallel.gpt_job",
+        "run_dir": str(tmp_path / run),
+        "workers": {"num": 2, "max_restarts": max_restarts},
+        "model": MODEL,
+        "data": {"path": str(tmp_path / "data"), "source": "synthetic", "num_tokens": 20_000},
+        "train": {"steps": 6, "global_batch": 8, "seq_len": 16, "dtype": "float64", "checkpoint_every": 0,
+                  "optim": {"lr": 1e-2, "warmup_steps": 2}, **train},
+        "plan": {"dp": 2},
+    }
+    return run_job(spec_from_table(table))
+
+
+def final_params(checkpoint: str) -> dict:
+    model = GPT(GPTConfig(**MODEL)).double()
+    Checkpointer(checkpoint).load(checkpoint, model)  # single process: DCP needs no process group
+    return model.state_dict()
+
+
+def assert_same_params(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(ray_cluster, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ckpt")
+    return tmp, tiny_job(tmp, "full")
+
+
+def test_run_writes_metrics_tensorboard_plot_and_checkpoint(uninterrupted):
+    tmp, summary = uninterrupted
+    run_dir = tmp / "full"
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    assert all(r["tokens_per_s"] > 0 and r["mem_bytes"] > 0 and r["step_time_s"] > 0 for r in records)
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert (run_dir / "metrics.png").stat().st_size > 1000
+    assert summary["checkpoint"].endswith("step_00000006") and summary["last_loss"] < summary["first_loss"]
+
+
+def test_resume_from_step_k_matches_uninterrupted_run(uninterrupted):
+    tmp, full = uninterrupted
+    first = tiny_job(tmp, "split", steps=6, checkpoint_every=3, fail_at_step=0)
+    # Run the first half only: stop at 3 by asking for 3 steps, then resume to 6.
+    tmp2 = tmp / "resumed"
+    half = tiny_job(tmp2, "run", steps=3)
+    rest = tiny_job(tmp2, "run", steps=6, resume="latest")
+    assert half["start_step"] == 0 and rest["start_step"] == 3
+    full_losses = json.loads((tmp / "full" / "summary.json").read_text())
+    assert full_losses["last_loss"] == rest["last_loss"]
+    losses = [json.loads(x)["loss"] for x in (tmp2 / "run" / "metrics.jsonl").read_text().splitlines()]
+    ref = [json.loads(x)["loss"] for x in (tmp / "full" / "metrics.jsonl").read_text().splitlines()]
+    assert losses == ref  # bit-identical, step by step
+    assert_same_params(final_params(rest["checkpoint"]), final_params(full["checkpoint"]))
+    assert_same_params(final_params(first["checkpoint"]), final_params(full["checkpoint"]))
+
+
+def test_killed_rank_restarts_from_latest_checkpoint(uninterrupted):
+    tmp, full = uninterrupted
+    crashed = tiny_job(tmp, "crash", max_restarts=1, checkpoint_every=2, fail_at_step=3)
+    assert crashed["restarts"] == 1 and crashed["start_step"] == 2  # resumed from the step-2 checkpoint
+    assert_same_params(final_params(crashed["checkpoint"]), final_params(full["checkpoint"]))
+
+
+class ExplodingModel(GPT):
+    def state_dict(self, *args, **kwargs):
+        raise OSError("disk full")
+
+
+def test_torn_checkpoint_is_never_latest(tmp_path):
+    cfg = GPTConfig(**MODEL)
+    torch.manual_seed(1)
+    good = GPT(cfg)
+    ckpt = Checkpointer(tmp_path, keep_last=2)
+    ckpt.save(1, good)
+    with pytest.raises(OSError, match="disk full"):
+        ckpt.save(2, ExplodingModel(cfg))  # dies mid-write
+    assert (tmp_path / ".step_00000002.tmp").is_dir()
+    (tmp_path / "step_00000003").mkdir()  # a folder with no meta.json is not a committed checkpoint
+    assert ckpt.latest().name == "step_00000001"
+    fresh = GPT(cfg)
+    meta = ckpt.load("latest", fresh)
+    assert meta["step"] == 1
+    assert_same_params(fresh.state_dict(), good.state_dict())
+    with pytest.raises(FileNotFoundError, match="not a committed checkpoint"):
+        ckpt.load(tmp_path / "step_00000003", fresh)
+
+
+def test_keep_last_prunes_older_checkpoints(tmp_path):
+    model = GPT(GPTConfig(**MODEL))
+    ckpt = Checkpointer(tmp_path, keep_last=2)
+    for step in (1, 2, 3):
+        ckpt.save(step, model)
+    assert [p.name for p in ckpt.committed()] == ["step_00000002", "step_00000003"]
