@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from plait.storage.row_shards import RowShards, write_row_shards
 
 SOURCES = ("python-stdlib", "synthetic")
@@ -67,7 +66,9 @@ def markov_tokens(n: int, vocab: int, seed: int) -> np.ndarray:
 def build_token_rows(cfg: DataConfig, seq_len: int, vocab_size: int) -> np.ndarray:
     if cfg.source == "python-stdlib":
         if vocab_size < 256:
-            raise ValueError(f"data.source='python-stdlib' is byte-level: model.vocab_size must be >= 256, got {vocab_size}")
+            raise ValueError(
+                f"data.source='python-stdlib' is byte-level: model.vocab_size must be >= 256, got {vocab_size}"
+            )
         tokens = stdlib_bytes(cfg.num_tokens).astype(np.int64)
     else:
         tokens = markov_tokens(cfg.num_tokens, vocab_size, cfg.seed)

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-
 from plait.parallel.data import DataConfig, StepBatches, ensure_token_dataset
 from plait.parallel.mesh import build_mesh
 from plait.parallel.models.gpt import GPT, GPTConfig

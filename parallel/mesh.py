@@ -8,9 +8,8 @@ on a GPU cluster); pp next; dp outermost. Sub-meshes are reached by name and pas
 from __future__ import annotations
 
 import torch
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-
 from plait.parallel.plan import ParallelPlan
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 MESH_DIMS = ("dp", "pp", "tp")
 

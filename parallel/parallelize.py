@@ -17,11 +17,10 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
-from torch import nn
-from torch.distributed.device_mesh import DeviceMesh
-
 from plait.parallel.models.gpt import lm_loss
 from plait.parallel.plan import ParallelPlan
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
 
 
 @dataclass

@@ -54,14 +54,14 @@ class ModelOptimizer(Stateful):
 
     def state_dict(self) -> dict:
         merged: dict[str, dict] = {"model": {}, "optim": {}}
-        for model, optimizer in zip(self.models, self.optimizers):
+        for model, optimizer in zip(self.models, self.optimizers, strict=True):
             model_sd, optim_sd = self._part(model, optimizer)
             merged["model"].update(model_sd)
             merged["optim"].update(optim_sd)
         return merged
 
     def load_state_dict(self, state: dict) -> None:
-        for model, optimizer in zip(self.models, self.optimizers):
+        for model, optimizer in zip(self.models, self.optimizers, strict=True):
             model_keys, optim_keys = (set(sd) for sd in self._part(model, optimizer))
             set_state_dict(
                 model, () if optimizer is None else optimizer,

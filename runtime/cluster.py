@@ -82,3 +82,36 @@ def link_ray_logs(run_dir: Path) -> None:
 def shutdown() -> None:
     if ray.is_initialized():
         ray.shutdown()
+
+
+def stop_local_cluster(temp_dir: str, timeout_s: float = 15.0) -> int:
+    """``ray stop`` for one cluster: end the processes (and their children) of the Ray cluster
+    started on this machine with ``--temp-dir=temp_dir``, leaving any other Ray cluster alone.
+    Returns how many processes were ended."""
+    import psutil
+
+    temp_dir = str(temp_dir)
+    owners = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if temp_dir in cmdline and proc.pid != os.getpid():
+            owners.append(proc)
+    procs = {p.pid: p for owner in owners for p in [owner, *_children(owner)]}
+    for p in procs.values():
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(list(procs.values()), timeout=timeout_s)
+    for p in alive:
+        p.kill()
+    return len(procs)
+
+
+def _children(proc) -> list:
+    import psutil
+
+    try:
+        return proc.children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []

@@ -40,7 +40,8 @@ def load_job_module(name: str) -> ModuleType:
     try:
         module = importlib.import_module(name)
     except ModuleNotFoundError as e:
-        raise ConfigError(f"job = {name!r}: cannot import it ({e}); name a module such as 'plait.parallel.gpt_job'")
+        hint = "name a module such as 'plait.parallel.gpt_job'"
+        raise ConfigError(f"job = {name!r}: cannot import it ({e}); {hint}") from None
     for attr in ("Config", "train"):
         if not hasattr(module, attr):
             raise ConfigError(f"job = {name!r} has no '{attr}': a job module defines Config and train(ctx, cfg)")

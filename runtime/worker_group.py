@@ -21,10 +21,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 import ray
+from plait.runtime.context import RankContext
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-from plait.runtime.context import RankContext
 
 STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 

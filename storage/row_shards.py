@@ -63,7 +63,8 @@ class RowShards:
         try:
             m = json.loads(manifest_file.read_text())
         except json.JSONDecodeError as e:
-            raise CorruptDataError(f"{manifest_file} is not valid JSON ({e}); delete {self.path} and rebuild it")
+            msg = f"{manifest_file} is not valid JSON ({e}); delete {self.path} and rebuild it"
+            raise CorruptDataError(msg) from None
         if m.get("format") != FORMAT:
             raise CorruptDataError(f"{manifest_file}: format {m.get('format')!r}, expected {FORMAT!r}")
         self.num_rows, self.width, self.meta = m["rows"], m["width"], m.get("meta", {})
@@ -81,7 +82,9 @@ class RowShards:
                 table = pq.read_table(self.files[i])
                 flat = table.column("row").combine_chunks().flatten().to_numpy()
             except (OSError, pa.ArrowInvalid, KeyError) as e:
-                raise CorruptDataError(f"{self.files[i]} is unreadable ({e}); delete {self.path} and rebuild it")
+                raise CorruptDataError(
+                    f"{self.files[i]} is unreadable ({e}); delete {self.path} and rebuild it"
+                ) from None
             expected = int(self.offsets[i + 1] - self.offsets[i])
             if flat.size != expected * self.width:
                 raise CorruptDataError(f"{self.files[i]} holds {flat.size} values, the manifest says "

@@ -4,7 +4,6 @@ import json
 
 import pytest
 import torch
-
 from plait.parallel.models.gpt import GPT, GPTConfig
 from plait.runtime.checkpoint import Checkpointer
 from plait.runtime.job import run_job

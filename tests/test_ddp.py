@@ -1,7 +1,6 @@
 """Data parallelism on 2 ranks equals one process training on the full batch."""
 
 import torch
-
 from plait.parallel.mesh import build_mesh
 from plait.parallel.models.gpt import GPT, GPTConfig, lm_loss
 from plait.parallel.parallelize import OptimConfig, make_optimizer, parallelize

@@ -7,7 +7,6 @@ import pytest
 import ray
 import torch
 import torch.distributed as dist
-
 from plait.runtime import PlacementError, RankError, WorkerConfig, WorkerGroup
 
 

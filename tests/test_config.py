@@ -1,0 +1,79 @@
+"""Config errors name the key and the fix (the messages the README documents)."""
+
+import subprocess
+import sys
+
+import pytest
+from plait.parallel.plan import ParallelPlan, PlanError
+from plait.runtime.cli import main
+from plait.runtime.config import ConfigError
+from plait.runtime.spec import load_spec, spec_from_table
+
+BASE = {"job": "plait.parallel.gpt_job"}
+
+
+def test_unknown_key_names_it_and_suggests_the_closest():
+    with pytest.raises(ConfigError, match=r"unknown key 'train.stpes'. Did you mean 'steps'\?"):
+        spec_from_table({**BASE, "train": {"stpes": 10}})
+    with pytest.raises(ConfigError, match=r"unknown key 'modle'. Did you mean 'model'\?"):
+        spec_from_table({**BASE, "modle": {}})
+
+
+def test_wrong_type_names_key_type_and_value():
+    with pytest.raises(ConfigError, match=r"'train.steps' must be int, got str 'ten'"):
+        spec_from_table({**BASE, "train": {"steps": "ten"}})
+    with pytest.raises(ConfigError, match=r"'workers.num' must be int, got bool True"):
+        spec_from_table({**BASE, "workers": {"num": True}})
+    spec = spec_from_table({**BASE, "train": {"optim": {"lr": 1}}})  # ints widen to floats
+    assert spec.config.train.optim.lr == 1.0
+
+
+def test_missing_spec_file_and_bad_toml(tmp_path):
+    with pytest.raises(ConfigError, match=r"spec file 'nope.toml' not found"):
+        load_spec("nope.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("job = \n")
+    with pytest.raises(ConfigError, match="is not valid TOML"):
+        load_spec(bad)
+
+
+def test_bad_job_module_and_missing_job():
+    with pytest.raises(ConfigError, match=r"missing key 'job'"):
+        spec_from_table({"train": {}})
+    with pytest.raises(ConfigError, match=r"job = 'plait.nope': cannot import it"):
+        spec_from_table({"job": "plait.nope"})
+
+
+def test_overrides_apply_with_toml_values(tmp_path):
+    spec = load_spec("examples/gpt_dp2.toml", ["train.steps=7", "plan.engine=fsdp2", "train.optim.lr=0.5"])
+    assert spec.config.train.steps == 7 and spec.config.plan.engine == "fsdp2"
+    assert spec.config.train.optim.lr == 0.5
+    with pytest.raises(ConfigError, match=r"override 'train.steps' must look like section.key=value"):
+        load_spec("examples/gpt_dp2.toml", ["train.steps"])
+
+
+def test_values_checked_when_parsed():
+    with pytest.raises(ConfigError, match=r"plan.engine='zero4' is not one of: ddp, fsdp2, zero1, zero2, zero3"):
+        spec_from_table({**BASE, "plan": {"engine": "zero4"}})
+    with pytest.raises(ConfigError, match=r"workers.strategy='PAKC': choose one of PACK"):
+        spec_from_table({**BASE, "workers": {"strategy": "PAKC"}})
+    with pytest.raises(ConfigError, match=r"train.global_batch=15 must divide evenly over plan.dp=2"):
+        spec_from_table({**BASE, "train": {"global_batch": 15}, "plan": {"dp": 2}})
+
+
+def test_plan_world_mismatch_suggests_a_plan_that_works():
+    from plait.parallel.models.gpt import GPTConfig
+
+    with pytest.raises(PlanError, match=r"dp\*tp\*pp = 2\*2\*1 = 4 but the job has 2 ranks.*dp=1,tp=2,pp=1"):
+        ParallelPlan(dp=2, tp=2, engine="fsdp2").validate(2, GPTConfig())
+
+
+def test_cli_reports_config_errors_with_exit_code_2(capsys):
+    assert main(["run", "examples/gpt_dp2.toml", "train.stpes=3"]) == 2
+    err = capsys.readouterr().err
+    assert "plait: config error: unknown key 'train.stpes'. Did you mean 'steps'?" in err
+
+
+def test_module_entry_point_runs_the_same_cli():
+    out = subprocess.run([sys.executable, "-m", "plait.runtime", "run", "missing.toml"], capture_output=True, text=True)
+    assert out.returncode == 2 and "spec file 'missing.toml' not found" in out.stderr
