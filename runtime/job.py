@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -54,7 +55,9 @@ def run_job(spec: JobSpec) -> dict[str, Any]:
     attempt = 0
     while True:
         try:
-            with WorkerGroup(spec.workers, run_dir, attempt=attempt) as group:
+            # A live progress bar only when someone watches a terminal; plain lines in logs otherwise.
+            env = {"PLAIT_PROGRESS": "bar" if sys.stdout.isatty() else "lines"}
+            with WorkerGroup(spec.workers, run_dir, attempt=attempt, env=env) as group:
                 results = group.run(module.train, cfg)
             break
         except RankError as e:

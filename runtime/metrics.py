@@ -38,8 +38,12 @@ def _progress_bar(total: int, desc: str):
 
 class MetricsLogger:
     def __init__(self, run_dir: str | Path, *, enabled: bool, total_steps: int, start_step: int = 0,
-                 device: torch.device | None = None, progress: bool = True, desc: str = "train"):
-        self.enabled, self.device = enabled, device
+                 device: torch.device | None = None, progress: str | None = None, desc: str = "train"):
+        """progress: "bar" (a live bar), "lines" (a line every 10% of steps) or "off";
+        default from PLAIT_PROGRESS (set by the driver: "bar" when it has a terminal)."""
+        self.enabled, self.device, self.total = enabled, device, total_steps
+        self.progress = progress or os.environ.get("PLAIT_PROGRESS", "lines")
+        self.every = max(1, total_steps // 10)
         self.jsonl = self.tb = self.bar = None
         if not enabled:
             return
@@ -49,7 +53,7 @@ class MetricsLogger:
         from torch.utils.tensorboard import SummaryWriter
 
         self.tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
-        if progress:
+        if self.progress == "bar":
             self.bar = _progress_bar(total_steps, desc)
             self.bar.update(start_step)
 
@@ -65,6 +69,9 @@ class MetricsLogger:
         if self.bar is not None:
             self.bar.set_description(f"loss {scalars.get('loss', float('nan')):.4f}")
             self.bar.update(1)
+        elif self.progress == "lines" and (step % self.every == 0 or step == self.total):
+            shown = " ".join(f"{k} {v:.4g}" for k, v in scalars.items() if k != "mem_bytes")
+            print(f"[plait] step {step}/{self.total} {shown}", flush=True)
 
     def close(self) -> None:
         if not self.enabled:

@@ -141,7 +141,8 @@ class _RemoteFailure(Exception):
 
 
 class WorkerGroup:
-    def __init__(self, cfg: WorkerConfig, run_dir: str | Path, *, attempt: int = 0, pg_timeout_s: float = 1800):
+    def __init__(self, cfg: WorkerConfig, run_dir: str | Path, *, attempt: int = 0, pg_timeout_s: float = 1800,
+                 env: dict[str, str] | None = None):
         cfg.check()
         if not ray.is_initialized():
             raise RuntimeError("Ray is not initialised: call plait.runtime.connect() first")
@@ -155,7 +156,7 @@ class WorkerGroup:
         try:
             self._wait_placed(bundle)
             threads = cfg.threads_per_worker or max(1, int(cfg.cpus_per_worker))
-            env = {"OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
+            env = {"OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1", **(env or {})}
             self.actors = [
                 RankActor.options(
                     num_cpus=cfg.cpus_per_worker, num_gpus=gpus, runtime_env={"env_vars": env},
