@@ -175,6 +175,11 @@ class GPT(nn.Module):
         return self.output(h) if self.output is not None else h
 
 
+def upcast(logits: torch.Tensor) -> torch.Tensor:
+    """bf16/fp16 logits go to float32 for the softmax; float32 and float64 stay as they are."""
+    return logits.float() if logits.dtype in (torch.bfloat16, torch.float16) else logits
+
+
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy over every position."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(0, 1))
+    return F.cross_entropy(upcast(logits).flatten(0, 1), targets.flatten(0, 1))
