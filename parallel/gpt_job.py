@@ -19,7 +19,7 @@ from plait.parallel.mesh import build_mesh
 from plait.parallel.models.gpt import GPT, GPTConfig
 from plait.parallel.parallelize import OptimConfig, lr_at, parallelize
 from plait.parallel.plan import ParallelPlan
-from plait.runtime.checkpoint import Checkpointer
+from plait.runtime.checkpoint import Checkpointer, EngineState, ModelOptimizer
 from plait.runtime.context import RankContext
 from plait.runtime.metrics import MetricsLogger
 from plait.storage.row_shards import RowShards
@@ -76,12 +76,14 @@ def train(ctx: RankContext, cfg: Config) -> dict:
     torch.manual_seed(cfg.train.seed)
     dtype = getattr(torch, cfg.train.dtype)
     mesh = build_mesh(plan, ctx.device_type)
-    parts = parallelize(lambda: GPT(cfg.model).to(dtype), plan, mesh, ctx.device, cfg.train.optim)
+    parts = parallelize(lambda: GPT(cfg.model).to(dtype), plan, mesh, ctx.device, cfg.train.optim,
+                        global_batch=cfg.train.global_batch)
+    state = EngineState(parts.engine) if parts.engine is not None else ModelOptimizer(parts.modules, parts.optimizers)
     ckpt = Checkpointer(ctx.run_dir / "checkpoints", keep_last=cfg.train.keep_last)
     start = 0
     resume = "latest" if ctx.attempt > 0 else cfg.train.resume
     if resume:
-        meta = ckpt.load(resume, parts.modules, parts.optimizers)
+        meta = ckpt.load(resume, state)
         start = meta["step"] if meta else 0
         ctx.log(f"resumed from step {start}" if meta else "no checkpoint yet: starting fresh")
     batches = StepBatches(RowShards(cfg.data.path), cfg.train.global_batch, cfg.train.seed)
@@ -102,7 +104,7 @@ def train(ctx: RankContext, cfg: Config) -> dict:
             os._exit(17)  # simulate a crashed worker process (no Python cleanup, no exception)
         every = cfg.train.checkpoint_every
         if (every and (step + 1) % every == 0) or step + 1 == cfg.train.steps:
-            ckpt.save(step + 1, parts.modules, parts.optimizers, meta={"data_step": step + 1, "plan": plan.describe()})
+            ckpt.save(step + 1, state, meta={"data_step": step + 1, "plan": plan.describe()})
     metrics.close()
     return {"rank": ctx.rank, "start_step": start, "losses": losses, "checkpoint": str(ckpt.latest())}
 
@@ -120,3 +122,6 @@ def summarize(cfg: Config, run_dir: Path, results: list[dict]) -> dict:
     if (run_dir / "metrics.jsonl").is_file():
         out["plot"] = str(plot_run(run_dir))
     return out
+
+
+from plait.parallel.estimate import estimate_job as estimate  # noqa: E402  (`plait plan estimate` hook)

@@ -1,0 +1,312 @@
+"""Per-rank memory of a Plait GPT under a ParallelPlan, before launch (``plait plan estimate``).
+
+    rows = estimate_memory(gpt_cfg, plan, global_batch=16, seq_len=128, dtype="float32")
+    print(format_table(rows))            # one row per group of ranks with identical numbers
+
+No process group and no real tensors: parameter shapes come from a meta-device GPT, the rest is
+arithmetic. One RankMemory per global rank (laid out like ``mesh.rank_grid``: dp, pp, tp).
+
+Exact (what the rank holds in ``p.to_local()`` / ``p.grad`` / ``optimizer.state``):
+  * stages: stage s of S = pp*virtual_stages owns layers [s*L/S, (s+1)*L/S); stage s sits on rank
+    s % pp ("loop" schedules) or ranks r hold stages r and 2*pp-1-r (ZBVZeroBubble, DualPipeV).
+    Stage 0 holds tok_embeddings, stage S-1 norm + output.
+  * TP (tensor_parallel.py): wq wk wv w1 w3 output tok_embeddings shard dim 0 (heads, hidden, vocab),
+    wo w2 dim 1; norms replicated. DTensor/torch.chunk semantics: ceil-size chunks, last smaller.
+  * fsdp2: dim 0 of every (tp-local) parameter chunked over dp with torch.chunk semantics; grads and
+    AdamW state follow. FSDP2 stores each shard padded to the first chunk's size: the padding is
+    reported apart (``param_padding``), as is TP's (without FSDP2, an uneven tp shard is a view of a
+    storage padded likewise). bf16 mixed precision keeps the sharded parameters, gradients and
+    optimizer state in the model dtype; bf16 exists only in transient all-gathered copies.
+    Like parallelize.py, FSDP2 (and so bf16) is applied only when dp > 1. Without FSDP2, torch 2.13
+    leaves tok_embeddings.weight.grad a full Replicate (V, d) tensor on every tp rank: counted so.
+  * ddp: everything replicated. AdamW (torch 2.13, foreach/fused off): exp_avg and exp_avg_sq like the
+    parameter (its dtype and local shape) plus a 0-d float32 ``step`` tensor per parameter.
+Approximate: ZeRO-1/2/3 use DeepSpeed's flat partition, ceil(N/dp) elements per rank (alignment
+padding aside): ZeRO-1 shards optimizer state, ZeRO-2 also gradients, ZeRO-3 also parameters. The
+optimizer column holds AdamW's fp32 exp_avg/exp_avg_sq of the partition, one step tensor (one flat
+parameter per group) and DeepSpeed's fp32 master copy of the partition (always kept by ZeRO-1/2,
+only under bf16 by ZeRO-3). bf16 ZeRO keeps bf16 model parameters/gradients.
+
+Activations (saved-for-backward storages at peak, found with saved_tensors_hooks on CPU, deduplicated
+by storage, parameters and buffers excluded). Per token of a microbatch, c = activation dtype bytes
+(bf16: 2), a = SDPA logsumexp bytes (float32, float64 for float64), t = tp, s = tp if
+sequence_parallel else 1, d = d_model, h = n_heads, k = kv heads, e = head_dim, H = ffn hidden:
+  block  = 2 * [ (2d + 1)/s * c   rms_norm: input, rstd, x*rstd (sequence-sharded under SP)
+                 + d * c ]        norm output / all-gathered input saved by wq,wk,wv and w1,w3
+         + (2he + 2ke)/t * c      SDPA: q, k (after RoPE), v, output (= wo's input: the CPU kernel
+                                  returns (b, s, h, e) memory, so transpose+reshape is a view)
+         + h/t * a                SDPA logsumexp
+         + 4H/t * c               w1 out, silu out, w3 out, their product (w2's input)
+  RoPE saves only cos/sin (buffers); residual adds save nothing. (CPU kernels, torch 2.13: rms_norm
+  decomposes; CUDA's fused rms_norm and SDPA backends save slightly different extras.)
+  first stage: 8 (int64 token ids saved by the embedding)
+  last stage: (2d + 1)/s * c + d * c (final norm, output's input) + 4V + 8 (float32 log_softmax
+              output and int64 targets of lm_loss; + a 4-byte scalar), or with loss_parallel
+              V/t * c (the vocab-sharded logits gradient tp_loss saves), plus, once per rank, the
+              V/t * 4 + 8 bytes its inner cross-entropy graph holds while computing that gradient
+  pipeline (pp > 1): the stage output kept per in-flight microbatch: d/s * c, or the logits (V, or
+              V/t under loss_parallel) * c on the last stage
+  checkpointed block: only its input, d/s * c; plus, once per rank, one block's activations (minus
+              its input) while backward recomputes it (an upper bound: the head's tensors are counted
+              as still alive then).
+In-flight microbatches per local stage (forwards issued before the rank's first backward, from
+torch 2.13's schedule code): GPipe m; 1F1B min(m, pp - r); LoopedBFS m per stage; Interleaved1F1B
+and InterleavedZeroBubble the warm-up forwards + 1 ((v-1)*round + f*(pp-1-r), f = 2 resp. 1),
+assigned to local stages round by round (zero-bubble's deferred weight grads are ignored);
+ZBVZeroBubble and DualPipeV 2*pp-1-r forwards of the first local stage and r+1 of the second.
+Not counted: transient tensors (FSDP2's all-gathered parameters, DDP's gradient buckets, DeepSpeed's
+buckets, allocator caches, communication buffers) and the tensors of the backward pass itself.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from plait.parallel.activation_checkpoint import wrapped_indices
+from plait.parallel.models.gpt import GPT, GPTConfig
+from plait.parallel.plan import ParallelPlan
+
+# parameter-name suffix -> dim that tensor parallelism shards (tensor_parallel.gpt_tp_plan)
+TP_SHARD_DIM = {"attention.wq.weight": 0, "attention.wk.weight": 0, "attention.wv.weight": 0,
+                "feed_forward.w1.weight": 0, "feed_forward.w3.weight": 0, "output.weight": 0,
+                "tok_embeddings.weight": 0, "attention.wo.weight": 1, "feed_forward.w2.weight": 1}
+V_SCHEDULES = ("ZBVZeroBubble", "DualPipeV")
+DTYPE_BYTES = {"float32": 4, "float64": 8, "bfloat16": 2, "float16": 2}
+
+
+@dataclass
+class RankMemory:
+    rank: int
+    dp: int  # this rank's coordinates on the mesh
+    pp: int
+    tp: int
+    stages: tuple[int, ...]
+    layers: tuple[int, ...]
+    params: int  # bytes of every kind below
+    grads: int
+    optim: int
+    activations: int
+    buffers: int = 0  # RoPE tables, one copy per stage module
+    param_padding: int = 0  # FSDP2: the shard storage's padding beyond p.to_local()
+
+    @property
+    def total(self) -> int:
+        return self.params + self.param_padding + self.grads + self.optim + self.activations + self.buffers
+
+
+def chunk_size(n: int, k: int, i: int) -> int:
+    """Length of chunk i of ``torch.chunk(range(n), k)`` (0 where torch makes fewer than k chunks)."""
+    c = -(-n // k) if n else 0
+    return max(0, min(c, n - i * c))
+
+
+def stage_ids(pp_rank: int, plan: ParallelPlan) -> list[int]:
+    if plan.schedule in V_SCHEDULES and plan.pp > 1:
+        return [pp_rank, 2 * plan.pp - 1 - pp_rank]
+    return [pp_rank + i * plan.pp for i in range(plan.virtual_stages if plan.pp > 1 else 1)]
+
+
+def stage_layers(n_layers: int, num_stages: int, stage: int) -> range:
+    return range(stage * n_layers // num_stages, (stage + 1) * n_layers // num_stages)
+
+
+def inflight(plan: ParallelPlan, pp_rank: int) -> list[int]:
+    """Microbatches whose forward activations a rank holds at its peak, per local stage (see docstring)."""
+    m, pp, v, r, name = plan.microbatches, plan.pp, plan.virtual_stages, pp_rank, plan.schedule
+    if pp == 1:
+        return [1]
+    if name == "GPipe":
+        return [m]
+    if name == "1F1B":
+        return [min(m, pp - r)]
+    if name == "LoopedBFS":
+        return [m] * v
+    if name in V_SCHEDULES:
+        return [min(m, 2 * pp - 1 - r), min(m, r + 1)]
+    per_round = m // max(1, m // pp)
+    factor = 2 if name == "Interleaved1F1B" else 1
+    forwards = min((v - 1) * per_round + factor * (pp - 1 - r) + 1, m * v)
+    counts = [0] * v
+    for k in range(forwards):
+        counts[(k // per_round) % v] += 1
+    return [min(m, n) for n in counts]
+
+
+def _param_shapes(cfg: GPTConfig) -> tuple[dict[str, tuple[int, ...]], int]:
+    """Parameter shapes by FQN and the RoPE buffer elements of one model copy (meta device)."""
+    with torch.device("meta"):
+        model = GPT(cfg)
+    return ({n: tuple(p.shape) for n, p in model.named_parameters()},
+            sum(b.numel() for b in model.buffers()))
+
+
+def _stage_params(shapes: dict[str, tuple[int, ...]], layers: range, first: bool, last: bool) -> list[str]:
+    def kept(name: str) -> bool:
+        head, *rest = name.split(".")
+        if head == "layers":
+            return int(rest[0]) in layers
+        return (head == "tok_embeddings" and first) or (head in ("norm", "output") and last)
+
+    return [name for name in shapes if kept(name)]
+
+
+def _tp_local(name: str, shape: tuple[int, ...], tp: int, tp_rank: int) -> tuple[list[int], int]:
+    """The tp-local shape, and the elements of its storage: distribute_tensor pads uneven shards to the
+    first chunk's size and keeps the narrowed view."""
+    local, stored = list(shape), math.prod(shape)
+    for suffix, dim in TP_SHARD_DIM.items():
+        if tp > 1 and name.endswith(suffix):
+            local[dim] = chunk_size(shape[dim], tp, tp_rank)
+            stored = stored // shape[dim] * chunk_size(shape[dim], tp, 0) if shape[dim] else 0
+    return local, stored
+
+
+def _activations(cfg: GPTConfig, plan: ParallelPlan, b_mb: int, seq: int, tp_rank: int, c: int, acc: int,
+                 layers: range, first: bool, last: bool, wrapped: set[int]) -> tuple[int, int]:
+    """(bytes saved by one microbatch through this stage, bytes alive once at a time on top of them:
+    a recomputed block, or tp_loss's inner cross-entropy graph)."""
+    t, d = plan.tp, cfg.d_model
+    tok = b_mb * seq
+    tok_sp = b_mb * chunk_size(seq, t, tp_rank) if plan.sequence_parallel else tok
+    vocab_local = chunk_size(cfg.vocab_size, t, tp_rank) if plan.loss_parallel else cfg.vocab_size
+    qkvo = (2 * cfg.n_heads * cfg.head_dim + 2 * cfg.kv_heads * cfg.head_dim) // t
+    block = (2 * (tok_sp * (2 * d + 1) * c + tok * d * c) + tok * qkvo * c
+             + tok * (cfg.n_heads // t) * acc + tok * 4 * (cfg.hidden // t) * c)
+    block_input = tok_sp * d * c
+    total = sum(block_input if i in wrapped else block for i in layers)
+    if first:
+        total += tok * 8
+    if last:
+        total += tok_sp * (2 * d + 1) * c + tok * d * c
+        total += tok * vocab_local * c if plan.loss_parallel else tok * cfg.vocab_size * 4 + tok * 8 + 4
+    if plan.pp > 1:
+        total += tok * vocab_local * c if last else block_input
+    transient = block - block_input if any(i in wrapped for i in layers) else 0
+    if last and plan.loss_parallel:  # tp_loss's inner graph, alive while it computes the saved gradient
+        transient = max(transient, tok * vocab_local * 4 + tok * 8 + 4)
+    return total, transient
+
+
+def estimate_memory(model_cfg: GPTConfig, plan: ParallelPlan, *, global_batch: int, seq_len: int,
+                    dtype: str = "float32") -> list[RankMemory]:
+    """One RankMemory per global rank (see the module docstring for what is exact and what is not)."""
+    plan.check()
+    if global_batch % plan.dp:
+        raise ValueError(f"global_batch={global_batch} does not split over dp={plan.dp} ranks")
+    m = plan.microbatches if plan.pp > 1 else 1
+    if (global_batch // plan.dp) % m:
+        raise ValueError(f"the batch per dp rank ({global_batch // plan.dp}) does not split into {m} microbatches")
+    b_mb = global_batch // plan.dp // m
+    pb = DTYPE_BYTES[dtype]
+    zero = plan.engine.startswith("zero")
+    fsdp = plan.engine == "fsdp2" and plan.dp > 1  # parallelize._shard_part: nothing to shard at dp=1
+    bf16 = plan.mixed_precision == "bf16" and (fsdp or zero)
+    if zero and bf16:
+        pb = 2  # DeepSpeed's bf16 mode converts the module itself
+    c = 2 if bf16 else DTYPE_BYTES[dtype]
+    acc = 8 if c == 8 else 4
+    shapes, buffer_elems = _param_shapes(model_cfg)
+    n_stages, n_layers = plan.num_stages, model_cfg.n_layers
+    wrapped = {int(k) for k in wrapped_indices([str(i) for i in range(n_layers)], plan.activation_checkpointing)}
+    rows = []
+    for rank in range(plan.world_size):
+        dp_rank, rest = divmod(rank, plan.pp * plan.tp)
+        pp_rank, tp_rank = divmod(rest, plan.tp)
+        sids = stage_ids(pp_rank, plan)
+        params = padding = grads = optim = acts = transient = 0
+        numel = grad_numel = count = 0
+        held: list[int] = []
+        for sid, mbs in zip(sids, inflight(plan, pp_rank), strict=True):
+            layers = stage_layers(n_layers, n_stages, sid)
+            held.extend(layers)
+            first, last = sid == 0, sid == n_stages - 1
+            for name in _stage_params(shapes, layers, first, last):
+                local, stored = _tp_local(name, shapes[name], plan.tp, tp_rank)
+                rest_elems = math.prod(local[1:])
+                if not fsdp:  # FSDP2 copies each shard into its own (padded) storage
+                    padding += (stored - math.prod(local)) * pb
+                else:
+                    padding += (chunk_size(local[0], plan.dp, 0) - chunk_size(local[0], plan.dp, dp_rank)) \
+                        * rest_elems * pb
+                    local[0] = chunk_size(local[0], plan.dp, dp_rank)
+                numel += math.prod(local)
+                replicated_grad = plan.tp > 1 and not fsdp and name == "tok_embeddings.weight"
+                grad_numel += math.prod(shapes[name]) if replicated_grad else math.prod(local)
+                count += 1
+            per_mb, extra = _activations(model_cfg, plan, b_mb, seq_len, tp_rank, c, acc, layers, first, last, wrapped)
+            acts += mbs * per_mb
+            transient = max(transient, extra)
+        if zero:
+            share = -(-numel // plan.dp)
+            master = share * 4 if plan.engine != "zero3" or bf16 else 0
+            params = (share if plan.engine == "zero3" else numel) * pb
+            grads = (numel if plan.engine == "zero1" else share) * pb
+            optim = 2 * share * 4 + 4 + master
+        else:
+            params, grads = numel * pb, grad_numel * pb
+            optim = 2 * numel * pb + 4 * count
+        rows.append(RankMemory(rank=rank, dp=dp_rank, pp=pp_rank, tp=tp_rank, stages=tuple(sids),
+                               layers=tuple(held), params=params, grads=grads, optim=optim,
+                               activations=acts + transient, buffers=len(sids) * buffer_elems * pb,
+                               param_padding=padding))
+    return rows
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} TiB"  # pragma: no cover
+
+
+def _ranges(ranks: list[int]) -> str:
+    """[0, 1, 2, 5] -> "0-2,5"."""
+    out, start = [], ranks[0]
+    for a, b in zip(ranks, [*ranks[1:], None], strict=True):
+        if b != a + 1:
+            out.append(str(start) if start == a else f"{start}-{a}")
+            start = b
+    return ",".join(out)
+
+
+def format_table(rows: list[RankMemory]) -> str:
+    """Ranks with identical numbers (and stages) share one row; the first column lists them."""
+    groups: dict[tuple, list[RankMemory]] = {}
+    for r in rows:
+        key = (r.pp, r.stages, r.params, r.param_padding, r.grads, r.optim, r.activations, r.buffers)
+        groups.setdefault(key, []).append(r)
+    head = ("ranks", "pp", "stages", "layers", "params", "grads", "optim", "activations", "other", "total")
+    lines = [head]
+    for members in groups.values():
+        r = members[0]
+        span = _ranges(sorted(r.layers)) if r.layers else "-"
+        lines.append((_ranges([x.rank for x in members]), str(r.pp), ",".join(map(str, r.stages)), span,
+                      human(r.params), human(r.grads), human(r.optim), human(r.activations),
+                      human(r.buffers + r.param_padding), human(r.total)))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
+    text = ["  ".join(cell.rjust(widths[i]) if i > 3 else cell.ljust(widths[i]) for i, cell in enumerate(line))
+            for line in lines]
+    text.insert(1, "-" * len(text[0]))
+    text.append("other = RoPE buffers + shard padding (FSDP2, uneven TP); transient buffers (all-gathers, "
+                "DDP/ZeRO buckets) not counted")
+    return "\n".join(text)
+
+
+def estimate_job(cfg, world_size: int) -> str:
+    """The ``plait plan estimate`` hook for gpt_job.Config: validate the plan, then the per-rank table."""
+    plan, train = cfg.plan, cfg.train
+    plan.validate(world_size, cfg.model, train.global_batch // plan.dp if train.global_batch % plan.dp == 0
+                  else None)
+    if hasattr(cfg, "check"):
+        cfg.check()
+    rows = estimate_memory(cfg.model, plan, global_batch=train.global_batch, seq_len=train.seq_len,
+                           dtype=train.dtype)
+    b_mb = train.global_batch // plan.dp // (plan.microbatches if plan.pp > 1 else 1)
+    header = (f"plan {plan.describe()}, {world_size} ranks, GPT {cfg.model.num_params():,} params, "
+              f"{train.dtype} ({plan.mixed_precision}), activation checkpointing {plan.activation_checkpointing}\n"
+              f"global batch {train.global_batch} x seq {train.seq_len}: {b_mb} sequences per microbatch per rank\n")
+    peak = max(rows, key=lambda r: r.total)
+    return header + format_table(rows) + f"\npeak: rank {peak.rank}, {human(peak.total)}"
