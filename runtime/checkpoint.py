@@ -71,6 +71,24 @@ class ModelOptimizer(Stateful):
             )
 
 
+class EngineState:
+    """A DeepSpeed engine checkpoints itself (ZeRO partitions, fp32 masters, optimizer) into the
+    temporary folder; the commit is still Plait's rename. Loads only under the same ZeRO world size."""
+
+    def __init__(self, engine: Any):
+        self.engine = engine
+
+    def save_to(self, path: Path) -> None:
+        self.engine.save_checkpoint(str(path), tag="zero", save_latest=False)
+
+    def load_from(self, path: Path) -> None:
+        self.engine.load_checkpoint(str(path), tag="zero")
+
+
+def _as_state(model: Any, optimizer: Any) -> Any:
+    return model if isinstance(model, (ModelOptimizer, EngineState)) else ModelOptimizer(model, optimizer)
+
+
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
@@ -119,14 +137,19 @@ class Checkpointer:
         return done[-1] if done else None
 
     def save(self, step: int, model: Any, optimizer: Any = None, meta: dict | None = None) -> Path:
-        """Collective: every rank calls it with the same step. ``model``/``optimizer``: one or a list."""
+        """Collective: every rank calls it with the same step. ``model``/``optimizer``: one or a list
+        (or a ready ModelOptimizer / EngineState as ``model``)."""
         final = self.root / f"step_{step:08d}"
         tmp = self.root / f".step_{step:08d}.tmp"
         if _rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)  # a torn attempt at this step
             (tmp / "rng").mkdir(parents=True)
         _barrier()
-        dcp.save({"app": ModelOptimizer(model, optimizer)}, checkpoint_id=str(tmp))
+        state = _as_state(model, optimizer)
+        if isinstance(state, EngineState):
+            state.save_to(tmp)
+        else:
+            dcp.save({"app": state}, checkpoint_id=str(tmp))
         rng_file = tmp / "rng" / f"rank{_rank()}.pt"
         with open(rng_file, "wb") as f:
             torch.save(rng_state(), f)
@@ -166,7 +189,11 @@ class Checkpointer:
         path = self.resolve(which)
         if path is None:
             return None
-        dcp.load({"app": ModelOptimizer(model, optimizer)}, checkpoint_id=str(path))
+        state = _as_state(model, optimizer)
+        if isinstance(state, EngineState):
+            state.load_from(path)
+        else:
+            dcp.load({"app": state}, checkpoint_id=str(path))
         rng_file = path / "rng" / f"rank{_rank()}.pt"
         if rng_file.is_file():  # absent when resuming on more ranks than saved: RNG stays as seeded
             set_rng_state(torch.load(rng_file, weights_only=True))
