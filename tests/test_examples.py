@@ -32,3 +32,13 @@ def test_composed_example_trains_and_checkpoints(ray_cluster, tmp_path):
         "plan.sequence_parallel=false", "plan.loss_parallel=false",
     ]))
     assert resumed["start_step"] == 4  # the tp2 x dp2 checkpoint loads under dp4
+
+
+@pytest.mark.slow
+def test_zero_engine_trains_checkpoints_and_resumes_through_the_job(ray_cluster, tmp_path):
+    common = ["data.source=synthetic", "data.num_tokens=40000", f"data.path={tmp_path / 'data'}",
+              f"run_dir={tmp_path / 'run'}", "plan.engine=zero2", "model.d_model=64", "train.checkpoint_every=0"]
+    first = run_job(load_spec("examples/gpt_dp2.toml", ["train.steps=3", *common]))
+    assert first["plan"] == "dp2(zero2) tp1 pp1" and first["checkpoint"].endswith("step_00000003")
+    resumed = run_job(load_spec("examples/gpt_dp2.toml", ["train.steps=5", "train.resume=latest", *common]))
+    assert resumed["start_step"] == 3 and resumed["checkpoint"].endswith("step_00000005")
