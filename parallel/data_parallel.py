@@ -37,8 +37,9 @@ PRECISIONS = ("fp32", "bf16")
 DS_PIPE_ASSERT = "ZeRO-2 and ZeRO-3 are incompatible with pipeline parallelism"
 
 
-def check_engine_combination(engine: str, pp: int, tp: int) -> str:
-    """Raise ValueError when ``engine`` cannot run with this pp/tp; otherwise return a one-line note."""
+def check_engine_combination(engine: str, pp: int, tp: int, dp: int | None = None) -> str:
+    """Raise ValueError when ``engine`` cannot run with this pp/tp; otherwise return a one-line note.
+    With ``dp == 1`` DDP is never applied (nothing to replicate over), so it combines with anything."""
     if engine not in ENGINES:
         raise ValueError(f"engine={engine!r}: choose one of {', '.join(ENGINES)}")
     if pp < 1 or tp < 1:
@@ -49,7 +50,7 @@ def check_engine_combination(engine: str, pp: int, tp: int) -> str:
                 f"engine={engine!r} with pp={pp}: DeepSpeed ZeRO owns forward/backward/step and cannot drive "
                 "Plait's torch.distributed.pipelining schedules; DeepSpeed's own PipelineEngine asserts "
                 f"{DS_PIPE_ASSERT!r} (and only ZeRO-1 with its PipelineModule). Plait composes pipeline "
-                "parallelism with FSDP2 instead: use engine='fsdp2' (ZeRO-3-like sharding) or engine='ddp'"
+                "parallelism with FSDP2 instead: use engine='fsdp2' (ZeRO-3-like sharding)"
             )
         if tp > 1:
             raise ValueError(
@@ -58,11 +59,20 @@ def check_engine_combination(engine: str, pp: int, tp: int) -> str:
                 "dp group smaller than the world). Use engine='fsdp2', which shards DTensors over mesh['dp']"
             )
         return f"DeepSpeed ZeRO-{ZERO_STAGES[engine]} over the whole world (dp == world size, pp = tp = 1)"
+    if engine == "ddp" and dp == 1:
+        return "one data-parallel rank: no DDP wrapper is applied"
     if engine == "ddp" and tp > 1:
         raise ValueError(
             f"engine='ddp' with tp={tp}: DDP all-reduces local tensors and does not handle DTensor "
             "tensor-parallel parameters (torchtitan refuses DDP with >1-D parallelism too). "
             "Use engine='fsdp2' for dp x tp"
+        )
+    if engine == "ddp" and pp > 1:
+        raise ValueError(
+            f"engine='ddp' with pp={pp}: under torch 2.13's pipelining schedules DDP's reducer fails its "
+            "first-iteration bucket rebuild (INTERNAL ASSERT 'rebuilt parameter indices size is not same as "
+            "original model parameters size', seen with 1F1B, Interleaved1F1B and ZBVZeroBubble). "
+            "Use engine='fsdp2' for dp x pp"
         )
     if engine == "ddp":
         return "DDP replicates each model part and all-reduces gradients over mesh['dp']"
@@ -111,7 +121,9 @@ def apply_fsdp2(model: nn.Module, dp_mesh: DeviceMesh, *, mixed_precision: str =
     for i, block in enumerate(blocks):
         fully_shard(block, mesh=dp_mesh, mp_policy=policy,
                     reshard_after_forward=reshard_after_forward and i < len(blocks) - 1)
-    fully_shard(model, mesh=dp_mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    # The root is left at FSDP2's default (None): backward starts there, so it keeps its parameters
+    # after forward instead of all-gathering them again (True would force a second gather).
+    fully_shard(model, mesh=dp_mesh, mp_policy=policy, reshard_after_forward=None if reshard_after_forward else False)
     return model
 
 

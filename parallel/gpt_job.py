@@ -124,4 +124,3 @@ def summarize(cfg: Config, run_dir: Path, results: list[dict]) -> dict:
     return out
 
 
-from plait.parallel.estimate import estimate_job as estimate  # noqa: E402  (`plait plan estimate` hook)

@@ -21,16 +21,15 @@ from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
-from torch import nn
-from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor
-
 from plait.parallel.activation_checkpoint import apply_activation_checkpointing
 from plait.parallel.data_parallel import apply_ddp, apply_fsdp2, build_deepspeed_engine, deepspeed_train_step
 from plait.parallel.models.gpt import lm_loss
 from plait.parallel.pipeline import build_pipeline
 from plait.parallel.plan import ParallelPlan
 from plait.parallel.tensor_parallel import apply_tensor_parallel, tp_loss
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor
 
 
 @dataclass
@@ -63,7 +62,7 @@ class Parallelized:
 
 def make_optimizer(params, cfg: OptimConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay,
-                             foreach=False)
+                             foreach=True)
 
 
 def _set_lr(optimizers: list[torch.optim.Optimizer], lr: float) -> None:

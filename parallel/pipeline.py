@@ -103,7 +103,13 @@ def layer_ranges(n_layers: int, num_stages: int) -> list[tuple[int, int]]:
 
 def check_schedule(schedule: str, pp_size: int, virtual_stages: int, microbatches: int) -> str:
     """Validate a schedule configuration before building anything; return the canonical name.
-    Mirrors (and explains) the checks torch 2.13's schedule constructors make."""
+
+    Mirrors (and explains) what torch 2.13's constructors require, found by running every schedule on
+    pp=2 and pp=4 against a single-process reference: 1F1B needs microbatches >= pp; DualPipeV needs
+    microbatches >= 2*pp; Interleaved1F1B / InterleavedZeroBubble need microbatches % max(1,
+    microbatches // pp) == 0 (not microbatches % pp == 0: pp=4, m=6 runs; pp=2, m=5 does not);
+    GPipe, LoopedBFS and ZBVZeroBubble take any count (ZBV pads its plan to 2*pp-1 and drops the
+    extra). The loop-style multi-stage schedules also run with one stage per rank."""
     name = schedule_name(schedule)
     style, per_rank = SCHEDULES[name]
     stages = pp_size * virtual_stages
@@ -209,15 +215,18 @@ class Pipeline:
 
 def build_pipeline(model: nn.Module | Callable[[], nn.Module], pp_mesh: DeviceMesh, *, schedule: str,
                    microbatches: int, virtual_stages: int = 1, loss_fn: Callable, device: torch.device | str,
-                   ) -> Pipeline:
+                   parallelize_stage: Callable[[nn.Module], nn.Module] | None = None) -> Pipeline:
     """Cut this rank's stages out of a GPT and wire them to a torch pipeline schedule.
 
-    ``model`` is a full GPT or a zero-argument factory (called once); each local stage is cut from a
-    deep copy, so the caller's model is left whole. Every rank must produce identical weights (same
-    seed before the call, or seed inside the factory). A factory may build
-    on the meta device: the cut stage is then materialised on ``device`` and filled by its
-    ``init_weights()`` - values then differ from an unsplit model's init, so load a checkpoint if they
-    must match. ``pp_mesh`` is a 1-D DeviceMesh (e.g. ``mesh["pp"]``); its group carries the p2p.
+    ``model`` is a full GPT (left whole: stages are cut from deep copies) or a zero-argument factory,
+    called once - calling it per stage would draw each stage's init from a different RNG state. Every
+    rank must produce identical weights (same seed before the call, or seed inside the factory). A
+    factory may build on the meta device: each cut stage is then materialised on ``device`` and filled
+    by its ``init_weights()``; those values differ from an unsplit model's init, so load a checkpoint
+    if they must match. ``pp_mesh`` is a 1-D DeviceMesh (e.g. ``mesh["pp"]``); its group carries the
+    p2p traffic. ``parallelize_stage(part) -> part`` runs on each cut stage before it is wrapped in a
+    PipelineStage: that is where tensor parallelism, checkpointing and FSDP2/DDP go (torchtitan's order).
+    Raises ValueError for an invalid schedule configuration (see ``check_schedule``).
     """
     if pp_mesh.ndim != 1:
         raise ValueError(f"pp_mesh must be 1-D (pass mesh['pp']), got a {pp_mesh.ndim}-D mesh")
@@ -226,14 +235,19 @@ def build_pipeline(model: nn.Module | Callable[[], nn.Module], pp_mesh: DeviceMe
     num_stages = pp_size * virtual_stages
     device = torch.device(device)
     stages, modules = [], []
-    full = model if isinstance(model, nn.Module) else model()  # one build: every stage cut from the same init
+    owned = not isinstance(model, nn.Module)
+    full = model() if owned else model
     ranges = layer_ranges(len(full.layers), num_stages)
-    for sid in stage_ids(pp_rank, pp_size, virtual_stages, schedule_style(name)):
-        part = cut_stage(copy.deepcopy(full), ranges[sid], sid == 0, sid == num_stages - 1)
+    ids = stage_ids(pp_rank, pp_size, virtual_stages, schedule_style(name))
+    for i, sid in enumerate(ids):
+        source = full if owned and i == len(ids) - 1 else copy.deepcopy(full)  # a factory's model is ours to cut
+        part = cut_stage(source, ranges[sid], sid == 0, sid == num_stages - 1)
         if any(p.is_meta for p in part.parameters()):
             part = part.to_empty(device=device)
             part.init_weights()
         part = part.to(device)
+        if parallelize_stage is not None:
+            part = parallelize_stage(part)
         modules.append(part)
         stages.append(PipelineStage(part, sid, num_stages, device, group=pp_mesh.get_group()))
     cls = get_schedule_class(name)

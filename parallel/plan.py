@@ -13,12 +13,8 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 ENGINES = ("ddp", "fsdp2", "zero1", "zero2", "zero3")
-# schedule name -> how many stages each pipeline rank holds ("1": exactly one, "many": >= 2, "2": exactly 2)
-SCHEDULES = {
-    "GPipe": "1", "1F1B": "1",
-    "Interleaved1F1B": "many", "LoopedBFS": "many", "InterleavedZeroBubble": "many",
-    "ZBVZeroBubble": "2", "DualPipeV": "2",
-}
+# Every schedule torch.distributed.pipelining ships (pipeline.SCHEDULES holds their placement rules).
+SCHEDULES = ("GPipe", "1F1B", "Interleaved1F1B", "LoopedBFS", "InterleavedZeroBubble", "ZBVZeroBubble", "DualPipeV")
 CHECKPOINTING = ("off", "full", "selective")
 PRECISIONS = ("fp32", "bf16")
 
@@ -55,7 +51,7 @@ class ParallelPlan:
             if getattr(self, name) < 1:
                 raise PlanError(f"plan.{name}={getattr(self, name)}: must be >= 1")
         _one_of("engine", self.engine, ENGINES)
-        _one_of("schedule", self.schedule, tuple(SCHEDULES))
+        _one_of("schedule", self.schedule, SCHEDULES)
         _one_of("activation_checkpointing", self.activation_checkpointing, CHECKPOINTING)
         _one_of("mixed_precision", self.mixed_precision, PRECISIONS)
 
@@ -116,35 +112,28 @@ def model_violations(plan: ParallelPlan, cfg: Any) -> list[str]:
 
 
 def schedule_violations(plan: ParallelPlan) -> list[str]:
+    """What torch's schedule constructors would refuse (see pipeline.check_schedule), before launch."""
     if plan.pp == 1:
         if plan.virtual_stages != 1:
             return [f"plan.virtual_stages={plan.virtual_stages} needs plan.pp > 1 (no pipeline to interleave)"]
         return []
-    kind, v, name = SCHEDULES[plan.schedule], plan.virtual_stages, plan.schedule
-    if kind == "1" and v != 1:
-        return [f"schedule {name} runs one stage per rank, not virtual_stages={v}: set virtual_stages=1 "
-                f"or pick Interleaved1F1B / InterleavedZeroBubble / LoopedBFS"]
-    if kind == "many" and v < 2:
-        return [f"schedule {name} interleaves several stages per rank: set virtual_stages >= 2 "
-                f"(or use 1F1B for one stage per rank)"]
-    if kind == "2" and v != 2:
-        return [f"schedule {name} places exactly 2 stages per rank in a V: set virtual_stages=2"]
-    if name != "GPipe" and plan.microbatches < plan.pp:
-        return [f"schedule {name} needs microbatches >= pp to fill the pipeline; got microbatches="
-                f"{plan.microbatches}, pp={plan.pp}: set microbatches={plan.pp} or more"]
+    from plait.parallel.pipeline import check_schedule
+
+    try:
+        check_schedule(plan.schedule, plan.pp, plan.virtual_stages, plan.microbatches)
+    except ValueError as e:
+        return [str(e)]
     return []
 
 
 def engine_violations(plan: ParallelPlan) -> list[str]:
-    if plan.engine.startswith("zero") and plan.pp > 1:
-        return [f"engine={plan.engine} with pp={plan.pp}: DeepSpeed's pipeline engine refuses ZeRO-2/3 and does "
-                "not run torch.distributed.pipelining schedules; Plait composes pipelines with FSDP2 instead: "
-                "set engine='fsdp2'"]
-    if plan.engine.startswith("zero") and plan.tp > 1:
-        return [f"engine={plan.engine} with tp={plan.tp}: DeepSpeed ZeRO does not shard DTensor tensor-parallel "
-                "parameters; set engine='fsdp2' (FSDP2 composes with DTensor TP on the same mesh)"]
-    if plan.engine == "ddp" and plan.tp > 1:
-        return [f"engine='ddp' with tp={plan.tp}: DDP does not reduce DTensor parameters; set engine='fsdp2'"]
+    """Engine/plan combinations that cannot run (see data_parallel.check_engine_combination)."""
+    from plait.parallel.data_parallel import check_engine_combination
+
+    try:
+        check_engine_combination(plan.engine, plan.pp, plan.tp, plan.dp)
+    except ValueError as e:
+        return [str(e)]
     if plan.engine == "ddp" and plan.mixed_precision == "bf16":
         return ["mixed_precision='bf16' needs engine='fsdp2' or a ZeRO engine (DDP keeps fp32 parameters)"]
     return []
@@ -161,7 +150,7 @@ def suggest_plan(world_size: int, cfg: Any, like: ParallelPlan) -> str:
                             sequence_parallel=like.sequence_parallel and tp > 1,
                             loss_parallel=like.loss_parallel and tp > 1,
                             microbatches=max(like.microbatches, pp))
-            if trial.engine != "fsdp2" and (tp > 1 or (pp > 1 and trial.engine.startswith("zero"))):
+            if trial.engine != "fsdp2" and dp > 1 and (tp > 1 or pp > 1):
                 trial = replace(trial, engine="fsdp2")
             if model_violations(trial, cfg) or schedule_violations(trial) or engine_violations(trial):
                 continue

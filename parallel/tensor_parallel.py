@@ -54,14 +54,24 @@ from torch.distributed.tensor.parallel.style import ParallelStyle
 
 
 class Replicated(ParallelStyle):
-    """Norms without SP: parameters become Replicate DTensors, plain inputs Replicate DTensors."""
+    """Norms without SP: parameters become Replicate DTensors, plain inputs Replicate DTensors.
+
+    The output is re-wrapped (to_local, then from_local as Replicate) so the Partial gradient coming
+    back from the column-parallel projections is all-reduced once, before the norm (Megatron's "f"),
+    and the norm weight's gradient is a complete Replicate tensor. Without this the weight gradient
+    stays Partial and every optimizer op that reads it would all-reduce it again."""
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         def to_dtensor(_mod, inputs, mesh):
             return tuple(DTensor.from_local(t, mesh, [Replicate()], run_check=False)
                          if isinstance(t, torch.Tensor) and not isinstance(t, DTensor) else t for t in inputs)
 
-        return distribute_module(module, device_mesh, input_fn=to_dtensor)
+        def reduce_grad_here(_mod, output, mesh):
+            if isinstance(output, DTensor):
+                return DTensor.from_local(output.to_local(), mesh, [Replicate()], run_check=False)
+            return output
+
+        return distribute_module(module, device_mesh, input_fn=to_dtensor, output_fn=reduce_grad_here)
 
 
 def _norm(sequence_parallel: bool) -> ParallelStyle:

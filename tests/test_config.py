@@ -68,6 +68,28 @@ def test_plan_world_mismatch_suggests_a_plan_that_works():
         ParallelPlan(dp=2, tp=2, engine="fsdp2").validate(2, GPTConfig())
 
 
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(dp=2, tp=2, engine="ddp"), r"engine='ddp' with tp=2: DDP .* Use engine='fsdp2'"),
+    (dict(dp=2, pp=2, engine="ddp", microbatches=2), r"engine='ddp' with pp=2: .*Use engine='fsdp2'"),
+    (dict(dp=2, pp=2, engine="zero2", microbatches=2), r"ZeRO-2 and ZeRO-3 are incompatible with pipeline"),
+    (dict(dp=2, tp=2, engine="zero3"), r"engine='zero3' with tp=2: .*Use engine='fsdp2'"),
+    (dict(pp=2, schedule="GPipe", virtual_stages=2, microbatches=2), r"GPipe runs exactly one stage per rank"),
+    (dict(pp=4, schedule="1F1B", microbatches=2), r"1F1B needs microbatches >= stages \(4\)"),
+    (dict(pp=2, schedule="DualPipeV", virtual_stages=2, microbatches=2), r"DualPipeV needs microbatches >= stages"),
+    (dict(pp=4, engine="fsdp2", microbatches=4, virtual_stages=2), r"n_layers=4 does not divide into .* = 8"),
+    (dict(tp=4, engine="fsdp2"), r"model.n_heads=6 is not divisible by plan.tp=4"),
+    (dict(dp=4, mixed_precision="bf16"), r"mixed_precision='bf16' needs engine='fsdp2'"),
+    (dict(dp=4, sequence_parallel=True), r"need plan.tp > 1"),
+])
+def test_each_plan_violation_names_its_constraint(kwargs, message):
+    from plait.parallel.models.gpt import GPTConfig
+
+    cfg = GPTConfig(d_model=96, n_heads=6, n_layers=4)
+    plan = ParallelPlan(**kwargs)
+    with pytest.raises(PlanError, match=message):
+        plan.validate(plan.world_size, cfg)
+
+
 def test_cli_reports_config_errors_with_exit_code_2(capsys):
     assert main(["run", "examples/gpt_dp2.toml", "train.stpes=3"]) == 2
     err = capsys.readouterr().err

@@ -207,7 +207,9 @@ def test_engine_combinations():
     for engine in ("ddp", "fsdp2", "zero1", "zero2", "zero3"):
         assert check_engine_combination(engine, pp=1, tp=1)
     assert check_engine_combination("fsdp2", pp=4, tp=2)
-    assert check_engine_combination("ddp", pp=2, tp=1)
+    with pytest.raises(ValueError, match=r"engine='ddp' with pp=2: .*rebuilt parameter indices.*fsdp2"):
+        check_engine_combination("ddp", pp=2, tp=1)
+    assert "no DDP wrapper" in check_engine_combination("ddp", pp=2, tp=2, dp=1)
     for stage in ("zero1", "zero2", "zero3"):
         with pytest.raises(ValueError, match=r"pp=2.*use engine='fsdp2'") as info:
             check_engine_combination(stage, pp=2, tp=1)

@@ -3,7 +3,6 @@
 from pathlib import Path
 
 import pytest
-
 from plait.runtime.job import run_job
 from plait.runtime.spec import load_spec
 

@@ -6,8 +6,6 @@ orders: losses and gathered parameters agree to 1e-9 after k optimizer steps (wi
 
 import pytest
 import torch
-from torch.distributed.tensor import DTensor
-
 from plait.parallel.activation_checkpoint import clean_fqn
 from plait.parallel.mesh import build_mesh
 from plait.parallel.models.gpt import GPT, GPTConfig, lm_loss
@@ -15,6 +13,7 @@ from plait.parallel.parallelize import OptimConfig, make_optimizer, parallelize
 from plait.parallel.plan import ParallelPlan
 from plait.runtime import run_ranks
 from plait.runtime.checkpoint import Checkpointer, ModelOptimizer
+from torch.distributed.tensor import DTensor
 
 CFG = GPTConfig(vocab_size=64, d_model=32, n_layers=4, n_heads=4, max_seq_len=16)
 OPTIM = OptimConfig(lr=1e-2, warmup_steps=0, weight_decay=0.1, grad_clip=0.5)
@@ -99,8 +98,8 @@ PLANS = {
     "tp2xdp2": dict(dp=2, tp=2, engine="fsdp2", sequence_parallel=True),
     "tp2xpp2": dict(tp=2, pp=2, engine="fsdp2", microbatches=2, schedule="GPipe"),
     "pp2xdp2_fsdp2": dict(dp=2, pp=2, engine="fsdp2", microbatches=2, schedule="1F1B"),
-    "pp2xdp2_ddp_interleaved": dict(dp=2, pp=2, engine="ddp", microbatches=2, schedule="Interleaved1F1B",
-                                    virtual_stages=2, activation_checkpointing="selective"),
+    "pp2xdp2_interleaved_selective_ac": dict(dp=2, pp=2, engine="fsdp2", microbatches=2, virtual_stages=2,
+                                             schedule="Interleaved1F1B", activation_checkpointing="selective"),
 }
 
 

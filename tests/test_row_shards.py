@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-
 from plait.parallel.data import DataConfig, StepBatches, ensure_token_dataset
 from plait.storage.row_shards import CorruptDataError, RowShards, write_row_shards
 
