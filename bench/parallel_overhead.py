@@ -414,12 +414,13 @@ def main() -> None:
     if (os.cpu_count() or 1) < 2:
         print("warning: 2 ranks on 1 core share it; the numbers will be meaningless")
 
-    from plait.runtime import ClusterConfig, connect, run_ranks
+    from plait.runtime import ClusterConfig, connect, run_ranks, shutdown
 
     connect(ClusterConfig(num_cpus=4, num_gpus=0))
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="plait-overhead-") as run_dir:
         per_rank = run_ranks(bench_rank, 2, args, run_dir=run_dir)
+    shutdown()  # no Ray log lines after this: RESULT stays the last line
     res = summarize(per_rank)
 
     print(f"2 ranks (gloo, CPU, fp32, 1 thread each); GPT d_model={a.d_model} layers={a.layers} heads={a.heads} "
@@ -453,7 +454,7 @@ def main() -> None:
     fields += [f"overhead_{names[c]}={ratios[c]:.3f}" for c in res]
     for c in res:
         fields += [f"plait_{names[c]}_ms={res[c]['plait']['ms']:.1f}", f"hand_{names[c]}_ms={res[c]['hand']['ms']:.1f}"]
-    print("RESULT " + " ".join(fields))
+    print("RESULT " + " ".join(fields), flush=True)
 
 
 if __name__ == "__main__":

@@ -145,12 +145,13 @@ def main() -> None:
     if a.pp > (os.cpu_count() or 1):
         print(f"warning: pp={a.pp} ranks on {os.cpu_count()} cores share cores; bubbles will be meaningless")
 
-    from plait.runtime import ClusterConfig, connect, run_ranks
+    from plait.runtime import ClusterConfig, connect, run_ranks, shutdown
 
     connect(ClusterConfig(num_cpus=8, num_gpus=0))
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="plait-bubble-") as run_dir:
         per_rank = run_ranks(bench_rank, a.pp, args, run_dir=run_dir)
+    shutdown()  # no Ray log lines after this: RESULT stays the last line
     res = summarize(per_rank, a.pp, a.microbatches)
 
     p, m = a.pp, a.microbatches
@@ -169,7 +170,7 @@ def main() -> None:
     fields = [f"bubble_ratio_1f1b={base['bubble'] / base['theory']:.3f}"]
     fields += [f"{SHORT[n]}_vs_1f1b={res[n]['bubble'] / base['bubble']:.3f}" for n in res if n in SHORT]
     fields += [f"{SHORT[n]}_step_vs_1f1b={res[n]['step_ms'] / base['step_ms']:.3f}" for n in res if n in SHORT]
-    print("RESULT " + " ".join(fields))
+    print("RESULT " + " ".join(fields), flush=True)
 
 
 if __name__ == "__main__":
