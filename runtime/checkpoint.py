@@ -60,6 +60,12 @@ class ModelOptimizer(Stateful):
             merged["optim"].update(optim_sd)
         return merged
 
+    def save_to(self, path: Path) -> None:
+        dcp.save({"app": self}, checkpoint_id=str(path))
+
+    def load_from(self, path: Path) -> None:
+        dcp.load({"app": self}, checkpoint_id=str(path))
+
     def load_state_dict(self, state: dict) -> None:
         for model, optimizer in zip(self.models, self.optimizers, strict=True):
             model_keys, optim_keys = (set(sd) for sd in self._part(model, optimizer))
@@ -145,11 +151,7 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)  # a torn attempt at this step
             (tmp / "rng").mkdir(parents=True)
         _barrier()
-        state = _as_state(model, optimizer)
-        if isinstance(state, EngineState):
-            state.save_to(tmp)
-        else:
-            dcp.save({"app": state}, checkpoint_id=str(tmp))
+        _as_state(model, optimizer).save_to(tmp)
         rng_file = tmp / "rng" / f"rank{_rank()}.pt"
         with open(rng_file, "wb") as f:
             torch.save(rng_state(), f)
@@ -189,11 +191,7 @@ class Checkpointer:
         path = self.resolve(which)
         if path is None:
             return None
-        state = _as_state(model, optimizer)
-        if isinstance(state, EngineState):
-            state.load_from(path)
-        else:
-            dcp.load({"app": state}, checkpoint_id=str(path))
+        _as_state(model, optimizer).load_from(path)
         rng_file = path / "rng" / f"rank{_rank()}.pt"
         if rng_file.is_file():  # absent when resuming on more ranks than saved: RNG stays as seeded
             set_rng_state(torch.load(rng_file, weights_only=True))

@@ -1,4 +1,5 @@
-"""Composed plans train exactly like one process on the full batch; DCP reshards across plans.
+"""Each parallel dimension alone and composed trains exactly like one process on the full batch
+(DDP on 2 ranks included); DCP checkpoints reshard across plans.
 
 Every run uses float64, so the only differences from the single-process reference are reduction
 orders: losses and gathered parameters agree to 1e-9 after k optimizer steps (with clipping on).
@@ -91,6 +92,7 @@ def check_against_reference(results):
 
 
 PLANS = {
+    "ddp_dp2": dict(dp=2),
     "tp2": dict(tp=2, engine="fsdp2"),
     "tp2_sp_lossparallel": dict(tp=2, engine="fsdp2", sequence_parallel=True, loss_parallel=True),
     "pp2_1f1b": dict(pp=2, microbatches=4, schedule="1F1B"),
