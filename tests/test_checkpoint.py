@@ -6,6 +6,7 @@ import pytest
 import torch
 from plait.parallel.models.gpt import GPT, GPTConfig
 from plait.runtime.checkpoint import Checkpointer
+from plait.runtime.cli import main
 from plait.runtime.job import run_job
 from plait.runtime.spec import spec_from_table
 
@@ -53,6 +54,9 @@ def test_run_writes_metrics_tensorboard_plot_and_checkpoint(uninterrupted):
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     assert (run_dir / "metrics.png").stat().st_size > 1000
     assert summary["checkpoint"].endswith("step_00000006") and summary["last_loss"] < summary["first_loss"]
+    assert main(["plot", str(run_dir), "--out", str(tmp / "again.png")]) == 0  # `plait plot RUN_DIR`
+    assert (tmp / "again.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["plot", str(tmp / "nowhere")]) == 2
 
 
 def test_resume_from_step_k_matches_uninterrupted_run(uninterrupted):
