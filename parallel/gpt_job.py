@@ -9,12 +9,14 @@ metrics (rank 0) and commits checkpoints. On a restart (``ctx.attempt > 0``) or 
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from plait.parallel.data import DataConfig, StepBatches, ensure_token_dataset
+from plait.parallel.estimate import estimate_job
 from plait.parallel.mesh import build_mesh
 from plait.parallel.models.gpt import GPT, GPTConfig
 from plait.parallel.parallelize import OptimConfig, lr_at, parallelize
@@ -64,9 +66,41 @@ def data_path(cfg: Config) -> Path:
     return Path(cfg.data.path).resolve()
 
 
+def validate(cfg: Config, world_size: int) -> None:
+    """On the driver, before anything starts: the plan against the world and the model."""
+    cfg.plan.validate(world_size, cfg.model, cfg.train.global_batch // cfg.plan.dp)
+
+
+def estimate(cfg: Config, world_size: int) -> str:
+    """`plait plan estimate`: per-rank memory of this job's model under its plan."""
+    return estimate_job(cfg, world_size)
+
+
+PREVIOUS_OUTPUTS = ("checkpoints", "metrics.jsonl", "tensorboard", "metrics.png", "summary.json")
+
+
+def set_aside_previous_run(run_dir: Path) -> None:
+    """A fresh start in a used run_dir moves the last run's outputs to run_dir/previous (replacing an
+    older copy), so its checkpoints are neither pruned by nor resumed into the new run."""
+    found = [run_dir / name for name in PREVIOUS_OUTPUTS if (run_dir / name).exists()]
+    if not found:
+        return
+    previous = run_dir / "previous"
+    shutil.rmtree(previous, ignore_errors=True)
+    previous.mkdir()
+    for path in found:
+        os.rename(path, previous / path.name)
+    print(f"[plait] fresh start: the earlier run's outputs moved to {previous} (train.resume=latest continues "
+          "a run instead)", flush=True)
+
+
 def prepare(cfg: Config, run_dir: Path) -> None:
-    """On the driver: check the plan against the world, build the dataset once for all ranks."""
+    """On the driver: absolute paths for the ranks, a clean run_dir for a fresh start, the dataset once."""
     cfg.data.path = str(data_path(cfg))  # ranks may start in another directory
+    if cfg.train.resume not in ("", "latest"):
+        cfg.train.resume = str(Path(cfg.train.resume).resolve())
+    if not cfg.train.resume:
+        set_aside_previous_run(run_dir)
     ensure_token_dataset(cfg.data, Path(cfg.data.path), cfg.train.seq_len, cfg.model.vocab_size)
 
 
@@ -78,8 +112,9 @@ def train(ctx: RankContext, cfg: Config) -> dict:
     mesh = build_mesh(plan, ctx.device_type)
     parts = parallelize(lambda: GPT(cfg.model).to(dtype), plan, mesh, ctx.device, cfg.train.optim,
                         global_batch=cfg.train.global_batch)
-    state = EngineState(parts.engine) if parts.engine is not None else ModelOptimizer(parts.modules, parts.optimizers)
     ckpt = Checkpointer(ctx.run_dir / "checkpoints", keep_last=cfg.train.keep_last)
+    state = (EngineState(parts.engine, trusted_root=ckpt.root) if parts.engine is not None
+             else ModelOptimizer(parts.modules, parts.optimizers))
     start = 0
     resume = "latest" if ctx.attempt > 0 else cfg.train.resume
     if resume:
@@ -122,5 +157,3 @@ def summarize(cfg: Config, run_dir: Path, results: list[dict]) -> dict:
     if (run_dir / "metrics.jsonl").is_file():
         out["plot"] = str(plot_run(run_dir))
     return out
-
-

@@ -64,6 +64,9 @@ class ModelOptimizer(Stateful):
         dcp.save({"app": self}, checkpoint_id=str(path))
 
     def load_from(self, path: Path) -> None:
+        if (Path(path) / "zero").is_dir():
+            raise ValueError(f"{path} holds DeepSpeed ZeRO files, not a DCP checkpoint: resume it with the ZeRO "
+                             f"engine it was saved under ({_saved_plan(path)})")
         dcp.load({"app": self}, checkpoint_id=str(path))
 
     def load_state_dict(self, state: dict) -> None:
@@ -79,16 +82,32 @@ class ModelOptimizer(Stateful):
 
 class EngineState:
     """A DeepSpeed engine checkpoints itself (ZeRO partitions, fp32 masters, optimizer) into the
-    temporary folder; the commit is still Plait's rename. Loads only under the same ZeRO world size."""
+    temporary folder; the commit is still Plait's rename. Loads only under the same ZeRO world size.
 
-    def __init__(self, engine: Any):
-        self.engine = engine
+    DeepSpeed reads its files with torch.load(weights_only=False), so only checkpoints under the run's
+    own checkpoint folder (``trusted_root``) are loaded: never a folder from elsewhere."""
+
+    def __init__(self, engine: Any, trusted_root: str | Path | None = None):
+        self.engine, self.trusted_root = engine, trusted_root
 
     def save_to(self, path: Path) -> None:
         self.engine.save_checkpoint(str(path), tag="zero", save_latest=False)
 
     def load_from(self, path: Path) -> None:
+        if not (path / "zero").is_dir():
+            raise ValueError(f"{path} was not saved by a DeepSpeed ZeRO engine (no zero/ folder): resume it "
+                             f"under the engine it was saved with ({_saved_plan(path)})")
+        if self.trusted_root is None or Path(path).resolve().parent != Path(self.trusted_root).resolve():
+            raise ValueError(f"refusing to load ZeRO checkpoint {path}: DeepSpeed unpickles its files, so Plait "
+                             f"loads ZeRO checkpoints only from this run's own folder {self.trusted_root}")
         self.engine.load_checkpoint(str(path), tag="zero")
+
+
+def _saved_plan(path: Path) -> str:
+    try:
+        return "plan " + json.loads((Path(path) / "meta.json").read_text()).get("plan", "?")
+    except (OSError, ValueError):
+        return "plan unknown"
 
 
 def _as_state(model: Any, optimizer: Any) -> Any:
@@ -165,10 +184,13 @@ class Checkpointer:
                 json.dump(info, f, indent=1)
                 f.flush()
                 os.fsync(f.fileno())
-            if final.exists():  # re-saving a step after a restart: replace it
-                shutil.rmtree(final)
+            old = self.root / f".step_{step:08d}.old"
+            if final.exists():  # re-saving a step after a restart: the old copy stays until the new one is in
+                shutil.rmtree(old, ignore_errors=True)
+                os.rename(final, old)
             os.rename(tmp, final)
             _fsync_dir(self.root)
+            shutil.rmtree(old, ignore_errors=True)
             for old in self.committed()[: -self.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
         _barrier()

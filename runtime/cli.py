@@ -12,6 +12,7 @@ import json
 import sys
 
 from plait.runtime.config import ConfigError
+from plait.runtime.worker_group import PlacementError, RankError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -61,9 +62,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"plait: config error: {e}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, PlacementError) as e:
         print(f"plait: error: {e}", file=sys.stderr)
         return 2
+    except RankError as e:
+        print(f"plait: job failed: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

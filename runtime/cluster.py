@@ -34,6 +34,8 @@ def connect(cfg: ClusterConfig | None = None, run_dir: Path | None = None) -> di
     """Initialise Ray once for this driver and return a short description of the cluster."""
     cfg = cfg or ClusterConfig()
     if ray.is_initialized():
+        if run_dir is not None:
+            link_ray_logs(Path(run_dir))
         return describe()
     env_vars = {"PYTHONUNBUFFERED": "1"}
     address = resolve_address(cfg)

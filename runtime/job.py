@@ -4,6 +4,7 @@ A job module (named by the spec's ``job`` key) provides:
     Config                         dataclass of its sections ([model], [data], [train], ...)
     train(ctx, cfg) -> Any         runs on every rank; resumes from the latest checkpoint when
                                    ``ctx.attempt > 0`` (a restart)
+    validate(cfg, world_size)      optional, on the driver before anything starts; raises ValueError
     prepare(cfg, run_dir)          optional, on the driver before ranks start (e.g. build a dataset)
     summarize(cfg, run_dir, results) -> dict   optional, on the driver after all ranks return
 """
@@ -25,11 +26,12 @@ from plait.runtime.worker_group import RankError, WorkerGroup
 log = logging.getLogger("plait")
 
 
-def _log_to_run_dir(run_dir: Path) -> None:
+def _log_to_run_dir(run_dir: Path) -> logging.Handler:
     handler = logging.FileHandler(run_dir / "plait.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log.addHandler(handler)
     log.setLevel(logging.INFO)
+    return handler
 
 
 def write_resolved_spec(spec: JobSpec, run_dir: Path) -> None:
@@ -41,10 +43,25 @@ def write_resolved_spec(spec: JobSpec, run_dir: Path) -> None:
     (run_dir / "spec.json").write_text(json.dumps(resolved, indent=1, default=str))
 
 
+def validate_job(spec: JobSpec) -> None:
+    """Everything that can be checked without a cluster; raises ValueError (PlanError, ConfigError)."""
+    if hasattr(spec.module, "validate"):
+        spec.module.validate(spec.config, spec.workers.num)
+
+
 def run_job(spec: JobSpec) -> dict[str, Any]:
+    validate_job(spec)
     run_dir = spec.run_dir.resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
-    _log_to_run_dir(run_dir)
+    handler = _log_to_run_dir(run_dir)
+    try:
+        return _run(spec, run_dir)
+    finally:
+        log.removeHandler(handler)
+        handler.close()
+
+
+def _run(spec: JobSpec, run_dir: Path) -> dict[str, Any]:
     write_resolved_spec(spec, run_dir)
     module, cfg = spec.module, spec.config
     started = time.time()

@@ -9,6 +9,7 @@ from plait.runtime.checkpoint import Checkpointer
 from plait.runtime.cli import main
 from plait.runtime.job import run_job
 from plait.runtime.spec import spec_from_table
+from plait.runtime.worker_group import RankError
 
 MODEL = {"vocab_size": 64, "d_model": 32, "n_layers": 2, "n_heads": 4, "max_seq_len": 16}
 
@@ -59,21 +60,30 @@ def test_run_writes_metrics_tensorboard_plot_and_checkpoint(uninterrupted):
     assert main(["plot", str(tmp / "nowhere")]) == 2
 
 
+def losses_by_step(run_dir) -> dict[int, float]:
+    """The last logged loss of each step (a resumed run appends the steps it repeats)."""
+    return {r["step"]: r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
+
+
 def test_resume_from_step_k_matches_uninterrupted_run(uninterrupted):
     tmp, full = uninterrupted
-    first = tiny_job(tmp, "split", steps=6, checkpoint_every=3, fail_at_step=0)
-    # Run the first half only: stop at 3 by asking for 3 steps, then resume to 6.
-    tmp2 = tmp / "resumed"
-    half = tiny_job(tmp2, "run", steps=3)
-    rest = tiny_job(tmp2, "run", steps=6, resume="latest")
-    assert half["start_step"] == 0 and rest["start_step"] == 3
-    full_losses = json.loads((tmp / "full" / "summary.json").read_text())
-    assert full_losses["last_loss"] == rest["last_loss"]
-    losses = [json.loads(x)["loss"] for x in (tmp2 / "run" / "metrics.jsonl").read_text().splitlines()]
-    ref = [json.loads(x)["loss"] for x in (tmp / "full" / "metrics.jsonl").read_text().splitlines()]
-    assert losses == ref  # bit-identical, step by step
+    # The same 6-step job, interrupted: rank 1 dies after step 4, the last checkpoint is step 3.
+    with pytest.raises(RankError, match="process died"):
+        tiny_job(tmp, "split", checkpoint_every=3, fail_at_step=4)
+    rest = tiny_job(tmp, "split", resume="latest")
+    assert rest["start_step"] == 3
+    assert losses_by_step(tmp / "split") == losses_by_step(tmp / "full")  # bit-identical, step by step
     assert_same_params(final_params(rest["checkpoint"]), final_params(full["checkpoint"]))
-    assert_same_params(final_params(first["checkpoint"]), final_params(full["checkpoint"]))
+
+
+def test_fresh_start_sets_the_previous_run_aside(uninterrupted):
+    tmp, _ = uninterrupted
+    again = tiny_job(tmp, "again", steps=4, checkpoint_every=2)
+    short = tiny_job(tmp, "again", steps=2, checkpoint_every=2)  # a new run in the same run_dir
+    assert short["start_step"] == 0 and short["checkpoint"].endswith("again/checkpoints/step_00000002")
+    assert sorted(losses_by_step(tmp / "again")) == [1, 2]
+    assert Checkpointer(tmp / "again" / "previous" / "checkpoints").latest().name == "step_00000004"
+    assert again["checkpoint"].endswith("step_00000004")
 
 
 def test_killed_rank_restarts_from_latest_checkpoint(uninterrupted):

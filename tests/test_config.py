@@ -96,6 +96,19 @@ def test_cli_reports_config_errors_with_exit_code_2(capsys):
     assert "plait: config error: unknown key 'train.stpes'. Did you mean 'steps'?" in err
 
 
+def test_impossible_plan_is_refused_on_the_driver_before_ray_starts(capsys, tmp_path):
+    run_dir = tmp_path / "never"
+    assert main(["run", "examples/gpt_dp2.toml", "plan.tp=2", f"run_dir={run_dir}"]) == 2
+    assert "dp*tp*pp = 2*2*1 = 4 but the job has 2 ranks" in capsys.readouterr().err
+    assert not run_dir.exists()  # nothing was started or written
+
+
+def test_plan_estimate_command_prints_the_per_rank_table(capsys):
+    assert main(["plan", "estimate", "examples/gpt_tp2_dp2.toml", "--plan", "dp=1,tp=2,pp=2,microbatches=4"]) == 0
+    out = capsys.readouterr().out
+    assert "params" in out and "activations" in out and "peak: rank" in out
+
+
 def test_module_entry_point_runs_the_same_cli():
     out = subprocess.run([sys.executable, "-m", "plait.runtime", "run", "missing.toml"], capture_output=True, text=True)
     assert out.returncode == 2 and "spec file 'missing.toml' not found" in out.stderr
