@@ -47,9 +47,9 @@ Two cases, each on 2 ranks (gloo, CPU, float32, one torch thread per rank), on P
    tensors instead of ~40 DTensors (the ``opt_ms`` column shows that share); and FSDP2 may prefetch
    the next all-gather in backward where the hand-written code gathers synchronously.
 
-Both cases: ``OptimConfig(grad_clip=0)`` and the same AdamW (``foreach=False``, same hyperparameters) on
-each side's local shards, a fixed learning rate, the same seeded full weights (the hand-written models
-slice or shard them), the same batches, and the loss averaged over dp and returned as a float on both
+Both cases: ``OptimConfig(grad_clip=0)`` and the same AdamW (``foreach=True`` like Plait's make_optimizer,
+same hyperparameters) on each side's local shards, a fixed learning rate, the same seeded full weights
+(the hand-written models slice or shard them), the same batches, and the loss averaged over dp and returned as a float on both
 sides. The bench checks that the first-step losses agree within 1e-4 (and prints the largest loss gap
 over all steps), so the two sides compute the same thing, and it counts the collectives of one extra
 (unmeasured) step per side with torch.profiler, so "the same collectives" is checked, not assumed.
@@ -264,7 +264,7 @@ def _seeded_gpt(cfg: GPTConfig, seed: int) -> GPT:
 
 
 def _adamw(params, o: OptimConfig) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(params, lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay, foreach=False)
+    return torch.optim.AdamW(params, lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay, foreach=True)
 
 
 def hand_step_fn(model: nn.Module, opt: torch.optim.Optimizer, dp_group):
@@ -447,6 +447,10 @@ def main() -> None:
     bad = [case for case, r in res.items() if not r["loss0_diff"] <= LOSS_TOL]
     if bad:
         print(f"FAIL: first-step losses differ by more than {LOSS_TOL} in {bad}: not the same computation")
+        sys.exit(1)
+    unequal = [case for case, r in res.items() if r["plait"]["gloo"] != r["hand"]["gloo"]]
+    if unequal:
+        print(f"FAIL: the collectives gloo ran differ in {unequal}: the baseline is not the same communication")
         sys.exit(1)
     ratios = {case: r["ratio"] for case, r in res.items()}
     fields = [f"overhead={max(ratios.values()):.3f}"]
