@@ -48,11 +48,11 @@ Two cases, each on 2 ranks (gloo, CPU, float32, one torch thread per rank), on P
    the next all-gather in backward where the hand-written code gathers synchronously.
 
 Both cases: ``OptimConfig(grad_clip=0)`` and the same AdamW (``foreach=True`` like Plait's make_optimizer,
-same hyperparameters) on each side's local shards, a fixed learning rate, the same seeded full weights
-(the hand-written models slice or shard them), the same batches, and the loss averaged over dp and
-returned as a float on both sides. The bench checks that the first-step losses agree within 1e-4 (and prints the largest loss gap
-over all steps), so the two sides compute the same thing, and it counts the collectives of one extra
-(unmeasured) step per side with torch.profiler, so "the same collectives" is checked, not assumed.
+same hyperparameters) on each side's local shards, a fixed learning rate, the same seeded full weights (the
+hand-written models slice or shard them), the same batches, and the loss averaged over dp and returned as a
+float on both sides. The bench checks that the first-step losses agree within 1e-4 (and prints the largest
+loss gap over all steps), so the two sides compute the same thing, and it counts the collectives of one
+extra (unmeasured) step per side with torch.profiler, so "the same collectives" is checked, not assumed.
 
 Method. Each rank times ``train_step`` (forward + backward + optimizer step) with perf_counter after a
 barrier; a step's time is the slower rank's. Plait and hand-written steps alternate (A B B A A B ...,
