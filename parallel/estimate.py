@@ -64,6 +64,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+from plait.parallel import pipeline
 from plait.parallel.activation_checkpoint import wrapped_indices
 from plait.parallel.models.gpt import GPT, GPTConfig
 from plait.parallel.plan import ParallelPlan
@@ -72,7 +73,6 @@ from plait.parallel.plan import ParallelPlan
 TP_SHARD_DIM = {"attention.wq.weight": 0, "attention.wk.weight": 0, "attention.wv.weight": 0,
                 "feed_forward.w1.weight": 0, "feed_forward.w3.weight": 0, "output.weight": 0,
                 "tok_embeddings.weight": 0, "attention.wo.weight": 1, "feed_forward.w2.weight": 1}
-V_SCHEDULES = ("ZBVZeroBubble", "DualPipeV")
 DTYPE_BYTES = {"float32": 4, "float64": 8, "bfloat16": 2, "float16": 2}
 
 
@@ -103,13 +103,14 @@ def chunk_size(n: int, k: int, i: int) -> int:
 
 
 def stage_ids(pp_rank: int, plan: ParallelPlan) -> list[int]:
-    if plan.schedule in V_SCHEDULES and plan.pp > 1:
-        return [pp_rank, 2 * plan.pp - 1 - pp_rank]
-    return [pp_rank + i * plan.pp for i in range(plan.virtual_stages if plan.pp > 1 else 1)]
+    """The stages a pipeline rank holds: the placement pipeline.build_pipeline uses."""
+    if plan.pp == 1:
+        return [0]
+    return pipeline.stage_ids(pp_rank, plan.pp, plan.virtual_stages, pipeline.schedule_style(plan.schedule))
 
 
 def stage_layers(n_layers: int, num_stages: int, stage: int) -> range:
-    return range(stage * n_layers // num_stages, (stage + 1) * n_layers // num_stages)
+    return range(*pipeline.layer_ranges(n_layers, num_stages)[stage])
 
 
 def inflight(plan: ParallelPlan, pp_rank: int) -> list[int]:
@@ -123,7 +124,7 @@ def inflight(plan: ParallelPlan, pp_rank: int) -> list[int]:
         return [min(m, pp - r)]
     if name == "LoopedBFS":
         return [m] * v
-    if name in V_SCHEDULES:
+    if pipeline.schedule_style(name) == "v":
         return [min(m, 2 * pp - 1 - r), min(m, r + 1)]
     per_round = m // max(1, m // pp)
     factor = 2 if name == "Interleaved1F1B" else 1

@@ -62,10 +62,6 @@ class Config:
                              f"{self.plan.dp} data-parallel ranks")
 
 
-def data_path(cfg: Config) -> Path:
-    return Path(cfg.data.path).resolve()
-
-
 def validate(cfg: Config, world_size: int) -> None:
     """On the driver, before anything starts: the plan against the world and the model."""
     cfg.plan.validate(world_size, cfg.model, cfg.train.global_batch // cfg.plan.dp)
@@ -96,7 +92,7 @@ def set_aside_previous_run(run_dir: Path) -> None:
 
 def prepare(cfg: Config, run_dir: Path) -> None:
     """On the driver: absolute paths for the ranks, a clean run_dir for a fresh start, the dataset once."""
-    cfg.data.path = str(data_path(cfg))  # ranks may start in another directory
+    cfg.data.path = str(Path(cfg.data.path).resolve())  # ranks may start in another directory
     if cfg.train.resume not in ("", "latest"):
         cfg.train.resume = str(Path(cfg.train.resume).resolve())
     if not cfg.train.resume:

@@ -22,7 +22,13 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 from plait.parallel.activation_checkpoint import apply_activation_checkpointing
-from plait.parallel.data_parallel import apply_ddp, apply_fsdp2, build_deepspeed_engine, deepspeed_train_step
+from plait.parallel.data_parallel import (
+    ZERO_STAGES,
+    apply_ddp,
+    apply_fsdp2,
+    build_deepspeed_engine,
+    deepspeed_train_step,
+)
 from plait.parallel.models.gpt import lm_loss
 from plait.parallel.pipeline import build_pipeline
 from plait.parallel.plan import ParallelPlan
@@ -165,7 +171,7 @@ def _parallelize_deepspeed(build_model, plan, mesh, device, optim, global_batch)
     if global_batch is None:
         raise ValueError("DeepSpeed engines need the global batch size (parallelize(..., global_batch=N))")
     engine = build_deepspeed_engine(
-        model, mesh["dp"], stage=int(plan.engine[-1]), lr=optim.lr, weight_decay=optim.weight_decay,
+        model, mesh["dp"], stage=ZERO_STAGES[plan.engine], lr=optim.lr, weight_decay=optim.weight_decay,
         betas=(optim.beta1, optim.beta2), grad_clip=optim.grad_clip, mixed_precision=plan.mixed_precision,
         micro_batch_size=global_batch // plan.dp,
     )

@@ -12,11 +12,12 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
-ENGINES = ("ddp", "fsdp2", "zero1", "zero2", "zero3")
+from plait.parallel.activation_checkpoint import MODES as CHECKPOINTING
+from plait.parallel.data_parallel import ENGINES, PRECISIONS, check_engine_combination
+from plait.parallel.pipeline import check_schedule
+
 # Every schedule torch.distributed.pipelining ships (pipeline.SCHEDULES holds their placement rules).
 SCHEDULES = ("GPipe", "1F1B", "Interleaved1F1B", "LoopedBFS", "InterleavedZeroBubble", "ZBVZeroBubble", "DualPipeV")
-CHECKPOINTING = ("off", "full", "selective")
-PRECISIONS = ("fp32", "bf16")
 
 
 class PlanError(ValueError):
@@ -117,8 +118,6 @@ def schedule_violations(plan: ParallelPlan) -> list[str]:
         if plan.virtual_stages != 1:
             return [f"plan.virtual_stages={plan.virtual_stages} needs plan.pp > 1 (no pipeline to interleave)"]
         return []
-    from plait.parallel.pipeline import check_schedule
-
     try:
         check_schedule(plan.schedule, plan.pp, plan.virtual_stages, plan.microbatches)
     except ValueError as e:
@@ -128,8 +127,6 @@ def schedule_violations(plan: ParallelPlan) -> list[str]:
 
 def engine_violations(plan: ParallelPlan) -> list[str]:
     """Engine/plan combinations that cannot run (see data_parallel.check_engine_combination)."""
-    from plait.parallel.data_parallel import check_engine_combination
-
     try:
         check_engine_combination(plan.engine, plan.pp, plan.tp, plan.dp)
     except ValueError as e:
