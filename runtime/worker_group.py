@@ -3,40 +3,43 @@
     with WorkerGroup(WorkerConfig(num=4), run_dir) as group:
         results = group.run(train, cfg)          # train(ctx: RankContext, cfg) on every rank
 
-Rank 0's node address and a free port there become the rendezvous; each actor initialises
-torch.distributed (NCCL when it was given a GPU, gloo otherwise). A failure on any rank is raised
-in the driver as one ``RankError`` naming the rank and carrying its traceback, and the whole group
-is torn down (peers blocked in a collective are killed, not waited for).
+Rank 0's actor opens the rendezvous store on a port the OS picks and keeps it bound (loopback when
+every rank is on one machine); each actor initialises torch.distributed through it (NCCL when it
+was given a GPU, gloo otherwise). A failure on any rank is raised in the driver as one ``RankError``
+naming the rank, its traceback, and whether a restart could fix it (``transient``); the whole group
+is torn down (peers blocked in a collective are killed, not waited for). The run directory is only
+named here, never created: the runtime creates it once the ranks are placed.
 """
 
 from __future__ import annotations
 
-import os
-import socket
+import dataclasses
 import time
-import traceback
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable
 
 import ray
 from plait.runtime.context import RankContext
+from plait.runtime.rank_actor import RankActor, RemoteFailure, classify
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+PEER_GRACE_S = 2.0  # after a communication error, how long the other ranks get to report the root cause
 
 
 @dataclass
 class WorkerConfig:
     num: int = 2  # ranks
     cpus_per_worker: float = 1.0
-    gpus_per_worker: float = -1  # -1: one GPU per rank when the cluster has enough, else 0
+    gpus_per_worker: float = -1  # -1: one GPU per rank (the cluster must have enough) or CPU on a GPU-less cluster
     strategy: str = "PACK"
     threads_per_worker: int = 0  # torch intra-op threads; 0 = max(1, int(cpus_per_worker))
     placement_timeout_s: float = 60.0
-    max_restarts: int = 0  # job-level restarts from the latest checkpoint after a rank fails
+    pg_timeout_s: float = 1800.0  # torch.distributed process-group timeout (a collective waiting on a peer)
+    call_timeout_s: float = 0.0  # the driver's wait for one group.run call; 0 = no limit
+    max_restarts: int = 0  # job-level restarts from the latest checkpoint after a rank crashes
 
     def check(self) -> None:
         if self.num < 1:
@@ -45,110 +48,98 @@ class WorkerConfig:
             raise ValueError(f"workers.strategy={self.strategy!r}: choose one of {', '.join(STRATEGIES)}")
         if self.cpus_per_worker <= 0:
             raise ValueError(f"workers.cpus_per_worker={self.cpus_per_worker}: must be > 0")
+        if self.gpus_per_worker < 0 and self.gpus_per_worker != -1:
+            raise ValueError(f"workers.gpus_per_worker={self.gpus_per_worker}: use -1 (auto), 0 (CPU) or > 0")
+        if self.pg_timeout_s <= 0:
+            raise ValueError(f"workers.pg_timeout_s={self.pg_timeout_s}: must be > 0 seconds")
+        if self.call_timeout_s < 0:
+            raise ValueError(f"workers.call_timeout_s={self.call_timeout_s}: use 0 (no limit) or > 0 seconds")
 
 
 class RankError(RuntimeError):
-    """One rank failed; ``rank`` says which, ``remote_traceback`` holds its traceback."""
+    """A rank failed. ``rank`` says which (``ranks``: all of them, for a call timeout), ``kind`` the
+    exception's class name, ``message`` its one-line cause, ``remote_traceback`` its traceback, and
+    ``transient`` whether a restart can fix it (a dead process, a lost node, a communication error,
+    a timeout) or not (any other exception: it would fail the same way again)."""
 
-    def __init__(self, rank: int, world_size: int, node_ip: str, detail: str, cause: BaseException | None):
+    def __init__(self, rank: int, world_size: int, node_ip: str, detail: str, cause: BaseException | None = None,
+                 *, kind: str = "", message: str = "", transient: bool = False, ranks: list[int] | None = None,
+                 node_ips: list[str] | None = None):
         self.rank, self.node_ip, self.remote_traceback, self.cause = rank, node_ip, detail, cause
-        super().__init__(f"rank {rank} of {world_size} (node {node_ip}) failed:\n{detail}")
+        self.kind, self.message, self.transient = kind, message, transient
+        self.ranks, self.node_ips = ranks or [rank], node_ips or [node_ip]
+        who = (f"rank {rank} of {world_size} (node {node_ip})" if len(self.ranks) == 1 else
+               f"ranks {', '.join(map(str, self.ranks))} of {world_size} (nodes {', '.join(self.node_ips)})")
+        super().__init__(f"{who} failed:\n{detail}")
 
 
 class PlacementError(RuntimeError):
     """The cluster cannot place the requested ranks."""
 
 
-@ray.remote
-class RankActor:
-    """One rank. Owns its torch.distributed process group for the actor's lifetime."""
+def gpus_per_rank(requested: float, cluster_gpus: float, num: int) -> float:
+    """GPUs each rank gets: ``requested`` when >= 0; for -1 (auto), one each, or 0 on a GPU-less cluster.
 
-    def __init__(self, threads: int):
-        import torch
-
-        torch.set_num_threads(threads)
-        self.ctx: RankContext | None = None
-
-    def node_info(self) -> tuple[str, list[int]]:
-        return _node_ip(), [int(i) for i in ray.get_gpu_ids()]
-
-    def free_port(self, loopback: bool) -> tuple[str, int]:
-        ip = "127.0.0.1" if loopback else _node_ip()
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind((ip, 0))
-            return ip, s.getsockname()[1]
-
-    def setup(self, fields: dict, master: tuple[str, int], timeout_s: float) -> str:
-        import torch
-        import torch.distributed as dist
-
-        use_cuda = torch.cuda.is_available() and bool(ray.get_gpu_ids())
-        device = torch.device("cuda", 0) if use_cuda else torch.device("cpu")
-        if use_cuda:
-            torch.cuda.set_device(device)
-        backend = "nccl" if use_cuda else "gloo"
-        if master[0].startswith("127."):
-            os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-        os.environ.update(
-            MASTER_ADDR=master[0], MASTER_PORT=str(master[1]), RANK=str(fields["rank"]),
-            WORLD_SIZE=str(fields["world_size"]), LOCAL_RANK=str(fields["local_rank"]),
-        )
-        dist.init_process_group(
-            backend, init_method=f"tcp://{master[0]}:{master[1]}", rank=fields["rank"],
-            world_size=fields["world_size"], timeout=timedelta(seconds=timeout_s),
-            device_id=device if use_cuda else None,
-        )
-        self.ctx = RankContext(device=device, backend=backend, **fields)
-        return backend
-
-    def run(self, fn: Callable, args: tuple, kwargs: dict) -> Any:
-        try:
-            return fn(self.ctx, *args, **kwargs)
-        except BaseException as e:  # keep the remote traceback readable in the driver
-            raise _RemoteFailure(type(e).__name__, traceback.format_exc()) from None
-
-    def teardown(self) -> None:
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    A cluster with some GPUs but fewer than ranks is an error, not a silent fall-back to CPU.
+    """
+    if requested >= 0:
+        return requested
+    if cluster_gpus <= 0:
+        return 0
+    if cluster_gpus >= num:
+        return 1
+    raise PlacementError(
+        f"workers.num={num} ranks want one GPU each (workers.gpus_per_worker=-1, auto), but the Ray cluster has "
+        f"{cluster_gpus:g} GPU: ask for at most {int(cluster_gpus)} ranks, or set workers.gpus_per_worker=0 "
+        "to run every rank on CPU"
+    )
 
 
-def _wait_removed(pg, timeout_s: float = 10.0) -> None:
-    """Block until Ray records the placement group as removed, so its resources are free again."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if ray.util.placement_group_table(pg).get("state") == "REMOVED":
-            return
-        time.sleep(0.05)
+def local_ranks(node_ids: list[str]) -> list[tuple[int, int]]:
+    """``(local_rank, local_world_size)`` of each rank, given the Ray node id each rank runs on."""
+    return [(node_ids[:rank].count(node), node_ids.count(node)) for rank, node in enumerate(node_ids)]
 
 
-def _node_ip() -> str:
-    """The address this node registered with Ray (127.0.0.1 for the embedded cluster)."""
-    try:
-        return ray._private.worker.global_worker.node_ip_address  # noqa: SLF001
-    except AttributeError:
-        return ray.util.get_node_ip_address()
+@dataclass
+class _Failure:
+    kind: str
+    message: str
+    transient: bool
+    detail: str  # what the user reads: the rank's traceback, or what happened to its process
+    cause: BaseException | None
+    died: bool = False  # the rank's process (or node) is gone
 
+    @property
+    def priority(self) -> int:
+        """Lower is more informative: a real error, then a dead process, then a peer's communication error."""
+        return 0 if not self.transient else 1 if self.died else 2
 
-class _RemoteFailure(Exception):
-    def __init__(self, kind: str, tb: str):
-        super().__init__(kind, tb)
-        self.kind, self.tb = kind, tb
-
-    def __str__(self) -> str:
-        return self.tb
+    @classmethod
+    def of(cls, e: ray.exceptions.RayError) -> "_Failure":
+        if isinstance(e, ray.exceptions.RayTaskError):
+            cause = e.cause
+            if isinstance(cause, RemoteFailure):
+                return cls(cause.kind, cause.message, cause.transient, cause.tb, cause)
+            inner = getattr(cause, "client_exc", None)  # e.g. the rank could not unpickle (import) the function
+            return cls(*classify(inner if isinstance(inner, BaseException) else cause or e), str(e), cause)
+        if isinstance(e, ray.exceptions.RuntimeEnvSetupError):  # the rank's environment cannot be built
+            return cls(type(e).__name__, str(e), False, str(e), e)
+        died = isinstance(e, ray.exceptions.RayActorError)
+        detail = f"the rank's process died: {e}" if died else str(e)
+        return cls(type(e).__name__, detail, True, detail, e, died=died)
 
 
 class WorkerGroup:
-    def __init__(self, cfg: WorkerConfig, run_dir: str | Path, *, attempt: int = 0, pg_timeout_s: float = 1800,
-                 env: dict[str, str] | None = None):
+    def __init__(self, cfg: WorkerConfig, run_dir: str | Path, *, attempt: int = 0, env: dict[str, str] | None = None,
+                 context: dict[str, Any] | None = None, pg_timeout_s: float | None = None):
         cfg.check()
         if not ray.is_initialized():
             raise RuntimeError("Ray is not initialised: call plait.runtime.connect() first")
         self.cfg, self.run_dir, self.attempt = cfg, Path(run_dir).resolve(), attempt
+        self.context = _checked_context(context or {})
         self.world_size = cfg.num
-        gpus = self._gpus_per_worker()
+        self.node_ips: list[str] = []
+        gpus = gpus_per_rank(cfg.gpus_per_worker, ray.cluster_resources().get("GPU", 0), cfg.num)
         self._check_capacity(gpus)
         bundle = {"CPU": cfg.cpus_per_worker, **({"GPU": gpus} if gpus else {})}
         self.pg = placement_group([dict(bundle) for _ in range(cfg.num)], strategy=cfg.strategy)
@@ -156,7 +147,8 @@ class WorkerGroup:
         try:
             self._wait_placed(bundle)
             threads = cfg.threads_per_worker or max(1, int(cfg.cpus_per_worker))
-            env = {"OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1", **(env or {})}
+            hide_gpus = {} if gpus else {"CUDA_VISIBLE_DEVICES": ""}  # CPU ranks: DeepSpeed must not pick CUDA
+            env = {"OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1", **hide_gpus, **(env or {})}
             self.actors = [
                 RankActor.options(
                     num_cpus=cfg.cpus_per_worker, num_gpus=gpus, runtime_env={"env_vars": env},
@@ -164,29 +156,25 @@ class WorkerGroup:
                 ).remote(threads)
                 for i in range(cfg.num)
             ]
-            infos = ray.get([a.node_info.remote() for a in self.actors])
+            infos = self._gather([a.node_info.remote() for a in self.actors])
             self.node_ips = [ip for ip, _ in infos]
-            # All ranks on one node: rendezvous on loopback, never exposed beyond this machine.
-            master = ray.get(self.actors[0].free_port.remote(len(set(self.node_ips)) == 1))
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            setups = [a.setup.remote(self._fields(r), master, pg_timeout_s) for r, a in enumerate(self.actors)]
+            self.locals = local_ranks([node_id for _, node_id in infos])
+            timeout_s = pg_timeout_s or cfg.pg_timeout_s
+            # All ranks on one machine: rendezvous on loopback, never exposed beyond it.
+            opened = self.actors[0].open_rendezvous.remote(len(set(self.node_ips)) == 1, cfg.num, timeout_s)
+            master = self._gather([opened])[0]
+            setups = [a.setup.remote(self._fields(r), master, timeout_s) for r, a in enumerate(self.actors)]
             self.backend = self._gather(setups)[0]
         except BaseException:
             self.shutdown()
             raise
 
     def _fields(self, rank: int) -> dict:
-        ip = self.node_ips[rank]
-        same_node = [r for r, other in enumerate(self.node_ips) if other == ip]
+        local_rank, local_world_size = self.locals[rank]
         return dict(
-            rank=rank, world_size=self.world_size, local_rank=same_node.index(rank),
-            local_world_size=len(same_node), node_ip=ip, run_dir=self.run_dir, attempt=self.attempt,
+            rank=rank, world_size=self.world_size, local_rank=local_rank, local_world_size=local_world_size,
+            node_ip=self.node_ips[rank], run_dir=self.run_dir, attempt=self.attempt, **self.context,
         )
-
-    def _gpus_per_worker(self) -> float:
-        if self.cfg.gpus_per_worker >= 0:
-            return self.cfg.gpus_per_worker
-        return 1 if ray.cluster_resources().get("GPU", 0) >= self.cfg.num else 0
 
     def _check_capacity(self, gpus: float) -> None:
         """Fail fast when the cluster could never hold the group, instead of waiting forever."""
@@ -221,30 +209,58 @@ class WorkerGroup:
             )
 
     def run(self, fn: Callable, *args: Any, **kwargs: Any) -> list[Any]:
-        """Call ``fn(ctx, *args, **kwargs)`` on every rank; return the results in rank order."""
+        """Call ``fn(ctx, *args, **kwargs)`` on every rank; return the results in rank order.
+
+        With ``call_timeout_s`` set, ranks that have not returned by then are torn down and reported.
+        """
         if not self.actors:
             raise RuntimeError("this worker group was shut down (a rank failed or shutdown() was called)")
-        return self._gather([a.run.remote(fn, args, kwargs) for a in self.actors])
+        return self._gather([a.run.remote(fn, args, kwargs) for a in self.actors], self.cfg.call_timeout_s)
 
-    def _gather(self, refs: list) -> list[Any]:
+    def _gather(self, refs: list, timeout_s: float = 0.0) -> list[Any]:
         results: dict[int, Any] = {}
         pending = list(refs)
+        deadline = time.monotonic() + timeout_s if timeout_s > 0 else None
         while pending:
-            done, pending = ray.wait(pending, num_returns=1)
-            rank = refs.index(done[0])
+            wait_s = None if deadline is None else max(0.0, deadline - time.monotonic())
+            done, pending = ray.wait(pending, num_returns=1, timeout=wait_s)
+            if not done:
+                self._timed_out(sorted(refs.index(r) for r in pending), timeout_s)
             try:
-                results[rank] = ray.get(done[0])
-            except ray.exceptions.RayTaskError as e:
-                detail = str(e.cause) if isinstance(e.cause, _RemoteFailure) else str(e)
-                self._fail(rank, detail, e.cause)
-            except ray.exceptions.RayActorError as e:
-                self._fail(rank, f"the rank's process died: {e}", e)
+                results[refs.index(done[0])] = ray.get(done[0])
+            except ray.exceptions.RayError as e:
+                self._fail(refs, {refs.index(done[0]): _Failure.of(e)}, pending)
         return [results[r] for r in range(len(refs))]
 
-    def _fail(self, rank: int, detail: str, cause: BaseException | None) -> None:
-        ip = self.node_ips[rank] if getattr(self, "node_ips", None) else "?"
+    def _fail(self, refs: list, failures: dict[int, _Failure], pending: list) -> None:
+        """Tear the group down and raise the most informative failure among the ranks'.
+
+        A rank's own error often makes its peers fail too ("connection closed by peer"): when the first
+        failure is such a transient one, the others get a moment to report theirs before choosing.
+        """
+        if pending and all(f.transient for f in failures.values()):
+            finished, _ = ray.wait(pending, num_returns=len(pending), timeout=PEER_GRACE_S)
+            for ref in finished:
+                try:
+                    ray.get(ref)
+                except ray.exceptions.RayError as e:
+                    failures[refs.index(ref)] = _Failure.of(e)
+        rank = min(failures, key=lambda r: failures[r].priority)  # ties: the first to fail
+        f = failures[rank]
+        ip = self.node_ips[rank] if self.node_ips else "?"
         self.shutdown(graceful=False)
-        raise RankError(rank, self.world_size, ip, detail, cause)
+        raise RankError(rank, self.world_size, ip, f.detail, f.cause, kind=f.kind, message=f.message,
+                        transient=f.transient)
+
+    def _timed_out(self, ranks: list[int], timeout_s: float) -> None:
+        ips = [self.node_ips[r] for r in ranks] if self.node_ips else ["?" for _ in ranks]
+        where = ", ".join(f"rank {r} on {ip}" for r, ip in zip(ranks, ips, strict=True))
+        message = (f"{where} did not return within workers.call_timeout_s={timeout_s:g}s; the group was torn "
+                   "down. Raise workers.call_timeout_s if the call needs longer, or look for a rank stuck in a "
+                   "collective its peers never entered")
+        self.shutdown(graceful=False)
+        raise RankError(ranks[0], self.world_size, ips[0], message, kind="CallTimeout", message=message,
+                        transient=True, ranks=ranks, node_ips=ips)
 
     def shutdown(self, graceful: bool = True) -> None:
         """Destroy process groups (when ranks are idle), kill the actors, free the placement group."""
@@ -263,6 +279,29 @@ class WorkerGroup:
 
     def __exit__(self, *exc: Any) -> None:
         self.shutdown(graceful=exc[0] is None)
+
+
+_OWN_FIELDS = {"rank", "world_size", "local_rank", "local_world_size", "node_ip", "device", "backend", "run_dir",
+               "attempt"}
+
+
+def _checked_context(context: dict[str, Any]) -> dict[str, Any]:
+    """The caller's extra RankContext fields (run_id, resume_from, ...): only fields the group does not set."""
+    allowed = {f.name for f in dataclasses.fields(RankContext)} - _OWN_FIELDS
+    unknown = sorted(set(context) - allowed)
+    if unknown:
+        raise ValueError(f"WorkerGroup(context=...) keys {unknown} are not RankContext fields it may set; "
+                         f"allowed: {sorted(allowed)}")
+    return dict(context)
+
+
+def _wait_removed(pg, timeout_s: float = 10.0) -> None:
+    """Block until Ray records the placement group as removed, so its resources are free again."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if ray.util.placement_group_table(pg).get("state") == "REMOVED":
+            return
+        time.sleep(0.05)
 
 
 def run_ranks(fn: Callable, num: int, *args: Any, run_dir: str | Path, cpus_per_worker: float = 1.0,

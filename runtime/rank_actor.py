@@ -1,0 +1,142 @@
+"""One rank of a worker group: a Ray actor that owns a torch.distributed process group.
+
+The driver (runtime/worker_group.py) places the actors, asks rank 0 to open the rendezvous store,
+then calls ``setup`` on every rank and ``run`` for each job call. A failure inside the actor comes
+back as ``RemoteFailure``: its kind, its one-line message, its traceback, and whether a restart can
+fix it (``classify``), decided here where the real exception object is.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import traceback
+from datetime import timedelta
+from typing import Any, Callable
+
+import ray
+from plait.runtime.context import RankContext
+
+# What gloo (and NCCL through RuntimeError) says when a peer process went away mid-collective.
+_PEER_GONE = re.compile(r"(closed|reset) by peer|broken pipe", re.IGNORECASE)
+
+
+def classify(exc: BaseException) -> tuple[str, str, bool]:
+    """``(kind, message, transient)`` of an exception raised on a rank.
+
+    Transient (a restart can fix it): communication and timeout errors (torch.distributed.DistError
+    and subclasses, ConnectionError, TimeoutError, a RuntimeError saying a peer closed or reset the
+    connection) and anything carrying ``transient = True``. Anything else would fail the same way
+    again (bad input, a corrupt file, an import or config error, a bug), and so does an exception
+    carrying ``transient = False``.
+    """
+    import torch.distributed as dist
+
+    kind, message = type(exc).__name__, str(exc)
+    flag = getattr(exc, "transient", None)
+    if isinstance(flag, bool):
+        return kind, message, flag
+    if isinstance(exc, (dist.DistError, ConnectionError, TimeoutError)):
+        return kind, message, True
+    return kind, message, isinstance(exc, RuntimeError) and bool(_PEER_GONE.search(message))
+
+
+class RemoteFailure(Exception):
+    """An exception raised on a rank, reduced to plain strings so it always reaches the driver."""
+
+    def __init__(self, kind: str, message: str, transient: bool, tb: str):
+        super().__init__(kind, message, transient, tb)
+        self.kind, self.message, self.transient, self.tb = kind, message, transient, tb
+
+    @classmethod
+    def of(cls, exc: BaseException) -> "RemoteFailure":
+        return cls(*classify(exc), "".join(traceback.format_exception(exc)))
+
+    def __str__(self) -> str:
+        return self.tb
+
+
+def node_ip() -> str:
+    """The address this node registered with Ray (127.0.0.1 for the embedded cluster)."""
+    try:
+        return ray._private.worker.global_worker.node_ip_address  # noqa: SLF001
+    except AttributeError:
+        return ray.util.get_node_ip_address()
+
+
+@ray.remote
+class RankActor:
+    """One rank. Owns its torch.distributed process group (and, on rank 0, the rendezvous store)."""
+
+    def __init__(self, threads: int):
+        import torch
+
+        torch.set_num_threads(threads)
+        self.ctx: RankContext | None = None
+        self.store = None
+
+    def node_info(self) -> tuple[str, str]:
+        """``(node ip, Ray node id)``: the id tells nodes apart even when they share an ip."""
+        return node_ip(), ray.get_runtime_context().get_node_id()
+
+    def open_rendezvous(self, loopback: bool, world_size: int, timeout_s: float) -> tuple[str, int]:
+        """Start the rendezvous store on a port the OS picks; it stays bound, so no other group can take it."""
+        import torch.distributed as dist
+
+        host = "127.0.0.1" if loopback else node_ip()
+        try:
+            self.store = dist.TCPStore(host, 0, world_size, is_master=True, wait_for_workers=False,
+                                       timeout=timedelta(seconds=timeout_s))
+        except BaseException as e:
+            raise RemoteFailure.of(e) from None
+        return host, self.store.port
+
+    def setup(self, fields: dict, master: tuple[str, int], timeout_s: float) -> str:
+        try:
+            return self._setup(fields, master, timeout_s)
+        except BaseException as e:
+            raise RemoteFailure.of(e) from None
+
+    def _setup(self, fields: dict, master: tuple[str, int], timeout_s: float) -> str:
+        import torch
+        import torch.distributed as dist
+
+        gpus = ray.get_gpu_ids()
+        if gpus and not torch.cuda.is_available():
+            raise RuntimeError(
+                f"rank {fields['rank']} on node {fields['node_ip']} was given GPU {gpus} but torch "
+                f"{torch.__version__} there cannot use CUDA (a CPU build of torch, or no driver): install CUDA "
+                "torch on that node, or set workers.gpus_per_worker=0 to run the ranks on CPU"
+            )
+        # Ray shows this actor only its own GPU(s) (CUDA_VISIBLE_DEVICES), so its device is cuda:0 and
+        # LOCAL_RANK, which DeepSpeed and DeviceMesh read to pick a device, must say 0, not the node-local index.
+        device = torch.device("cuda", 0) if gpus else torch.device("cpu")
+        if gpus:
+            torch.cuda.set_device(device)
+        backend = "nccl" if gpus else "gloo"
+        if master[0].startswith("127."):
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        rank, world_size = fields["rank"], fields["world_size"]
+        os.environ.update(
+            MASTER_ADDR=master[0], MASTER_PORT=str(master[1]), RANK=str(rank), WORLD_SIZE=str(world_size),
+            LOCAL_RANK=str(0 if gpus else fields["local_rank"]), LOCAL_WORLD_SIZE=str(fields["local_world_size"]),
+        )
+        timeout = timedelta(seconds=timeout_s)
+        store = self.store if rank == 0 else dist.TCPStore(*master, world_size, is_master=False, timeout=timeout)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout,
+                                device_id=device if gpus else None)
+        self.ctx = RankContext(device=device, backend=backend, **fields)
+        return backend
+
+    def run(self, fn: Callable, args: tuple, kwargs: dict) -> Any:
+        try:
+            return fn(self.ctx, *args, **kwargs)
+        except BaseException as e:  # keep the remote traceback readable in the driver
+            raise RemoteFailure.of(e) from None
+
+    def teardown(self) -> None:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        self.store = None
