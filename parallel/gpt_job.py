@@ -9,13 +9,12 @@ metrics (rank 0) and commits checkpoints. On a restart (``ctx.attempt > 0``) or 
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from plait.parallel.data import DataConfig, StepBatches, ensure_token_dataset
+from plait.parallel.data import DataConfig, StepBatches, ensure_token_dataset, open_token_dataset
 from plait.parallel.estimate import estimate_job
 from plait.parallel.mesh import build_mesh
 from plait.parallel.models.gpt import GPT, GPTConfig
@@ -24,7 +23,6 @@ from plait.parallel.plan import ParallelPlan
 from plait.runtime.checkpoint import Checkpointer, EngineState, ModelOptimizer
 from plait.runtime.context import RankContext
 from plait.runtime.metrics import MetricsLogger
-from plait.storage.row_shards import RowShards
 
 
 @dataclass
@@ -36,7 +34,7 @@ class TrainConfig:
     dtype: str = "float32"  # float32 | float64 (float64 for exact-equality tests)
     checkpoint_every: int = 50  # 0 = only at the end
     keep_last: int = 2
-    resume: str = ""  # "" = fresh start, "latest", or a checkpoint folder
+    resume: str = ""  # "" = fresh start, "latest" (continue this run_dir), or a committed checkpoint folder
     fail_at_step: int = 0  # fault injection: rank world-1 dies at this step on the first attempt
     optim: OptimConfig = field(default_factory=OptimConfig)
 
@@ -72,31 +70,9 @@ def estimate(cfg: Config, world_size: int) -> str:
     return estimate_job(cfg, world_size)
 
 
-PREVIOUS_OUTPUTS = ("checkpoints", "metrics.jsonl", "tensorboard", "metrics.png", "summary.json")
-
-
-def set_aside_previous_run(run_dir: Path) -> None:
-    """A fresh start in a used run_dir moves the last run's outputs to run_dir/previous (replacing an
-    older copy), so its checkpoints are neither pruned by nor resumed into the new run."""
-    found = [run_dir / name for name in PREVIOUS_OUTPUTS if (run_dir / name).exists()]
-    if not found:
-        return
-    previous = run_dir / "previous"
-    shutil.rmtree(previous, ignore_errors=True)
-    previous.mkdir()
-    for path in found:
-        os.rename(path, previous / path.name)
-    print(f"[plait] fresh start: the earlier run's outputs moved to {previous} (train.resume=latest continues "
-          "a run instead)", flush=True)
-
-
 def prepare(cfg: Config, run_dir: Path) -> None:
-    """On the driver: absolute paths for the ranks, a clean run_dir for a fresh start, the dataset once."""
+    """On the driver: absolute paths for the ranks, and the dataset built (or checked) once, before launch."""
     cfg.data.path = str(Path(cfg.data.path).resolve())  # ranks may start in another directory
-    if cfg.train.resume not in ("", "latest"):
-        cfg.train.resume = str(Path(cfg.train.resume).resolve())
-    if not cfg.train.resume:
-        set_aside_previous_run(run_dir)
     ensure_token_dataset(cfg.data, Path(cfg.data.path), cfg.train.seq_len, cfg.model.vocab_size)
 
 
@@ -108,16 +84,15 @@ def train(ctx: RankContext, cfg: Config) -> dict:
     mesh = build_mesh(plan, ctx.device_type)
     parts = parallelize(lambda: GPT(cfg.model).to(dtype), plan, mesh, ctx.device, cfg.train.optim,
                         global_batch=cfg.train.global_batch)
-    ckpt = Checkpointer(ctx.run_dir / "checkpoints", keep_last=cfg.train.keep_last)
-    state = (EngineState(parts.engine, trusted_root=ckpt.root) if parts.engine is not None
+    ckpt = Checkpointer(ctx.run_dir / "checkpoints", keep_last=cfg.train.keep_last, run_id=ctx.run_id)
+    state = (EngineState(parts.engine, trusted_root=ctx.run_dir) if parts.engine is not None
              else ModelOptimizer(parts.modules, parts.optimizers))
     start = 0
-    resume = "latest" if ctx.attempt > 0 else cfg.train.resume
-    if resume:
-        meta = ckpt.load(resume, state)
-        start = meta["step"] if meta else 0
-        ctx.log(f"resumed from step {start}" if meta else "no checkpoint yet: starting fresh")
-    batches = StepBatches(RowShards(cfg.data.path), cfg.train.global_batch, cfg.train.seed)
+    if ctx.resume_from is not None:  # decided on the driver (runtime/run_dir.py), the same on every rank
+        start = ckpt.load(ctx.resume_from, state)["step"]
+        ctx.log(f"resumed from {ctx.resume_from} (step {start})")
+    batches = StepBatches(open_token_dataset(cfg.data, cfg.train.seq_len, cfg.model.vocab_size),
+                          cfg.train.global_batch, cfg.train.seed)
     dp_rank = mesh.get_local_rank("dp")
     metrics = MetricsLogger(ctx.run_dir, enabled=ctx.is_main, total_steps=cfg.train.steps,
                             start_step=start, device=ctx.device)

@@ -16,6 +16,7 @@ ranks see one filesystem (one node, or a shared mount on a cluster).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -26,9 +27,22 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.stateful import Stateful
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
+log = logging.getLogger("plait")
+
+
+class CorruptCheckpointError(RuntimeError):
+    """A committed checkpoint cannot be read; the message names the folder, the file and what to resume
+    from instead. Never worth a restart: loading it again fails the same way."""
+
+    transient = False
+
+
+class CheckpointNotFound(FileNotFoundError):
+    """A resume path that is not a committed checkpoint; the message lists the committed ones."""
 
 
 class ModelOptimizer(Stateful):
@@ -67,7 +81,12 @@ class ModelOptimizer(Stateful):
         if (Path(path) / "zero").is_dir():
             raise ValueError(f"{path} holds DeepSpeed ZeRO files, not a DCP checkpoint: resume it with the ZeRO "
                              f"engine it was saved under ({_saved_plan(path)})")
-        dcp.load({"app": self}, checkpoint_id=str(path))
+        try:
+            dcp.load({"app": self}, checkpoint_id=str(path))
+        except (Exception, CheckpointException) as e:  # DCP wraps every rank's traceback: name the folder
+            raise CorruptCheckpointError(
+                f"checkpoint {path} could not be loaded ({type(e).__name__}: {_first_line(e)}); it is corrupt or "
+                f"was saved for another model. {_earlier_hint(Path(path))}") from None
 
     def load_state_dict(self, state: dict) -> None:
         for model, optimizer in zip(self.models, self.optimizers, strict=True):
@@ -97,9 +116,10 @@ class EngineState:
         if not (path / "zero").is_dir():
             raise ValueError(f"{path} was not saved by a DeepSpeed ZeRO engine (no zero/ folder): resume it "
                              f"under the engine it was saved with ({_saved_plan(path)})")
-        if self.trusted_root is None or Path(path).resolve().parent != Path(self.trusted_root).resolve():
+        root = None if self.trusted_root is None else Path(self.trusted_root).resolve()
+        if root is None or not Path(path).resolve().is_relative_to(root):
             raise ValueError(f"refusing to load ZeRO checkpoint {path}: DeepSpeed unpickles its files, so Plait "
-                             f"loads ZeRO checkpoints only from this run's own folder {self.trusted_root}")
+                             f"loads ZeRO checkpoints only from this run directory's own folders ({root})")
         self.engine.load_checkpoint(str(path), tag="zero")
 
 
@@ -108,6 +128,77 @@ def _saved_plan(path: Path) -> str:
         return "plan " + json.loads((Path(path) / "meta.json").read_text()).get("plan", "?")
     except (OSError, ValueError):
         return "plan unknown"
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return lines[-1][:300] if lines else ""
+
+
+def _earlier_hint(path: Path) -> str:
+    """'Resume from <the committed checkpoint before path>' or a note that there is none."""
+    earlier = [p for p in committed_in(path.parent) if p.name < path.name]
+    if earlier:
+        return f"Resume from the previous committed checkpoint instead: train.resume={earlier[-1]}"
+    return "No earlier committed checkpoint exists beside it: start fresh (train.resume=\"\")"
+
+
+def committed_in(root: Path) -> list[Path]:
+    """Committed checkpoints under ``root``, oldest first (a folder counts only once its meta.json exists)."""
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.iterdir() if STEP_DIR.match(p.name) and (p / "meta.json").is_file()),
+                  key=lambda p: p.name)
+
+
+def uncommitted_in(root: Path) -> list[Path]:
+    """``step_*`` folders without meta.json: renamed into place by hand or by another tool, never committed."""
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if STEP_DIR.match(p.name) and not (p / "meta.json").is_file())
+
+
+def check_committed(path: str | Path) -> dict:
+    """Check, without loading tensors, that ``path`` is a readable committed checkpoint; return its meta.json.
+
+    Raises CheckpointNotFound (no such folder, or no meta.json) or CorruptCheckpointError (meta.json
+    unreadable, DCP metadata unreadable, a data file missing or shorter than the metadata says)."""
+    path = Path(path)
+    if not path.is_dir() or not (path / "meta.json").is_file():
+        what = "does not exist" if not path.exists() else "is not a committed checkpoint (no meta.json)"
+        listing = [str(p) for p in committed_in(path.parent)] if path.parent.is_dir() else []
+        raise CheckpointNotFound(f"checkpoint {path} {what}; committed checkpoints in {path.parent}: "
+                                 f"{', '.join(listing) or 'none'}")
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+        int(meta["step"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CorruptCheckpointError(f"checkpoint {path}: meta.json is unreadable ({e}). {_earlier_hint(path)}") \
+            from None
+    if (path / "zero").is_dir():
+        return meta  # DeepSpeed's own layout; DeepSpeed checks its files when it loads them
+    _check_dcp_files(path)
+    return meta
+
+
+def _check_dcp_files(path: Path) -> None:
+    if not (path / ".metadata").is_file():
+        raise CorruptCheckpointError(f"checkpoint {path}: file .metadata is missing. {_earlier_hint(path)}")
+    try:
+        metadata = dcp.FileSystemReader(str(path)).read_metadata()
+    except Exception as e:  # noqa: BLE001 - any failure to read it means the same thing to the user
+        raise CorruptCheckpointError(f"checkpoint {path}: file .metadata is corrupt ({type(e).__name__}: "
+                                     f"{_first_line(e)}). {_earlier_hint(path)}") from None
+    needed: dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        end = info.offset + info.length
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), end)
+    for name, end in sorted(needed.items()):
+        file = path / name
+        size = file.stat().st_size if file.is_file() else -1
+        if size < end:
+            state = "is missing" if size < 0 else f"is truncated ({size} bytes, the metadata needs {end})"
+            raise CorruptCheckpointError(f"checkpoint {path} is corrupt: file {name} {state}. {_earlier_hint(path)}")
 
 
 def _as_state(model: Any, optimizer: Any) -> Any:
@@ -145,21 +236,27 @@ def set_rng_state(state: dict[str, torch.Tensor]) -> None:
 
 
 class Checkpointer:
-    def __init__(self, root: str | Path, keep_last: int = 3):
+    """``run_id`` (the runtime's ``ctx.run_id``) goes into every meta.json, so a restart can tell this
+    run's checkpoints from those of an earlier run it continued."""
+
+    def __init__(self, root: str | Path, keep_last: int = 3, run_id: str = ""):
         if keep_last < 1:
             raise ValueError(f"keep_last={keep_last}: keep at least one checkpoint")
-        self.root, self.keep_last = Path(root), keep_last
+        self.root, self.keep_last, self.run_id = Path(root), keep_last, run_id
 
     def committed(self) -> list[Path]:
         """Committed checkpoints, oldest first (a folder counts only once its meta.json exists)."""
-        if not self.root.is_dir():
-            return []
-        found = [p for p in self.root.iterdir() if STEP_DIR.match(p.name) and (p / "meta.json").is_file()]
-        return sorted(found, key=lambda p: p.name)
+        return committed_in(self.root)
 
     def latest(self) -> Path | None:
+        """The newest committed checkpoint; ``step_*`` folders without meta.json are skipped and named."""
         done = self.committed()
-        return done[-1] if done else None
+        newest = done[-1] if done else None
+        skipped = [p for p in uncommitted_in(self.root) if newest is None or p.name > newest.name]
+        if skipped:
+            log.warning("latest checkpoint: skipping %s (no meta.json: never committed, e.g. torn or copied by "
+                        "hand); using %s", ", ".join(str(p) for p in skipped), newest or "none")
+        return newest
 
     def save(self, step: int, model: Any, optimizer: Any = None, meta: dict | None = None) -> Path:
         """Collective: every rank calls it with the same step. ``model``/``optimizer``: one or a list
@@ -178,7 +275,8 @@ class Checkpointer:
             os.fsync(f.fileno())
         _barrier()
         if _rank() == 0:
-            info = {"step": step, "world_size": dist.get_world_size() if dist.is_initialized() else 1}
+            info = {"step": step, "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+                    "run_id": self.run_id}
             info.update(meta or {})
             with open(tmp / "meta.json", "w") as f:
                 json.dump(info, f, indent=1)
@@ -197,16 +295,17 @@ class Checkpointer:
         return final
 
     def resolve(self, which: str | Path) -> Path | None:
-        """'latest' -> newest committed checkpoint (None if none); a path -> that checkpoint."""
+        """'latest' -> newest committed checkpoint (None if none); a path -> that checkpoint (checked).
+        Collective when torch.distributed is up: rank 0 lists the folder and broadcasts its choice, so
+        ranks on a network filesystem with stale listings cannot disagree."""
         if str(which) == "latest":
-            return self.latest()
-        path = Path(which)
-        if not (path / "meta.json").is_file():
-            raise FileNotFoundError(
-                f"{path} is not a committed checkpoint (no meta.json); committed ones: "
-                f"{[p.name for p in self.committed()] or 'none'}"
-            )
-        return path
+            newest = self.latest() if _rank() == 0 else None
+            choice = [str(newest) if newest else None]
+            if dist.is_initialized() and dist.get_world_size() > 1:
+                dist.broadcast_object_list(choice, src=0)
+            return Path(choice[0]) if choice[0] else None
+        check_committed(which)
+        return Path(which)
 
     def load(self, which: str | Path, model: Any, optimizer: Any = None) -> dict | None:
         """Collective. Restores model, optimizer and this rank's RNG; returns meta.json (None: nothing)."""

@@ -23,6 +23,9 @@ class RankContext:
     backend: str  # "gloo" or "nccl"
     run_dir: Path
     attempt: int = 0  # restarts of the job so far (0 on the first try)
+    run_id: str = ""  # this run's id (the runtime's, written into every checkpoint it commits)
+    resume_from: Path | None = None  # the committed checkpoint to load before training (None: fresh start),
+    # decided on the driver: the user's train.resume on the first attempt, this run's own latest after a restart
 
     @property
     def is_main(self) -> bool:

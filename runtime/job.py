@@ -1,12 +1,20 @@
-"""Run one job: prepare on the driver, place the ranks, train, restart from checkpoints on failure.
+"""Run one job: check on the driver, place the ranks, then own the run directory, train, restart crashes.
 
 A job module (named by the spec's ``job`` key) provides:
     Config                         dataclass of its sections ([model], [data], [train], ...)
-    train(ctx, cfg) -> Any         runs on every rank; resumes from the latest checkpoint when
-                                   ``ctx.attempt > 0`` (a restart)
+    train(ctx, cfg) -> Any         runs on every rank; loads ``ctx.resume_from`` when it is set
     validate(cfg, world_size)      optional, on the driver before anything starts; raises ValueError
-    prepare(cfg, run_dir)          optional, on the driver before ranks start (e.g. build a dataset)
+    prepare(cfg, run_dir)          optional, on the driver before ranks start (e.g. build a dataset);
+                                   it must not write into run_dir, which the runtime owns
     summarize(cfg, run_dir, results) -> dict   optional, on the driver after all ranks return
+A Config with a ``train.resume`` string ("" fresh, "latest", or a checkpoint folder) gets the
+runtime's resume handling (runtime/run_dir.py); a module may instead define ``resume_request(cfg)``.
+
+Order, so that a launch that fails changes nothing on disk: validate -> resume path checked ->
+prepare -> connect -> ranks placed -> earlier run moved aside, spec.json and plait.log written ->
+train. Restarts (``workers.max_restarts``) are for crashes only (a dead process, a lost node, a
+communication error, a timeout); an error that would repeat (bad input, a corrupt file, a bug)
+ends the job at once with its message.
 """
 
 from __future__ import annotations
@@ -19,7 +27,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from plait.runtime.cluster import connect
+from plait.runtime.cluster import connect, link_ray_logs
+from plait.runtime.run_dir import RunDir
 from plait.runtime.spec import JobSpec
 from plait.runtime.worker_group import RankError, WorkerGroup
 
@@ -49,43 +58,69 @@ def validate_job(spec: JobSpec) -> None:
         spec.module.validate(spec.config, spec.workers.num)
 
 
+def resume_request(spec: JobSpec) -> str:
+    """What the job asks to resume: ``resume_request(cfg)`` if the module defines it, else ``train.resume``."""
+    ask = getattr(spec.module, "resume_request", None)
+    if ask is not None:
+        return ask(spec.config) or ""
+    return getattr(getattr(spec.config, "train", None), "resume", "") or ""
+
+
 def run_job(spec: JobSpec) -> dict[str, Any]:
     validate_job(spec)
-    run_dir = spec.run_dir.resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    handler = _log_to_run_dir(run_dir)
+    run = RunDir.plan(spec.run_dir, resume_request(spec))
+    if hasattr(spec.module, "prepare"):
+        spec.module.prepare(spec.config, run.path)
     try:
-        return _run(spec, run_dir)
+        return _run(spec, run)
     finally:
-        log.removeHandler(handler)
-        handler.close()
+        for handler in [h for h in log.handlers if getattr(h, "plait_run_dir", None) == run.path]:
+            log.removeHandler(handler)
+            handler.close()
 
 
-def _run(spec: JobSpec, run_dir: Path) -> dict[str, Any]:
-    write_resolved_spec(spec, run_dir)
+def _start_outputs(spec: JobSpec, run: RunDir) -> None:
+    """The ranks are placed: now the run directory changes (earlier run aside, this run recorded)."""
+    run.start(spec.job)
+    handler = _log_to_run_dir(run.path)
+    handler.plait_run_dir = run.path
+    write_resolved_spec(spec, run.path)
+    link_ray_logs(run.path)
+    for note in run.notes:
+        log.info(note)
+        print(f"[plait] {note}", flush=True)
+
+
+def _run(spec: JobSpec, run: RunDir) -> dict[str, Any]:
     module, cfg = spec.module, spec.config
     started = time.time()
-    if hasattr(module, "prepare"):
-        module.prepare(cfg, run_dir)
-    cluster = connect(spec.cluster, run_dir)
+    cluster = connect(spec.cluster)
     log.info("cluster: %s; job %s on %d ranks", cluster, spec.job, spec.workers.num)
-    attempt = 0
+    attempt, resume_from = 0, run.resume_from
     while True:
         try:
             # A live progress bar only when someone watches a terminal; plain lines in logs otherwise.
             env = {"PLAIT_PROGRESS": "bar" if sys.stdout.isatty() else "lines"}
-            with WorkerGroup(spec.workers, run_dir, attempt=attempt, env=env) as group:
+            context = {"run_id": run.run_id, "resume_from": resume_from}
+            with WorkerGroup(spec.workers, run.path, attempt=attempt, env=env, context=context) as group:
+                if attempt == 0:
+                    _start_outputs(spec, run)
                 results = group.run(module.train, cfg)
             break
         except RankError as e:
             log.error("attempt %d failed: %s", attempt, e)
+            if not getattr(e, "transient", True):
+                log.error("not restarting: this error would repeat (%s)", getattr(e, "kind", "error"))
+                raise
             if attempt >= spec.workers.max_restarts:
                 raise
             attempt += 1
-            print(f"[plait] rank {e.rank} failed; restart {attempt}/{spec.workers.max_restarts} "
-                  "from the latest checkpoint", flush=True)
-    summary = module.summarize(cfg, run_dir, results) if hasattr(module, "summarize") else {"results": results}
-    summary.update(run_dir=str(run_dir), wall_s=round(time.time() - started, 1), restarts=attempt)
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+            resume_from = run.restart_point()
+            print(f"[plait] rank {e.rank} failed ({getattr(e, 'kind', 'crash')}); restart {attempt}/"
+                  f"{spec.workers.max_restarts} from {resume_from or 'step 0 (no checkpoint yet)'}", flush=True)
+    summary = module.summarize(cfg, run.path, results) if hasattr(module, "summarize") else {"results": results}
+    summary.update(run_dir=str(run.path), run_id=run.run_id, wall_s=round(time.time() - started, 1),
+                   restarts=attempt)
+    (run.path / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     log.info("summary: %s", summary)
     return summary

@@ -12,6 +12,7 @@ The runtime knows nothing of the job beyond that protocol, so every capability p
 from __future__ import annotations
 
 import importlib
+import sys
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,16 +37,46 @@ class JobSpec:
     source: str = ""
 
 
-def load_job_module(name: str) -> ModuleType:
+def load_job_module(name: str, search: list[Path] | None = None) -> ModuleType:
+    """Import the job module. ``search`` (default: the current directory) is added to sys.path, so a
+    ``my_job.py`` beside the spec or in the directory `plait run` starts in needs no PYTHONPATH; such a
+    local module is shipped to the ranks by value, so it runs on a cluster whose nodes lack the file."""
+    search = [Path(p).resolve() for p in (search if search is not None else [Path.cwd()])]
+    for folder in search:
+        if str(folder) not in sys.path:
+            sys.path.append(str(folder))
     try:
         module = importlib.import_module(name)
     except ModuleNotFoundError as e:
-        hint = "name a module such as 'plait.parallel.gpt_job'"
+        if e.name and not name.startswith(e.name) and e.name != name:
+            raise ConfigError(f"job = {name!r} imports {e.name!r}, which is not installed: pip install it "
+                              "or remove the import") from None
+        where = ", ".join(str(p) for p in search)
+        hint = f"name a module such as 'plait.parallel.gpt_job', or put {name.split('.')[0]}.py in {where}"
         raise ConfigError(f"job = {name!r}: cannot import it ({e}); {hint}") from None
+    except Exception as e:  # noqa: BLE001 - a syntax or runtime error in the user's module
+        raise ConfigError(f"job = {name!r}: importing it failed with {type(e).__name__}: {e}") from None
     for attr in ("Config", "train"):
         if not hasattr(module, attr):
             raise ConfigError(f"job = {name!r} has no '{attr}': a job module defines Config and train(ctx, cfg)")
+    _ship_by_value_if_local(name, search)
     return module
+
+
+def _ship_by_value_if_local(name: str, search: list[Path]) -> None:
+    """A job module found in ``search`` (not an installed package) is pickled by value for the ranks."""
+    top = name.split(".")[0]
+    if top == "plait":
+        return
+    origin = getattr(sys.modules[top], "__file__", None)
+    if origin is None:
+        return
+    origin = Path(origin).resolve()
+    folder = origin.parent.parent if origin.name == "__init__.py" else origin.parent
+    if folder in search:
+        import ray.cloudpickle
+
+        ray.cloudpickle.register_pickle_by_value(sys.modules[top])
 
 
 def read_spec_file(path: str | Path) -> dict[str, Any]:
@@ -60,15 +91,15 @@ def read_spec_file(path: str | Path) -> dict[str, Any]:
 
 def load_spec(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
     table = apply_overrides(read_spec_file(path), list(overrides or []))
-    return spec_from_table(table, source=str(path))
+    return spec_from_table(table, source=str(path), search=[Path(path).resolve().parent, Path.cwd()])
 
 
-def spec_from_table(table: dict[str, Any], source: str = "<table>") -> JobSpec:
+def spec_from_table(table: dict[str, Any], source: str = "<table>", search: list[Path] | None = None) -> JobSpec:
     if "job" not in table:
         raise ConfigError(f"{source}: missing key 'job' (the job module, e.g. job = \"plait.parallel.gpt_job\")")
     if not isinstance(table["job"], str):
         raise ConfigError(f"'job' must be a module name string, got {table['job']!r}")
-    module = load_job_module(table["job"])
+    module = load_job_module(table["job"], search)
     job_fields = [f for f in module.Config.__dataclass_fields__]
     for key in table:
         if key not in RUNTIME_KEYS and key not in job_fields:

@@ -76,13 +76,14 @@ def test_resume_from_step_k_matches_uninterrupted_run(uninterrupted):
     assert_same_params(final_params(rest["checkpoint"]), final_params(full["checkpoint"]))
 
 
-def test_fresh_start_sets_the_previous_run_aside(uninterrupted):
+def test_fresh_start_keeps_the_previous_run_under_earlier(uninterrupted):
     tmp, _ = uninterrupted
     again = tiny_job(tmp, "again", steps=4, checkpoint_every=2)
     short = tiny_job(tmp, "again", steps=2, checkpoint_every=2)  # a new run in the same run_dir
     assert short["start_step"] == 0 and short["checkpoint"].endswith("again/checkpoints/step_00000002")
     assert sorted(losses_by_step(tmp / "again")) == [1, 2]
-    assert Checkpointer(tmp / "again" / "previous" / "checkpoints").latest().name == "step_00000004"
+    (earlier,) = (tmp / "again" / "earlier").iterdir()
+    assert Checkpointer(earlier / "checkpoints").latest().name == "step_00000004"
     assert again["checkpoint"].endswith("step_00000004")
 
 

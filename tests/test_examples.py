@@ -12,8 +12,7 @@ EXAMPLES = sorted(str(p) for p in Path(__file__).resolve().parents[1].glob("exam
 @pytest.mark.parametrize("spec_file", EXAMPLES, ids=lambda p: Path(p).stem)
 def test_example_spec_validates_against_its_world(spec_file):
     spec = load_spec(spec_file)
-    cfg = spec.config
-    cfg.plan.validate(spec.workers.num, cfg.model, cfg.train.global_batch // cfg.plan.dp)
+    spec.module.validate(spec.config, spec.workers.num)
 
 
 @pytest.mark.slow

@@ -1,0 +1,73 @@
+"""A small custom job module for runtime tests: a linear model, gradients all-reduced by hand, with
+the runtime's checkpointer and metrics logger, and fault injection. Only plait.runtime is used."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from plait.runtime.checkpoint import Checkpointer, ModelOptimizer
+from plait.runtime.context import RankContext
+from plait.runtime.metrics import MetricsLogger
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 4
+    checkpoint_every: int = 1
+    keep_last: int = 3
+    resume: str = ""
+    fail: str = ""  # "", "crash:N" (last rank's process dies after step N, first attempt only),
+    #                 "value_error:N" (a ValueError at step N, every attempt), "import_error" (at start)
+
+
+@dataclass
+class Config:
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def _batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(step)
+    x = torch.randn(8, 4, generator=g, dtype=torch.float64)
+    return x, x @ torch.tensor([1.0, -2.0, 0.5, 3.0], dtype=torch.float64)
+
+
+def train(ctx: RankContext, cfg: Config) -> dict:
+    t = cfg.train
+    with open(ctx.run_dir / f"attempts.rank{ctx.rank}", "a") as f:
+        f.write(f"{ctx.attempt}\n")
+    if t.fail == "import_error":
+        import plait_module_that_does_not_exist  # noqa: F401
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1, dtype=torch.float64)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    state = ModelOptimizer(model, opt)
+    ckpt = Checkpointer(ctx.run_dir / "checkpoints", keep_last=t.keep_last, run_id=ctx.run_id)
+    start = ckpt.load(ctx.resume_from, state)["step"] if ctx.resume_from is not None else 0
+    metrics = MetricsLogger(ctx.run_dir, enabled=ctx.is_main, total_steps=t.steps, start_step=start, progress="off")
+    losses = []
+    for step in range(start, t.steps):
+        x, y = _batch(step)
+        loss = ((model(x).squeeze(-1) - y) ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        for p in model.parameters():
+            dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
+        opt.step()
+        losses.append(loss.item())
+        metrics.log(step + 1, loss=loss.item())
+        if t.fail == f"value_error:{step + 1}":
+            raise ValueError(f"bad value at step {step + 1}")
+        if t.fail == f"crash:{step + 1}" and ctx.attempt == 0 and ctx.rank == ctx.world_size - 1:
+            os._exit(17)
+        if t.checkpoint_every and (step + 1) % t.checkpoint_every == 0:
+            ckpt.save(step + 1, state)
+    metrics.close()
+    return {"start_step": start, "losses": losses, "weight": model.weight.detach().clone(),
+            "resume_from": str(ctx.resume_from) if ctx.resume_from else None}
+
+
+def summarize(cfg: Config, run_dir, results: list[dict]) -> dict:
+    return results[0]
