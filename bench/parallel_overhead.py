@@ -19,7 +19,8 @@ Two cases, each on 2 ranks (gloo, CPU, float32, one torch thread per rank), on P
        wo, w2 RowwiseParallel -> Replicate           g: all_reduce fwd / identity bwd
        output Colwise -> Replicate logits            all_gather of logits along vocab fwd, local slice bwd
 
-   Forward: 1 + 2 * layers all-reduces and one all-gather; backward: 2 * layers + 1 all-reduces.
+   Forward: 1 + 2 * layers all-reduces and one all-gather; backward: 2 * layers + 1 all-reduces;
+   gradient clipping: one all-reduce (below).
    Loss: mean cross-entropy of the full logits (loss_parallel off). Norm weights are replicated; on
    both sides their gradients are complete after backward, because the all-reduce sits before the
    norm's backward (Plait's ``Replicated`` style re-wraps the norm output for exactly this; before it
@@ -47,12 +48,20 @@ Two cases, each on 2 ranks (gloo, CPU, float32, one torch thread per rank), on P
    tensors instead of ~40 DTensors (the ``opt_ms`` column shows that share); and FSDP2 may prefetch
    the next all-gather in backward where the hand-written code gathers synchronously.
 
-Both cases: ``OptimConfig(grad_clip=0)`` and the same AdamW (``foreach=True`` like Plait's make_optimizer,
-same hyperparameters) on each side's local shards, a fixed learning rate, the same seeded full weights (the
-hand-written models slice or shard them), the same batches, and the loss averaged over dp and returned as a
-float on both sides. The bench checks that the first-step losses agree within 1e-4 (and prints the largest
-loss gap over all steps), so the two sides compute the same thing, and it counts the collectives of one
-extra (unmeasured) step per side with torch.profiler, so "the same collectives" is checked, not assumed.
+Gradient clipping is ON on both sides (``OptimConfig(grad_clip=1.0)``, Plait's default), so its cost is
+in the figures. Plait's ``clip_grad_norm`` sums squares of the local shards per placement and issues one
+all-reduce per mesh dimension that shards parameters (tp2: one over tp; fsdp2: one over dp). The hand-written
+sides clip with the least a hand-written clip needs: ``torch._foreach_norm`` of the local gradients, the
+squared sum all-reduced once over the group (replicated norm weights under tp counted on tp rank 0 only),
+then ``torch._foreach_mul_`` by min(1, max_norm / (norm + 1e-6)). Neither side copies to the host.
+
+Both cases: the same AdamW (``foreach=True`` like Plait's make_optimizer, same hyperparameters) on each
+side's local shards, a fixed learning rate, the same seeded full weights (the hand-written models slice or
+shard them), the same batches, and the loss averaged over dp and returned as a float on both sides. The
+bench checks that the first-step losses agree within 1e-4 (and prints the largest loss gap over all
+steps), so the two sides compute the same thing, and it counts the collectives of one extra (unmeasured)
+step per side with torch.profiler - forward, backward, clipping and optimizer step - so "the same
+collectives" is checked, not assumed: the clip's all-reduce is among them.
 
 Method. Each rank times ``train_step`` (forward + backward + optimizer step) with perf_counter after a
 barrier; a step's time is the slower rank's. Plait and hand-written steps alternate (A B B A A B ...,
@@ -73,6 +82,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -267,8 +277,19 @@ def _adamw(params, o: OptimConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay, foreach=True)
 
 
-def hand_step_fn(model: nn.Module, opt: torch.optim.Optimizer, dp_group):
-    """The hand-written side of Plait's train_step: same loss, same AdamW, loss averaged over dp."""
+def hand_clip(sharded: list[nn.Parameter], replicated: list[nn.Parameter], group, max_norm: float) -> None:
+    """Clip by the global norm: squares of this rank's shards (plus the replicated parameters, counted on
+    rank 0 of the group only) summed by one all-reduce; every gradient scaled on its device."""
+    sq = torch.stack(torch._foreach_norm([p.grad for p in sharded])).square().sum()
+    if replicated and dist.get_rank(group) == 0:
+        sq = sq + torch.stack(torch._foreach_norm([p.grad for p in replicated])).square().sum()
+    dist.all_reduce(sq, group=group)
+    coef = torch.clamp(max_norm / (sq.sqrt() + 1e-6), max=1.0)
+    torch._foreach_mul_([p.grad for p in sharded + replicated], coef)
+
+
+def hand_step_fn(model: nn.Module, opt: torch.optim.Optimizer, dp_group, clip: Callable[[], None]):
+    """The hand-written side of Plait's train_step: same loss, clipping, same AdamW, loss averaged over dp."""
 
     def step(inputs: torch.Tensor, targets: torch.Tensor, lr: float) -> float:
         for group in opt.param_groups:
@@ -276,6 +297,7 @@ def hand_step_fn(model: nn.Module, opt: torch.optim.Optimizer, dp_group):
         opt.zero_grad(set_to_none=True)
         loss = lm_loss(model(inputs), targets)
         loss.backward()
+        clip()
         opt.step()
         value = loss.detach().double().reshape(()).clone()
         if dp_group is not None:
@@ -308,11 +330,16 @@ def build_case(case: str, cfg: GPTConfig, optim: OptimConfig, seed: int):
     if case == "tp2":
         model = HandTPGPT(_seeded_gpt(cfg, seed), group)
         opt = _adamw(model.parameters(), optim)
-        hand = hand_step_fn(model, opt, dp_group=None)
+        replicated = [model.norm] + [layer[n] for layer in model.layers for n in ("attention_norm", "ffn_norm")]
+        ids = {id(p) for p in replicated}
+        sharded = [p for p in model.parameters() if id(p) not in ids]
+        hand = hand_step_fn(model, opt, dp_group=None,
+                            clip=lambda: hand_clip(sharded, replicated, group, optim.grad_clip))
     else:
         model = _seeded_gpt(cfg, seed)
-        opt = _adamw(hand_zero3(model, group), optim)
-        hand = hand_step_fn(model, opt, dp_group=group)
+        shards = hand_zero3(model, group)
+        opt = _adamw(shards, optim)
+        hand = hand_step_fn(model, opt, dp_group=group, clip=lambda: hand_clip(shards, [], group, optim.grad_clip))
     return parts.train_step, parts.optimizers, hand, [opt]
 
 
@@ -320,7 +347,7 @@ def bench_rank(ctx, args: dict) -> dict:
     torch.set_num_threads(1)
     cfg = GPTConfig(vocab_size=args["vocab"], d_model=args["d_model"], n_layers=args["layers"],
                     n_heads=args["heads"], max_seq_len=args["seq"])
-    optim = OptimConfig(grad_clip=0)
+    optim = OptimConfig(grad_clip=1.0)  # clipping on, on both sides
     rank, world = dist.get_rank(), dist.get_world_size()
     gen = torch.Generator().manual_seed(1)
     batches = []
@@ -424,7 +451,8 @@ def main() -> None:
     res = summarize(per_rank)
 
     print(f"2 ranks (gloo, CPU, fp32, 1 thread each); GPT d_model={a.d_model} layers={a.layers} heads={a.heads} "
-          f"seq={a.seq} vocab={a.vocab}, {a.batch} sequences/step; {args['steps']} measured steps per side "
+          f"seq={a.seq} vocab={a.vocab}, {a.batch} sequences/step, gradient clipping on (both sides); "
+          f"{args['steps']} measured steps per side "
           f"(+{args['warmup']} warm-up), {time.perf_counter() - t0:.0f}s")
     print(f"{'case':<7}{'side':<7}{'step_ms':>9}{'min_ms':>9}{'opt_ms':>8}{'cpu/wall':>9}{'plait/hand':>11}"
           f"{'loss@1':>10}{'|dloss@1|':>11}{'max|dloss|':>11}")

@@ -55,8 +55,8 @@ class Config:
 
 
 def validate(cfg: Config, world_size: int) -> None:
-    if cfg.plan.dp != world_size or cfg.plan.tp > 1 or cfg.plan.pp > 1:
-        raise ValueError(f"this MLP job is data-parallel only: set plan.dp = workers.num = {world_size}")
+    # No model config: a model of your own, so only data parallelism (tp/pp need Plait's GPT) is allowed.
+    cfg.plan.validate(world_size, world_name="workers.num")
     if cfg.train.global_batch % cfg.plan.dp:
         raise ValueError(f"train.global_batch={cfg.train.global_batch} must divide by plan.dp={cfg.plan.dp}")
 

@@ -54,7 +54,8 @@ def apply_activation_checkpointing(model: nn.Module, mode: str) -> nn.Module:
         keys = [str(i) for i in range(len(layers))]
     else:
         raise TypeError(f"activation checkpointing needs the blocks in model.layers (a ModuleDict or ModuleList); "
-                        f"{type(model).__name__}.layers is {type(layers).__name__}")
+                        f"{type(model).__name__}.layers is {type(layers).__name__}: put the repeated blocks there, "
+                        "or set activation_checkpointing='off'")
     for key in wrapped_indices(keys, mode):
         block = layers[key] if isinstance(layers, nn.ModuleDict) else layers[int(key)]
         if isinstance(block, CheckpointWrapper):

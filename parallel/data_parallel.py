@@ -5,7 +5,7 @@
     model = apply_fsdp2(model, mesh["dp"], mixed_precision="bf16")
     engine = build_deepspeed_engine(model, mesh["dp"], stage=3, lr=3e-3, weight_decay=0.1,
                                     betas=(0.9, 0.95), grad_clip=1.0, micro_batch_size=8)
-    loss = deepspeed_train_step(engine, inputs, targets, lm_loss, lr=lr)   # forward, backward, step
+    loss = deepspeed_train_step(engine, inputs, targets, loss_fn, lr=lr)   # forward, backward, step
     params = full_parameters(model_or_engine)                 # {name: full tensor}; a collective
 
 Every function takes the dp mesh (1-D, possibly ``mesh["dp"]`` of a (dp, pp, tp) mesh) and uses
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -104,6 +104,7 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
 def apply_fsdp2(model: nn.Module, dp_mesh: DeviceMesh, *, mixed_precision: str = "fp32",
                 reshard_after_forward: bool = True) -> nn.Module:
     """``fully_shard`` every transformer block, then the root (embeddings, norm, output) over the dp mesh.
+    A model without blocks (``transformer_blocks`` finds none: an MLP, a CNN) is one unit: the root.
 
     bf16 computes in bfloat16 parameters and reduces gradients in float32; the sharded parameters the
     optimizer sees stay float32. Parameters that are already DTensors on a tp mesh (TP applied first)
@@ -190,17 +191,44 @@ def set_deepspeed_lr(engine, lr: float) -> None:
         group["lr"] = lr
 
 
-def deepspeed_train_step(engine, inputs: torch.Tensor, targets: torch.Tensor,
-                         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+def deepspeed_train_step(engine, inputs: Any, targets: Any, loss_fn: Callable[[Any, Any], torch.Tensor],
                          lr: float | None = None) -> torch.Tensor:
     """One micro-batch: forward, backward, step (a no-op until the accumulation boundary). Returns this
-    rank's (unscaled) loss, detached."""
+    rank's (unscaled) loss, detached. ``inputs`` is a tensor, a tuple of positional or a dict of keyword
+    arguments for the model; ``loss_fn(output, targets)`` returns the mean loss over the micro-batch.
+    Under bf16 the engine's module is bf16, so floating-point inputs are cast to bf16 first."""
     if lr is not None:
         set_deepspeed_lr(engine, lr)
-    loss = loss_fn(engine(inputs.to(engine.device)), targets.to(engine.device))
+    inputs = to_device(inputs, engine.device)
+    if engine.bfloat16_enabled():
+        inputs = to_device(inputs, engine.device, floating=torch.bfloat16)
+    loss = loss_fn(call_model(engine, inputs), to_device(targets, engine.device))
     engine.backward(loss)
     engine.step()
     return loss.detach()
+
+
+def to_device(batch: Any, device: torch.device | str, floating: torch.dtype | None = None) -> Any:
+    """``batch`` (a tensor, or tuples / lists / dicts of them) on ``device``; floating-point tensors also
+    cast to ``floating`` when given. Anything else passes through."""
+    if isinstance(batch, torch.Tensor):
+        if floating is not None and batch.is_floating_point():
+            return batch.to(device, floating)
+        return batch.to(device)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device, floating) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(to_device(v, device, floating) for v in batch)
+    return batch
+
+
+def call_model(model: Callable, inputs: Any) -> Any:
+    """``model(**inputs)`` for a dict, ``model(*inputs)`` for a tuple, else ``model(inputs)``."""
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    if isinstance(inputs, tuple):
+        return model(*inputs)
+    return model(inputs)
 
 
 def full_parameters(model) -> dict[str, torch.Tensor]:

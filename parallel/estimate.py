@@ -250,7 +250,7 @@ def estimate_memory(model_cfg: GPTConfig, plan: ParallelPlan, *, global_batch: i
             optim = 2 * numel * pb + 4 * count
         rows.append(RankMemory(rank=rank, dp=dp_rank, pp=pp_rank, tp=tp_rank, stages=tuple(sids),
                                layers=tuple(held), params=params, grads=grads, optim=optim,
-                               activations=acts + transient, buffers=len(sids) * buffer_elems * pb,
+                               activations=acts + transient, buffers=len(sids) * buffer_elems * 4,  # RoPE tables: fp32
                                param_padding=padding))
     return rows
 

@@ -62,7 +62,8 @@ class Config:
 
 def validate(cfg: Config, world_size: int) -> None:
     """On the driver, before anything starts: the plan against the world and the model."""
-    cfg.plan.validate(world_size, cfg.model, cfg.train.global_batch // cfg.plan.dp)
+    cfg.plan.validate(world_size, cfg.model, cfg.train.global_batch // cfg.plan.dp, world_name="workers.num",
+                      model_dtype=cfg.train.dtype)
 
 
 def estimate(cfg: Config, world_size: int) -> str:

@@ -1,20 +1,40 @@
 """Apply a ParallelPlan to an unmodified model, from outside, as a short recipe of steps.
 
-    parts = parallelize(build_model, plan, mesh, device, optim_cfg)
+    parts = parallelize(build_model, plan, mesh, device, optim_cfg, global_batch=16, loss_fn=None)
     loss = parts.train_step(inputs, targets, lr)    # the global mean loss, on every rank
 
 The recipe, in torchtitan's order, each step on its named sub-mesh:
   1. build the model (same seed on every rank) and, with pp > 1, cut this rank's pipeline stages;
   2. tensor (+ sequence, loss) parallelism on ``mesh["tp"]``;
   3. activation checkpointing (off / full / selective);
-  4. data parallelism on ``mesh["dp"]``: DDP or FSDP2 per part (a DeepSpeed ZeRO engine instead of
-     steps 1-4 when the plan says zero1/2/3: DeepSpeed then owns the optimizer step);
+  4. mixed precision and data parallelism on ``mesh["dp"]``: DDP or FSDP2 per part (a DeepSpeed ZeRO
+     engine instead of steps 1-4 when the plan says zero1/2/3: DeepSpeed then owns the optimizer step);
   5. one AdamW per part, and a train step that a pipeline schedule or a plain forward/backward drives;
-     gradient clipping uses the global norm across tp, dp and pp.
+     gradient clipping uses the global norm across tp, dp and pp (one all-reduce per mesh dimension).
+
+The batch and the loss are the caller's: ``inputs`` go to the model (a tensor, or a tuple of
+positional / a dict of keyword arguments), ``targets`` (any shape, e.g. class labels) go with the
+model's output to ``loss_fn(output, targets) -> scalar``. The default is next-token cross-entropy
+(``tp_loss``, vocab-parallel under ``plan.loss_parallel``, where the output is a vocab-sharded DTensor).
+The loss must be the MEAN over this rank's batch: DDP, FSDP2 and ZeRO average gradients over dp, and
+pipeline schedules call it once per microbatch and divide the summed gradient by the microbatch count,
+so a sum-reducing loss would train with a gradient scaled by the batch size.
+
+Any ``nn.Module`` trains with data parallelism (DDP, FSDP2: ``fully_shard`` on the root when it has no
+``layers`` blocks, ZeRO). Tensor parallelism needs Plait's GPT or ``transformers.LlamaForCausalLM``,
+pipeline parallelism Plait's GPT; another model under tp > 1 or pp > 1 is refused with a PlanError.
+
+Mixed precision (``plan.mixed_precision="bf16"``): FSDP2's MixedPrecisionPolicy where FSDP2 is
+applied (engine fsdp2, dp > 1), DeepSpeed's bf16 under ZeRO, and everywhere else (DDP, tp without
+FSDP, pipeline stages, one rank) each model part's forward and the loss run under
+``torch.autocast(device_type, torch.bfloat16)``: float32 parameters (what the optimizer steps), bf16
+activations, float32 gradients, reduced in float32. It needs a float32 model (refused otherwise).
 """
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -27,15 +47,19 @@ from plait.parallel.data_parallel import (
     apply_ddp,
     apply_fsdp2,
     build_deepspeed_engine,
+    call_model,
     deepspeed_train_step,
+    to_device,
 )
-from plait.parallel.models.gpt import lm_loss
+from plait.parallel.models.gpt import GPT
 from plait.parallel.pipeline import build_pipeline
-from plait.parallel.plan import ParallelPlan
+from plait.parallel.plan import ParallelPlan, PlanError
 from plait.parallel.tensor_parallel import apply_tensor_parallel, tp_loss
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Replicate
+
+LossFn = Callable[[Any, Any], torch.Tensor]  # (model output, targets) -> mean loss over the batch
 
 
 @dataclass
@@ -61,9 +85,10 @@ def lr_at(step: int, total: int, cfg: OptimConfig) -> float:
 class Parallelized:
     modules: list[nn.Module]  # the model parts this rank holds (one, or one per pipeline stage)
     optimizers: list[Any]  # one per part (what checkpoints pair with each part); empty under DeepSpeed
-    train_step: Callable[[torch.Tensor, torch.Tensor, float], float]  # (inputs, targets, lr) -> loss
+    train_step: Callable[[Any, Any, float], float]  # (inputs, targets, lr) -> the global mean loss
     mesh: DeviceMesh
     engine: Any = None  # the DeepSpeed engine under zero1/2/3
+    grad_norm: torch.Tensor | None = None  # the last step's global gradient norm before clipping (on device)
 
 
 def make_optimizer(params, cfg: OptimConfig) -> torch.optim.Optimizer:
@@ -84,29 +109,130 @@ def _mean_over(value: torch.Tensor, mesh: DeviceMesh, dim: str) -> torch.Tensor:
 
 
 def clip_grad_norm(modules: list[nn.Module], max_norm: float, mesh: DeviceMesh) -> torch.Tensor:
-    """Clip by the norm of the whole model's gradient: DTensor shards (tp, FSDP) are reduced by
-    ``full_tensor`` of their norms, pipeline stages by a sum of squares over ``mesh["pp"]``."""
-    params = [p for m in modules for p in m.parameters() if p.grad is not None]
-    sq = torch.zeros((), dtype=torch.float64)
-    for p in params:
-        low = p.grad.dtype in (torch.bfloat16, torch.float16)
-        norm = torch.linalg.vector_norm(p.grad, dtype=torch.float32 if low else None)
-        if isinstance(norm, DTensor):
-            norm = norm.full_tensor()
-        sq = sq + norm.double().cpu() ** 2
-    if mesh["pp"].size() > 1:
-        sq = sq.to(_comm_device(mesh))
-        dist.all_reduce(sq, group=mesh["pp"].get_group())
-    total = sq.sqrt().float()
-    if max_norm > 0:
-        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-        for p in params:
-            p.grad.mul_(coef.to(p.grad.device, p.grad.dtype))
+    """Scale every gradient by min(1, max_norm / global norm) and return the global norm (0-d, on device).
+
+    Squares are summed locally, per gradient, on its local tensor, grouped by the mesh dimensions the
+    gradient is sharded over (DTensor ``Shard`` / ``_StridedShard`` placements; ``Replicate`` dims hold copies and plain
+    tensors are replicated over every dimension but pp). One small vector of group sums then takes at
+    most one all-reduce per mesh dimension of size > 1: along a dimension, the groups sharded over it
+    sum, the others keep the coordinate-0 copy; pp always sums (stages hold different parameters).
+    Nothing waits on the host. Sums accumulate in float64 when a gradient is float64, else float32.
+    Every rank must hold the same kinds of gradients (all DTensors or all plain), as parallelize does.
+    """
+    grads = [p.grad for m in modules for p in m.parameters() if p.grad is not None]
+    acc = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
+    device = grads[0].device if grads else _comm_device(mesh)
+    names = mesh.mesh_dim_names or ()
+    dims = [d for d in names if mesh[d].size() > 1]
+    split = [d for d in dims if d != "pp"] if any(isinstance(g, DTensor) for g in grads) else []
+    keys = [frozenset(c) for r in range(len(split) + 1) for c in itertools.combinations(split, r)]
+    with torch.no_grad():
+        by_key: dict[frozenset, list[torch.Tensor]] = {k: [] for k in keys}
+        scaled: list[torch.Tensor] = []  # the tensors the coefficient multiplies (local shards)
+        for g in grads:
+            local, key = _local_shard(g, split, names)
+            by_key[key].append(local)
+            scaled.append(g.to_local() if isinstance(g, DTensor) else g)
+        sums = torch.stack([_sum_squares(by_key[k], acc, device) for k in keys])
+        for d in dims:
+            if d != "pp" and d not in split:
+                continue  # nothing is sharded over d: every rank along it holds the same sums
+            if d != "pp" and mesh.get_local_rank(d) != 0:
+                for i, k in enumerate(keys):
+                    if d not in k:
+                        sums[i].zero_()  # a copy along d: only coordinate 0 contributes it
+            dist.all_reduce(sums, group=mesh[d].get_group())
+        total = sums.sum().sqrt()
+        if max_norm > 0:
+            coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+            for (dev, dtype), tensors in _by_device_dtype(scaled).items():
+                torch._foreach_mul_(tensors, coef.to(dev, dtype))
     return total
+
+
+def _local_shard(g: torch.Tensor, split: list[str], root_names: tuple[str, ...]
+                 ) -> tuple[torch.Tensor, frozenset]:
+    """(the local tensor whose squares add up to the full gradient's, the mesh dims it is sharded over)."""
+    if not isinstance(g, DTensor):
+        return g, frozenset()
+    mesh, placements = g.device_mesh, list(g.placements)
+    if any(p.is_partial() for p in placements):  # pending sums: complete them first (a collective)
+        g = g.redistribute(mesh, [Replicate() if p.is_partial() else p for p in placements])
+    names = mesh.mesh_dim_names or ()
+    # Shard and FSDP2-over-TP's _StridedShard (whose is_shard() is False) both split the tensor
+    sharded = frozenset(names[i] if i < len(names) else f"#{i}" for i, p in enumerate(g.placements)
+                        if not (p.is_replicate() or p.is_partial()) and mesh.size(i) > 1)
+    if not sharded <= set(split):
+        raise ValueError(f"a gradient is sharded over mesh dims {sorted(sharded)} (its mesh: {names}), but the "
+                         f"plan's mesh has dims {root_names}: build parameters' meshes from the plan's mesh")
+    return g.to_local(), sharded
+
+
+def _sum_squares(tensors: list[torch.Tensor], acc: torch.dtype, device: torch.device) -> torch.Tensor:
+    if not tensors:
+        return torch.zeros((), dtype=acc, device=device)
+    norms = torch._foreach_norm(tensors, 2.0, dtype=acc)
+    return torch.stack(norms).square().sum().to(device)
+
+
+def _by_device_dtype(tensors: list[torch.Tensor]) -> dict[tuple, list[torch.Tensor]]:
+    out: dict[tuple, list[torch.Tensor]] = {}
+    for t in tensors:
+        out.setdefault((t.device, t.dtype), []).append(t)
+    return out
 
 
 def _comm_device(mesh: DeviceMesh) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if mesh.device_type == "cuda" else torch.device("cpu")
+
+
+def _fsdp_applied(plan: ParallelPlan) -> bool:
+    return plan.engine == "fsdp2" and plan.dp > 1  # one data-parallel rank: nothing to shard over
+
+
+def _autocast_bf16(plan: ParallelPlan) -> bool:
+    """bf16 through torch.autocast: every plan that neither FSDP2 nor DeepSpeed casts itself."""
+    return plan.mixed_precision == "bf16" and not _fsdp_applied(plan) and plan.engine not in ZERO_STAGES
+
+
+class under_autocast:  # noqa: N801 - used like a function decorator
+    """``fn`` run under ``torch.autocast(device_type, torch.bfloat16)``. An object, not a closure, so a
+    deep-copied module whose ``forward`` is one calls the copy's own forward (deepcopy rebinds methods)."""
+
+    def __init__(self, fn: Callable, device_type: str):
+        self.fn, self.device_type = fn, device_type
+
+    def __call__(self, *args, **kwargs):
+        with torch.autocast(self.device_type, dtype=torch.bfloat16):
+            return self.fn(*args, **kwargs)
+
+
+def check_model(model: nn.Module, plan: ParallelPlan) -> nn.Module:
+    """Refuse, on the rank, what this model cannot do under the plan (see the module docstring)."""
+    if plan.tp > 1 and not _tensor_parallel_model(model):
+        raise PlanError(f"plan.tp={plan.tp}: tensor parallelism has plans for Plait's GPT and "
+                        f"transformers.LlamaForCausalLM, not {type(model).__name__}: use tp=1 (data parallelism "
+                        "only), or shard the model yourself with torch's parallelize_module")
+    if plan.pp > 1 and not isinstance(model, GPT):
+        raise PlanError(f"plan.pp={plan.pp}: pipeline stages are cut from Plait's GPT by its blocks, not from "
+                        f"{type(model).__name__}: use pp=1 (data parallelism only)")
+    if plan.mixed_precision == "bf16":
+        other = {str(p.dtype) for p in model.parameters() if p.is_floating_point() and p.dtype != torch.float32}
+        if other:
+            raise PlanError(f"mixed_precision='bf16' computes in bf16 from float32 master parameters, but the model "
+                            f"has {', '.join(sorted(other))} parameters (autocast leaves float64 as it is): build it "
+                            "in float32 or use mixed_precision='fp32'")
+    return model
+
+
+def _tensor_parallel_model(model: nn.Module) -> bool:
+    if isinstance(model, GPT):
+        return True
+    try:
+        from transformers import LlamaForCausalLM
+    except ImportError:  # pragma: no cover - transformers is a pinned dependency
+        return False
+    return isinstance(model, LlamaForCausalLM)
 
 
 def _shard_part(part: nn.Module, plan: ParallelPlan, mesh: DeviceMesh, device: torch.device) -> nn.Module:
@@ -115,7 +241,9 @@ def _shard_part(part: nn.Module, plan: ParallelPlan, mesh: DeviceMesh, device: t
         apply_tensor_parallel(part, mesh["tp"], sequence_parallel=plan.sequence_parallel,
                               loss_parallel=plan.loss_parallel)
     apply_activation_checkpointing(part, plan.activation_checkpointing)
-    if plan.engine == "fsdp2" and plan.dp > 1:  # one data-parallel rank: nothing to shard over
+    if _autocast_bf16(plan):  # an instance attribute: DDP and PipelineStage call part(...), which finds it
+        part.forward = under_autocast(part.forward, device.type)
+    if _fsdp_applied(plan):
         # With tp > 1 the parameters are DTensors on mesh["tp"]; FSDP2 makes them 2-D (dp, tp).
         apply_fsdp2(part, mesh["dp"], mixed_precision=plan.mixed_precision)
     elif plan.engine == "ddp" and plan.dp > 1:
@@ -124,37 +252,48 @@ def _shard_part(part: nn.Module, plan: ParallelPlan, mesh: DeviceMesh, device: t
 
 
 def parallelize(build_model: Callable[[], nn.Module], plan: ParallelPlan, mesh: DeviceMesh,
-                device: torch.device, optim: OptimConfig, global_batch: int | None = None) -> Parallelized:
-    if plan.engine.startswith("zero"):
-        return _parallelize_deepspeed(build_model, plan, mesh, device, optim, global_batch)
-    loss_fn = lambda logits, targets: tp_loss(logits, targets, plan.loss_parallel)  # noqa: E731
+                device: torch.device, optim: OptimConfig, global_batch: int | None = None,
+                loss_fn: LossFn | None = None) -> Parallelized:
+    """This rank's parts of ``build_model()`` under ``plan`` and a ``train_step(inputs, targets, lr)``.
+
+    ``loss_fn(output, targets)`` must return the mean loss over the batch it is given (see the module
+    docstring); None is next-token cross-entropy. ``global_batch`` (sequences or samples per optimizer
+    step over all dp ranks) is needed by the DeepSpeed engines only."""
+    plan.check()
+    if loss_fn is None:
+        loss_fn = functools.partial(tp_loss, loss_parallel=plan.loss_parallel)
+    if plan.engine in ZERO_STAGES:
+        return _parallelize_deepspeed(build_model, plan, mesh, device, optim, global_batch, loss_fn)
+    if _autocast_bf16(plan):
+        loss_fn = under_autocast(loss_fn, device.type)
     if plan.pp > 1:
-        pipe = build_pipeline(build_model, mesh["pp"], schedule=plan.schedule, microbatches=plan.microbatches,
-                              virtual_stages=plan.virtual_stages, loss_fn=loss_fn, device=device,
-                              parallelize_stage=lambda part: _shard_part(part, plan, mesh, device))
+        pipe = build_pipeline(lambda: check_model(build_model(), plan), mesh["pp"], schedule=plan.schedule,
+                              microbatches=plan.microbatches, virtual_stages=plan.virtual_stages, loss_fn=loss_fn,
+                              device=device, parallelize_stage=lambda part: _shard_part(part, plan, mesh, device))
         modules = pipe.modules
     else:
         pipe = None
-        modules = [_shard_part(build_model().to(device), plan, mesh, device)]
+        modules = [_shard_part(check_model(build_model(), plan).to(device), plan, mesh, device)]
     optimizers = [make_optimizer(m.parameters(), optim) for m in modules]
 
-    def train_step(inputs: torch.Tensor, targets: torch.Tensor, lr: float) -> float:
+    def train_step(inputs: Any, targets: Any, lr: float) -> float:
         _set_lr(optimizers, lr)
         if pipe is not None:
-            loss = pipe.step(inputs.to(device), targets.to(device))  # clears grads itself
+            loss = pipe.step(to_device(inputs, device), to_device(targets, device))  # clears grads itself
             loss = _broadcast_from_last_stage(loss, mesh, pipe.has_last)
         else:
             for opt in optimizers:
                 opt.zero_grad(set_to_none=True)
-            loss = loss_fn(modules[0](inputs.to(device)), targets.to(device))
+            loss = loss_fn(call_model(modules[0], to_device(inputs, device)), to_device(targets, device))
             loss.backward()
         if optim.grad_clip > 0:
-            clip_grad_norm(modules, optim.grad_clip, mesh)
+            result.grad_norm = clip_grad_norm(modules, optim.grad_clip, mesh)
         for opt in optimizers:
             opt.step()
         return float(_mean_over(loss.detach().double().reshape(()).clone(), mesh, "dp"))
 
-    return Parallelized(modules=modules, optimizers=optimizers, train_step=train_step, mesh=mesh)
+    result = Parallelized(modules=modules, optimizers=optimizers, train_step=train_step, mesh=mesh)
+    return result
 
 
 def _broadcast_from_last_stage(loss: torch.Tensor | None, mesh: DeviceMesh, has_last: bool) -> torch.Tensor:
@@ -165,19 +304,19 @@ def _broadcast_from_last_stage(loss: torch.Tensor | None, mesh: DeviceMesh, has_
     return value
 
 
-def _parallelize_deepspeed(build_model, plan, mesh, device, optim, global_batch) -> Parallelized:
-    model = build_model().to(device)
-    apply_activation_checkpointing(model, plan.activation_checkpointing)
+def _parallelize_deepspeed(build_model, plan, mesh, device, optim, global_batch, loss_fn) -> Parallelized:
     if global_batch is None:
         raise ValueError("DeepSpeed engines need the global batch size (parallelize(..., global_batch=N))")
+    model = check_model(build_model(), plan).to(device)
+    apply_activation_checkpointing(model, plan.activation_checkpointing)
     engine = build_deepspeed_engine(
         model, mesh["dp"], stage=ZERO_STAGES[plan.engine], lr=optim.lr, weight_decay=optim.weight_decay,
         betas=(optim.beta1, optim.beta2), grad_clip=optim.grad_clip, mixed_precision=plan.mixed_precision,
         micro_batch_size=global_batch // plan.dp,
     )
 
-    def train_step(inputs: torch.Tensor, targets: torch.Tensor, lr: float) -> float:
-        loss = deepspeed_train_step(engine, inputs, targets, lm_loss, lr=lr)
+    def train_step(inputs: Any, targets: Any, lr: float) -> float:
+        loss = deepspeed_train_step(engine, inputs, targets, loss_fn, lr=lr)
         return float(_mean_over(loss.double().reshape(()).clone(), mesh, "dp"))
 
     return Parallelized(modules=[engine.module], optimizers=[], train_step=train_step, mesh=mesh, engine=engine)

@@ -29,6 +29,10 @@ Design:
   consequences: ``loss_fn`` must reduce with a mean (a sum-reducing loss would need
   ``scale_grads=False``), and the division hits the whole ``.grad`` - gradients left over from before
   the step would be divided too - so ``step`` clears gradients first (no accumulation across steps).
+* Mixed precision. A stage may compute in bf16 (its forward under torch.autocast, or FSDP2's bf16
+  policy, as ``parallelize`` sets up): torch's metadata inference runs each stage's real forward on
+  ``device`` before the first step, so the p2p buffers take the dtypes the stages really send (fp32 for
+  the GPT's residual stream under autocast, bf16 under FSDP2's policy); nothing here assumes a dtype.
 """
 
 from __future__ import annotations

@@ -4,12 +4,21 @@
                         microbatches=4, virtual_stages=2, sequence_parallel=True)
     plan.validate(world_size=8, model_cfg=gpt_cfg, batch_per_dp_rank=8)   # raises PlanError
 
-Each violation names the constraint, the values, and a plan that would work.
+Each violation names the constraint, the values, and a plan that would work. ``model_cfg`` is the
+config of Plait's GPT (``GPTConfig``); pass None for a model of your own, which can then use data
+parallelism only (tp and pp split a GPT's heads and blocks). Field types are checked when the plan
+is made: ``ParallelPlan(dp="2")`` raises PlanError("plan.dp must be int, got str '2'").
+
+``mixed_precision="bf16"`` is honoured by every plan: FSDP2 (engine fsdp2 with dp > 1) through its
+MixedPrecisionPolicy, ZeRO through DeepSpeed's bf16 mode, everything else (DDP, tensor parallelism
+without FSDP, pipelines, one rank) by running each model part's forward under ``torch.autocast``
+(bf16): float32 master parameters, bf16 activations, float32 gradients and gradient reduction. It
+needs a float32 model (``model_dtype``): autocast leaves float64 operations in float64.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from plait.parallel.activation_checkpoint import MODES as CHECKPOINTING
@@ -36,7 +45,10 @@ class ParallelPlan:
     microbatches: int = 1
     virtual_stages: int = 1  # pipeline stages per pp rank (2+ for interleaved / V schedules)
     activation_checkpointing: str = "off"  # off | full | selective (every other block)
-    mixed_precision: str = "fp32"  # fp32 | bf16 (bf16 params and compute, fp32 gradient reduction)
+    mixed_precision: str = "fp32"  # fp32 | bf16 (bf16 compute, fp32 master parameters and gradient reduction)
+
+    def __post_init__(self) -> None:
+        _check_types(self)
 
     @property
     def world_size(self) -> int:
@@ -48,6 +60,7 @@ class ParallelPlan:
 
     def check(self) -> None:
         """Checks that need no world size or model (also run when a spec is parsed)."""
+        _check_types(self)
         for name in ("dp", "tp", "pp", "microbatches", "virtual_stages"):
             if getattr(self, name) < 1:
                 raise PlanError(f"plan.{name}={getattr(self, name)}: must be >= 1")
@@ -56,15 +69,22 @@ class ParallelPlan:
         _one_of("activation_checkpointing", self.activation_checkpointing, CHECKPOINTING)
         _one_of("mixed_precision", self.mixed_precision, PRECISIONS)
 
-    def validate(self, world_size: int, model_cfg: Any, batch_per_dp_rank: int | None = None) -> None:
+    def validate(self, world_size: int, model_cfg: Any = None, batch_per_dp_rank: int | None = None, *,
+                 world_name: str = "world_size", model_dtype: Any = None) -> None:
+        """Raise PlanError unless the plan runs on ``world_size`` ranks with this model. ``world_name`` is
+        what the world size is called in the message (a job spec passes "workers.num"); ``model_dtype``
+        (a torch dtype or its name) is the parameters' dtype, checked against mixed_precision."""
         self.check()
         good = suggest_plan(world_size, model_cfg, self)
         fix = f"; a plan that works: {good}" if good else ""
         if self.world_size != world_size:
             raise PlanError(
                 f"dp*tp*pp = {self.dp}*{self.tp}*{self.pp} = {self.world_size} but the job has {world_size} "
-                f"ranks: make the product equal workers.num{fix}"
+                f"ranks: make the product equal {world_name}{fix}"
             )
+        if model_dtype is not None:
+            for msg in precision_violations(self, model_dtype):
+                raise PlanError(msg)
         for msg in model_violations(self, model_cfg):
             raise PlanError(msg + fix)
         for msg in schedule_violations(self):
@@ -86,12 +106,28 @@ class ParallelPlan:
         return " ".join(parts)
 
 
+def _check_types(plan: ParallelPlan) -> None:
+    """Each field holds its declared type (bools are not ints here, ints are not bools)."""
+    kinds = {"int": int, "bool": bool, "str": str}
+    for f in fields(plan):
+        want, value = kinds[f.type], getattr(plan, f.name)
+        if type(value) is not want:
+            raise PlanError(f"plan.{f.name} must be {f.type}, got {type(value).__name__} {value!r}")
+
+
 def _one_of(name: str, value: str, valid: tuple[str, ...]) -> None:
     if value not in valid:
         raise PlanError(f"plan.{name}={value!r} is not one of: {', '.join(valid)}")
 
 
 def model_violations(plan: ParallelPlan, cfg: Any) -> list[str]:
+    """What the model's sizes forbid; ``cfg`` None is a model Plait cannot split (dp only)."""
+    if cfg is None:
+        if plan.tp > 1 or plan.pp > 1:
+            return [f"plan.tp={plan.tp}, plan.pp={plan.pp}: tensor and pipeline parallelism split Plait's GPT "
+                    "(or HF Llama for tp) by its heads and blocks, and no model config was given (a model of your "
+                    "own): use data parallelism only (tp=1, pp=1, engine ddp, fsdp2 or zero*), or pass model_cfg"]
+        return []
     out = []
     heads, kv = cfg.n_heads, getattr(cfg, "kv_heads", cfg.n_heads)
     sizes = {"model.n_heads": heads, "model.n_kv_heads": kv, "model.d_model": cfg.d_model,
@@ -131,8 +167,16 @@ def engine_violations(plan: ParallelPlan) -> list[str]:
         check_engine_combination(plan.engine, plan.pp, plan.tp, plan.dp)
     except ValueError as e:
         return [str(e)]
-    if plan.engine == "ddp" and plan.mixed_precision == "bf16":
-        return ["mixed_precision='bf16' needs engine='fsdp2' or a ZeRO engine (DDP keeps fp32 parameters)"]
+    return []
+
+
+def precision_violations(plan: ParallelPlan, model_dtype: Any) -> list[str]:
+    """bf16 mixed precision trains float32 master parameters; a float64 model would stay float64 under
+    autocast (and be silently down-cast by FSDP2 / DeepSpeed), so it is refused for every engine."""
+    name = str(model_dtype).removeprefix("torch.")
+    if plan.mixed_precision == "bf16" and name not in ("float32", "float"):
+        return [f"mixed_precision='bf16' computes in bf16 from float32 master parameters, but the model is {name}: "
+                "build it in float32 (train.dtype=float32) or use mixed_precision='fp32'"]
     return []
 
 

@@ -68,6 +68,51 @@ def test_plan_world_mismatch_suggests_a_plan_that_works():
         ParallelPlan(dp=2, tp=2, engine="fsdp2").validate(2, GPTConfig())
 
 
+def test_plan_errors_name_the_world_size_the_caller_knows():
+    from plait.parallel.models.gpt import GPTConfig
+
+    plan = ParallelPlan(dp=4)
+    with pytest.raises(PlanError, match=r"make the product equal world_size; a plan that works: dp=2") as python_api:
+        plan.validate(2, GPTConfig())
+    assert "workers.num" not in str(python_api.value)
+    with pytest.raises(PlanError, match=r"make the product equal workers.num"):  # what a job spec passes
+        plan.validate(2, GPTConfig(), world_name="workers.num")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(dp="2"), r"plan.dp must be int, got str '2'"),
+    (dict(tp=True), r"plan.tp must be int, got bool True"),
+    (dict(microbatches=2.0), r"plan.microbatches must be int, got float 2.0"),
+    (dict(sequence_parallel=1), r"plan.sequence_parallel must be bool, got int 1"),
+    (dict(engine=None), r"plan.engine must be str, got NoneType None"),
+])
+def test_plan_field_of_the_wrong_type_is_named_when_the_plan_is_made(kwargs, message):
+    with pytest.raises(PlanError, match=message):
+        ParallelPlan(**kwargs)
+    plan = ParallelPlan()
+    for name, value in kwargs.items():  # a plan changed after it was made is checked again
+        setattr(plan, name, value)
+    with pytest.raises(PlanError, match=message):
+        plan.validate(1)
+
+
+def test_a_model_of_your_own_gets_data_parallel_plans_only():
+    ParallelPlan(dp=2, engine="fsdp2").validate(2)  # no model config: any nn.Module, dp only
+    with pytest.raises(PlanError, match=r"plan.tp=2, plan.pp=1: .*use data parallelism only.*dp=2"):
+        ParallelPlan(tp=2).validate(2)
+
+
+def test_bf16_is_accepted_by_every_engine_and_refused_for_a_float64_model():
+    from plait.parallel.models.gpt import GPTConfig
+
+    for kwargs in (dict(), dict(dp=2), dict(tp=2, engine="fsdp2"), dict(pp=2, microbatches=2),
+                   dict(dp=2, engine="fsdp2"), dict(dp=2, engine="zero2")):
+        plan = ParallelPlan(mixed_precision="bf16", **kwargs)
+        plan.validate(plan.world_size, GPTConfig(), model_dtype="float32")
+    with pytest.raises(PlanError, match=r"mixed_precision='bf16' .* the model is float64: build it in float32"):
+        ParallelPlan(dp=2, mixed_precision="bf16").validate(2, GPTConfig(), model_dtype="float64")
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(dp=2, tp=2, engine="ddp"), r"engine='ddp' with tp=2: DDP .* Use engine='fsdp2'"),
     (dict(dp=2, pp=2, engine="ddp", microbatches=2), r"engine='ddp' with pp=2: .*Use engine='fsdp2'"),
@@ -78,7 +123,7 @@ def test_plan_world_mismatch_suggests_a_plan_that_works():
     (dict(pp=2, schedule="DualPipeV", virtual_stages=2, microbatches=2), r"DualPipeV needs microbatches >= stages"),
     (dict(pp=4, engine="fsdp2", microbatches=4, virtual_stages=2), r"n_layers=4 does not divide into .* = 8"),
     (dict(tp=4, engine="fsdp2"), r"model.n_heads=6 is not divisible by plan.tp=4"),
-    (dict(dp=4, mixed_precision="bf16"), r"mixed_precision='bf16' needs engine='fsdp2'"),
+    (dict(dp=4, microbatches=0), r"plan.microbatches=0: must be >= 1"),
     (dict(dp=4, sequence_parallel=True), r"need plan.tp > 1"),
 ])
 def test_each_plan_violation_names_its_constraint(kwargs, message):

@@ -6,6 +6,8 @@ Layers live in a ``ModuleDict`` keyed by their global index, so a pipeline stage
 layers 4..7 still calls them ``layers.4`` .. ``layers.7`` and checkpoints line up across plans.
 A stage built by deleting ``tok_embeddings`` / ``norm`` / ``output`` (set to ``None``) passes
 hidden states through, which is how pipeline stages are cut from one model.
+The RoPE tables stay float32 whatever the model is cast to (``GPT(cfg).to(torch.bfloat16)``), and the
+rotation runs in float32 (float64 for a float64 model).
 """
 
 from __future__ import annotations
@@ -79,11 +81,15 @@ def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Te
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (batch, seq, heads, head_dim); rotates interleaved pairs (x0, x1), (x2, x3), ..."""
-    x1, x2 = x[..., 0::2], x[..., 1::2]
-    cos = cos[None, :, None, :].to(x.dtype)
-    sin = sin[None, :, None, :].to(x.dtype)
-    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+    """x: (batch, seq, heads, head_dim); rotates interleaved pairs (x0, x1), (x2, x3), ...
+
+    The rotation is computed in at least float32 (float64 for a float64 ``x``) and the result cast back
+    to ``x.dtype``: bf16 queries and keys are rotated by fp32 angles, not by angles rounded to bf16."""
+    compute = torch.promote_types(x.dtype, torch.float32)
+    x1, x2 = x[..., 0::2].to(compute), x[..., 1::2].to(compute)
+    cos = cos[None, :, None, :].to(compute)
+    sin = sin[None, :, None, :].to(compute)
+    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2).to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -144,6 +150,16 @@ class GPT(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.init_weights()
+
+    def _apply(self, fn, recurse=True):
+        """``.to(dtype)``, ``.half()``, ``.double()`` ... cast every float buffer; the RoPE tables are
+        rebuilt in float32 afterwards (on the tables' new device), whatever the parameters' dtype."""
+        super()._apply(fn, recurse)
+        if self.rope_cos.dtype != torch.float32 or self.rope_sin.dtype != torch.float32:
+            cos, sin = rope_tables(self.cfg.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta)
+            self._buffers["rope_cos"] = cos.to(self.rope_cos.device)
+            self._buffers["rope_sin"] = sin.to(self.rope_sin.device)
+        return self
 
     @torch.no_grad()
     def init_weights(self, seed: int | None = None) -> None:
