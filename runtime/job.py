@@ -102,7 +102,8 @@ def _run(spec: JobSpec, run: RunDir) -> dict[str, Any]:
             # A live progress bar only when someone watches a terminal; plain lines in logs otherwise.
             env = {"PLAIT_PROGRESS": "bar" if sys.stdout.isatty() else "lines"}
             context = {"run_id": run.run_id, "resume_from": resume_from}
-            with WorkerGroup(spec.workers, run.path, attempt=attempt, env=env, context=context) as group:
+            with WorkerGroup(spec.workers, run.path, attempt=attempt, env=env, context=context,
+                             code=spec.code) as group:
                 if attempt == 0:
                     _start_outputs(spec, run)
                 results = group.run(module.train, cfg)

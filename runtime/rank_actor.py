@@ -64,14 +64,30 @@ def node_ip() -> str:
         return ray.util.get_node_ip_address()
 
 
+def install_modules(code: dict[str, tuple[str, str]]) -> None:
+    """Make the driver's local job modules importable here: ``{name: (file path, source)}``. Functions
+    of such a module then unpickle by reference, as if the file existed on this node."""
+    import importlib.util
+    import sys
+
+    for name, (path, source) in code.items():
+        if name in sys.modules:
+            continue
+        module = importlib.util.module_from_spec(importlib.util.spec_from_loader(name, loader=None, origin=path))
+        module.__file__ = path
+        sys.modules[name] = module
+        exec(compile(source, path, "exec"), module.__dict__)  # noqa: S102 - the user's own job code
+
+
 @ray.remote
 class RankActor:
     """One rank. Owns its torch.distributed process group (and, on rank 0, the rendezvous store)."""
 
-    def __init__(self, threads: int):
+    def __init__(self, threads: int, code: dict[str, tuple[str, str]] | None = None):
         import torch
 
         torch.set_num_threads(threads)
+        install_modules(code or {})
         self.ctx: RankContext | None = None
         self.store = None
 

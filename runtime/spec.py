@@ -35,12 +35,14 @@ class JobSpec:
     config: Any = None  # the job module's Config instance
     module: ModuleType | None = None
     source: str = ""
+    code: dict[str, tuple[str, str]] = field(default_factory=dict)  # local job module sent to the ranks
 
 
 def load_job_module(name: str, search: list[Path] | None = None) -> ModuleType:
     """Import the job module. ``search`` (default: the current directory) is added to sys.path, so a
     ``my_job.py`` beside the spec or in the directory `plait run` starts in needs no PYTHONPATH; such a
-    local module is shipped to the ranks by value, so it runs on a cluster whose nodes lack the file."""
+    local single-file module is sent to the ranks (``local_code``), so it runs on a cluster whose nodes
+    lack the file (a package must be installed on the nodes)."""
     search = [Path(p).resolve() for p in (search if search is not None else [Path.cwd()])]
     for folder in search:
         if str(folder) not in sys.path:
@@ -59,24 +61,18 @@ def load_job_module(name: str, search: list[Path] | None = None) -> ModuleType:
     for attr in ("Config", "train"):
         if not hasattr(module, attr):
             raise ConfigError(f"job = {name!r} has no '{attr}': a job module defines Config and train(ctx, cfg)")
-    _ship_by_value_if_local(name, search)
     return module
 
 
-def _ship_by_value_if_local(name: str, search: list[Path]) -> None:
-    """A job module found in ``search`` (not an installed package) is pickled by value for the ranks."""
-    top = name.split(".")[0]
-    if top == "plait":
-        return
-    origin = getattr(sys.modules[top], "__file__", None)
-    if origin is None:
-        return
+def local_code(name: str, search: list[Path]) -> dict[str, tuple[str, str]]:
+    """``{name: (path, source)}`` when the job module is a single .py file found in ``search`` rather than
+    installed: the ranks get its source with their actors, so cluster nodes need not have the file."""
+    module = sys.modules.get(name)
+    origin = getattr(module, "__file__", None)
+    if name.split(".")[0] == "plait" or "." in name or origin is None or origin.endswith("__init__.py"):
+        return {}
     origin = Path(origin).resolve()
-    folder = origin.parent.parent if origin.name == "__init__.py" else origin.parent
-    if folder in search:
-        import ray.cloudpickle
-
-        ray.cloudpickle.register_pickle_by_value(sys.modules[top])
+    return {name: (str(origin), origin.read_text())} if origin.parent in search else {}
 
 
 def read_spec_file(path: str | Path) -> dict[str, Any]:
@@ -116,4 +112,5 @@ def spec_from_table(table: dict[str, Any], source: str = "<table>", search: list
         config=build(module.Config, job_table, ""),
         module=module,
         source=source,
+        code=local_code(table["job"], [Path(p).resolve() for p in (search or [Path.cwd()])]),
     )

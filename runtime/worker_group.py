@@ -131,7 +131,10 @@ class _Failure:
 
 class WorkerGroup:
     def __init__(self, cfg: WorkerConfig, run_dir: str | Path, *, attempt: int = 0, env: dict[str, str] | None = None,
-                 context: dict[str, Any] | None = None, pg_timeout_s: float | None = None):
+                 context: dict[str, Any] | None = None, pg_timeout_s: float | None = None,
+                 code: dict[str, tuple[str, str]] | None = None):
+        """``code``: {module name: (path, source)} of local job modules the ranks must import (sent with
+        the actors, so nodes need not have the files)."""
         cfg.check()
         if not ray.is_initialized():
             raise RuntimeError("Ray is not initialised: call plait.runtime.connect() first")
@@ -153,7 +156,7 @@ class WorkerGroup:
                 RankActor.options(
                     num_cpus=cfg.cpus_per_worker, num_gpus=gpus, runtime_env={"env_vars": env},
                     scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
-                ).remote(threads)
+                ).remote(threads, code)
                 for i in range(cfg.num)
             ]
             infos = self._gather([a.node_info.remote() for a in self.actors])
