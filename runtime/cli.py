@@ -21,8 +21,9 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a job spec (TOML) on Ray")
     run.add_argument("spec")
     run.add_argument("overrides", nargs="*", help="section.key=value (TOML values), e.g. train.steps=20")
-    run.add_argument("--address", default="", help="Ray cluster address (else PLAIT_RAY_ADDRESS, RAY_ADDRESS, local)")
-    plot = sub.add_parser("plot", help="write a PNG of loss and throughput for a run directory")
+    run.add_argument("--address", default="",
+                     help="GCS address host:port of a Ray cluster to join (else PLAIT_RAY_ADDRESS, RAY_ADDRESS, local)")
+    plot = sub.add_parser("plot", help="write a PNG, one panel per metric the run logged (loss, lr, memory, ...)")
     plot.add_argument("run_dir")
     plot.add_argument("--out", default=None)
     plan = sub.add_parser("plan", help="parallel-plan tools")
@@ -34,8 +35,27 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Like ``parse_args``, but ``section.key=value`` overrides may also come after options
+    (``plait plan estimate SPEC --plan dp=2 train.seq_len=64``): argparse stops filling a
+    positional list at the first option, so the rest arrive as extras and join the overrides."""
+    parser = _parser()
+    args, extras = parser.parse_known_args(argv)
+    stray = [e for e in extras if e.startswith("-") or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extras:
+        args.overrides = [*args.overrides, *extras]
+    return args
+
+
+# Errors whose message names the bad input and the fix: printed as one line, not a traceback.
+PLAIT_INPUT_ERRORS = ("ConfigError", "PlanError", "DatasetError", "CorruptDataError", "CorruptDatasetError",
+                      "CorruptCheckpointError", "CheckpointNotFound")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         if args.command == "run":
             from plait.runtime.job import run_job
@@ -66,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"plait: error: {e}", file=sys.stderr)
         return 2
     except RankError as e:
+        if e.kind in PLAIT_INPUT_ERRORS:  # the message says it all; the traceback is in plait.log
+            print(f"plait: job failed on rank {e.rank}: {e.message}", file=sys.stderr)
+            return 2
         print(f"plait: job failed: {e}", file=sys.stderr)
         return 1
     return 0

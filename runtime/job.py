@@ -11,7 +11,7 @@ A Config with a ``train.resume`` string ("" fresh, "latest", or a checkpoint fol
 runtime's resume handling (runtime/run_dir.py); a module may instead define ``resume_request(cfg)``.
 
 Order, so that a launch that fails changes nothing on disk: validate -> resume path checked ->
-prepare -> connect -> ranks placed -> earlier run moved aside, spec.json and plait.log written ->
+connect -> prepare -> ranks placed -> earlier run moved aside, spec.json and plait.log written ->
 train. Restarts (``workers.max_restarts``) are for crashes only (a dead process, a lost node, a
 communication error, a timeout); an error that would repeat (bad input, a corrupt file, a bug)
 ends the job at once with its message.
@@ -22,12 +22,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from plait.runtime.cluster import connect, link_ray_logs
+from plait.runtime.metrics import progress_mode
 from plait.runtime.run_dir import RunDir
 from plait.runtime.spec import JobSpec
 from plait.runtime.worker_group import RankError, WorkerGroup
@@ -69,6 +69,8 @@ def resume_request(spec: JobSpec) -> str:
 def run_job(spec: JobSpec) -> dict[str, Any]:
     validate_job(spec)
     run = RunDir.plan(spec.run_dir, resume_request(spec))
+    cluster = connect(spec.cluster)  # a wrong address fails here, in seconds, before any data is built
+    log.info("cluster: %s; job %s on %d ranks", cluster, spec.job, spec.workers.num)
     if hasattr(spec.module, "prepare"):
         spec.module.prepare(spec.config, run.path)
     try:
@@ -94,13 +96,11 @@ def _start_outputs(spec: JobSpec, run: RunDir) -> None:
 def _run(spec: JobSpec, run: RunDir) -> dict[str, Any]:
     module, cfg = spec.module, spec.config
     started = time.time()
-    cluster = connect(spec.cluster)
-    log.info("cluster: %s; job %s on %d ranks", cluster, spec.job, spec.workers.num)
     attempt, resume_from = 0, run.resume_from
     while True:
         try:
             # A live progress bar only when someone watches a terminal; plain lines in logs otherwise.
-            env = {"PLAIT_PROGRESS": "bar" if sys.stdout.isatty() else "lines"}
+            env = {"PLAIT_PROGRESS": progress_mode()}
             context = {"run_id": run.run_id, "resume_from": resume_from}
             with WorkerGroup(spec.workers, run.path, attempt=attempt, env=env, context=context,
                              code=spec.code) as group:

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import psutil
 import torch
@@ -22,6 +23,38 @@ def memory_bytes(device: torch.device | None = None) -> int:
     if device is not None and device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
     return int(psutil.Process(os.getpid()).memory_info().rss)
+
+
+PROGRESS_MODES = ("bar", "lines", "off")
+MIN_BAR_COLUMNS = 20  # narrower terminals get lines; at 0 columns tqdm (4.70) loops forever on Ray's bar prefix
+
+
+def progress_mode(stdout: TextIO | None = None, stderr: TextIO | None = None) -> str:
+    """The driver's choice of progress display for rank 0 (passed to the ranks as PLAIT_PROGRESS).
+
+    PLAIT_PROGRESS set on the driver wins. Otherwise "bar" when both stdout and stderr are a terminal at
+    least MIN_BAR_COLUMNS wide (Ray draws the ranks' bar on the driver's stderr), else "lines" (a line every
+    10% of steps, readable in logs and under ``ray job submit``). A pseudo-terminal of size 0x0 (``script``
+    run without a terminal, some CI runners and containers) counts as no terminal."""
+    chosen = os.environ.get("PLAIT_PROGRESS", "").strip().lower()
+    if chosen:
+        if chosen not in PROGRESS_MODES:
+            raise ValueError(f"PLAIT_PROGRESS={chosen!r} is not one of: {', '.join(PROGRESS_MODES)}")
+        return chosen
+    for stream in (stdout or sys.stdout, stderr or sys.stderr):
+        if terminal_columns(stream) < MIN_BAR_COLUMNS:
+            return "lines"
+    return "bar"
+
+
+def terminal_columns(stream: TextIO) -> int:
+    """Width of the terminal behind ``stream``; 0 when it is not a terminal."""
+    try:
+        if not stream.isatty():
+            return 0
+        return os.get_terminal_size(stream.fileno()).columns
+    except (AttributeError, OSError, ValueError):
+        return 0
 
 
 def _progress_bar(total: int, desc: str):
@@ -40,7 +73,7 @@ class MetricsLogger:
     def __init__(self, run_dir: str | Path, *, enabled: bool, total_steps: int, start_step: int = 0,
                  device: torch.device | None = None, progress: str | None = None, desc: str = "train"):
         """progress: "bar" (a live bar), "lines" (a line every 10% of steps) or "off";
-        default from PLAIT_PROGRESS (set by the driver: "bar" when it has a terminal)."""
+        default from PLAIT_PROGRESS (set by the driver from ``progress_mode()``), else "lines"."""
         self.enabled, self.device, self.total = enabled, device, total_steps
         self.progress = progress or os.environ.get("PLAIT_PROGRESS", "lines")
         self.every = max(1, total_steps // 10)

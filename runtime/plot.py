@@ -1,34 +1,95 @@
-"""``plait plot RUN_DIR``: loss and throughput per step, from metrics.jsonl, as one PNG."""
+"""``plait plot RUN_DIR``: one panel per metric the run logged, against the step, as one PNG.
+
+    panels(records)  -> ["loss", "lr", "tokens_per_s", "mem_bytes", ...]   what will be drawn, in order
+    draw(records)    -> a matplotlib Figure;   plot_run(run_dir, out) -> the PNG's path
+"""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
+from typing import Any
 
 from plait.runtime.metrics import read_metrics
 
+# Known metrics first, in this order, with their titles and y labels; any other numeric key follows.
+KNOWN = {
+    "loss": ("training loss", "loss"),
+    "lr": ("learning rate", "lr"),
+    "tokens_per_s": ("throughput", "tokens / s (all ranks)"),
+    "mem_bytes": ("memory", "bytes"),
+    "step_time_s": ("step time", "s"),
+}
+NOT_METRICS = {"step", "time"}
 
-def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
+
+def by_step(records: list[dict]) -> dict[int, dict]:
+    """The last record of each step (a restarted run may log a step twice)."""
+    return {int(r["step"]): r for r in records if "step" in r}
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def panels(records: list[dict]) -> list[str]:
+    """The metrics to draw: every key with at least one finite number, known ones first."""
+    logged = {key for r in records for key, value in r.items()
+              if key not in NOT_METRICS and _number(value) is not None}
+    return [k for k in KNOWN if k in logged] + sorted(logged - KNOWN.keys())
+
+
+def _memory_unit(values: list[float]) -> tuple[str, float]:
+    peak = max((v for v in values if not math.isnan(v)), default=0.0)
+    return ("GiB", 2.0**30) if peak >= 2**30 else ("MiB", 2.0**20)
+
+
+def draw(records: list[dict], title: str = ""):
+    """A figure with one panel per metric in ``panels(records)``, steps on an integer x axis."""
     import matplotlib
 
     matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    rows = by_step(records)
+    steps = sorted(rows)
+    keys = panels(list(rows.values()))
+    if not keys:
+        raise ValueError("the run's metrics.jsonl has no numeric metric to plot (only step/time)")
+    ncols = min(3, len(keys))
+    nrows = math.ceil(len(keys) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5.5 * ncols, 3.8 * nrows), squeeze=False)
+    flat = list(axes.flat)
+    for ax in flat[len(keys):]:
+        fig.delaxes(ax)
+    for ax, key in zip(flat[: len(keys)], keys, strict=True):
+        values = [_number(rows[s].get(key)) for s in steps]
+        values = [math.nan if v is None else v for v in values]
+        panel_title, ylabel = KNOWN.get(key, (key, key))
+        if key == "mem_bytes":
+            unit, scale = _memory_unit(values)
+            values, ylabel = [v / scale for v in values], unit
+        ax.plot(steps, values, marker="." if len(steps) <= 20 else None)
+        ax.set(xlabel="step", ylabel=ylabel, title=panel_title)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     import matplotlib.pyplot as plt
 
     records = read_metrics(run_dir)
     if not records:
         raise ValueError(f"{run_dir}/metrics.jsonl is empty: the run logged no step")
-    # A restarted run appends; keep the last record of each step.
-    by_step = {r["step"]: r for r in records}
-    steps = sorted(by_step)
     out = Path(out) if out else Path(run_dir) / "metrics.png"
-    fig, (ax_loss, ax_tps) = plt.subplots(1, 2, figsize=(11, 4))
-    ax_loss.plot(steps, [by_step[s].get("loss", float("nan")) for s in steps], color="tab:blue")
-    ax_loss.set(xlabel="step", ylabel="loss", title="training loss")
-    ax_loss.grid(alpha=0.3)
-    ax_tps.plot(steps, [by_step[s].get("tokens_per_s", float("nan")) for s in steps], color="tab:green")
-    ax_tps.set(xlabel="step", ylabel="tokens / s (all ranks)", title="throughput")
-    ax_tps.grid(alpha=0.3)
-    fig.suptitle(str(Path(run_dir).name))
-    fig.tight_layout()
+    fig = draw(records, title=Path(run_dir).resolve().name)
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out

@@ -145,3 +145,18 @@ def test_a_run_dir_holding_the_users_own_files_is_refused(ray_cluster, tmp_path)
     with pytest.raises(ConfigError, match="notes.txt"):
         toy(mine, steps=1)
     assert snapshot(mine) == {"notes.txt": b"my notes"}
+
+
+def test_a_checkpoint_corrupt_inside_is_one_line_exit_2_and_no_restart(used_run_dir, tmp_path, capsys):
+    run_dir, _ = used_run_dir
+    copy = tmp_path / "ckpts"
+    shutil.copytree(run_dir.parent / "pristine", copy)
+    for data in (copy / "step_00000004").glob("*.distcp"):  # right length, garbage bytes: DCP fails to load
+        data.write_bytes(b"\x00garbage" * (data.stat().st_size // 8 + 1))
+    spec = tmp_path / "toy.toml"
+    spec.write_text(f'job = "toy_job"\nrun_dir = "{tmp_path / "run"}"\n[workers]\nnum = 2\nmax_restarts = 2\n')
+    assert main(["run", str(spec), f"train.resume='{copy / 'step_00000004'}'", "train.steps=5"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "step_00000004 could not be loaded" in err[0]
+    assert f"train.resume={copy / 'step_00000003'}" in err[0]
+    assert set(p.read_text() for p in (tmp_path / "run").glob("attempts.rank*")) == {"0\n"}
