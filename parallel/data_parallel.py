@@ -8,7 +8,8 @@
     loss = deepspeed_train_step(engine, inputs, targets, loss_fn, lr=lr)   # forward, backward, step
     params = full_parameters(model_or_engine)                 # {name: full tensor}; a collective
 
-Every function takes the dp mesh (1-D, possibly ``mesh["dp"]`` of a (dp, pp, tp) mesh) and uses
+Every function takes the dp mesh (1-D: ``mesh["dp"]`` of a (dp, pp, cp, tp) mesh, or ``mesh["dp_cp"]`` under
+context parallelism, whose ranks hold the same parameters and see other tokens) and uses
 only its group: no default-group assumptions, except DeepSpeed's, which shards over the whole world
 and so requires dp == world size (checked, with a message that says what to use instead).
 
@@ -37,13 +38,22 @@ PRECISIONS = ("fp32", "bf16")
 DS_PIPE_ASSERT = "ZeRO-2 and ZeRO-3 are incompatible with pipeline parallelism"
 
 
-def check_engine_combination(engine: str, pp: int, tp: int, dp: int | None = None) -> str:
-    """Raise ValueError when ``engine`` cannot run with this pp/tp; otherwise return a one-line note.
-    With ``dp == 1`` DDP is never applied (nothing to replicate over), so it combines with anything."""
+def check_engine_combination(engine: str, pp: int, tp: int, dp: int | None = None, cp: int = 1) -> str:
+    """Raise ValueError when ``engine`` cannot run with this pp/tp/cp; otherwise return a one-line note.
+    Gradients are reduced over dp x cp (the ranks holding the same parameters); with ``dp * cp == 1``
+    DDP is never applied (nothing to replicate over), so it combines with anything."""
     if engine not in ENGINES:
         raise ValueError(f"engine={engine!r}: choose one of {', '.join(ENGINES)}")
-    if pp < 1 or tp < 1:
-        raise ValueError(f"pp={pp}, tp={tp}: both must be >= 1")
+    if pp < 1 or tp < 1 or cp < 1:
+        raise ValueError(f"pp={pp}, tp={tp}, cp={cp}: all must be >= 1")
+    if engine in ZERO_STAGES and cp > 1:
+        raise ValueError(
+            f"engine={engine!r} with cp={cp}: DeepSpeed ZeRO shards over the whole world as if every rank saw "
+            "other sequences, while context-parallel ranks share each sequence (gradients reduce over dp x cp). "
+            "Use engine='fsdp2' (shards over dp x cp, as torchtitan does) or engine='ddp'"
+        )
+    if dp is not None:
+        dp = dp * cp  # the ranks gradients are reduced over
     if engine in ZERO_STAGES:
         if pp > 1:
             raise ValueError(
@@ -75,8 +85,9 @@ def check_engine_combination(engine: str, pp: int, tp: int, dp: int | None = Non
             "Use engine='fsdp2' for dp x pp"
         )
     if engine == "ddp":
-        return "DDP replicates each model part and all-reduces gradients over mesh['dp']"
-    return "FSDP2 shards each block's parameters over mesh['dp'] (composes with DTensor TP and pipeline stages)"
+        return "DDP replicates each model part and all-reduces gradients over mesh['dp'] (mesh['dp_cp'] with cp > 1)"
+    return ("FSDP2 shards each block's parameters over mesh['dp'] (mesh['dp_cp'] with cp > 1; composes with "
+            "DTensor TP and pipeline stages)")
 
 
 def apply_ddp(model: nn.Module, dp_mesh: DeviceMesh, device: torch.device) -> nn.Module:

@@ -4,7 +4,7 @@
     print(format_table(rows))            # one row per group of ranks with identical numbers
 
 No process group and no real tensors: parameter shapes come from a meta-device GPT, the rest is
-arithmetic. One RankMemory per global rank (laid out like ``mesh.rank_grid``: dp, pp, tp).
+arithmetic. One RankMemory per global rank, its coordinates from ``mesh.Layout`` (dp, pp, cp, tp).
 
 Exact (what the rank holds in ``p.to_local()`` / ``p.grad`` / ``optimizer.state``):
   * stages: stage s of S = pp*virtual_stages owns layers [s*L/S, (s+1)*L/S); stage s sits on rank
@@ -17,7 +17,8 @@ Exact (what the rank holds in ``p.to_local()`` / ``p.grad`` / ``optimizer.state`
     reported apart (``param_padding``), as is TP's (without FSDP2, an uneven tp shard is a view of a
     storage padded likewise). bf16 mixed precision keeps the sharded parameters, gradients and
     optimizer state in the model dtype; bf16 exists only in transient all-gathered copies.
-    Like parallelize.py, FSDP2 (and so bf16) is applied only when dp > 1. Without FSDP2, torch 2.13
+    Like parallelize.py, FSDP2 shards over dp x cp (shard index dp_rank * cp + cp_rank: the flattened
+    ``dp_cp`` mesh) and is applied (and so bf16) only when dp * cp > 1. Without FSDP2, torch 2.13
     leaves tok_embeddings.weight.grad a full Replicate (V, d) tensor on every tp rank: counted so.
   * ddp: everything replicated. AdamW (torch 2.13, foreach/fused off): exp_avg and exp_avg_sq like the
     parameter (its dtype and local shape) plus a 0-d float32 ``step`` tensor per parameter.
@@ -39,6 +40,10 @@ sequence_parallel else 1, d = d_model, h = n_heads, k = kv heads, e = head_dim, 
          + 4H/t * c               w1 out, silu out, w3 out, their product (w2's input)
   RoPE saves only cos/sin (buffers); residual adds save nothing. (CPU kernels, torch 2.13: rms_norm
   decomposes; CUDA's fused rms_norm and SDPA backends save slightly different extras.)
+  context parallelism (cp > 1): every per-token term counts the rank's seq/cp tokens; ring attention
+  saves what SDPA saves (q, k, v, output, lse); RoPE's tables are gathered at the local positions,
+  (n, e/2) cos and sin saved once per rank: + 2 * e/2 * 4 bytes per token (float64 models also save
+  float64 copies per layer, not counted). Ring buffers in flight are transient.
   first stage: 8 (int64 token ids saved by the embedding)
   last stage: (2d + 1)/s * c + d * c (final norm, output's input) + 4V + 8 (float32 log_softmax
               output and int64 targets of lm_loss; + a 4-byte scalar), or with loss_parallel
@@ -79,7 +84,7 @@ DTYPE_BYTES = {"float32": 4, "float64": 8, "bfloat16": 2, "float16": 2}
 @dataclass
 class RankMemory:
     rank: int
-    dp: int  # this rank's coordinates on the mesh
+    dp: int  # this rank's coordinates on the mesh (and cp, below)
     pp: int
     tp: int
     stages: tuple[int, ...]
@@ -90,6 +95,7 @@ class RankMemory:
     activations: int
     buffers: int = 0  # RoPE tables, one copy per stage module
     param_padding: int = 0  # FSDP2: the shard storage's padding beyond p.to_local()
+    cp: int = 0  # this rank's context-parallel coordinate
 
     @property
     def total(self) -> int:
@@ -187,6 +193,8 @@ def _activations(cfg: GPTConfig, plan: ParallelPlan, b_mb: int, seq: int, tp_ran
     transient = block - block_input if any(i in wrapped for i in layers) else 0
     if last and plan.loss_parallel:  # tp_loss's inner graph, alive while it computes the saved gradient
         transient = max(transient, tok * vocab_local * 4 + tok * 8 + 4)
+    if plan.cp > 1 and first:  # RoPE tables gathered at the zigzag positions, float32 (n, e/2) cos and sin
+        total += tok * cfg.head_dim * 4
     return total, transient
 
 
@@ -194,15 +202,22 @@ def estimate_memory(model_cfg: GPTConfig, plan: ParallelPlan, *, global_batch: i
                     dtype: str = "float32") -> list[RankMemory]:
     """One RankMemory per global rank (see the module docstring for what is exact and what is not)."""
     plan.check()
+    layout = plan.layout
     if global_batch % plan.dp:
         raise ValueError(f"global_batch={global_batch} does not split over dp={plan.dp} ranks")
+    if plan.cp > 1 and seq_len % (2 * plan.cp):
+        raise ValueError(f"seq_len={seq_len} does not split into 2*cp = {2 * plan.cp} equal chunks")
+    if plan.cp > 1 and plan.engine.startswith("zero"):
+        raise ValueError(f"engine={plan.engine!r} does not run with cp={plan.cp}: use fsdp2 or ddp")
     m = plan.microbatches if plan.pp > 1 else 1
     if (global_batch // plan.dp) % m:
         raise ValueError(f"the batch per dp rank ({global_batch // plan.dp}) does not split into {m} microbatches")
     b_mb = global_batch // plan.dp // m
     pb = DTYPE_BYTES[dtype]
     zero = plan.engine.startswith("zero")
-    fsdp = plan.engine == "fsdp2" and plan.dp > 1  # parallelize._shard_part: nothing to shard at dp=1
+    shards = layout.dp_cp  # FSDP2 shards over dp x cp (parallelize._shard_part: nothing to shard at 1)
+    fsdp = plan.engine == "fsdp2" and shards > 1
+    seq_local = seq_len // plan.cp
     bf16 = plan.mixed_precision == "bf16" and (fsdp or zero)
     if zero and bf16:
         pb = 2  # DeepSpeed's bf16 mode converts the module itself
@@ -213,8 +228,9 @@ def estimate_memory(model_cfg: GPTConfig, plan: ParallelPlan, *, global_batch: i
     wrapped = {int(k) for k in wrapped_indices([str(i) for i in range(n_layers)], plan.activation_checkpointing)}
     rows = []
     for rank in range(plan.world_size):
-        dp_rank, rest = divmod(rank, plan.pp * plan.tp)
-        pp_rank, tp_rank = divmod(rest, plan.tp)
+        at = layout.coordinates(rank)
+        dp_rank, pp_rank, cp_rank, tp_rank = at["dp"], at["pp"], at["cp"], at["tp"]
+        shard = dp_rank * plan.cp + cp_rank
         sids = stage_ids(pp_rank, plan)
         params = padding = grads = optim = acts = transient = 0
         numel = grad_numel = count = 0
@@ -229,14 +245,15 @@ def estimate_memory(model_cfg: GPTConfig, plan: ParallelPlan, *, global_batch: i
                 if not fsdp:  # FSDP2 copies each shard into its own (padded) storage
                     padding += (stored - math.prod(local)) * pb
                 else:
-                    padding += (chunk_size(local[0], plan.dp, 0) - chunk_size(local[0], plan.dp, dp_rank)) \
+                    padding += (chunk_size(local[0], shards, 0) - chunk_size(local[0], shards, shard)) \
                         * rest_elems * pb
-                    local[0] = chunk_size(local[0], plan.dp, dp_rank)
+                    local[0] = chunk_size(local[0], shards, shard)
                 numel += math.prod(local)
                 replicated_grad = plan.tp > 1 and not fsdp and name == "tok_embeddings.weight"
                 grad_numel += math.prod(shapes[name]) if replicated_grad else math.prod(local)
                 count += 1
-            per_mb, extra = _activations(model_cfg, plan, b_mb, seq_len, tp_rank, c, acc, layers, first, last, wrapped)
+            per_mb, extra = _activations(model_cfg, plan, b_mb, seq_local, tp_rank, c, acc, layers, first, last,
+                                         wrapped)
             acts += mbs * per_mb
             transient = max(transient, extra)
         if zero:
@@ -251,7 +268,7 @@ def estimate_memory(model_cfg: GPTConfig, plan: ParallelPlan, *, global_batch: i
         rows.append(RankMemory(rank=rank, dp=dp_rank, pp=pp_rank, tp=tp_rank, stages=tuple(sids),
                                layers=tuple(held), params=params, grads=grads, optim=optim,
                                activations=acts + transient, buffers=len(sids) * buffer_elems * 4,  # RoPE tables: fp32
-                               param_padding=padding))
+                               param_padding=padding, cp=cp_rank))
     return rows
 
 
@@ -300,7 +317,7 @@ def estimate_job(cfg, world_size: int) -> str:
     """The ``plait plan estimate`` hook for gpt_job.Config: validate the plan, then the per-rank table."""
     plan, train = cfg.plan, cfg.train
     plan.validate(world_size, cfg.model, train.global_batch // plan.dp if train.global_batch % plan.dp == 0
-                  else None)
+                  else None, seq_len=train.seq_len)
     if hasattr(cfg, "check"):
         cfg.check()
     rows = estimate_memory(cfg.model, plan, global_batch=train.global_batch, seq_len=train.seq_len,
@@ -308,6 +325,7 @@ def estimate_job(cfg, world_size: int) -> str:
     b_mb = train.global_batch // plan.dp // (plan.microbatches if plan.pp > 1 else 1)
     header = (f"plan {plan.describe()}, {world_size} ranks, GPT {cfg.model.num_params():,} params, "
               f"{train.dtype} ({plan.mixed_precision}), activation checkpointing {plan.activation_checkpointing}\n"
-              f"global batch {train.global_batch} x seq {train.seq_len}: {b_mb} sequences per microbatch per rank\n")
+              f"global batch {train.global_batch} x seq {train.seq_len}: {b_mb} sequences per microbatch per rank"
+              + (f", {train.seq_len // plan.cp} tokens of each per cp rank" if plan.cp > 1 else "") + "\n")
     peak = max(rows, key=lambda r: r.total)
     return header + format_table(rows) + f"\npeak: rank {peak.rank}, {human(peak.total)}"

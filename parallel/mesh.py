@@ -1,28 +1,120 @@
-"""One named DeviceMesh for a plan: ranks laid out as ``arange(world).view(dp, pp, tp)``.
+"""The layout of every parallel dimension, in one object: ranks as ``arange(world).view(dp, pp, cp, tp)``.
 
-tp is the innermost (fastest-varying) dimension so tensor-parallel peers are neighbours (same node
-on a GPU cluster); pp next; dp outermost. Sub-meshes are reached by name and passed explicitly:
-``mesh["tp"]``, ``mesh["pp"]``, ``mesh["dp"]``. No global process groups.
+    layout = Layout.of(plan)                 # the degrees (dp, pp, cp, tp) of a ParallelPlan
+    layout.world_size                        # dp*pp*cp*tp
+    layout.coordinates(5)                    # {"dp": .., "pp": .., "cp": .., "tp": ..} of global rank 5
+    mesh = build_mesh(plan, "cpu")           # = layout.build_mesh("cpu")
+    mesh["tp"], mesh["cp"], mesh["pp"], mesh["dp"], mesh["dp_cp"]
+
+Order, outermost first (picotron's grid): dp, pp, cp, tp. tp is the fastest-varying dimension so
+tensor-parallel peers are neighbours (same node on a GPU cluster), cp next (ring attention passes
+K/V between cp neighbours every block), then pp, dp outermost. The plan's world check, the memory
+estimator and the mesh all ask this module rather than restating the order.
+
+``dp_cp`` is dp x cp flattened (torchtitan's ``dp_shard_cp``): the ranks that hold the same parameters
+and see different tokens (other sequences over dp, other pieces of the same sequences over cp). FSDP2
+shards and DDP all-reduces gradients over ``data_mesh(mesh)`` (``mesh["dp_cp"]`` when cp > 1, else
+``mesh["dp"]``), and the reported loss is averaged over it. Sub-meshes are reached by name and passed
+explicitly; no global process groups.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+from typing import Any
+
 import torch
-from plait.parallel.plan import ParallelPlan
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-MESH_DIMS = ("dp", "pp", "tp")
+MESH_DIMS = ("dp", "pp", "cp", "tp")  # outermost first
+FLAT_DIMS = {"dp_cp": ("dp", "cp")}  # flattened dimensions build_mesh adds, and the mesh dims each spans
+MESSAGE_ORDER = ("dp", "cp", "tp", "pp")  # how errors list the degrees (cp only when it is > 1)
 
 
-def build_mesh(plan: ParallelPlan, device_type: str) -> DeviceMesh:
-    return init_device_mesh(device_type, (plan.dp, plan.pp, plan.tp), mesh_dim_names=MESH_DIMS)
+@dataclass(frozen=True)
+class Layout:
+    dp: int = 1
+    pp: int = 1
+    cp: int = 1
+    tp: int = 1
+
+    @classmethod
+    def of(cls, plan: Any) -> Layout:
+        """The layout of a ParallelPlan (or anything with dp/pp/tp and optionally cp degrees)."""
+        return cls(dp=plan.dp, pp=plan.pp, cp=getattr(plan, "cp", 1), tp=plan.tp)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(getattr(self, d) for d in MESH_DIMS)
+
+    @property
+    def world_size(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def dp_cp(self) -> int:
+        """Ranks that hold the same parameters: FSDP2 shards over them, DDP averages their gradients."""
+        return self.dp * self.cp
+
+    def grid(self) -> torch.Tensor:
+        """The global rank at each (dp, pp, cp, tp) coordinate: what build_mesh lays out."""
+        return torch.arange(self.world_size).view(self.shape)
+
+    def coordinates(self, rank: int) -> dict[str, int]:
+        """Global ``rank``'s coordinate on each dimension."""
+        if not 0 <= rank < self.world_size:
+            raise ValueError(f"rank {rank} is outside 0..{self.world_size - 1} for the layout {self}")
+        out = {}
+        for name, size in reversed(list(zip(MESH_DIMS, self.shape, strict=True))):
+            rank, out[name] = divmod(rank, size)
+        return {name: out[name] for name in MESH_DIMS}
+
+    def rank(self, **coords: int) -> int:
+        """The global rank at these coordinates (missing dimensions are 0)."""
+        out = 0
+        for name, size in zip(MESH_DIMS, self.shape, strict=True):
+            out = out * size + coords.get(name, 0)
+        return out
+
+    def product(self) -> str:
+        """The world size as an equation, for error messages: ``dp*tp*pp = 2*2*1 = 4`` (cp listed when > 1)."""
+        names = [d for d in MESSAGE_ORDER if d != "cp" or self.cp > 1]
+        return f"{'*'.join(names)} = {'*'.join(str(getattr(self, d)) for d in names)} = {self.world_size}"
+
+    def build_mesh(self, device_type: str) -> DeviceMesh:
+        """One DeviceMesh with dims ``MESH_DIMS`` plus the flattened ``dp_cp`` (a collective: every rank calls it)."""
+        mesh = init_device_mesh(device_type, self.shape, mesh_dim_names=MESH_DIMS)
+        for name, dims in FLAT_DIMS.items():
+            mesh[dims]._flatten(name)
+        return mesh
 
 
-def rank_grid(plan: ParallelPlan) -> torch.Tensor:
-    """The global rank at each (dp, pp, tp) coordinate: what build_mesh lays out."""
-    return torch.arange(plan.world_size).view(plan.dp, plan.pp, plan.tp)
+def build_mesh(plan: Any, device_type: str) -> DeviceMesh:
+    return Layout.of(plan).build_mesh(device_type)
+
+
+def rank_grid(plan: Any) -> torch.Tensor:
+    """The global rank at each (dp, pp, cp, tp) coordinate: what build_mesh lays out."""
+    return Layout.of(plan).grid()
 
 
 def coordinates(mesh: DeviceMesh) -> dict[str, int]:
-    """This rank's coordinate on each named dimension."""
+    """This rank's coordinate on each named dimension of the mesh."""
     return {name: mesh.get_local_rank(name) for name in mesh.mesh_dim_names}
+
+
+def data_mesh(mesh: DeviceMesh) -> DeviceMesh:
+    """The 1-D mesh of ranks holding the same parameters: ``mesh["dp_cp"]`` when cp > 1, else ``mesh["dp"]``.
+    FSDP2 shards and DDP all-reduces over it; the loss is averaged over it."""
+    names = mesh.mesh_dim_names or ()
+    if "cp" in names and mesh["cp"].size() > 1:
+        # = mesh["dp_cp"]; torch asks callers to keep the flattened mesh rather than slice it from the root,
+        # and _flatten returns the one build_mesh made (or makes it, for a mesh built elsewhere)
+        return mesh[FLAT_DIMS["dp_cp"]]._flatten("dp_cp")
+    return mesh["dp"]
+
+
+def root_dims(name: str) -> tuple[str, ...]:
+    """The mesh dimensions a (possibly flattened) dimension name spans: "dp_cp" -> ("dp", "cp"), "tp" -> ("tp",)."""
+    return FLAT_DIMS.get(name, (name,))

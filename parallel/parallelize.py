@@ -6,26 +6,32 @@
 The recipe, in torchtitan's order, each step on its named sub-mesh:
   1. build the model (same seed on every rank) and, with pp > 1, cut this rank's pipeline stages;
   2. tensor (+ sequence, loss) parallelism on ``mesh["tp"]``;
-  3. activation checkpointing (off / full / selective);
-  4. mixed precision and data parallelism on ``mesh["dp"]``: DDP or FSDP2 per part (a DeepSpeed ZeRO
-     engine instead of steps 1-4 when the plan says zero1/2/3: DeepSpeed then owns the optimizer step);
-  5. one AdamW per part, and a train step that a pipeline schedule or a plain forward/backward drives;
-     gradient clipping uses the global norm across tp, dp and pp (one all-reduce per mesh dimension).
+  3. context parallelism on ``mesh["cp"]`` (ring attention, context_parallel.py);
+  4. activation checkpointing (off / full / selective);
+  5. mixed precision and data parallelism on ``data_mesh(mesh)``: ``mesh["dp"]``, or ``mesh["dp_cp"]``
+     with cp > 1 (parameters are replicated over cp): DDP or FSDP2 per part (a DeepSpeed ZeRO engine
+     instead of steps 1-5 when the plan says zero1/2/3: DeepSpeed then owns the optimizer step);
+  6. one AdamW per part, and a train step that a pipeline schedule or a plain forward/backward drives;
+     gradient clipping uses the global norm across tp, dp, cp and pp (one all-reduce per mesh dimension).
+
+``train_step(inputs, targets, lr)`` takes this dp rank's batch (every cp rank of a dp group passes the
+same one): with cp > 1 it keeps this cp rank's zigzag piece of each sequence (``shard_batch``), and the
+loss it returns is the mean over dp and cp, the full batch's mean loss.
 
 The batch and the loss are the caller's: ``inputs`` go to the model (a tensor, or a tuple of
 positional / a dict of keyword arguments), ``targets`` (any shape, e.g. class labels) go with the
 model's output to ``loss_fn(output, targets) -> scalar``. The default is next-token cross-entropy
 (``tp_loss``, vocab-parallel under ``plan.loss_parallel``, where the output is a vocab-sharded DTensor).
-The loss must be the MEAN over this rank's batch: DDP, FSDP2 and ZeRO average gradients over dp, and
+The loss must be the MEAN over this rank's batch: DDP, FSDP2 and ZeRO average gradients over dp (x cp), and
 pipeline schedules call it once per microbatch and divide the summed gradient by the microbatch count,
 so a sum-reducing loss would train with a gradient scaled by the batch size.
 
 Any ``nn.Module`` trains with data parallelism (DDP, FSDP2: ``fully_shard`` on the root when it has no
 ``layers`` blocks, ZeRO). Tensor parallelism needs Plait's GPT or ``transformers.LlamaForCausalLM``,
-pipeline parallelism Plait's GPT; another model under tp > 1 or pp > 1 is refused with a PlanError.
+pipeline and context parallelism Plait's GPT; another model under tp, pp or cp > 1 is refused (PlanError).
 
 Mixed precision (``plan.mixed_precision="bf16"``): FSDP2's MixedPrecisionPolicy where FSDP2 is
-applied (engine fsdp2, dp > 1), DeepSpeed's bf16 under ZeRO, and everywhere else (DDP, tp without
+applied (engine fsdp2, dp * cp > 1), DeepSpeed's bf16 under ZeRO, and everywhere else (DDP, tp without
 FSDP, pipeline stages, one rank) each model part's forward and the loss run under
 ``torch.autocast(device_type, torch.bfloat16)``: float32 parameters (what the optimizer steps), bf16
 activations, float32 gradients, reduced in float32. It needs a float32 model (refused otherwise).
@@ -42,6 +48,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 from plait.parallel.activation_checkpoint import apply_activation_checkpointing
+from plait.parallel.context_parallel import apply_context_parallel, shard_batch
 from plait.parallel.data_parallel import (
     ZERO_STAGES,
     apply_ddp,
@@ -51,9 +58,10 @@ from plait.parallel.data_parallel import (
     deepspeed_train_step,
     to_device,
 )
+from plait.parallel.mesh import data_mesh, root_dims
 from plait.parallel.models.gpt import GPT
 from plait.parallel.pipeline import build_pipeline
-from plait.parallel.plan import ParallelPlan, PlanError
+from plait.parallel.plan import ParallelPlan, PlanError, engine_violations
 from plait.parallel.tensor_parallel import apply_tensor_parallel, tp_loss
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
@@ -102,9 +110,10 @@ def _set_lr(optimizers: list[torch.optim.Optimizer], lr: float) -> None:
             group["lr"] = lr
 
 
-def _mean_over(value: torch.Tensor, mesh: DeviceMesh, dim: str) -> torch.Tensor:
-    if mesh[dim].size() > 1:
-        dist.all_reduce(value, op=dist.ReduceOp.AVG, group=mesh[dim].get_group())
+def _mean_over(value: torch.Tensor, mesh: DeviceMesh) -> torch.Tensor:
+    """The mean of ``value`` over a 1-D mesh (in place; a no-op on one rank)."""
+    if mesh.size() > 1:
+        dist.all_reduce(value, op=dist.ReduceOp.AVG, group=mesh.get_group())
     return value
 
 
@@ -113,7 +122,8 @@ def clip_grad_norm(modules: list[nn.Module], max_norm: float, mesh: DeviceMesh) 
 
     Squares are summed locally, per gradient, on its local tensor, grouped by the mesh dimensions the
     gradient is sharded over (DTensor ``Shard`` / ``_StridedShard`` placements; ``Replicate`` dims hold copies and plain
-    tensors are replicated over every dimension but pp). One small vector of group sums then takes at
+    tensors are replicated over every dimension but pp; a flattened dimension such as FSDP2's ``dp_cp``
+    counts as sharded over each dimension it spans). One small vector of group sums then takes at
     most one all-reduce per mesh dimension of size > 1: along a dimension, the groups sharded over it
     sum, the others keep the coordinate-0 copy; pp always sums (stages hold different parameters).
     Nothing waits on the host. Sums accumulate in float64 when a gradient is float64, else float32.
@@ -122,15 +132,15 @@ def clip_grad_norm(modules: list[nn.Module], max_norm: float, mesh: DeviceMesh) 
     grads = [p.grad for m in modules for p in m.parameters() if p.grad is not None]
     acc = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
     device = grads[0].device if grads else _comm_device(mesh)
-    names = mesh.mesh_dim_names or ()
-    dims = [d for d in names if mesh[d].size() > 1]
+    sizes = {d: mesh[d].size() for d in mesh.mesh_dim_names or ()}
+    dims = [d for d, n in sizes.items() if n > 1]
     split = [d for d in dims if d != "pp"] if any(isinstance(g, DTensor) for g in grads) else []
     keys = [frozenset(c) for r in range(len(split) + 1) for c in itertools.combinations(split, r)]
     with torch.no_grad():
         by_key: dict[frozenset, list[torch.Tensor]] = {k: [] for k in keys}
         scaled: list[torch.Tensor] = []  # the tensors the coefficient multiplies (local shards)
         for g in grads:
-            local, key = _local_shard(g, split, names)
+            local, key = _local_shard(g, split, sizes)
             by_key[key].append(local)
             scaled.append(g.to_local() if isinstance(g, DTensor) else g)
         sums = torch.stack([_sum_squares(by_key[k], acc, device) for k in keys])
@@ -150,8 +160,7 @@ def clip_grad_norm(modules: list[nn.Module], max_norm: float, mesh: DeviceMesh) 
     return total
 
 
-def _local_shard(g: torch.Tensor, split: list[str], root_names: tuple[str, ...]
-                 ) -> tuple[torch.Tensor, frozenset]:
+def _local_shard(g: torch.Tensor, split: list[str], root_sizes: dict[str, int]) -> tuple[torch.Tensor, frozenset]:
     """(the local tensor whose squares add up to the full gradient's, the mesh dims it is sharded over)."""
     if not isinstance(g, DTensor):
         return g, frozenset()
@@ -159,12 +168,15 @@ def _local_shard(g: torch.Tensor, split: list[str], root_names: tuple[str, ...]
     if any(p.is_partial() for p in placements):  # pending sums: complete them first (a collective)
         g = g.redistribute(mesh, [Replicate() if p.is_partial() else p for p in placements])
     names = mesh.mesh_dim_names or ()
-    # Shard and FSDP2-over-TP's _StridedShard (whose is_shard() is False) both split the tensor
-    sharded = frozenset(names[i] if i < len(names) else f"#{i}" for i, p in enumerate(g.placements)
-                        if not (p.is_replicate() or p.is_partial()) and mesh.size(i) > 1)
+    # Shard and FSDP2-over-TP's _StridedShard (whose is_shard() is False) both split the tensor; a flattened
+    # dim (dp_cp) splits it over each plan mesh dim it spans that has size > 1.
+    sharded = frozenset(d for i, p in enumerate(g.placements)
+                        if not (p.is_replicate() or p.is_partial()) and mesh.size(i) > 1
+                        for d in (root_dims(names[i]) if i < len(names) else (f"#{i}",))
+                        if root_sizes.get(d, 2) > 1)
     if not sharded <= set(split):
         raise ValueError(f"a gradient is sharded over mesh dims {sorted(sharded)} (its mesh: {names}), but the "
-                         f"plan's mesh has dims {root_names}: build parameters' meshes from the plan's mesh")
+                         f"plan's mesh has dims {tuple(root_sizes)}: build parameters' meshes from the plan's mesh")
     return g.to_local(), sharded
 
 
@@ -187,7 +199,7 @@ def _comm_device(mesh: DeviceMesh) -> torch.device:
 
 
 def _fsdp_applied(plan: ParallelPlan) -> bool:
-    return plan.engine == "fsdp2" and plan.dp > 1  # one data-parallel rank: nothing to shard over
+    return plan.engine == "fsdp2" and plan.dp * plan.cp > 1  # one rank per parameter copy: nothing to shard over
 
 
 def _autocast_bf16(plan: ParallelPlan) -> bool:
@@ -216,6 +228,9 @@ def check_model(model: nn.Module, plan: ParallelPlan) -> nn.Module:
     if plan.pp > 1 and not isinstance(model, GPT):
         raise PlanError(f"plan.pp={plan.pp}: pipeline stages are cut from Plait's GPT by its blocks, not from "
                         f"{type(model).__name__}: use pp=1 (data parallelism only)")
+    if plan.cp > 1 and not isinstance(model, GPT):
+        raise PlanError(f"plan.cp={plan.cp}: context parallelism replaces the attention core of Plait's GPT with "
+                        f"ring attention, not of {type(model).__name__}: use cp=1 (data parallelism only)")
     if plan.mixed_precision == "bf16":
         other = {str(p.dtype) for p in model.parameters() if p.is_floating_point() and p.dtype != torch.float32}
         if other:
@@ -240,14 +255,16 @@ def _shard_part(part: nn.Module, plan: ParallelPlan, mesh: DeviceMesh, device: t
     if plan.tp > 1:
         apply_tensor_parallel(part, mesh["tp"], sequence_parallel=plan.sequence_parallel,
                               loss_parallel=plan.loss_parallel)
+    if plan.cp > 1:
+        apply_context_parallel(part, mesh["cp"])
     apply_activation_checkpointing(part, plan.activation_checkpointing)
     if _autocast_bf16(plan):  # an instance attribute: DDP and PipelineStage call part(...), which finds it
         part.forward = under_autocast(part.forward, device.type)
     if _fsdp_applied(plan):
-        # With tp > 1 the parameters are DTensors on mesh["tp"]; FSDP2 makes them 2-D (dp, tp).
-        apply_fsdp2(part, mesh["dp"], mixed_precision=plan.mixed_precision)
-    elif plan.engine == "ddp" and plan.dp > 1:
-        part = apply_ddp(part, mesh["dp"], device)
+        # With tp > 1 the parameters are DTensors on mesh["tp"]; FSDP2 makes them 2-D (dp or dp_cp, tp).
+        apply_fsdp2(part, data_mesh(mesh), mixed_precision=plan.mixed_precision)
+    elif plan.engine == "ddp" and plan.dp * plan.cp > 1:
+        part = apply_ddp(part, data_mesh(mesh), device)
     return part
 
 
@@ -260,6 +277,12 @@ def parallelize(build_model: Callable[[], nn.Module], plan: ParallelPlan, mesh: 
     docstring); None is next-token cross-entropy. ``global_batch`` (sequences or samples per optimizer
     step over all dp ranks) is needed by the DeepSpeed engines only."""
     plan.check()
+    if plan.cp > 1:  # the rest is checked by plan.validate; these would fail deep inside an engine
+        for msg in engine_violations(plan):
+            raise PlanError(msg)
+        if plan.pp > 1:
+            raise PlanError(f"plan.cp={plan.cp} with plan.pp={plan.pp}: context parallelism does not combine with "
+                            "pipeline stages: use pp=1")
     if loss_fn is None:
         loss_fn = functools.partial(tp_loss, loss_parallel=plan.loss_parallel)
     if plan.engine in ZERO_STAGES:
@@ -275,9 +298,11 @@ def parallelize(build_model: Callable[[], nn.Module], plan: ParallelPlan, mesh: 
         pipe = None
         modules = [_shard_part(check_model(build_model(), plan).to(device), plan, mesh, device)]
     optimizers = [make_optimizer(m.parameters(), optim) for m in modules]
+    cp_rank = mesh.get_local_rank("cp") if plan.cp > 1 else 0
 
     def train_step(inputs: Any, targets: Any, lr: float) -> float:
         _set_lr(optimizers, lr)
+        inputs, targets = shard_batch(inputs, targets, cp_rank, plan.cp)
         if pipe is not None:
             loss = pipe.step(to_device(inputs, device), to_device(targets, device))  # clears grads itself
             loss = _broadcast_from_last_stage(loss, mesh, pipe.has_last)
@@ -290,7 +315,7 @@ def parallelize(build_model: Callable[[], nn.Module], plan: ParallelPlan, mesh: 
             result.grad_norm = clip_grad_norm(modules, optim.grad_clip, mesh)
         for opt in optimizers:
             opt.step()
-        return float(_mean_over(loss.detach().double().reshape(()).clone(), mesh, "dp"))
+        return float(_mean_over(loss.detach().double().reshape(()).clone(), data_mesh(mesh)))
 
     result = Parallelized(modules=modules, optimizers=optimizers, train_step=train_step, mesh=mesh)
     return result
@@ -317,6 +342,6 @@ def _parallelize_deepspeed(build_model, plan, mesh, device, optim, global_batch,
 
     def train_step(inputs: Any, targets: Any, lr: float) -> float:
         loss = deepspeed_train_step(engine, inputs, targets, loss_fn, lr=lr)
-        return float(_mean_over(loss.double().reshape(()).clone(), mesh, "dp"))
+        return float(_mean_over(loss.double().reshape(()).clone(), data_mesh(mesh)))
 
     return Parallelized(modules=[engine.module], optimizers=[], train_step=train_step, mesh=mesh, engine=engine)

@@ -3,6 +3,7 @@
     plan = ParallelPlan(dp=2, tp=2, pp=2, engine="fsdp2", schedule="Interleaved1F1B",
                         microbatches=4, virtual_stages=2, sequence_parallel=True)
     plan.validate(world_size=8, model_cfg=gpt_cfg, batch_per_dp_rank=8)   # raises PlanError
+    ParallelPlan(dp=2, cp=2, engine="fsdp2").validate(4, gpt_cfg, seq_len=4096)   # context parallelism
 
 Each violation names the constraint, the values, and a plan that would work. ``model_cfg`` is the
 config of Plait's GPT (``GPTConfig``); pass None for a model of your own, which can then use data
@@ -14,6 +15,11 @@ MixedPrecisionPolicy, ZeRO through DeepSpeed's bf16 mode, everything else (DDP, 
 without FSDP, pipelines, one rank) by running each model part's forward under ``torch.autocast``
 (bf16): float32 master parameters, bf16 activations, float32 gradients and gradient reduction. It
 needs a float32 model (``model_dtype``): autocast leaves float64 operations in float64.
+
+``cp`` (context parallelism, context_parallel.py): each of cp ranks holds a zigzag piece of every
+sequence and attention runs as ring attention. The ranks are laid out by ``mesh.Layout`` as
+``arange(world).view(dp, pp, cp, tp)``; gradients are reduced, FSDP2 shards and the loss is averaged
+over dp x cp. It needs Plait's GPT, ``seq_len % (2*cp) == 0``, pp == 1 and engine ddp or fsdp2.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from typing import Any
 
 from plait.parallel.activation_checkpoint import MODES as CHECKPOINTING
 from plait.parallel.data_parallel import ENGINES, PRECISIONS, check_engine_combination
+from plait.parallel.mesh import Layout
 from plait.parallel.pipeline import check_schedule
 
 # Every schedule torch.distributed.pipelining ships (pipeline.SCHEDULES holds their placement rules).
@@ -38,6 +45,7 @@ class ParallelPlan:
     dp: int = 1
     tp: int = 1
     pp: int = 1
+    cp: int = 1  # context parallelism: ranks sharing each sequence (ring attention; Plait's GPT, pp == 1)
     sequence_parallel: bool = False  # shard norms/residual activations along the sequence (needs tp > 1)
     loss_parallel: bool = False  # keep logits vocab-sharded into the cross-entropy (needs tp > 1)
     engine: str = "ddp"  # data-parallel engine: ddp | fsdp2 | zero1 | zero2 | zero3 (DeepSpeed)
@@ -51,8 +59,13 @@ class ParallelPlan:
         _check_types(self)
 
     @property
+    def layout(self) -> Layout:
+        """The rank layout of the degrees (mesh.Layout): world size, coordinates, the mesh."""
+        return Layout.of(self)
+
+    @property
     def world_size(self) -> int:
-        return self.dp * self.tp * self.pp
+        return self.layout.world_size
 
     @property
     def num_stages(self) -> int:
@@ -61,7 +74,7 @@ class ParallelPlan:
     def check(self) -> None:
         """Checks that need no world size or model (also run when a spec is parsed)."""
         _check_types(self)
-        for name in ("dp", "tp", "pp", "microbatches", "virtual_stages"):
+        for name in ("dp", "tp", "pp", "cp", "microbatches", "virtual_stages"):
             if getattr(self, name) < 1:
                 raise PlanError(f"plan.{name}={getattr(self, name)}: must be >= 1")
         _one_of("engine", self.engine, ENGINES)
@@ -70,23 +83,24 @@ class ParallelPlan:
         _one_of("mixed_precision", self.mixed_precision, PRECISIONS)
 
     def validate(self, world_size: int, model_cfg: Any = None, batch_per_dp_rank: int | None = None, *,
-                 world_name: str = "world_size", model_dtype: Any = None) -> None:
+                 world_name: str = "world_size", model_dtype: Any = None, seq_len: int | None = None) -> None:
         """Raise PlanError unless the plan runs on ``world_size`` ranks with this model. ``world_name`` is
         what the world size is called in the message (a job spec passes "workers.num"); ``model_dtype``
-        (a torch dtype or its name) is the parameters' dtype, checked against mixed_precision."""
+        (a torch dtype or its name) is the parameters' dtype, checked against mixed_precision; ``seq_len``
+        (tokens per training sequence) is checked against cp."""
         self.check()
         good = suggest_plan(world_size, model_cfg, self)
         fix = f"; a plan that works: {good}" if good else ""
         if self.world_size != world_size:
-            raise PlanError(
-                f"dp*tp*pp = {self.dp}*{self.tp}*{self.pp} = {self.world_size} but the job has {world_size} "
-                f"ranks: make the product equal {world_name}{fix}"
-            )
+            raise PlanError(f"{self.layout.product()} but the job has {world_size} ranks: make the product equal "
+                            f"{world_name}{fix}")
         if model_dtype is not None:
             for msg in precision_violations(self, model_dtype):
                 raise PlanError(msg)
         for msg in model_violations(self, model_cfg):
             raise PlanError(msg + fix)
+        for msg in context_violations(self, model_cfg, seq_len):
+            raise PlanError(msg)
         for msg in schedule_violations(self):
             raise PlanError(msg)
         for msg in engine_violations(self):
@@ -98,8 +112,8 @@ class ParallelPlan:
             )
 
     def describe(self) -> str:
-        parts = [f"dp{self.dp}({self.engine})", f"tp{self.tp}" + ("+sp" if self.sequence_parallel else ""),
-                 f"pp{self.pp}"]
+        parts = [f"dp{self.dp}({self.engine})", *([f"cp{self.cp}"] if self.cp > 1 else []),
+                 f"tp{self.tp}" + ("+sp" if self.sequence_parallel else ""), f"pp{self.pp}"]
         if self.pp > 1:
             parts.append(f"{self.schedule}x{self.microbatches}mb" + (f"/v{self.virtual_stages}"
                                                                    if self.virtual_stages > 1 else ""))
@@ -148,6 +162,26 @@ def model_violations(plan: ParallelPlan, cfg: Any) -> list[str]:
     return out
 
 
+def context_violations(plan: ParallelPlan, cfg: Any = None, seq_len: int | None = None) -> list[str]:
+    """What context parallelism (cp > 1) cannot run with: see context_parallel.py."""
+    if plan.cp == 1:
+        return []
+    out = []
+    if cfg is None:
+        out.append(f"plan.cp={plan.cp}: context parallelism replaces the attention of Plait's GPT with ring "
+                   "attention, and no model config was given (a model of your own): use cp=1, or pass model_cfg")
+    if plan.pp > 1:
+        out.append(f"plan.cp={plan.cp} with plan.pp={plan.pp}: context parallelism does not combine with pipeline "
+                   f"stages in Plait (stages would need the zigzag positions of hidden states): use pp=1, e.g. "
+                   f"dp={plan.dp * plan.pp},cp={plan.cp},tp={plan.tp}")
+    if seq_len is not None and seq_len % (2 * plan.cp):
+        fit = seq_len - seq_len % (2 * plan.cp)
+        out.append(f"seq_len={seq_len} is not divisible by 2*plan.cp = {2 * plan.cp}: context parallelism cuts each "
+                   f"sequence into 2*cp equal chunks (rank r holds chunks r and 2*cp-1-r); use seq_len={fit} or "
+                   f"{fit + 2 * plan.cp}, or another cp")
+    return out
+
+
 def schedule_violations(plan: ParallelPlan) -> list[str]:
     """What torch's schedule constructors would refuse (see pipeline.check_schedule), before launch."""
     if plan.pp == 1:
@@ -164,7 +198,7 @@ def schedule_violations(plan: ParallelPlan) -> list[str]:
 def engine_violations(plan: ParallelPlan) -> list[str]:
     """Engine/plan combinations that cannot run (see data_parallel.check_engine_combination)."""
     try:
-        check_engine_combination(plan.engine, plan.pp, plan.tp, plan.dp)
+        check_engine_combination(plan.engine, plan.pp, plan.tp, plan.dp, plan.cp)
     except ValueError as e:
         return [str(e)]
     return []
@@ -181,29 +215,36 @@ def precision_violations(plan: ParallelPlan, model_dtype: Any) -> list[str]:
 
 
 def suggest_plan(world_size: int, cfg: Any, like: ParallelPlan) -> str:
-    """The closest valid degrees for ``world_size``: keep tp and pp where possible, fill with dp."""
+    """The closest valid degrees for ``world_size``: keep tp, pp and cp where possible, fill with dp."""
     candidates = []
-    for tp in _divisors(world_size):
-        for pp in _divisors(world_size // tp):
-            dp = world_size // (tp * pp)
-            trial = replace(like, dp=dp, tp=tp, pp=pp,
-                            virtual_stages=like.virtual_stages if pp > 1 else 1,
-                            sequence_parallel=like.sequence_parallel and tp > 1,
-                            loss_parallel=like.loss_parallel and tp > 1,
-                            microbatches=max(like.microbatches, pp))
-            if trial.engine != "fsdp2" and dp > 1 and (tp > 1 or pp > 1):
-                trial = replace(trial, engine="fsdp2")
-            if model_violations(trial, cfg) or schedule_violations(trial) or engine_violations(trial):
-                continue
-            distance = abs(tp - like.tp) + abs(pp - like.pp)
-            candidates.append((distance, -dp, trial))
+    for tp, pp, cp in _factorisations(world_size):
+        dp = world_size // (tp * pp * cp)
+        trial = replace(like, dp=dp, tp=tp, pp=pp, cp=cp,
+                        virtual_stages=like.virtual_stages if pp > 1 else 1,
+                        sequence_parallel=like.sequence_parallel and tp > 1,
+                        loss_parallel=like.loss_parallel and tp > 1,
+                        microbatches=max(like.microbatches, pp))
+        if trial.engine != "fsdp2" and dp * cp > 1 and (tp > 1 or pp > 1 or (cp > 1 and trial.engine != "ddp")):
+            trial = replace(trial, engine="fsdp2")
+        if (model_violations(trial, cfg) or context_violations(trial, cfg) or schedule_violations(trial)
+                or engine_violations(trial)):
+            continue
+        distance = abs(tp - like.tp) + abs(pp - like.pp) + abs(cp - like.cp)
+        candidates.append((distance, -dp, trial))
     if not candidates:
         return ""
     best = min(candidates, key=lambda c: c[:2])[2]
     extra = f",engine={best.engine}" if best.engine != like.engine else ""
     if best.pp > 1 and best.microbatches != like.microbatches:
         extra += f",microbatches={best.microbatches}"
-    return f"dp={best.dp},tp={best.tp},pp={best.pp}{extra}"
+    cp = f",cp={best.cp}" if best.cp > 1 or like.cp > 1 else ""
+    return f"dp={best.dp},tp={best.tp},pp={best.pp}{cp}{extra}"
+
+
+def _factorisations(world_size: int) -> list[tuple[int, int, int]]:
+    """Every (tp, pp, cp) whose product divides ``world_size`` (dp takes the rest)."""
+    return [(tp, pp, cp) for tp in _divisors(world_size) for pp in _divisors(world_size // tp)
+            for cp in _divisors(world_size // (tp * pp))]
 
 
 def _divisors(n: int) -> list[int]:

@@ -27,8 +27,9 @@ Every parameter becomes a DTensor on the tp mesh, so ``clip_grad_norm_``, FSDP2 
 Head counts: both models reshape projections with ``-1`` heads and HF keeps ``num_key_value_groups``
 (a ratio), so the local shard simply holds n_heads/tp heads; nothing per module is rewritten.
 Contiguous head shards keep each query head with its GQA kv head.
-RoPE: GPT slices ``rope_cos/rope_sin`` by the local sequence length, which under SP is seq/tp; a
-pre-hook on each attention re-slices the tables to the gathered length. HF Llama derives positions
+RoPE: under SP the GPT's embedding output (or a middle stage's hidden input) holds seq/tp positions;
+``model.sequence_shards = tp`` makes the GPT build the tables for the gathered sequence from its start
+position or positions, and a pre-hook on each attention checks the lengths agree. HF Llama derives positions
 and the causal mask from the embedding output, so under SP that output stays full-length (an
 all-reduce where torchtitan's GPT has a reduce-scatter) and the first decoder layer keeps its slice.
 SP needs seq % tp == 0 (checked at forward). Uneven vocab shards work in torch 2.13 and are allowed.
@@ -175,19 +176,14 @@ def _sequence_check(tp: int):
     return hook
 
 
-def _rope_regather_hook(model: GPT):
-    """Under SP the GPT slices rope tables to seq/tp; re-slice them to the gathered attention input."""
-
-    def hook(_attention, args):
-        x, cos, sin = args
-        seqlen = x.shape[1]
-        if cos.shape[0] == seqlen:
-            return None
-        if seqlen > model.rope_cos.shape[0]:
-            raise ValueError(f"sequence length {seqlen} exceeds model.max_seq_len={model.rope_cos.shape[0]}")
-        return x, model.rope_cos[:seqlen], model.rope_sin[:seqlen]
-
-    return hook
+def _rope_length_check(_attention, args):
+    """Under SP the GPT builds RoPE tables for the gathered sequence (``model.sequence_shards = tp``, set
+    below), whatever its start position or positions; the attention input is gathered, so lengths match."""
+    x, cos = args[0], args[1]
+    if cos.shape[-2] != x.shape[1]:
+        raise ValueError(f"RoPE tables cover {cos.shape[-2]} positions but the gathered attention input has "
+                         f"{x.shape[1]}: under sequence parallelism call the GPT with the full sequence's tokens "
+                         "or positions (model.sequence_shards says how many shards a hidden input is)")
 
 
 def _parallelize_gpt(model: GPT, mesh: DeviceMesh, sp: bool, lp: bool) -> None:
@@ -198,10 +194,12 @@ def _parallelize_gpt(model: GPT, mesh: DeviceMesh, sp: bool, lp: bool) -> None:
     if sp and model.tok_embeddings is not None:
         model.register_forward_pre_hook(_sequence_check(tp))
     parallelize_module(model, mesh, _present(model, top))
+    if sp:
+        model.sequence_shards = tp
     for block in model.layers.values():
         parallelize_module(block, mesh, block_plan)
         if sp:
-            block.attention.register_forward_pre_hook(_rope_regather_hook(model))
+            block.attention.register_forward_pre_hook(_rope_length_check)
 
 
 def _parallelize_llama(model: nn.Module, mesh: DeviceMesh, sp: bool, lp: bool) -> None:

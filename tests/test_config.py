@@ -157,3 +157,42 @@ def test_plan_estimate_command_prints_the_per_rank_table(capsys):
 def test_module_entry_point_runs_the_same_cli():
     out = subprocess.run([sys.executable, "-m", "plait.runtime", "run", "missing.toml"], capture_output=True, text=True)
     assert out.returncode == 2 and "spec file 'missing.toml' not found" in out.stderr
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(cp=2, pp=2, engine="fsdp2", microbatches=2), r"plan.cp=2 with plan.pp=2: context parallelism does not "
+                                                       r"combine with pipeline stages .*use pp=1, e.g. dp=2,cp=2,tp=1"),
+    (dict(cp=2, engine="zero2"), r"engine='zero2' with cp=2: .*Use engine='fsdp2'"),
+    (dict(cp=2, tp=2, engine="ddp"), r"engine='ddp' with tp=2: DDP .* Use engine='fsdp2'"),
+    (dict(cp=0), r"plan.cp=0: must be >= 1"),
+])
+def test_each_context_parallel_violation_names_its_constraint(kwargs, message):
+    from plait.parallel.models.gpt import GPTConfig
+
+    plan = ParallelPlan(**kwargs)
+    with pytest.raises(PlanError, match=message):
+        plan.validate(plan.world_size, GPTConfig())
+
+
+def test_context_parallel_needs_plaits_gpt_a_divisible_length_and_the_world_it_names():
+    from plait.parallel.models.gpt import GPTConfig
+
+    with pytest.raises(PlanError, match=r"plan.cp=2: context parallelism replaces the attention of Plait's GPT .*"
+                                        r"no model config was given"):
+        ParallelPlan(cp=2).validate(2)
+    with pytest.raises(PlanError, match=r"seq_len=12 is not divisible by 2\*plan.cp = 8: .*use seq_len=8 or 16"):
+        ParallelPlan(cp=4).validate(4, GPTConfig(), seq_len=12)
+    ParallelPlan(cp=4).validate(4, GPTConfig(), seq_len=16)
+    with pytest.raises(PlanError, match=r"dp\*cp\*tp\*pp = 2\*2\*1\*1 = 4 but the job has 2 ranks: .*"
+                                        r"a plan that works: dp=1,tp=1,pp=1,cp=2"):
+        ParallelPlan(dp=2, cp=2, engine="fsdp2").validate(2, GPTConfig())
+    with pytest.raises(ConfigError, match=r"'plan.cp' must be int, got str '2'"):
+        spec_from_table({**BASE, "plan": {"cp": "2"}})
+
+
+def test_plan_estimate_splits_the_sequence_over_cp_and_refuses_an_indivisible_one(capsys):
+    assert main(["plan", "estimate", "examples/gpt_cp2_dp2.toml"]) == 0
+    out = capsys.readouterr().out
+    assert "dp2(fsdp2) cp2 tp1 pp1" in out and "128 tokens of each per cp rank" in out
+    assert main(["plan", "estimate", "examples/gpt_cp2_dp2.toml", "train.seq_len=254"]) == 2
+    assert "seq_len=254 is not divisible by 2*plan.cp = 4" in capsys.readouterr().err

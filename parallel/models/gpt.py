@@ -8,10 +8,29 @@ A stage built by deleting ``tok_embeddings`` / ``norm`` / ``output`` (set to ``N
 hidden states through, which is how pipeline stages are cut from one model.
 The RoPE tables stay float32 whatever the model is cast to (``GPT(cfg).to(torch.bfloat16)``), and the
 rotation runs in float32 (float64 for a float64 model).
+
+One attention API serves training on whole sequences, chunk-wise training (SeCO/SpaCO), ring attention and
+KV-cache generation:
+
+    logits = model(tokens)                                   # positions 0..n-1, SDPA is_causal fast path
+    logits = model(tokens, start_pos=128)                    # positions 128..128+n-1 (RoPE)
+    logits = model(tokens, positions=pos)                    # any positions, (n,) or (batch, n) LongTensor
+    cache = KVCache()
+    logits = model(prompt, cache=cache)                      # fills the cache (keys stored AFTER RoPE)
+    logits = model(next_token, cache=cache)                  # start_pos defaults to the cache's length
+
+A cache is anything with ``update(k, v, layer_idx) -> (keys, values)`` and ``get_seq_length()`` (the same
+calls as a Hugging Face ``Cache``): ``k``/``v`` are this call's keys/values, (batch, kv_heads, n, head_dim),
+and it returns every key/value the queries attend to, the new ones last. The causal mask is aligned
+bottom-right: the n queries are the LAST n of the returned keys (SDPA's ``is_causal`` is top-left aligned
+when the lengths differ, so a prefix gets an explicit (n, kv_len) additive mask). Positions set only the
+RoPE angles; the mask follows the order of the keys. ``Attention.attend(q, k, v)`` is the core a caller
+may replace per module (e.g. ring attention over a sharded sequence); parameter names are unchanged.
 """
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -87,9 +106,42 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     to ``x.dtype``: bf16 queries and keys are rotated by fp32 angles, not by angles rounded to bf16."""
     compute = torch.promote_types(x.dtype, torch.float32)
     x1, x2 = x[..., 0::2].to(compute), x[..., 1::2].to(compute)
-    cos = cos[None, :, None, :].to(compute)
-    sin = sin[None, :, None, :].to(compute)
+    # (seq, d/2) tables are shared by the batch; (batch, seq, d/2) ones come from per-sequence positions.
+    cos = (cos[None, :, None, :] if cos.ndim == 2 else cos[:, :, None, :]).to(compute)
+    sin = (sin[None, :, None, :] if sin.ndim == 2 else sin[:, :, None, :]).to(compute)
     return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2).to(x.dtype)
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """SDPA with a causal mask aligned bottom-right: q (batch, heads, n, d) are the last n of the
+    (batch, kv_heads, kv_len, d) keys. Equal lengths take ``is_causal`` (no mask is built); a single query
+    sees every key; otherwise an additive (n, kv_len) mask, block-sized, never kv_len x kv_len."""
+    n, kv_len = q.shape[-2], k.shape[-2]
+    gqa = q.shape[1] != k.shape[1]
+    if n == kv_len:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    if n > kv_len:
+        raise ValueError(f"{n} queries but only {kv_len} keys: a cache must return the new keys too (its update() "
+                         "returns past + new)")
+    mask = None if n == 1 else bottom_right_mask(n, kv_len, q.dtype, q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+
+
+_MASKS: dict[tuple, weakref.ref] = {}  # the live mask per shape, so every layer of a chunk shares one
+
+
+def bottom_right_mask(n: int, kv_len: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """0 where query i (of the last n) may see key j, -inf elsewhere, in the queries' dtype. A float mask
+    is passed to SDPA as it is (a boolean one is converted, and saved for backward, in every layer); the
+    same tensor serves every layer while any of them still holds it, and is freed with the last."""
+    key = (n, kv_len, dtype, device)
+    mask = _MASKS[key]() if key in _MASKS else None
+    if mask is None:
+        allowed = torch.ones(n, kv_len, dtype=torch.bool, device=device).tril(kv_len - n)
+        mask = torch.zeros(n, kv_len, dtype=dtype, device=device).masked_fill_(~allowed, float("-inf"))
+        _MASKS.clear()  # dead entries from earlier shapes
+        _MASKS[key] = weakref.ref(mask)
+    return mask
 
 
 class Attention(nn.Module):
@@ -101,7 +153,10 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None,
+                layer_idx: int | None = None) -> torch.Tensor:
+        """x (batch, n, d); cos/sin the RoPE tables of x's n positions; ``cache.update(k, v, layer_idx)``
+        (optional) receives the rotated keys/values and returns the keys/values to attend to."""
         bsz, seqlen, _ = x.shape
         # -1 heads: under tensor parallelism each rank holds only its share of heads.
         q = self.wq(x).view(bsz, seqlen, -1, self.head_dim)
@@ -109,8 +164,15 @@ class Attention(nn.Module):
         v = self.wv(x).view(bsz, seqlen, -1, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+        if cache is not None:
+            k, v = cache.update(k, v, layer_idx)
+        out = self.attend(q, k, v)
         return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """(batch, heads, n, d) queries over (batch, kv_heads, kv_len, d) keys/values -> (batch, heads, n, d).
+        Assign ``module.attend = fn`` to replace it on one module (FQNs stay the same)."""
+        return causal_attention(q, k, v)
 
 
 class FeedForward(nn.Module):
@@ -132,8 +194,9 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg.d_model, cfg.hidden)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.attention(self.attention_norm(x), cos, sin)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None,
+                layer_idx: int | None = None) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), cos, sin, cache=cache, layer_idx=layer_idx)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -149,6 +212,9 @@ class GPT(nn.Module):
         cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        # Under sequence parallelism a stage without embeddings receives 1/sequence_shards of the sequence
+        # (apply_tensor_parallel sets it); RoPE positions still cover the gathered sequence.
+        self.sequence_shards = 1
         self.init_weights()
 
     def _apply(self, fn, recurse=True):
@@ -178,17 +244,63 @@ class GPT(nn.Module):
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens (batch, seq) int64 -> logits (batch, seq, vocab); on a middle pipeline stage,
-        hidden (batch, seq, d_model) -> hidden."""
+    def forward(self, tokens: torch.Tensor, *, start_pos: int | None = None, positions: torch.Tensor | None = None,
+                cache=None) -> torch.Tensor:
+        """tokens (batch, n) int64 -> logits (batch, n, vocab); on a middle pipeline stage,
+        hidden (batch, n, d_model) -> hidden. The tokens sit at positions ``start_pos`` .. ``start_pos + n - 1``
+        (default: the cache's length, else 0), or at ``positions`` ((n,) or (batch, n)). With a ``cache``,
+        every layer's keys/values go through ``cache.update`` (see the module docstring)."""
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
-        seqlen = h.shape[1]
-        cos, sin = self.rope_cos[:seqlen], self.rope_sin[:seqlen]
-        for layer in self.layers.values():
-            h = layer(h, cos, sin)
+        n = tokens.shape[1] if self.tok_embeddings is not None else h.shape[1] * self.sequence_shards
+        cos, sin = self.rope(n, start_pos, positions, cache)
+        for key, layer in self.layers.items():
+            h = layer(h, cos, sin) if cache is None else layer(h, cos, sin, cache=cache, layer_idx=int(key))
         if self.norm is not None:
             h = self.norm(h)
         return self.output(h) if self.output is not None else h
+
+    def rope(self, n: int, start_pos: int | None = None, positions: torch.Tensor | None = None,
+             cache=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cos/sin tables for n tokens at ``positions``, or from ``start_pos`` (default: the cache's length)."""
+        limit = self.rope_cos.shape[0]
+        if positions is not None:
+            if start_pos is not None:
+                raise ValueError("give start_pos or positions, not both")
+            if positions.shape[-1] != n:
+                raise ValueError(f"positions has {positions.shape[-1]} entries for a sequence of {n} tokens")
+            on_host = positions.device.type == "cpu"  # checked there only: no device sync per forward
+            if on_host and positions.numel() and (int(positions.max()) >= limit or int(positions.min()) < 0):
+                raise ValueError(f"positions span {int(positions.min())}..{int(positions.max())}, outside "
+                                 f"0..{limit - 1} (model.max_seq_len={limit}): raise max_seq_len")
+            positions = positions.to(self.rope_cos.device)
+            return self.rope_cos[positions], self.rope_sin[positions]
+        start = start_pos if start_pos is not None else (cache.get_seq_length() if cache is not None else 0)
+        if start < 0 or start + n > limit:
+            raise ValueError(f"positions {start}..{start + n - 1} exceed model.max_seq_len={limit}: raise "
+                             "max_seq_len or shorten the sequence")
+        return self.rope_cos[start:start + n], self.rope_sin[start:start + n]
+
+
+class KVCache:
+    """Keys/values per layer, (batch, kv_heads, seq, head_dim), stored after RoPE, growing by concatenation:
+    the cache for KV-cache generation, and a prefix in / new keys out for any caller. ``keys[i]`` and
+    ``values[i]`` are layer i's tensors (global layer index). Same calls as a Hugging Face ``Cache``."""
+
+    def __init__(self, layers: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None):
+        self.keys: dict[int, torch.Tensor] = {i: kv[0] for i, kv in (layers or {}).items()}
+        self.values: dict[int, torch.Tensor] = {i: kv[1] for i, kv in (layers or {}).items()}
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if layer_idx in self.keys:
+            k = torch.cat([self.keys[layer_idx], k], dim=-2)
+            v = torch.cat([self.values[layer_idx], v], dim=-2)
+        self.keys[layer_idx], self.values[layer_idx] = k, v
+        return k, v
+
+    def get_seq_length(self, layer_idx: int | None = None) -> int:
+        if not self.keys:
+            return 0
+        return self.keys[min(self.keys) if layer_idx is None else layer_idx].shape[-2]
 
 
 def upcast(logits: torch.Tensor) -> torch.Tensor:
