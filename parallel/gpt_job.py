@@ -126,7 +126,7 @@ def check_chunkwise(mode: str, plan: ParallelPlan) -> None:
 def validate(cfg: Config, world_size: int) -> None:
     """On the driver, before anything starts: the plan against the world and the model."""
     cfg.plan.validate(world_size, cfg.model, cfg.train.global_batch // cfg.plan.dp, world_name="workers.num",
-                      model_dtype=cfg.train.dtype)
+                      model_dtype=cfg.train.dtype, seq_len=cfg.train.seq_len)
     cfg.check()
 
 
@@ -143,7 +143,7 @@ def prepare(cfg: Config, run_dir: Path) -> None:
 
 def train(ctx: RankContext, cfg: Config) -> dict:
     plan = cfg.plan
-    plan.validate(ctx.world_size, cfg.model, cfg.train.global_batch // plan.dp)
+    plan.validate(ctx.world_size, cfg.model, cfg.train.global_batch // plan.dp, seq_len=cfg.train.seq_len)
     torch.manual_seed(cfg.train.seed)
     dtype = getattr(torch, cfg.train.dtype)
     mesh = build_mesh(plan, ctx.device_type)
