@@ -46,18 +46,12 @@ import time
 
 import torch
 import torch.distributed as dist
+from memstat import proc_status
 
 ALLOCATOR = {"M_TRIM_THRESHOLD": (-1, 131072), "M_MMAP_THRESHOLD": (-3, 131072)}  # mallopt parameter, value
 ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072", "OMP_NUM_THREADS": "1"}
 LOSS_TOL = 1e-4
 
-
-def _status(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status (Linux only)")
 
 
 def _fix_allocator() -> None:
@@ -126,9 +120,9 @@ def bench_rank(ctx, args: dict) -> dict:
     ctypes.CDLL("libc.so.6").malloc_trim(0)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # the peak RSS becomes the current RSS
-    before = _status("VmRSS:")
+    before = proc_status("VmRSS:")
     parts.train_step(inputs, targets, optim.lr)
-    rss = _status("VmHWM:") - before
+    rss = proc_status("VmHWM:") - before
 
     times = []
     for _ in range(args["steps"]):

@@ -45,6 +45,8 @@ import os
 import subprocess
 import sys
 
+from memstat import proc_status
+
 ALLOCATOR_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072",
                  "MALLOC_TOP_PAD_": "0", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 SHAPES = {
@@ -60,13 +62,6 @@ def kv_bytes_per_token(shape: str) -> int:
     kv_heads = c.get("n_kv_heads") or c["n_heads"]
     return c["n_layers"] * 2 * kv_heads * (c["d_model"] // c["n_heads"]) * 4
 
-
-def _status(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status (Linux only)")
 
 
 def trial(shape: str, method: str, length: int, chunk: int) -> int:
@@ -101,9 +96,9 @@ def trial(shape: str, method: str, length: int, chunk: int) -> int:
     ctypes.CDLL("libc.so.6").malloc_trim(0)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the peak RSS to the current RSS
-    before = _status("VmRSS:")
+    before = proc_status("VmRSS:")
     step(length)
-    return _status("VmHWM:") - before
+    return proc_status("VmHWM:") - before
 
 
 def run_trial(shape: str, method: str, length: int, chunk: int, timeout: float) -> int:
