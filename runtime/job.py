@@ -3,6 +3,9 @@
 A job module (named by the spec's ``job`` key) provides:
     Config                         dataclass of its sections ([model], [data], [train], ...)
     train(ctx, cfg) -> Any         runs on every rank; loads ``ctx.resume_from`` when it is set
+    control(job, cfg) -> Any       instead of train: runs ON THE DRIVER and drives the job itself with
+                                   the ``Job`` handle's worker groups and actor pools (e.g. a trainer
+                                   group and generator actors); its return value is the result
     validate(cfg, world_size)      optional, on the driver before anything starts; raises ValueError
     prepare(cfg, run_dir)          optional, on the driver before ranks start (e.g. build a dataset);
                                    it must not write into run_dir, which the runtime owns
@@ -12,9 +15,16 @@ runtime's resume handling (runtime/run_dir.py); a module may instead define ``re
 
 Order, so that a launch that fails changes nothing on disk: validate -> resume path checked ->
 connect -> prepare -> ranks placed -> earlier run moved aside, spec.json and plait.log written ->
-train. Restarts (``workers.max_restarts``) are for crashes only (a dead process, a lost node, a
+train. A control job places its own groups, so its run directory starts (earlier run moved aside,
+run.json, spec.json, plait.log) after prepare and just before control is called: a placement that
+fails inside control leaves this run recorded (with the error in plait.log).
+
+Restarts (``workers.max_restarts``) are for crashes only (a dead process, a lost node, a
 communication error, a timeout); an error that would repeat (bad input, a corrupt file, a bug)
-ends the job at once with its message.
+ends the job at once with its message. For a control job, a transient ``RankError`` escaping
+control (from one of its worker groups) tears down every group and pool it made and calls control
+again with ``job.attempt`` + 1 and ``job.resume_from`` = the restart point; a failed pool actor is
+control's own business (``ActorPool.replace``), and anything else escaping control ends the job.
 """
 
 from __future__ import annotations
@@ -23,14 +33,16 @@ import dataclasses
 import json
 import logging
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+from plait.runtime.actor_pool import ActorPool
 from plait.runtime.cluster import connect, link_ray_logs
 from plait.runtime.metrics import progress_mode
 from plait.runtime.run_dir import RunDir
 from plait.runtime.spec import JobSpec
-from plait.runtime.worker_group import RankError, WorkerGroup
+from plait.runtime.worker_group import RankError, WorkerConfig, WorkerGroup
 
 log = logging.getLogger("plait")
 
@@ -70,7 +82,10 @@ def run_job(spec: JobSpec) -> dict[str, Any]:
     validate_job(spec)
     run = RunDir.plan(spec.run_dir, resume_request(spec))
     cluster = connect(spec.cluster)  # a wrong address fails here, in seconds, before any data is built
-    log.info("cluster: %s; job %s on %d ranks", cluster, spec.job, spec.workers.num)
+    if hasattr(spec.module, "control"):
+        log.info("cluster: %s; control job %s (its groups and pools are placed by control)", cluster, spec.job)
+    else:
+        log.info("cluster: %s; job %s on %d ranks", cluster, spec.job, spec.workers.num)
     if hasattr(spec.module, "prepare"):
         spec.module.prepare(spec.config, run.path)
     try:
@@ -82,7 +97,8 @@ def run_job(spec: JobSpec) -> dict[str, Any]:
 
 
 def _start_outputs(spec: JobSpec, run: RunDir) -> None:
-    """The ranks are placed: now the run directory changes (earlier run aside, this run recorded)."""
+    """The ranks are placed (or, for a control job, control is about to start): now the run directory
+    changes (earlier run aside, this run recorded)."""
     run.start(spec.job)
     handler = _log_to_run_dir(run.path)
     handler.plait_run_dir = run.path
@@ -93,20 +109,82 @@ def _start_outputs(spec: JobSpec, run: RunDir) -> None:
         print(f"[plait] {note}", flush=True)
 
 
+@dataclass
+class Job:
+    """What ``control(job, cfg)`` drives the job with. Groups and pools made through it are torn down
+    when control returns or raises."""
+
+    run_dir: Path
+    run_id: str
+    resume_from: Path | None  # the checkpoint to load (None: step 0); after a restart, this run's newest
+    attempt: int  # restarts so far
+    workers: WorkerConfig  # the spec's [workers]: worker_group()'s defaults; max_restarts governs control restarts
+    code: dict[str, tuple[str, str]] = field(default_factory=dict, repr=False)  # the local job module, shipped
+    env: dict[str, str] = field(default_factory=dict, repr=False)  # environment of every actor
+    owned: list = field(default_factory=list, repr=False)  # groups and pools to tear down
+
+    def worker_group(self, **overrides: Any) -> WorkerGroup:
+        """A WorkerGroup of ``workers`` with ``overrides`` (num=..., cpus_per_worker=...), with the job's
+        code, env and context (run_dir, run_id, resume_from, attempt)."""
+        known = {f.name for f in dataclasses.fields(WorkerConfig)}
+        if set(overrides) - known:
+            raise ValueError(f"job.worker_group({', '.join(sorted(set(overrides) - known))}=...): not WorkerConfig "
+                             f"fields; choose from {sorted(known)}")
+        cfg = dataclasses.replace(self.workers, **overrides)
+        context = {"run_id": self.run_id, "resume_from": self.resume_from}
+        group = WorkerGroup(cfg, self.run_dir, attempt=self.attempt, env=self.env, context=context, code=self.code)
+        self.owned.append(group)
+        return group
+
+    def actor_pool(self, cls: type | Callable | str, num: int, **kw: Any) -> ActorPool:
+        """An ActorPool (keywords as ActorPool's) with the job's code and env (``env=`` adds to it)."""
+        pool = ActorPool(cls, num, code=self.code, env={**self.env, **kw.pop("env", {})}, **kw)
+        self.owned.append(pool)
+        return pool
+
+    def close(self, graceful: bool = True) -> None:
+        """Tear down every group and pool made through this handle, newest first."""
+        while self.owned:
+            owned = self.owned.pop()
+            try:
+                if isinstance(owned, WorkerGroup):
+                    owned.shutdown(graceful)
+                else:
+                    owned.shutdown()
+            except Exception as e:  # noqa: BLE001 - free the others whatever one of them does
+                log.warning("tearing down %s failed: %s", type(owned).__name__, e)
+
+
+def _attempt(spec: JobSpec, run: RunDir, attempt: int, resume_from: Path | None) -> Any:
+    """One try at the job: ``control`` on the driver, or ``train`` on every rank of one group."""
+    # A live progress bar only when someone watches a terminal; plain lines in logs otherwise.
+    env = {"PLAIT_PROGRESS": progress_mode()}
+    control = getattr(spec.module, "control", None)
+    if control is not None:
+        if attempt == 0:
+            _start_outputs(spec, run)
+        job = Job(run.path, run.run_id, resume_from, attempt, spec.workers, dict(spec.code), env)
+        try:
+            result = control(job, spec.config)
+        except BaseException:
+            job.close(graceful=False)
+            raise
+        job.close()
+        return result
+    context = {"run_id": run.run_id, "resume_from": resume_from}
+    with WorkerGroup(spec.workers, run.path, attempt=attempt, env=env, context=context, code=spec.code) as group:
+        if attempt == 0:
+            _start_outputs(spec, run)
+        return group.run(spec.module.train, spec.config)
+
+
 def _run(spec: JobSpec, run: RunDir) -> dict[str, Any]:
     module, cfg = spec.module, spec.config
     started = time.time()
     attempt, resume_from = 0, run.resume_from
     while True:
         try:
-            # A live progress bar only when someone watches a terminal; plain lines in logs otherwise.
-            env = {"PLAIT_PROGRESS": progress_mode()}
-            context = {"run_id": run.run_id, "resume_from": resume_from}
-            with WorkerGroup(spec.workers, run.path, attempt=attempt, env=env, context=context,
-                             code=spec.code) as group:
-                if attempt == 0:
-                    _start_outputs(spec, run)
-                results = group.run(module.train, cfg)
+            results = _attempt(spec, run, attempt, resume_from)
             break
         except RankError as e:
             log.error("attempt %d failed: %s", attempt, e)
@@ -119,6 +197,10 @@ def _run(spec: JobSpec, run: RunDir) -> dict[str, Any]:
             resume_from = run.restart_point()
             print(f"[plait] rank {e.rank} failed ({getattr(e, 'kind', 'crash')}); restart {attempt}/"
                   f"{spec.workers.max_restarts} from {resume_from or 'step 0 (no checkpoint yet)'}", flush=True)
+        except Exception as e:
+            if hasattr(module, "control"):  # into plait.log: control's run directory has started
+                log.error("control failed: %s: %s", type(e).__name__, e)
+            raise
     summary = module.summarize(cfg, run.path, results) if hasattr(module, "summarize") else {"results": results}
     summary.update(run_dir=str(run.path), run_id=run.run_id, wall_s=round(time.time() - started, 1),
                    restarts=attempt)

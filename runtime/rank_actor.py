@@ -1,16 +1,22 @@
 """One rank of a worker group: a Ray actor that owns a torch.distributed process group.
 
 The driver (runtime/worker_group.py) places the actors, asks rank 0 to open the rendezvous store,
-then calls ``setup`` on every rank and ``run`` for each job call. A failure inside the actor comes
-back as ``RemoteFailure``: its kind, its one-line message, its traceback, and whether a restart can
-fix it (``classify``), decided here where the real exception object is.
+then calls ``setup`` on every rank and ``run`` for each job call. A rank may also hold one user
+object (``start`` builds it, ``call`` calls its methods), so state lives between calls. The same
+actor, without ``setup``, is one slot of an ``ActorPool`` (runtime/actor_pool.py).
+
+A failure inside the actor comes back as ``RemoteFailure``: its kind, its one-line message, its
+traceback, and whether a restart can fix it (``classify``), decided here where the real exception
+object is. On the driver, ``Failure.of`` reads any Ray error of a call back into those terms.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 import traceback
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Callable
 
@@ -56,6 +62,50 @@ class RemoteFailure(Exception):
         return self.tb
 
 
+@dataclass
+class Failure:
+    """What a call's Ray error means, read on the driver."""
+
+    kind: str
+    message: str
+    transient: bool
+    detail: str  # what the user reads: the remote traceback, or what happened to the process
+    cause: BaseException | None
+    died: bool = False  # the actor's process (or node) is gone
+
+    @property
+    def priority(self) -> int:
+        """Lower is more informative: a real error, then a dead process, then a peer's communication error."""
+        return 0 if not self.transient else 1 if self.died else 2
+
+    @classmethod
+    def of(cls, e: ray.exceptions.RayError) -> "Failure":
+        if isinstance(e, ray.exceptions.RayTaskError):
+            cause = e.cause
+            if isinstance(cause, RemoteFailure):
+                return cls(cause.kind, cause.message, cause.transient, cause.tb, cause)
+            inner = getattr(cause, "client_exc", None)  # e.g. the actor could not unpickle (import) the function
+            return cls(*classify(inner if isinstance(inner, BaseException) else cause or e), str(e), cause)
+        if isinstance(e, ray.exceptions.RuntimeEnvSetupError):  # the actor's environment cannot be built
+            return cls(type(e).__name__, str(e), False, str(e), e)
+        died = isinstance(e, ray.exceptions.RayActorError)
+        detail = f"the actor's process died: {e}" if died else str(e)
+        return cls(type(e).__name__, detail, True, detail, e, died=died)
+
+
+def resolve_factory(factory: Callable | str) -> Callable:
+    """A class or factory, or its ``"module:qualname"`` name, imported here (after ``install_modules``)."""
+    if not isinstance(factory, str):
+        return factory
+    module_name, sep, qualname = factory.partition(":")
+    if not sep or not module_name or not qualname:
+        raise ValueError(f"factory name {factory!r}: write it as 'module:QualName', e.g. 'my_job:Generator'")
+    obj: Any = importlib.import_module(module_name)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
 def node_ip() -> str:
     """The address this node registered with Ray (127.0.0.1 for the embedded cluster)."""
     try:
@@ -90,6 +140,10 @@ class RankActor:
         install_modules(code or {})
         self.ctx: RankContext | None = None
         self.store = None
+        self.obj: Any = None  # the user's object, built by start()
+
+    def pid(self) -> int:
+        return os.getpid()
 
     def node_info(self) -> tuple[str, str]:
         """``(node ip, Ray node id)``: the id tells nodes apart even when they share an ip."""
@@ -148,6 +202,27 @@ class RankActor:
         try:
             return fn(self.ctx, *args, **kwargs)
         except BaseException as e:  # keep the remote traceback readable in the driver
+            raise RemoteFailure.of(e) from None
+
+    def start(self, factory: Callable | str, args: tuple, kwargs: dict, with_context: bool = True) -> None:
+        """Build the user's object: ``factory(ctx, *args, **kwargs)`` on a rank, ``factory(*args, **kwargs)``
+        in a pool. Its class arrives here with this call, after ``__init__`` installed the job's code."""
+        try:
+            factory = resolve_factory(factory)
+            self.obj = factory(self.ctx, *args, **kwargs) if with_context else factory(*args, **kwargs)
+        except BaseException as e:
+            raise RemoteFailure.of(e) from None
+
+    def call(self, method: str, args: tuple, kwargs: dict) -> Any:
+        """``obj.method(*args, **kwargs)`` on the object ``start`` built."""
+        try:
+            if self.obj is None:
+                raise RuntimeError(f"no object to call {method!r} on: start(cls) must build it first")
+            bound = getattr(self.obj, method, None)
+            if not callable(bound):
+                raise AttributeError(f"{type(self.obj).__name__} has no method {method!r}")
+            return bound(*args, **kwargs)
+        except BaseException as e:
             raise RemoteFailure.of(e) from None
 
     def teardown(self) -> None:

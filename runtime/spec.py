@@ -1,6 +1,7 @@
 """Job specs: a TOML file naming the job (a Python module) and its settings.
 
-    job = "plait.parallel.gpt_job"      # module with Config, train(ctx, cfg); optional prepare, summarize
+    job = "plait.parallel.gpt_job"      # module with Config, train(ctx, cfg) or control(job, cfg); optional
+                                        # validate, prepare, summarize
     run_dir = "runs/demo"
     [cluster]  address, num_cpus, ...     -> plait.runtime.cluster.ClusterConfig
     [workers]  num, cpus_per_worker, ...  -> plait.runtime.worker_group.WorkerConfig
@@ -58,9 +59,12 @@ def load_job_module(name: str, search: list[Path] | None = None) -> ModuleType:
         raise ConfigError(f"job = {name!r}: cannot import it ({e}); {hint}") from None
     except Exception as e:  # noqa: BLE001 - a syntax or runtime error in the user's module
         raise ConfigError(f"job = {name!r}: importing it failed with {type(e).__name__}: {e}") from None
-    for attr in ("Config", "train"):
-        if not hasattr(module, attr):
-            raise ConfigError(f"job = {name!r} has no '{attr}': a job module defines Config and train(ctx, cfg)")
+    missing = [attr for attr in ("Config", "train") if not hasattr(module, attr)]
+    if "train" in missing and hasattr(module, "control"):
+        missing.remove("train")  # a control job drives its own groups and actors from the driver
+    if missing:
+        raise ConfigError(f"job = {name!r} has no '{missing[0]}': a job module defines Config and train(ctx, cfg) "
+                          "(or control(job, cfg), run on the driver)")
     return module
 
 

@@ -2,6 +2,9 @@
 
     with WorkerGroup(WorkerConfig(num=4), run_dir) as group:
         results = group.run(train, cfg)          # train(ctx: RankContext, cfg) on every rank
+        group.start(Trainer, cfg)                # one Trainer(ctx, cfg) per rank, kept between calls
+        refs = group.submit("step", batch)       # returns at once: drive other actors meanwhile
+        stats = group.gather(refs)               # ... then collect, in rank order
 
 Rank 0's actor opens the rendezvous store on a port the OS picks and keeps it bound (loopback when
 every rank is on one machine); each actor initialises torch.distributed through it (NCCL when it
@@ -17,11 +20,11 @@ import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import ray
 from plait.runtime.context import RankContext
-from plait.runtime.rank_actor import RankActor, RemoteFailure, classify
+from plait.runtime.rank_actor import Failure, RankActor
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -100,35 +103,6 @@ def local_ranks(node_ids: list[str]) -> list[tuple[int, int]]:
     return [(node_ids[:rank].count(node), node_ids.count(node)) for rank, node in enumerate(node_ids)]
 
 
-@dataclass
-class _Failure:
-    kind: str
-    message: str
-    transient: bool
-    detail: str  # what the user reads: the rank's traceback, or what happened to its process
-    cause: BaseException | None
-    died: bool = False  # the rank's process (or node) is gone
-
-    @property
-    def priority(self) -> int:
-        """Lower is more informative: a real error, then a dead process, then a peer's communication error."""
-        return 0 if not self.transient else 1 if self.died else 2
-
-    @classmethod
-    def of(cls, e: ray.exceptions.RayError) -> "_Failure":
-        if isinstance(e, ray.exceptions.RayTaskError):
-            cause = e.cause
-            if isinstance(cause, RemoteFailure):
-                return cls(cause.kind, cause.message, cause.transient, cause.tb, cause)
-            inner = getattr(cause, "client_exc", None)  # e.g. the rank could not unpickle (import) the function
-            return cls(*classify(inner if isinstance(inner, BaseException) else cause or e), str(e), cause)
-        if isinstance(e, ray.exceptions.RuntimeEnvSetupError):  # the rank's environment cannot be built
-            return cls(type(e).__name__, str(e), False, str(e), e)
-        died = isinstance(e, ray.exceptions.RayActorError)
-        detail = f"the rank's process died: {e}" if died else str(e)
-        return cls(type(e).__name__, detail, True, detail, e, died=died)
-
-
 class WorkerGroup:
     def __init__(self, cfg: WorkerConfig, run_dir: str | Path, *, attempt: int = 0, env: dict[str, str] | None = None,
                  context: dict[str, Any] | None = None, pg_timeout_s: float | None = None,
@@ -142,6 +116,7 @@ class WorkerGroup:
         self.context = _checked_context(context or {})
         self.world_size = cfg.num
         self.node_ips: list[str] = []
+        self.started = False  # start() built an object on every rank
         gpus = gpus_per_rank(cfg.gpus_per_worker, ray.cluster_resources().get("GPU", 0), cfg.num)
         self._check_capacity(gpus)
         bundle = {"CPU": cfg.cpus_per_worker, **({"GPU": gpus} if gpus else {})}
@@ -216,9 +191,70 @@ class WorkerGroup:
 
         With ``call_timeout_s`` set, ranks that have not returned by then are torn down and reported.
         """
+        return self._gather([a.run.remote(fn, args, kwargs) for a in self._live()], self.cfg.call_timeout_s)
+
+    def run_each(self, fn: Callable, per_rank_args: Sequence[tuple], **kwargs: Any) -> list[Any]:
+        """Call ``fn(ctx, *per_rank_args[rank], **kwargs)`` on every rank; results in rank order."""
+        rows = self._rows(per_rank_args)
+        return self._gather([a.run.remote(fn, row, kwargs) for a, row in zip(self._live(), rows, strict=True)],
+                            self.cfg.call_timeout_s)
+
+    def start(self, factory: Callable | str, *args: Any, per_rank_args: Sequence[tuple] | None = None,
+              **kwargs: Any) -> None:
+        """Build one object per rank, ``factory(ctx, *args, *per_rank_args[rank], **kwargs)``, kept in the rank
+        for ``call``/``submit`` (a second start replaces it). ``factory``: a class or function, or its
+        ``"module:qualname"``. A failure is raised like ``run``'s."""
+        rows = self._rows(per_rank_args)
+        self._gather([a.start.remote(factory, args + row, kwargs) for a, row in zip(self._live(), rows, strict=True)],
+                     self.cfg.call_timeout_s)
+        self.started = True
+
+    def call(self, method: str, *args: Any, per_rank_args: Sequence[tuple] | None = None, **kwargs: Any) -> list:
+        """``obj.method(*args, *per_rank_args[rank], **kwargs)`` on every rank's object; results in rank order."""
+        return self.gather(self.submit(method, *args, per_rank_args=per_rank_args, **kwargs))
+
+    def submit(self, method: str, *args: Any, per_rank_args: Sequence[tuple] | None = None,
+               **kwargs: Any) -> list[ray.ObjectRef]:
+        """Like ``call`` but returns at once: one ref per rank, in rank order, for ``gather`` (or ``ready``)."""
+        if not self.started:
+            raise RuntimeError(f"group.submit({method!r}): no object on the ranks yet; call group.start(cls) first")
+        rows = self._rows(per_rank_args)
+        return [a.call.remote(method, args + row, kwargs) for a, row in zip(self._live(), rows, strict=True)]
+
+    def gather(self, refs: Sequence[ray.ObjectRef], timeout_s: float | None = None) -> list[Any]:
+        """The results of ``submit``'s refs in rank order; a failure tears the group down and raises
+        ``RankError`` as ``run`` does. ``timeout_s`` (default ``workers.call_timeout_s``, 0 = none)."""
+        self._live()
+        if len(refs) != self.world_size:
+            raise ValueError(f"group.gather got {len(refs)} refs for {self.world_size} ranks: pass the whole list "
+                             "group.submit returned")
+        return self._gather(list(refs), self.cfg.call_timeout_s if timeout_s is None else timeout_s)
+
+    def ready(self, refs: Sequence[ray.ObjectRef]) -> bool:
+        """Without blocking: True when ``gather(refs)`` would return or raise at once (every rank finished,
+        or one failed)."""
+        done, _ = ray.wait(list(refs), num_returns=len(refs), timeout=0)
+        if len(done) == len(refs):
+            return True
+        for ref in done:
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayError:
+                return True
+        return False
+
+    def _rows(self, per_rank_args: Sequence[tuple] | None) -> list[tuple]:
+        if per_rank_args is None:
+            return [()] * self.world_size
+        if len(per_rank_args) != self.world_size or not all(isinstance(r, (tuple, list)) for r in per_rank_args):
+            raise ValueError(f"per_rank_args must hold one tuple of arguments per rank ({self.world_size}), got "
+                             f"{len(per_rank_args)} entries: {str(per_rank_args)[:200]}")
+        return [tuple(r) for r in per_rank_args]
+
+    def _live(self) -> list:
         if not self.actors:
             raise RuntimeError("this worker group was shut down (a rank failed or shutdown() was called)")
-        return self._gather([a.run.remote(fn, args, kwargs) for a in self.actors], self.cfg.call_timeout_s)
+        return self.actors
 
     def _gather(self, refs: list, timeout_s: float = 0.0) -> list[Any]:
         results: dict[int, Any] = {}
@@ -232,10 +268,10 @@ class WorkerGroup:
             try:
                 results[refs.index(done[0])] = ray.get(done[0])
             except ray.exceptions.RayError as e:
-                self._fail(refs, {refs.index(done[0]): _Failure.of(e)}, pending)
+                self._fail(refs, {refs.index(done[0]): Failure.of(e)}, pending)
         return [results[r] for r in range(len(refs))]
 
-    def _fail(self, refs: list, failures: dict[int, _Failure], pending: list) -> None:
+    def _fail(self, refs: list, failures: dict[int, Failure], pending: list) -> None:
         """Tear the group down and raise the most informative failure among the ranks'.
 
         A rank's own error often makes its peers fail too ("connection closed by peer"): when the first
@@ -247,7 +283,7 @@ class WorkerGroup:
                 try:
                     ray.get(ref)
                 except ray.exceptions.RayError as e:
-                    failures[refs.index(ref)] = _Failure.of(e)
+                    failures[refs.index(ref)] = Failure.of(e)
         rank = min(failures, key=lambda r: failures[r].priority)  # ties: the first to fail
         f = failures[rank]
         ip = self.node_ips[rank] if self.node_ips else "?"
