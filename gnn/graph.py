@@ -19,18 +19,14 @@ the edges themselves go to a memory-mapped file.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import re
-import shutil
-import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from plait.storage.row_shards import dataset_lock
+from plait.storage.folders import ForeignFolderError, fsync_path, read_meta, write_folder, write_npy
 
 FORMAT = "plait-csc-graph"
 VERSION = 1
@@ -39,8 +35,7 @@ MAX_NODES = 2**31 - 1  # indices are int32
 SORT_CHUNK_EDGES = 1 << 22  # edges sorted (and deduplicated) at a time in the last pass
 
 
-class NotAGraphError(ValueError):
-    """A path holds something this module did not write: it is never replaced or deleted."""
+NotAGraphError = ForeignFolderError  # a path that is not a graph folder written here
 
 
 class CorruptGraphError(RuntimeError):
@@ -89,8 +84,8 @@ class CSCGraph:
         path = Path(path)
 
         def build(tmp: Path) -> None:
-            _write_npy(tmp / "indptr.npy", np.asarray(self.indptr, dtype=np.int64))
-            _write_npy(tmp / "indices.npy", np.asarray(self.indices, dtype=np.int32))
+            write_npy(tmp / "indptr.npy", np.asarray(self.indptr, dtype=np.int64))
+            write_npy(tmp / "indices.npy", np.asarray(self.indices, dtype=np.int32))
             _write_meta(tmp, self.num_nodes, self.num_edges, {})
 
         write_folder(path, build, is_graph_folder, "graph")
@@ -212,8 +207,8 @@ def write_graph_files(folder: Path, chunks: Callable[[], Iterable[tuple[np.ndarr
         indices.flush()
         del raw, indices
         os.unlink(folder / "unsorted.npy")
-    _fsync(folder / "indices.npy")
-    _write_npy(folder / "indptr.npy", indptr)
+    fsync_path(folder / "indices.npy")
+    write_npy(folder / "indptr.npy", indptr)
     _write_meta(folder, n, e, {"undirected": undirected, "deduplicated": dedupe})
 
 
@@ -304,95 +299,13 @@ def _sort_segments(indices: np.ndarray, indptr: np.ndarray, n: int, dedupe: bool
     return out
 
 
-# ---- folders committed atomically ---------------------------------------------------------------------------
-
-
-def read_meta(path: Path) -> dict | None:
-    """The JSON object in ``path/meta.json``; None when absent or not a JSON object."""
-    try:
-        meta = json.loads((Path(path) / "meta.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return meta if isinstance(meta, dict) else None
-
-
 def is_graph_folder(path: Path) -> bool:
     """Whether ``path`` is a folder this module wrote, holding nothing but a graph's files."""
     meta = read_meta(path)
     return bool(meta) and meta.get("format") == FORMAT and set(os.listdir(path)) <= set(GRAPH_FILES)
 
 
-def write_folder(path: Path, build: Callable[[Path], None], is_ours: Callable[[Path], bool], what: str) -> None:
-    """Run ``build(tmp)`` on a fresh folder beside ``path``, fsync it, and rename it to ``path``, under
-    ``dataset_lock(path)``. ``path`` must be absent, an empty folder, or a folder ``is_ours`` accepts."""
-    path = Path(path)
-    with dataset_lock(path):
-        if path.is_symlink() or (path.exists() and not path.is_dir()):
-            kind = "a symbolic link" if path.is_symlink() else "a file"
-            raise NotAGraphError(f"{path} is {kind}, not a {what} folder: it is never replaced; choose another path")
-        if path.exists() and os.listdir(path) and not is_ours(path):
-            names = sorted(os.listdir(path))
-            shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
-            raise NotAGraphError(f"{path} is not a {what} folder written by Plait (it holds {shown}); it is never "
-                                 "replaced or deleted: move it away or choose another path")
-        _remove_stale(path, is_ours)
-        suffix = f"{os.getpid()}-{threading.get_native_id()}"
-        tmp = path.with_name(f"{path.name}.tmp-{suffix}")
-        tmp.mkdir(parents=True)
-        try:
-            build(tmp)
-            _fsync_tree(tmp)
-            if path.exists():
-                old = path.with_name(f"{path.name}.old-{suffix}")
-                os.rename(path, old)
-                try:
-                    os.rename(tmp, path)
-                except BaseException:
-                    os.rename(old, path)
-                    raise
-                shutil.rmtree(old)  # checked above: only our own files
-            else:
-                os.rename(tmp, path)
-            _fsync(path.parent)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp)
-
-
-def _remove_stale(path: Path, is_ours: Callable[[Path], bool]) -> None:
-    """Folders aside from a crashed build of ``path`` (the lock is held: nobody else is building it)."""
-    pattern = re.compile(re.escape(path.name) + r"\.(tmp|old)-\d+-\d+")
-    if path.parent.is_dir():
-        for entry in path.parent.iterdir():
-            if pattern.fullmatch(entry.name) and entry.is_dir() and not entry.is_symlink():
-                if entry.name.startswith(f"{path.name}.tmp-") or is_ours(entry):
-                    shutil.rmtree(entry)
-
-
-def _write_npy(file: Path, array: np.ndarray) -> None:
-    with open(file, "wb") as f:
-        np.save(f, array, allow_pickle=False)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def _write_meta(folder: Path, num_nodes: int, num_edges: int, extra: dict) -> None:
     meta = {"format": FORMAT, "version": VERSION, "num_nodes": int(num_nodes), "num_edges": int(num_edges), **extra}
     (folder / "meta.json").write_text(json.dumps(meta, indent=1))
-    _fsync(folder / "meta.json")
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(folder: Path) -> None:
-    for root, dirs, files in os.walk(folder, topdown=False):
-        for name in files + dirs:
-            with contextlib.suppress(OSError):
-                _fsync(Path(root) / name)
-    _fsync(folder)
+    fsync_path(folder / "meta.json")

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from plait.storage.disk_reader import DiskStore, drop_page_cache
 from plait.storage.feature_file import FeatureFileError, FeatureWriter, open_feature_file, write_features
-from plait.storage.feature_file import write_features_from_parquet as from_parquet
+from plait.storage.feature_ingest import write_features_from_parquet as from_parquet
 from plait.storage.store import RowStore, read_async
 from plait.storage.zarr_store import ZarrStore, write_zarr_features
 
