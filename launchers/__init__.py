@@ -1,0 +1,1 @@
+"""How people run Plait on clusters: ray job submit, Slurm, torchrun, mpirun."""
