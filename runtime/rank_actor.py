@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 import ray
 from plait.runtime.context import RankContext
+from plait.runtime.rank_setup import Placement, Rendezvous, setup_rank
 
 # What gloo (and NCCL through RuntimeError) says when a peer process went away mid-collective.
 _PEER_GONE = re.compile(r"(closed|reset) by peer|broken pipe", re.IGNORECASE)
@@ -169,7 +170,6 @@ class RankActor:
 
     def _setup(self, fields: dict, master: tuple[str, int], timeout_s: float) -> str:
         import torch
-        import torch.distributed as dist
 
         gpus = ray.get_gpu_ids()
         if gpus and not torch.cuda.is_available():
@@ -178,25 +178,14 @@ class RankActor:
                 f"{torch.__version__} there cannot use CUDA (a CPU build of torch, or no driver): install CUDA "
                 "torch on that node, or set workers.gpus_per_worker=0 to run the ranks on CPU"
             )
-        # Ray shows this actor only its own GPU(s) (CUDA_VISIBLE_DEVICES), so its device is cuda:0 and
-        # LOCAL_RANK, which DeepSpeed and DeviceMesh read to pick a device, must say 0, not the node-local index.
-        device = torch.device("cuda", 0) if gpus else torch.device("cpu")
-        if gpus:
-            torch.cuda.set_device(device)
-        backend = "nccl" if gpus else "gloo"
-        if master[0].startswith("127."):
-            os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-        rank, world_size = fields["rank"], fields["world_size"]
-        os.environ.update(
-            MASTER_ADDR=master[0], MASTER_PORT=str(master[1]), RANK=str(rank), WORLD_SIZE=str(world_size),
-            LOCAL_RANK=str(0 if gpus else fields["local_rank"]), LOCAL_WORLD_SIZE=str(fields["local_world_size"]),
-        )
-        timeout = timedelta(seconds=timeout_s)
-        store = self.store if rank == 0 else dist.TCPStore(*master, world_size, is_master=False, timeout=timeout)
-        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout,
-                                device_id=device if gpus else None)
-        self.ctx = RankContext(device=device, backend=backend, **fields)
-        return backend
+        fields = dict(fields)
+        placement = Placement(*(fields.pop(k) for k in ("rank", "world_size", "local_rank", "local_world_size",
+                                                          "node_ip")), launcher="ray")
+        # Rank 0 holds the store it opened; the others join it at master.
+        rendezvous = Rendezvous(*master, store=self.store if placement.rank == 0 else None)
+        # Ray shows this actor only its own GPU(s) (CUDA_VISIBLE_DEVICES): setup_rank picks cuda:0.
+        self.ctx = setup_rank(placement, rendezvous, use_gpu=bool(gpus), timeout_s=timeout_s, **fields)
+        return self.ctx.backend
 
     def run(self, fn: Callable, args: tuple, kwargs: dict) -> Any:
         try:
