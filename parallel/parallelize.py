@@ -56,6 +56,7 @@ from plait.parallel.data_parallel import (
     build_deepspeed_engine,
     call_model,
     deepspeed_train_step,
+    full_parameters,
     to_device,
 )
 from plait.parallel.mesh import data_mesh, root_dims
@@ -345,3 +346,30 @@ def _parallelize_deepspeed(build_model, plan, mesh, device, optim, global_batch,
         return float(_mean_over(loss.double().reshape(()).clone(), data_mesh(mesh)))
 
     return Parallelized(modules=[engine.module], optimizers=[], train_step=train_step, mesh=mesh, engine=engine)
+
+
+WRAPPER_SEGMENTS = ("_checkpoint_wrapped_module.", "_orig_mod.")  # activation checkpointing, torch.compile
+
+
+def clean_fqn(name: str) -> str:
+    """A parameter's name in the unwrapped model: wrapper segments (activation checkpointing's
+    ``_checkpoint_wrapped_module.``, torch.compile's ``_orig_mod.``) and DDP's leading ``module.`` removed."""
+    for segment in WRAPPER_SEGMENTS:
+        name = name.replace(segment, "")
+    return name.removeprefix("module.")
+
+
+def unsharded_parameters(parts: Parallelized | list[nn.Module]) -> dict[str, torch.Tensor]:
+    """Full (unsharded) copies of this rank's parameters, named as in the unwrapped model
+    (``model.state_dict()`` of a plain ``build_model()``), e.g. to publish weights to inference actors.
+    A collective under FSDP2 and ZeRO-3: call it on every rank of the data-parallel group. Under pipeline
+    parallelism a rank returns its own stages' parameters only."""
+    if isinstance(parts, Parallelized):
+        modules = [parts.engine] if parts.engine is not None else parts.modules
+    else:
+        modules = list(parts)
+    out: dict[str, torch.Tensor] = {}
+    for module in modules:
+        for name, tensor in full_parameters(module).items():
+            out[clean_fqn(name)] = tensor
+    return out

@@ -1,0 +1,297 @@
+"""Asynchronous RL post-training as a control job: ``job = "plait.rl.rl_job"`` (examples/rl_digit_sum.toml).
+
+On the driver, ``control`` drives a trainer worker group (the spec's ``[workers]``: one rank, or data
+parallelism under ``[plan]``) and ``rl.generators`` generator actors (an ActorPool outside the trainer's
+process group):
+
+  - every idle generator gets the next work item (``generation.prompts_per_call`` tasks of the stream, each
+    sampled ``group_size`` times) with the newest published weights, as long as the staleness queue admits
+    it (``plait.rl.staleness``: at most ``(eta + 1) * batch_prompts`` prompts outstanding);
+  - finished rollouts go into the queue; whenever the trainer is idle and ``batch_prompts`` fresh prompts
+    are queued, a step starts on them, and rollouts older than ``eta`` versions are dropped, never trained;
+  - each step publishes version k + 1 once (object store) and generators pick it up with their next work
+    (or mid-generation with ``generation.interrupt``);
+  - a generator whose process dies is replaced, and its lost work is issued again under the same uid
+    (the queue refuses a uid twice, so no sample is trained twice or lost from the count).
+
+``rl.eta = 0`` is the synchronous baseline through the same loop. Checkpoints (every
+``train.checkpoint_every`` versions and at the end) hold the policy, the optimizer, the weight version and
+the controller's position (task cursor, work not yet trained, next uid); ``train.resume = "latest"``
+continues from them. Metrics per version: reward, staleness_<s> (prompts trained at staleness s),
+dropped, samples_per_s, gen_idle_share, trainer_idle_share (shares of the loop's wall time without work in
+flight), completion_len, the loss statistics and wall_s (seconds since the loop started).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import ray
+from plait.parallel.models.gpt import GPTConfig
+from plait.parallel.plan import ParallelPlan
+from plait.rl.generator import GenerationConfig, Generator, RolloutBatch, Work
+from plait.rl.staleness import StalenessQueue
+from plait.rl.tasks import make_tasks
+from plait.rl.tokenizer import CharTokenizer
+from plait.rl.trainer import TrainConfig, Trainer, collate
+from plait.rl.weights import WeightStore
+from plait.runtime.actor_pool import ActorLost
+from plait.runtime.metrics import MetricsLogger
+
+
+@dataclass
+class TaskConfig:
+    name: str = "digit_sum"  # digit_sum | addition | reversal | countdown
+    seed: int = 0
+    options: dict = field(default_factory=dict)  # the task's difficulty options (rl.tasks)
+
+
+@dataclass
+class RLConfig:
+    generators: int = 2
+    generator_cpus: float = 1.0
+    eta: int = 2  # staleness bound in versions; 0 = synchronous
+    batch_prompts: int = 8  # prompt groups per training step
+    capacity: int = 0  # prompts outstanding at most; 0 = (eta + 1) * batch_prompts
+    max_generator_restarts: int = 3  # replacements per generator slot
+    kill_generator_at: int = 0  # fault injection: SIGKILL a busy generator at this version (first attempt)
+    wait_timeout_s: float = 600.0  # no generation or step finished for this long: stop and name what hangs
+
+    def check(self) -> None:
+        if self.generators < 1 or self.generator_cpus <= 0 or self.eta < 0 or self.batch_prompts < 1:
+            raise ValueError(f"rl.generators={self.generators} (>= 1), generator_cpus={self.generator_cpus} (> 0), "
+                             f"eta={self.eta} (>= 0), batch_prompts={self.batch_prompts} (>= 1) out of range")
+
+
+@dataclass
+class Config:
+    model: GPTConfig = field(default_factory=lambda: GPTConfig(vocab_size=54, d_model=64, n_layers=2, n_heads=4,
+                                                               max_seq_len=32))
+    task: TaskConfig = field(default_factory=TaskConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    plan: ParallelPlan = field(default_factory=ParallelPlan)
+
+
+def validate(cfg: Config, world_size: int) -> None:
+    """On the driver: the pieces fit together (vocabulary, lengths, batch shapes, trainer ranks)."""
+    gen, rl = cfg.generation, cfg.rl
+    if cfg.model.vocab_size < CharTokenizer().vocab_size:
+        raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
+                         f"{CharTokenizer().vocab_size}: raise it")
+    if rl.batch_prompts % gen.prompts_per_call:
+        raise ValueError(f"rl.batch_prompts={rl.batch_prompts} must be a multiple of generation.prompts_per_call="
+                         f"{gen.prompts_per_call} (a step takes whole work items)")
+    if cfg.plan.dp != world_size or cfg.plan.tp * cfg.plan.pp * cfg.plan.cp != 1:
+        raise ValueError(f"plan {cfg.plan.describe()}: the RL trainer is data-parallel only, with plan.dp = "
+                         f"workers.num = {world_size}")
+    if (rl.batch_prompts * gen.group_size) % world_size:
+        raise ValueError(f"rl.batch_prompts * generation.group_size = {rl.batch_prompts * gen.group_size} rows must "
+                         f"split evenly over workers.num={world_size} trainer ranks")
+    longest = max(len(t.prompt) for t in make_tasks(cfg.task.name, 256, cfg.task.seed, **cfg.task.options)) + 1
+    if longest + gen.max_new_tokens > cfg.model.max_seq_len:
+        raise ValueError(f"prompts of up to {longest} tokens + generation.max_new_tokens={gen.max_new_tokens} exceed "
+                         f"model.max_seq_len={cfg.model.max_seq_len}: raise it or lower max_new_tokens")
+
+
+class TaskStream:
+    """Task i of the run's stream (rl.tasks: task i depends only on name, seed and i)."""
+
+    def __init__(self, cfg: TaskConfig):
+        self.cfg, self.tasks = cfg, []
+
+    def __getitem__(self, i: int):
+        if i >= len(self.tasks):
+            self.tasks = make_tasks(self.cfg.name, max(2 * len(self.tasks), i + 1024), self.cfg.seed,
+                                    **self.cfg.options)
+        return self.tasks[i]
+
+
+@dataclass
+class Position:
+    """The controller's place in the task stream (checkpointed with the weights)."""
+
+    cursor: int = 0  # next fresh task id
+    next_uid: int = 0
+    pending: list[list[int]] = field(default_factory=list)  # task ids of work issued but never trained
+    samples_trained: int = 0
+
+    @classmethod
+    def of(cls, meta: dict) -> Position:
+        return cls(**{k: meta[k] for k in ("cursor", "next_uid", "pending", "samples_trained") if k in meta})
+
+
+def control(job, cfg: Config) -> dict:
+    gen, rl, train = cfg.generation, cfg.rl, cfg.train
+    started = time.monotonic()
+    trainer = job.worker_group()
+    trainer.start(Trainer, cfg)
+    hello = trainer.call("hello")[0]
+    store = WeightStore()
+    store.update(hello["published"])
+    start_version = version = hello["version"]
+    pos = Position.of(hello["meta"])
+    retry: deque[Work] = deque()  # lost work, issued again first
+    pending = deque(pos.pending)  # a resumed run's untrained work, issued first under new uids
+    stream = TaskStream(cfg.task)
+    pool = job.actor_pool(Generator, rl.generators, args=(cfg.model, gen, train.seed),
+                          per_actor_args=[(i,) for i in range(rl.generators)], cpus=rl.generator_cpus,
+                          name="generator", max_restarts=rl.max_generator_restarts,
+                          max_concurrency=2 if gen.interrupt else 1)
+    queue = StalenessQueue(rl.eta, rl.batch_prompts, rl.capacity)
+    metrics = MetricsLogger(job.run_dir, enabled=True, total_steps=train.steps, start_step=version,
+                            progress="lines", desc="rl")
+    t0 = time.monotonic()  # the loop's clock: shares and rates are over the loop, not the start-up
+    busy, since = [0.0] * rl.generators, [0.0] * rl.generators
+    trainer_busy, train_refs, batch, train_since = 0.0, None, None, 0.0
+    history, trained, lost_works, killed, made = [], [], 0, False, 0
+    gen_compute, train_compute = 0.0, 0.0
+
+    def make_work() -> Work:
+        ids = pending.popleft() if pending else list(range(pos.cursor, pos.cursor + gen.prompts_per_call))
+        pos.cursor = max(pos.cursor, ids[-1] + 1)
+        budget = gen.max_new_tokens
+        if gen.max_new_tokens_min:  # varied lengths, fixed per task so retried work keeps its budget
+            budget = random.Random(f"{cfg.task.seed}:{ids[0]}").randint(gen.max_new_tokens_min, gen.max_new_tokens)
+        pos.next_uid += 1
+        return Work(pos.next_uid - 1, ids, [stream[i] for i in ids], budget)
+
+    def out_of_time() -> bool:
+        return bool(train.time_budget_s) and time.monotonic() - t0 > train.time_budget_s
+
+    while version < train.steps and not out_of_time():
+        for i in range(rl.generators):  # keep every generator busy, within the staleness budget
+            if pool.actors[i] is None or pool.in_flight(i) or not queue.may_issue(gen.prompts_per_call):
+                continue
+            work = retry.popleft() if retry else make_work()
+            queue.issued(work.uid, work.prompts)
+            pool.submit(i, "generate", work, store.latest, tag=work)
+            since[i] = time.monotonic()
+        if rl.kill_generator_at and version >= rl.kill_generator_at and not killed and job.attempt == 0:
+            victim = next((c.index for c in pool.in_flight()), None)
+            if victim is not None:
+                os.kill(pool.pids[victim], signal.SIGKILL)  # a real kill of its process, mid-generation
+                killed = True
+        dropped_before = len(queue.dropped)
+        if train_refs is None:
+            batch = queue.take(version)
+            if batch is not None:
+                train_refs = trainer.submit("train_step", per_rank_args=collate(batch.items, cfg.plan.dp,
+                                                                                train.normalize))
+                train_since = time.monotonic()
+        waiting = [c.ref for c in pool.in_flight()] + (train_refs or [])
+        if not waiting:
+            if len(queue.dropped) > dropped_before:
+                continue  # stale rollouts made room: issue new work
+            raise RuntimeError(f"RL loop stalled: nothing in flight and no batch to train at version {version} "
+                               f"({len(queue.ready)} rollouts queued, outstanding {queue.outstanding} prompts)")
+        ready, _ = ray.wait(waiting, num_returns=1, timeout=rl.wait_timeout_s or None)
+        if not ready:
+            running = [f"generate(uid {c.tag.uid}) on generator {c.index}" for c in pool.in_flight()]
+            running += ["a training step"] if train_refs else []
+            raise TimeoutError(f"nothing finished within rl.wait_timeout_s={rl.wait_timeout_s:g}s at version "
+                               f"{version}; running: {', '.join(running)}. "
+                               "Raise rl.wait_timeout_s if a step or generation legitimately takes longer")
+        if train_refs is not None and trainer.ready(train_refs):
+            stats = trainer.gather(train_refs)[0]
+            now = time.monotonic()
+            trainer_busy += now - train_since
+            train_compute += stats["compute_s"]
+            train_refs, version = None, stats["version"]
+            store.update(stats["published"])
+            queue.step_done()
+            if gen.interrupt:
+                for c in pool.in_flight():
+                    pool.actors[c.index].call.remote("notify", (store.latest,), {})
+            rows = [(it.uid, it.version, batch.version) for it in batch.items]
+            trained.extend(rows)
+            samples = sum(it.samples for it in batch.items)
+            pos.samples_trained += samples
+            reward = sum(float(it.rewards.sum()) for it in batch.items) / samples
+            wall = now - t0
+            record = {"reward": reward, "dropped": sum(r.prompts for r in queue.dropped), "wall_s": wall,
+                      "samples_per_s": (pos.samples_trained - hello["meta"].get("samples_trained", 0)) / wall,
+                      "gen_idle_share": 1 - _busy_share(busy, since, pool, now) / (rl.generators * wall),
+                      "trainer_idle_share": 1 - trainer_busy / wall,
+                      "completion_len": sum(it.completion_tokens for it in batch.items) / samples,
+                      **{f"staleness_{s}": batch.staleness.get(s, 0) for s in range(rl.eta + 1)},
+                      **{k: stats[k] for k in ("loss", "is_weight", "clip_frac", "behaviour_kl", "grad_norm")}}
+            metrics.log(version, **record)
+            history.append({"version": version, **record})
+            if train.checkpoint_every and version % train.checkpoint_every == 0 and version < train.steps:
+                trainer.call("save", _meta(pos, pool, queue, retry, pending))
+        while pool.in_flight():
+            try:
+                done = pool.next_done(timeout_s=0)
+            except ActorLost as e:
+                busy[e.index] += time.monotonic() - since[e.index]
+                for call in e.lost:
+                    queue.lost(call.tag.uid)
+                    retry.append(call.tag)
+                    lost_works += 1
+                pool.replace(e.index)
+                continue
+            if done is None:
+                break
+            busy[done.index] += time.monotonic() - since[done.index]
+            out: RolloutBatch = done.value
+            gen_compute += out.gen_time_s
+            made += out.samples if queue.put(out) else 0
+    wall = time.monotonic() - t0
+    end_busy = _busy_share(busy, since, pool, time.monotonic())
+    checkpoint = trainer.call("save", _meta(pos, pool, queue, retry, pending))[0]
+    metrics.close()
+    staleness = Counter()
+    for _, made_by, at in trained:
+        staleness[at - made_by] += 1
+    return {
+        "start_version": start_version, "version": version, "steps_run": version - start_version,
+        "eta": rl.eta, "loss": train.loss, "checkpoint": checkpoint,
+        "rewards": [h["reward"] for h in history], "walls": [h["wall_s"] for h in history],
+        "trained": trained, "dropped": [(r.uid, r.version) for r in queue.dropped], "duplicates": queue.duplicates,
+        "issued_uids": pos.next_uid, "lost_works": lost_works, "generator_restarts": list(pool.restarts),
+        "staleness": dict(sorted(staleness.items())), "samples_made": made,
+        "samples_trained": pos.samples_trained - hello["meta"].get("samples_trained", 0),
+        "samples_per_s": (pos.samples_trained - hello["meta"].get("samples_trained", 0)) / wall,
+        "gen_busy_share": end_busy / (rl.generators * wall), "gen_compute_share": gen_compute / (rl.generators * wall),
+        "trainer_busy_share": trainer_busy / wall, "loop_s": wall,
+        "train_step_s": train_compute / max(1, version - start_version),
+        "gen_s_per_sample": gen_compute / max(1, made), "startup_s": t0 - started,
+        "warm_losses": hello["warm_losses"], "weights_published": store.published,
+    }
+
+
+def _busy_share(busy: list[float], since: list[float], pool, now: float) -> float:
+    """Generator-seconds with work in flight, counting calls still running up to ``now``."""
+    return sum(b + (now - since[i] if pool.in_flight(i) else 0.0) for i, b in enumerate(busy))
+
+
+def _meta(pos: Position, pool, queue: StalenessQueue, retry, pending) -> dict:
+    """The controller's position: work in flight, queued or waiting to be retried is pending (re-issued
+    first on resume); only trained work is done."""
+    untrained = [c.tag.task_ids for c in pool.in_flight()] + [r.task_ids for r in queue.ready] + \
+        [w.task_ids for w in retry] + [list(ids) for ids in pending]
+    return {"cursor": pos.cursor, "next_uid": pos.next_uid, "pending": untrained,
+            "samples_trained": pos.samples_trained}
+
+
+def summarize(cfg: Config, run_dir: Path, result: dict) -> dict:
+    from plait.runtime.plot import plot_run
+
+    rewards = result["rewards"]
+    head = rewards[: max(1, len(rewards) // 10)]
+    tail = rewards[-max(1, len(rewards) // 10):]
+    out = dict(result)
+    out.update(first_reward=sum(head) / len(head) if head else None,
+               last_reward=sum(tail) / len(tail) if tail else None, trained_items=len(result["trained"]),
+               dropped_items=len(result["dropped"]))
+    if (Path(run_dir) / "metrics.jsonl").is_file():
+        out["plot"] = str(plot_run(run_dir))
+    return out

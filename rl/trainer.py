@@ -1,0 +1,209 @@
+"""The trainer: one object per rank of the trainer's worker group, holding the policy and its optimizer.
+
+    group.start(Trainer, cfg)                             # Trainer(ctx, cfg) per rank; loads ctx.resume_from
+    [first] = group.call("hello")[:1]                     # {"version", "published", "meta"} (rank 0 publishes)
+    stats = group.call("train_step", per_rank_args=collate(batch.items, dp, normalize))[0]
+    stats["version"], stats["published"]                  # the new version, put in the object store once
+    group.call("save", {"cursor": ...})                   # a committed checkpoint of version k
+
+The policy is Plait's GPT under ``parallelize`` with the spec's plan: one rank, or data parallelism (DDP or
+FSDP2) over the group's ranks, each training on its slice of the batch's rows; tp, pp and cp are refused.
+The loss is ``plait.rl.losses.PolicyLoss`` ("tis" or "decoupled_ppo") through parallelize's own train
+step (clipping, optimizer); decoupled PPO's proximal log-probs are the trainer's weights before the step.
+GRPO advantages are per prompt group, computed in ``collate``. After every step rank 0 publishes the
+new weights (``plait.rl.weights.publish``; unsharding is a collective, so every rank takes part).
+
+A short supervised warm start (``train.warm_start_steps``) runs before version 0 is published: prompt +
+answer + eos with cross-entropy on the answer. ``warm_start_correct_share`` is the share of examples given
+the correct answer; the others get a random answer of the same form (digits stay digits, letters letters),
+so with 0 the policy learns the format only and starts at chance (digit_sum: about 10%).
+"""
+
+from __future__ import annotations
+
+import random
+import string
+import time
+from dataclasses import dataclass, field
+
+import torch
+from plait.parallel.mesh import build_mesh
+from plait.parallel.models.gpt import GPT
+from plait.parallel.parallelize import OptimConfig, parallelize, unsharded_parameters
+from plait.rl.generate import sequence_logprobs
+from plait.rl.generator import RolloutBatch
+from plait.rl.losses import LOSSES, NORMALIZE, PolicyLoss, group_advantages, token_logprobs, train_batch
+from plait.rl.tasks import make_tasks
+from plait.rl.tokenizer import CharTokenizer
+from plait.rl.weights import publish
+from plait.runtime.checkpoint import Checkpointer, ModelOptimizer
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100  # optimizer steps (= the final weight version)
+    loss: str = "tis"  # tis | decoupled_ppo
+    rho: float = 2.0  # truncation of the importance weight (0 = none)
+    clip_eps: float = 0.2  # decoupled_ppo
+    normalize: str = "token"  # token | sequence
+    temperature: float = 1.0  # of the log-probs (the generators' sampling temperature)
+    seed: int = 0
+    checkpoint_every: int = 0  # versions between checkpoints; 0 = only at the end
+    keep_last: int = 2
+    resume: str = ""  # "" fresh, "latest", or a committed checkpoint folder
+    warm_start_steps: int = 0  # supervised steps before version 0
+    warm_start_batch: int = 32
+    warm_start_lr: float = 3e-3
+    warm_start_correct_share: float = 0.0  # 0: format only (chance level); 1: correct answers
+    step_delay_s: float = 0.0  # test knob: a slow trainer (sleeps after each step)
+    time_budget_s: float = 0.0  # > 0: stop after this much wall time (benchmarks), whatever steps says
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4, warmup_steps=0, weight_decay=0.0))
+
+    def check(self) -> None:
+        if self.loss not in LOSSES or self.normalize not in NORMALIZE:
+            raise ValueError(f"train.loss={self.loss!r}, train.normalize={self.normalize!r}: choose a loss from "
+                             f"{LOSSES} and a normalisation from {NORMALIZE}")
+        if self.steps < 1 or self.rho < 0 or self.clip_eps <= 0 or self.temperature <= 0:
+            raise ValueError(f"train.steps={self.steps} (>= 1), rho={self.rho} (>= 0), clip_eps={self.clip_eps} and "
+                             f"temperature={self.temperature} (> 0) out of range")
+        if not 0 <= self.warm_start_correct_share <= 1:
+            raise ValueError(f"train.warm_start_correct_share={self.warm_start_correct_share}: a share in [0, 1]")
+
+    def loss_options(self) -> dict:
+        rho = self.rho or None
+        if self.loss == "tis":
+            return {"rho": rho, "normalize": self.normalize}
+        return {"rho": rho, "clip_eps": self.clip_eps, "normalize": self.normalize}
+
+
+class RLLoss:
+    """parallelize's ``loss_fn``: the policy loss, or next-token cross-entropy on a warm-start batch."""
+
+    def __init__(self, policy: PolicyLoss):
+        self.policy, self.stats = policy, {}
+
+    def __call__(self, logits: torch.Tensor, batch: dict) -> torch.Tensor:
+        if "sft_mask" in batch:
+            logp = token_logprobs(logits, batch["targets"])
+            mask = batch["sft_mask"].to(logp.dtype)
+            return -(logp * mask).sum() / mask.sum().clamp(min=1.0)
+        loss = self.policy(logits, batch)
+        self.stats = self.policy.stats
+        return loss
+
+
+def collate(items: list[RolloutBatch], dp: int, normalize: str = "token", pad_id: int = 0) -> list[tuple[dict]]:
+    """Rollouts -> one ``(batch,)`` argument tuple per data-parallel rank: rows split evenly, padded to one
+    width, GRPO advantages per prompt group, and the loss denominator (global tokens or sequences / dp)
+    that makes the ranks' mean the exact global mean."""
+    width = max(int(it.tokens.shape[1]) for it in items)
+
+    def pad(t: torch.Tensor, value) -> torch.Tensor:
+        return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)
+
+    tokens = torch.cat([pad(it.tokens, pad_id) for it in items])
+    mask = torch.cat([pad(it.mask, False) for it in items])
+    behaviour = torch.cat([pad(it.behaviour_logprobs, 0.0) for it in items])
+    adv = torch.cat([group_advantages(it.rewards, it.group_size) for it in items])
+    rows = tokens.shape[0]
+    if rows % dp:
+        raise ValueError(f"{rows} rows do not split over {dp} trainer ranks: make batch_prompts * group_size a "
+                         "multiple of the trainer's data-parallel degree")
+    total = float(mask.sum()) if normalize == "token" else float((mask.sum(1) > 0).sum())
+    each = rows // dp
+    return [({"tokens": tokens[r * each:(r + 1) * each], "mask": mask[r * each:(r + 1) * each],
+              "behaviour_logprobs": behaviour[r * each:(r + 1) * each], "advantages": adv[r * each:(r + 1) * each],
+              "denominator": max(total, 1.0) / dp},) for r in range(dp)]
+
+
+def scramble(answer: str, rng: random.Random) -> str:
+    """A random answer of the same form: each digit a random digit, each letter a random letter."""
+    return "".join(rng.choice(string.digits) if c.isdigit() else rng.choice(string.ascii_lowercase) if c.isalpha()
+                   else c for c in answer)
+
+
+class Trainer:
+    def __init__(self, ctx, cfg):
+        plan, train = cfg.plan, cfg.train
+        if plan.tp > 1 or plan.pp > 1 or plan.cp > 1 or plan.dp != ctx.world_size:
+            raise ValueError(f"the RL trainer runs data parallelism only: plan.dp must equal workers.num="
+                             f"{ctx.world_size} and tp = pp = cp = 1 (got {plan.describe()})")
+        self.ctx, self.cfg, self.tok = ctx, cfg, CharTokenizer()
+        torch.manual_seed(train.seed)
+        self.mesh = build_mesh(plan, ctx.device_type)
+        self.loss = RLLoss(PolicyLoss(train.loss, train.temperature, train.loss_options()))
+        self.parts = parallelize(lambda: GPT(cfg.model), plan, self.mesh, ctx.device, train.optim, loss_fn=self.loss)
+        self.ckpt = Checkpointer(ctx.run_dir / "checkpoints", keep_last=train.keep_last, run_id=ctx.run_id)
+        self.state = ModelOptimizer(self.parts.modules, self.parts.optimizers)
+        self.version, self.meta, self.warm_losses = 0, {}, []
+        if ctx.resume_from is not None:
+            self.meta = self.ckpt.load(ctx.resume_from, self.state) or {}
+            self.version = int(self.meta["version"])
+            ctx.log(f"resumed from {ctx.resume_from} (weight version {self.version})")
+        elif train.warm_start_steps:
+            self.warm_losses = self.warm_start()
+
+    def warm_start(self) -> list[float]:
+        train, task = self.cfg.train, self.cfg.task
+        n = train.warm_start_steps * train.warm_start_batch
+        tasks = make_tasks(task.name, n, seed=task.seed + 7919, **task.options)  # not the RL stream
+        rng = random.Random(train.seed * 31 + self.ctx.rank)
+        each = train.warm_start_batch // self.ctx.world_size
+        losses = []
+        for step in range(train.warm_start_steps):
+            chunk = tasks[step * train.warm_start_batch:][self.ctx.rank * each:(self.ctx.rank + 1) * each]
+            seqs, starts = [], []
+            for t in chunk:
+                answer = t.answer if rng.random() < train.warm_start_correct_share else scramble(t.answer, rng)
+                prompt = self.tok.encode(t.prompt, bos=True)
+                seqs.append(prompt + self.tok.encode(answer, eos=True))
+                starts.append(len(prompt))
+            width = max(map(len, seqs))
+            tokens = torch.zeros(len(seqs), width, dtype=torch.long)
+            mask = torch.zeros(len(seqs), width, dtype=torch.bool)
+            for i, (s, p) in enumerate(zip(seqs, starts, strict=True)):
+                tokens[i, :len(s)] = torch.tensor(s)
+                mask[i, p:len(s)] = True
+            batch = {"targets": tokens[:, 1:], "sft_mask": mask[:, 1:]}
+            losses.append(self.parts.train_step(tokens[:, :-1], batch, train.warm_start_lr))
+        return losses
+
+    def hello(self) -> dict | None:
+        """Version and checkpoint meta (rank 0), and the current weights published."""
+        published = self._publish()
+        if not self.ctx.is_main:
+            return None
+        return {"version": self.version, "published": published, "meta": self.meta, "warm_losses": self.warm_losses}
+
+    def _publish(self):
+        params = unsharded_parameters(self.parts)  # a collective under FSDP2
+        return publish(params, self.version) if self.ctx.is_main else None
+
+    def train_step(self, batch: dict) -> dict | None:
+        t0 = time.perf_counter()
+        train, model = self.cfg.train, self.parts.modules[0]
+        tokens, mask = batch["tokens"].to(self.ctx.device), batch["mask"].to(self.ctx.device)
+        prox = None
+        if train.loss == "decoupled_ppo":
+            with torch.no_grad():
+                prox = sequence_logprobs(model, tokens, mask, train.temperature)
+        inputs, b = train_batch(tokens, mask, batch["behaviour_logprobs"].to(self.ctx.device),
+                                batch["advantages"].to(self.ctx.device), prox)
+        self.loss.policy.options["denominator"] = batch["denominator"]
+        loss = self.parts.train_step(inputs, b, train.optim.lr)
+        self.version += 1
+        stats = {k: float(v) for k, v in self.loss.stats.items()}
+        grad_norm = self.parts.grad_norm
+        if train.step_delay_s:
+            time.sleep(train.step_delay_s)
+        compute_s = time.perf_counter() - t0
+        published = self._publish()
+        if not self.ctx.is_main:
+            return None
+        return {"version": self.version, "published": published, "loss": loss, "compute_s": compute_s,
+                "grad_norm": float(grad_norm) if grad_norm is not None else 0.0, **stats}
+
+    def save(self, meta: dict) -> str:
+        """A committed checkpoint of the current version (collective); ``meta``: the controller's position."""
+        path = self.ckpt.save(self.version, self.state, meta={**meta, "version": self.version})
+        return str(path)
