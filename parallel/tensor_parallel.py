@@ -3,10 +3,12 @@
     apply_tensor_parallel(model, mesh["tp"], sequence_parallel=True, loss_parallel=True)
     loss = tp_loss(model(tokens), targets, loss_parallel=True)   # a plain scalar; backward anywhere
 
-The plans are FQN -> ParallelStyle dicts for ``parallelize_module`` on a 1-D tp mesh, as torchtitan
-writes them. ``act`` is the layout of the residual stream between blocks: ``Replicate()`` (every tp
-rank holds the full ``(batch, seq, d)``) or, with sequence parallelism, ``Shard(1)`` (each holds
-``seq / tp`` positions); it travels as a plain local tensor. A norm hands its output to attention /
+Which plan a model gets is looked up by architecture in ``hf_plans`` (``register_tp_plan`` adds one);
+this module holds the styles, Plait GPT's plan and the loss. The plans are FQN -> ParallelStyle dicts
+for ``parallelize_module`` on a 1-D tp mesh, as torchtitan writes them.
+``act`` is the layout of the residual stream between blocks: ``Replicate()`` (every tp rank holds the
+full ``(batch, seq, d)``) or, with sequence parallelism, ``Shard(1)`` (each holds ``seq / tp``
+positions); it travels as a plain local tensor. A norm hands its output to attention /
 feed-forward as a DTensor, so the backward reduces once per norm, not once per projection.
 
     per block (Plait GPT name / HF Llama name)
@@ -25,8 +27,8 @@ feed-forward as a DTensor, so the backward reduces once per norm, not once per p
 
 Every parameter becomes a DTensor on the tp mesh, so ``clip_grad_norm_``, FSDP2 and DCP see one kind.
 Head counts: both models reshape projections with ``-1`` heads and HF keeps ``num_key_value_groups``
-(a ratio), so the local shard simply holds n_heads/tp heads; nothing per module is rewritten.
-Contiguous head shards keep each query head with its GQA kv head.
+(a ratio), so the local shard simply holds n_heads/tp heads. Contiguous head shards keep each query
+head with its GQA kv head. (HF decoders with fewer kv heads than tp replicate them: see hf_plans.)
 RoPE: under SP the GPT's embedding output (or a middle stage's hidden input) holds seq/tp positions;
 ``model.sequence_shards = tp`` makes the GPT build the tables for the gathered sequence from its start
 position or positions, and a pre-hook on each attention checks the lengths agree. HF Llama derives positions
@@ -115,36 +117,6 @@ def gpt_tp_plan(sequence_parallel: bool = False, loss_parallel: bool = False
     return top, block
 
 
-def llama_tp_plan(sequence_parallel: bool = False, loss_parallel: bool = False
-                  ) -> tuple[dict[str, ParallelStyle], dict[str, ParallelStyle]]:
-    """(top-level plan for ``transformers.LlamaForCausalLM``, plan for one ``model.layers.<i>``)."""
-    sp, act = sequence_parallel, _act(sequence_parallel)
-    top = {
-        # Full-length embeddings: LlamaModel builds position ids and the causal mask from their length.
-        "model.embed_tokens": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()),
-        "model.norm": _norm(sp),
-        "lm_head": _output(sp, loss_parallel),
-    }
-    if sp:  # the first decoder layer keeps only its slice of the sequence (no communication)
-        top["model.layers.0"] = PrepareModuleInput(input_layouts=(Replicate(),), desired_input_layouts=(act,),
-                                                   use_local_output=True)
-    block = {
-        "input_layernorm": _norm(sp),
-        "self_attn": PrepareModuleInput(input_kwarg_layouts={"hidden_states": act},
-                                        desired_input_kwarg_layouts={"hidden_states": Replicate()}),
-        "self_attn.q_proj": ColwiseParallel(),
-        "self_attn.k_proj": ColwiseParallel(),
-        "self_attn.v_proj": ColwiseParallel(),
-        "self_attn.o_proj": RowwiseParallel(output_layouts=act),
-        "post_attention_layernorm": _norm(sp),
-        "mlp": PrepareModuleInput(input_layouts=(act,), desired_input_layouts=(Replicate(),)),
-        "mlp.gate_proj": ColwiseParallel(),
-        "mlp.up_proj": ColwiseParallel(),
-        "mlp.down_proj": RowwiseParallel(output_layouts=act),
-    }
-    return top, block
-
-
 def _check_divisible(sizes: dict[str, int], tp: int) -> None:
     for name, size in sizes.items():
         if size % tp:
@@ -186,7 +158,8 @@ def _rope_length_check(_attention, args):
                          "or positions (model.sequence_shards says how many shards a hidden input is)")
 
 
-def _parallelize_gpt(model: GPT, mesh: DeviceMesh, sp: bool, lp: bool) -> None:
+def parallelize_gpt(model: GPT, mesh: DeviceMesh, sp: bool, lp: bool) -> None:
+    """The registered plan for Plait's GPT (or a pipeline stage of one)."""
     cfg, tp = model.cfg, mesh.size()
     _check_divisible({"model.n_heads": cfg.n_heads, "model.n_kv_heads": cfg.kv_heads,
                       "ffn hidden size": cfg.hidden}, tp)
@@ -202,39 +175,19 @@ def _parallelize_gpt(model: GPT, mesh: DeviceMesh, sp: bool, lp: bool) -> None:
             block.attention.register_forward_pre_hook(_rope_length_check)
 
 
-def _parallelize_llama(model: nn.Module, mesh: DeviceMesh, sp: bool, lp: bool) -> None:
-    c = model.config
-    _check_divisible({"num_attention_heads": c.num_attention_heads, "num_key_value_heads": c.num_key_value_heads,
-                      "intermediate_size": c.intermediate_size}, mesh.size())
-    top, block_plan = llama_tp_plan(sp, lp)
-    if sp:  # registered before the plan's hook, so it sees the full-length layer-0 input
-        model.model.layers[0].register_forward_pre_hook(_sequence_check(mesh.size()))
-    parallelize_module(model, mesh, top)
-    for block in model.model.layers:
-        parallelize_module(block, mesh, block_plan)
-    if getattr(c, "tie_word_embeddings", False):  # both tables are Shard(0) of (vocab, d): re-tie them
-        model.lm_head.weight = model.model.embed_tokens.weight
-
-
 def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, *, sequence_parallel: bool = False,
                           loss_parallel: bool = False) -> nn.Module:
-    """Shard ``model`` (a Plait GPT, or a stage of one, or a ``transformers.LlamaForCausalLM``) in place
-    over the 1-D ``tp_mesh``; build it with the same seed on every rank first. Returns the model."""
+    """Shard ``model`` in place over the 1-D ``tp_mesh`` with the plan registered for its architecture
+    (``hf_plans``: Plait's GPT, HF llama / mistral / qwen2 / qwen3, or a pipeline stage of one; TypeError
+    naming the known ones otherwise). Build it with the same seed on every rank first (or on the meta
+    device, then materialise and load). Returns the model."""
+    from plait.parallel.hf_plans import find_tp_plan  # hf_plans builds on this module's styles
+
     if tp_mesh.ndim != 1:
         raise ValueError(f"tensor parallelism needs a 1-D mesh, got {tp_mesh.ndim}-D {tp_mesh.mesh_dim_names}: "
                          "pass the tp sub-mesh, e.g. mesh['tp']")
-    if isinstance(model, GPT):
-        _parallelize_gpt(model, tp_mesh, sequence_parallel, loss_parallel)
-        return model
-    try:
-        from transformers import LlamaForCausalLM
-    except ImportError:  # pragma: no cover - transformers is a pinned dependency
-        LlamaForCausalLM = ()
-    if isinstance(model, LlamaForCausalLM):
-        _parallelize_llama(model, tp_mesh, sequence_parallel, loss_parallel)
-        return model
-    raise TypeError(f"apply_tensor_parallel supports plait GPT and transformers.LlamaForCausalLM, not "
-                    f"{type(model).__name__}: write a plan like gpt_tp_plan() for it and call parallelize_module")
+    find_tp_plan(model)(model, tp_mesh, sequence_parallel, loss_parallel)
+    return model
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
@@ -261,7 +214,8 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
 def tp_loss(logits: torch.Tensor, targets: torch.Tensor, loss_parallel: bool) -> torch.Tensor:
     """Mean next-token cross-entropy (like ``lm_loss``), a plain scalar equal on every tp rank.
     With ``loss_parallel`` the logits are the vocab-sharded DTensor the model returns; the full
-    (batch, seq, vocab) logits are never gathered."""
+    (batch, seq, vocab) logits are never gathered. A HF model's output (``.logits``) is accepted too."""
+    logits = getattr(logits, "logits", logits)
     if not loss_parallel:
         return lm_loss(logits, targets)
     vocab_sharded = isinstance(logits, DTensor) and any(
