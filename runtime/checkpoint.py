@@ -11,6 +11,11 @@ the folder into place, so a crash mid-write leaves the previous checkpoint the l
 optimizer go through ``get_state_dict``/``set_state_dict`` (DDP, FSDP2, TP and pipeline stages alike),
 so a checkpoint saved under one parallel plan loads under another. The rename commit assumes all
 ranks see one filesystem (one node, or a shared mount on a cluster).
+
+With a storage location (a run's ``storage``, or ``Checkpointer(storage=...)``) ``root`` is the local
+staging folder: the ranks upload the staged files, then rank 0 commits locally and writes ``meta.json``
+on the storage side last (checkpoint_store.py), so there too a kill mid-upload leaves the previous
+checkpoint the latest one.
 """
 
 from __future__ import annotations
@@ -26,6 +31,17 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from plait.runtime.checkpoint_store import (
+    agree,
+    fetch_checkpoint,
+    latest_stored,
+    prune_stored,
+    run_storage,
+    stored_checkpoints,
+    upload_run_files,
+    upload_staged,
+)
+from plait.runtime.storage_location import StorageLocation
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.distributed.checkpoint.stateful import Stateful
@@ -182,23 +198,32 @@ def check_committed(path: str | Path) -> dict:
 
 
 def _check_dcp_files(path: Path) -> None:
-    if not (path / ".metadata").is_file():
-        raise CorruptCheckpointError(f"checkpoint {path}: file .metadata is missing. {_earlier_hint(path)}")
+    sizes = {p.relative_to(path).as_posix(): p.stat().st_size for p in path.rglob("*") if p.is_file()}
+    problem = dcp_files_problem(path, sizes)
+    if problem:
+        raise CorruptCheckpointError(f"checkpoint {path}{problem}. {_earlier_hint(path)}")
+
+
+def dcp_files_problem(metadata_dir: Path, sizes: dict[str, int]) -> str:
+    """What is wrong with a DCP checkpoint whose ``.metadata`` is in ``metadata_dir`` and whose files have
+    ``sizes`` (relative path -> bytes; a local folder or a storage location): "" when nothing is, else the
+    words that follow "checkpoint PATH" in an error message."""
+    if ".metadata" not in sizes:
+        return ": file .metadata is missing"
     try:
-        metadata = dcp.FileSystemReader(str(path)).read_metadata()
+        metadata = dcp.FileSystemReader(str(metadata_dir)).read_metadata()
     except Exception as e:  # noqa: BLE001 - any failure to read it means the same thing to the user
-        raise CorruptCheckpointError(f"checkpoint {path}: file .metadata is corrupt ({type(e).__name__}: "
-                                     f"{_first_line(e)}). {_earlier_hint(path)}") from None
+        return f": file .metadata is corrupt ({type(e).__name__}: {_first_line(e)})"
     needed: dict[str, int] = {}
     for info in (metadata.storage_data or {}).values():
         end = info.offset + info.length
         needed[info.relative_path] = max(needed.get(info.relative_path, 0), end)
     for name, end in sorted(needed.items()):
-        file = path / name
-        size = file.stat().st_size if file.is_file() else -1
+        size = sizes.get(name, -1)
         if size < end:
             state = "is missing" if size < 0 else f"is truncated ({size} bytes, the metadata needs {end})"
-            raise CorruptCheckpointError(f"checkpoint {path} is corrupt: file {name} {state}. {_earlier_hint(path)}")
+            return f" is corrupt: file {name} {state}"
+    return ""
 
 
 def _as_state(model: Any, optimizer: Any) -> Any:
@@ -237,19 +262,34 @@ def set_rng_state(state: dict[str, torch.Tensor]) -> None:
 
 class Checkpointer:
     """``run_id`` (the runtime's ``ctx.run_id``) goes into every meta.json, so a restart can tell this
-    run's checkpoints from those of an earlier run it continued."""
+    run's checkpoints from those of an earlier run it continued.
 
-    def __init__(self, root: str | Path, keep_last: int = 3, run_id: str = ""):
+    ``storage``: a folder or URI (or StorageLocation) that mirrors ``root`` where checkpoints persist
+    (checkpoint_store.py); "" for none; by default (None) the run's own, named in ``run.json`` beside
+    ``root`` (written by the runtime from the spec's ``storage``), else none. With storage, a save stages
+    the checkpoint in ``root``, the ranks upload its files in parallel, and rank 0 writes ``meta.json``
+    there last: only then is it committed on the storage side. The ranks must see one ``root`` (one node,
+    or a shared mount)."""
+
+    def __init__(self, root: str | Path, keep_last: int = 3, run_id: str = "",
+                 storage: StorageLocation | str | None = None):
         if keep_last < 1:
             raise ValueError(f"keep_last={keep_last}: keep at least one checkpoint")
         self.root, self.keep_last, self.run_id = Path(root), keep_last, run_id
+        self.run_storage = run_storage(self.root.parent) if storage is None else None
+        if storage is None:
+            self.storage = self.run_storage.child(self.root.name) if self.run_storage else None
+        elif isinstance(storage, StorageLocation):
+            self.storage = storage
+        else:
+            self.storage = StorageLocation.parse(storage) if str(storage) else None
 
     def committed(self) -> list[Path]:
-        """Committed checkpoints, oldest first (a folder counts only once its meta.json exists)."""
+        """Committed checkpoints in the local ``root``, oldest first (a folder counts once its meta.json exists)."""
         return committed_in(self.root)
 
     def latest(self) -> Path | None:
-        """The newest committed checkpoint; ``step_*`` folders without meta.json are skipped and named."""
+        """The newest committed checkpoint in ``root``; ``step_*`` folders without meta.json are skipped and named."""
         done = self.committed()
         newest = done[-1] if done else None
         skipped = [p for p in uncommitted_in(self.root) if newest is None or p.name > newest.name]
@@ -257,6 +297,10 @@ class Checkpointer:
             log.warning("latest checkpoint: skipping %s (no meta.json: never committed, e.g. torn or copied by "
                         "hand); using %s", ", ".join(str(p) for p in skipped), newest or "none")
         return newest
+
+    def stored(self) -> list[str]:
+        """Names of the checkpoints committed on the storage location, oldest first (none without storage)."""
+        return stored_checkpoints(self.storage) if self.storage is not None else []
 
     def save(self, step: int, model: Any, optimizer: Any = None, meta: dict | None = None) -> Path:
         """Collective: every rank calls it with the same step. ``model``/``optimizer``: one or a list
@@ -274,38 +318,84 @@ class Checkpointer:
             f.flush()
             os.fsync(f.fileno())
         _barrier()
+        if self.storage is not None:
+            upload_staged(self.storage, tmp, final.name)
+        error = None
         if _rank() == 0:
-            info = {"step": step, "world_size": dist.get_world_size() if dist.is_initialized() else 1,
-                    "run_id": self.run_id}
-            info.update(meta or {})
-            with open(tmp / "meta.json", "w") as f:
-                json.dump(info, f, indent=1)
-                f.flush()
-                os.fsync(f.fileno())
-            old = self.root / f".step_{step:08d}.old"
-            if final.exists():  # re-saving a step after a restart: the old copy stays until the new one is in
-                shutil.rmtree(old, ignore_errors=True)
-                os.rename(final, old)
-            os.rename(tmp, final)
-            _fsync_dir(self.root)
-            shutil.rmtree(old, ignore_errors=True)
-            for old in self.committed()[: -self.keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
-        _barrier()
+            try:
+                self._commit(tmp, final, step, meta)
+            except Exception as e:  # noqa: BLE001 - every rank must learn of it, not wait at a barrier
+                error = e
+        agree(error, f"committing checkpoint {final}")
+        if _rank() == 0 and self.run_storage is not None:
+            self._sync_run_files()
         return final
+
+    def _commit(self, tmp: Path, final: Path, step: int, meta: dict | None) -> None:
+        """Rank 0: meta.json, the local rename, then (with storage) the marker upload, written last."""
+        info = {"step": step, "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+                "run_id": self.run_id}
+        info.update(meta or {})
+        with open(tmp / "meta.json", "w") as f:
+            json.dump(info, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        old = self.root / f".{final.name}.old"
+        if final.exists():  # re-saving a step after a restart: the old copy stays until the new one is in
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(final, old)
+        os.rename(tmp, final)
+        _fsync_dir(self.root)
+        shutil.rmtree(old, ignore_errors=True)
+        for old in self.committed()[: -self.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+        if self.storage is not None:
+            self.storage.write_marker(f"{final.name}/meta.json", (final / "meta.json").read_bytes())
+            prune_stored(self.storage, self.keep_last)
+
+    def _sync_run_files(self) -> None:
+        try:
+            upload_run_files(self.root.parent, self.run_storage)
+        except Exception as e:  # noqa: BLE001 - the checkpoint is committed; the end of the run tries again
+            log.warning("copying the run's metrics and logs to %s failed (%s: %s); retried at the end of the run",
+                        self.run_storage, type(e).__name__, e)
+
+    def fetch(self, name: str) -> Path:
+        """Rank-local: the checkpoint ``name`` committed on the storage location, downloaded into ``root``
+        (a local copy with the same meta.json is used as it is)."""
+        if self.storage is None:
+            raise ValueError(f"fetch({name!r}): this Checkpointer has no storage location")
+        return fetch_checkpoint(self.storage.child(name), self.root / name)
 
     def resolve(self, which: str | Path) -> Path | None:
         """'latest' -> newest committed checkpoint (None if none); a path -> that checkpoint (checked).
-        Collective when torch.distributed is up: rank 0 lists the folder and broadcasts its choice, so
-        ranks on a network filesystem with stale listings cannot disagree."""
-        if str(which) == "latest":
-            newest = self.latest() if _rank() == 0 else None
-            choice = [str(newest) if newest else None]
+        With storage, 'latest' is the storage side's newest, downloaded into ``root``, and a path in
+        ``root`` that is missing locally is downloaded from there. Collective when torch.distributed is
+        up: rank 0 chooses (and downloads) and broadcasts its choice, so ranks cannot disagree."""
+        if str(which) == "latest" or self._missing_here(which):
+            choice, error = [None], None
+            if _rank() == 0:
+                try:
+                    chosen = self._choose(which)
+                    choice = [str(chosen) if chosen else None]
+                except Exception as e:  # noqa: BLE001
+                    error = e
+            agree(error, f"finding checkpoint {which}")
             if dist.is_initialized() and dist.get_world_size() > 1:
                 dist.broadcast_object_list(choice, src=0)
             return Path(choice[0]) if choice[0] else None
         check_committed(which)
         return Path(which)
+
+    def _missing_here(self, which: str | Path) -> bool:
+        path = Path(which)
+        return self.storage is not None and path.parent == self.root and not (path / "meta.json").is_file()
+
+    def _choose(self, which: str | Path) -> Path | None:
+        if self.storage is None:
+            return self.latest()
+        name = latest_stored(self.storage) if str(which) == "latest" else Path(which).name
+        return self.fetch(name) if name else None
 
     def load(self, which: str | Path, model: Any, optimizer: Any = None) -> dict | None:
         """Collective. Restores model, optimizer and this rank's RNG; returns meta.json (None: nothing)."""
@@ -317,3 +407,4 @@ class Checkpointer:
         if rng_file.is_file():  # absent when resuming on more ranks than saved: RNG stays as seeded
             set_rng_state(torch.load(rng_file, weights_only=True))
         return json.loads((path / "meta.json").read_text())
+

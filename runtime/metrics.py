@@ -74,7 +74,7 @@ class MetricsLogger:
                  device: torch.device | None = None, progress: str | None = None, desc: str = "train"):
         """progress: "bar" (a live bar), "lines" (a line every 10% of steps) or "off";
         default from PLAIT_PROGRESS (set by the driver from ``progress_mode()``), else "lines"."""
-        self.enabled, self.device, self.total = enabled, device, total_steps
+        self.enabled, self.device, self.total, self.run_dir = enabled, device, total_steps, Path(run_dir)
         self.progress = progress or os.environ.get("PLAIT_PROGRESS", "lines")
         self.every = max(1, total_steps // 10)
         self.jsonl = self.tb = self.bar = None
@@ -107,16 +107,35 @@ class MetricsLogger:
             print(f"[plait] step {step}/{self.total} {shown}", flush=True)
 
     def close(self) -> None:
+        """Closes the files; with a run storage location (run.json names it) copies them there."""
         if not self.enabled:
             return
         self.jsonl.close()
         self.tb.close()
         if self.bar is not None:
             self.bar.close()
+        from plait.runtime.checkpoint_store import run_storage, upload_run_files
+
+        try:
+            storage = run_storage(self.run_dir)
+            if storage is not None:
+                upload_run_files(self.run_dir, storage, ("metrics.jsonl", "tensorboard"))
+        except Exception as e:  # noqa: BLE001 - the run's end copies them again
+            print(f"[plait] copying metrics to the storage location failed ({type(e).__name__}: {e})", flush=True)
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: is {run_dir} a Plait run directory (made by `plait run`)?")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """The records of a run directory's metrics.jsonl, or of a storage location's (a URI such as s3://...)."""
+    from plait.runtime.storage_location import StorageLocation, is_uri
+
+    if is_uri(str(run_dir)) and not str(run_dir).startswith("file://"):
+        loc = StorageLocation.parse(str(run_dir))
+        if not loc.is_file("metrics.jsonl"):
+            raise FileNotFoundError(f"{loc}/metrics.jsonl not found: is {loc} a Plait run's storage location?")
+        text = loc.read_bytes("metrics.jsonl").decode()
+    else:
+        path = Path(run_dir) / "metrics.jsonl"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: is {run_dir} a Plait run directory (made by `plait run`)?")
+        text = path.read_text()
+    return [json.loads(line) for line in text.splitlines() if line.strip()]

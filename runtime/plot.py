@@ -2,6 +2,7 @@
 
     panels(records)  -> ["loss", "lr", "tokens_per_s", "mem_bytes", ...]   what will be drawn, in order
     draw(records)    -> a matplotlib Figure;   plot_run(run_dir, out) -> the PNG's path
+    (``run_dir`` may be a storage location, s3://...: `plait plot s3://bucket/runs/x` draws from there)
 """
 
 from __future__ import annotations
@@ -82,14 +83,28 @@ def draw(records: list[dict], title: str = ""):
     return fig
 
 
-def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
+def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path | str:
+    """The PNG of a run directory's metrics (default RUN_DIR/metrics.png). ``run_dir`` may be a storage
+    location's URI (s3://...): its metrics.jsonl is read there and, without ``out``, the PNG goes there."""
+    import tempfile
+
     import matplotlib.pyplot as plt
+    from plait.runtime.storage_location import StorageLocation, is_uri
 
     records = read_metrics(run_dir)
     if not records:
         raise ValueError(f"{run_dir}/metrics.jsonl is empty: the run logged no step")
+    remote = is_uri(str(run_dir)) and not str(run_dir).startswith("file://")
+    title = str(run_dir).split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1] if remote else Path(run_dir).resolve().name
+    fig = draw(records, title=title)
+    if remote and not out:
+        loc = StorageLocation.parse(str(run_dir))
+        with tempfile.TemporaryDirectory(prefix="plait-plot-") as tmp:
+            fig.savefig(Path(tmp) / "metrics.png", dpi=100)
+            plt.close(fig)
+            loc.upload_file(Path(tmp) / "metrics.png", "metrics.png")
+        return f"{loc}/metrics.png"
     out = Path(out) if out else Path(run_dir) / "metrics.png"
-    fig = draw(records, title=Path(run_dir).resolve().name)
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out

@@ -14,6 +14,14 @@ What a job asks of it (its ``train.resume``) is decided on the driver, before an
 The move happens only once the ranks are placed (``RunDir.start``), so a launch that fails changes
 nothing on disk. A restart after a crash loads this run's own newest checkpoint (``run_id`` in its
 meta.json), else the checkpoint the run started from: never anything else found in the folder.
+
+With a storage location (the spec's ``storage``: a folder or a pyarrow URI, storage_location.py) the
+run directory is the local staging folder and the storage location mirrors it: ``run.json`` names it
+(so the ranks' Checkpointer and MetricsLogger find it), checkpoints commit there with their marker
+written last, ``publish()`` copies the run's files there. Then "latest" means the storage side's newest
+committed checkpoint, a resume path may be a URI, both are checked there by the driver (nothing is
+downloaded or written until ``start``), and ``start`` downloads the chosen checkpoint into the run
+directory. A fresh start moves the storage side's earlier run under ``earlier/`` there too.
 """
 
 from __future__ import annotations
@@ -25,8 +33,17 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from plait.runtime.checkpoint import Checkpointer, CorruptCheckpointError, check_committed, committed_in
+import pyarrow.fs as pafs
+from plait.runtime.checkpoint import (
+    Checkpointer,
+    CheckpointNotFound,
+    CorruptCheckpointError,
+    check_committed,
+    committed_in,
+)
+from plait.runtime.checkpoint_store import MARKER, check_stored, fetch_checkpoint, latest_stored, upload_run_files
 from plait.runtime.config import ConfigError
+from plait.runtime.storage_location import StorageLocation, is_uri
 
 EARLIER = "earlier"
 RECORD = "run.json"
@@ -93,47 +110,97 @@ class RunDir:
     resume_from: Path | None  # the checkpoint the run starts from (None: step 0)
     archive_to: Path | None  # where a fresh start moves the earlier run's outputs (None: nothing to move)
     notes: list[str] = field(default_factory=list)
+    storage: StorageLocation | None = None  # where the run's outputs persist (None: the run directory only)
+    fetch_from: StorageLocation | None = None  # the stored checkpoint ``start`` downloads to ``resume_from``
+    storage_archive: str | None = None  # where a fresh start moves the storage side's earlier run (relative)
+    started: bool = False  # ``start`` has run: the folder holds this run
 
     @classmethod
-    def plan(cls, run_dir: Path, resume: str) -> "RunDir":
-        """Decide everything on the driver, write nothing. Raises ConfigError for a bad resume path."""
+    def plan(cls, run_dir: Path, resume: str, storage: str | StorageLocation | None = None) -> "RunDir":
+        """Decide everything on the driver, write nothing. Raises ConfigError for a bad resume path or
+        storage location."""
         run_dir = run_dir.resolve()
         check_run_dir(run_dir)
+        loc = storage if isinstance(storage, StorageLocation) or storage is None else \
+            StorageLocation.parse(storage) if str(storage) else None
+        if loc is not None:
+            _check_storage(loc)
         run_id, notes = new_run_id(), []
+        if resume == "latest" and loc is not None:
+            name = latest_stored(loc.child("checkpoints"))
+            fetch = loc.child(f"checkpoints/{name}") if name else None
+            if fetch is not None:
+                _check_stored_or_config_error(fetch)
+            notes.append(f"continuing {loc} from {fetch}" if fetch else
+                         f"train.resume=latest: no committed checkpoint in {loc.child('checkpoints')} yet, "
+                         "starting at step 0")
+            return cls(run_dir, run_id, run_dir / "checkpoints" / name if name else None, None, notes, loc, fetch)
         if resume == "latest":
-            latest = Checkpointer(run_dir / "checkpoints").latest()
+            latest = Checkpointer(run_dir / "checkpoints", storage="").latest()
             if latest is not None:
                 _check_or_config_error(latest)
             notes.append(f"continuing {run_dir} from {latest}" if latest else
                          f"train.resume=latest: no committed checkpoint in {run_dir / 'checkpoints'} yet, "
                          "starting at step 0")
-            return cls(run_dir, run_id, latest, None, notes)
-        start = None
-        if resume:
-            start = Path(resume).expanduser().resolve()
+            return cls(run_dir, run_id, latest, None, notes, loc)
+        start, fetch = None, None
+        if resume and is_uri(resume) and not resume.startswith("file://"):
+            fetch = StorageLocation.parse(resume)
+            _check_stored_or_config_error(fetch)
+            if any(name.startswith("zero/") for name in fetch.files()):
+                raise ConfigError(f"train.resume={fetch}: a DeepSpeed ZeRO checkpoint (DeepSpeed unpickles its files): "
+                                  "Plait loads them only from the run's own storage (train.resume=\"latest\")")
+            start = run_dir / "resumed" / fetch.root.rsplit("/", 1)[-1]
+        elif resume:
+            start = Path(resume.removeprefix("file://")).expanduser().resolve()
             _check_or_config_error(start)
         archive_to = archive_folder(run_dir) if earlier_outputs(run_dir) else None
-        if start is not None and archive_to is not None and start.is_relative_to(run_dir) \
+        if start is not None and fetch is None and archive_to is not None and start.is_relative_to(run_dir) \
                 and not start.is_relative_to(run_dir / EARLIER):
             start = archive_to / start.relative_to(run_dir)  # the checkpoint moves with its run
         if archive_to is not None:
             notes.append(f"fresh start: the earlier run in {run_dir} is kept under {archive_to} "
                          "(train.resume=latest continues it instead)")
-        return cls(run_dir, run_id, start, archive_to, notes)
+        storage_archive = _storage_archive(loc) if loc is not None else None
+        if storage_archive is not None:
+            notes.append(f"fresh start: the earlier run in {loc} is kept under {loc.child(storage_archive)}")
+        return cls(run_dir, run_id, start, archive_to, notes, loc, fetch, storage_archive)
 
     def start(self, job: str, attempt_note: str = "") -> None:
-        """Once the ranks are placed: move the earlier run aside, then record this one."""
+        """Once the ranks are placed: move the earlier run aside (here and on the storage side), record
+        this one, download the checkpoint it starts from."""
         if self.archive_to is not None:
             self.archive_to.mkdir(parents=True)
             for entry in earlier_outputs(self.path):
                 os.rename(entry, self.archive_to / entry.name)
             self.archive_to = None
+        if self.storage_archive is not None:
+            _move_stored_run(self.storage, self.storage_archive)
+            self.storage_archive = None
         self.path.mkdir(parents=True, exist_ok=True)
         record = {"run_id": self.run_id, "job": job, "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                  "resume_from": str(self.resume_from) if self.resume_from else None}
+                  "resume_from": str(self.resume_from) if self.resume_from else None,
+                  "resume_source": str(self.fetch_from) if self.fetch_from else None,  # downloaded from there
+                  "storage": self.storage.uri if self.storage is not None else None}
         tmp = self.path / f".{RECORD}.tmp"
         tmp.write_text(json.dumps(record, indent=1))
         os.replace(tmp, self.path / RECORD)
+        self.started = True
+        if self.storage is not None:
+            self.storage.upload_file(self.path / RECORD, RECORD)
+        if self.fetch_from is not None:
+            self.resume_from.parent.mkdir(parents=True, exist_ok=True)
+            fetch_checkpoint(self.fetch_from, self.resume_from)
+            self.fetch_from = None
+            if not (self.path / "metrics.jsonl").exists() and self.storage is not None \
+                    and self.storage.is_file("metrics.jsonl"):  # continuing on another machine: keep the history
+                (self.path / "metrics.jsonl").write_bytes(self.storage.read_bytes("metrics.jsonl"))
+
+    def publish(self) -> list[str]:
+        """Copy the run's own files (run.json, spec.json, plait.log, metrics, plot, summary.json,
+        tensorboard/) to the storage location; checkpoints went there as they committed. Returns what
+        was copied (nothing without storage, or before ``start``)."""
+        return upload_run_files(self.path, self.storage) if self.storage is not None and self.started else []
 
     def restart_point(self) -> Path | None:
         """After a crash: this run's own newest committed checkpoint, else where the run started."""
@@ -151,3 +218,62 @@ def _check_or_config_error(path: Path) -> None:
         check_committed(path)
     except (FileNotFoundError, CorruptCheckpointError) as e:
         raise ConfigError(f"train.resume: {e}") from None
+
+
+def _check_stored_or_config_error(loc: StorageLocation) -> None:
+    try:
+        check_stored(loc)
+    except (CheckpointNotFound, CorruptCheckpointError) as e:
+        raise ConfigError(f"train.resume: {e}") from None
+    except OSError as e:
+        raise ConfigError(f"train.resume: cannot read {loc} ({e}): check the address, the endpoint "
+                          "(AWS_ENDPOINT_URL) and the credentials") from None
+
+
+def _check_storage(loc: StorageLocation) -> None:
+    """Refuse a storage folder holding files Plait did not write, as check_run_dir does locally."""
+    try:
+        top = loc.root.split("/", 1)[0]
+        if not loc.is_local and loc.fs.get_file_info(top).type == pafs.FileType.NotFound:
+            raise ConfigError(f"storage {loc}: bucket (or top folder) {top!r} does not exist there: create it first "
+                              "(Plait never creates buckets)")
+        entries = loc.entries()
+    except OSError as e:
+        raise ConfigError(f"storage {loc}: cannot list it ({e}): check the address, the endpoint "
+                          "(AWS_ENDPOINT_URL for an S3-compatible server) and the credentials") from None
+    if entries and not any(name in PLAIT_MARKERS for name in entries):
+        shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
+        raise ConfigError(f"storage {loc} holds files Plait did not write ({shown}); Plait never moves or deletes "
+                          "them: choose a new or empty storage location")
+
+
+def _storage_archive(loc: StorageLocation) -> str | None:
+    """Where a fresh start moves the storage side's earlier run: earlier/<its id> (None: nothing there)."""
+    if not [name for name in loc.entries() if name != EARLIER]:
+        return None
+    try:
+        name = json.loads(loc.read_bytes(RECORD)).get("run_id") or ""
+    except (OSError, ValueError, AttributeError):
+        name = ""
+    name = name or new_run_id()
+    dest, n = f"{EARLIER}/{name}", 1
+    while loc.exists(dest):
+        n += 1
+        dest = f"{EARLIER}/{name}-{n}"
+    return dest
+
+
+def _move_stored_run(loc: StorageLocation, dest: str) -> None:
+    """Move every entry but earlier/ to ``dest``: copy (commit markers last), then delete (markers first),
+    so a checkpoint is whole, committed, in one place or the other at every moment."""
+    for name in [n for n in loc.entries() if n != EARLIER]:
+        if loc.is_local:
+            loc.fs.create_dir(loc.path(dest), recursive=True)
+            loc.fs.move(loc.path(name), loc.path(f"{dest}/{name}"))
+        elif loc.is_file(name):
+            loc.fs.create_dir(loc.path(dest), recursive=True)
+            loc.fs.copy_file(loc.path(name), loc.path(f"{dest}/{name}"))
+            loc.fs.delete_file(loc.path(name))
+        else:
+            loc.copy_tree(name, f"{dest}/{name}", last=(MARKER,))
+            loc.delete_tree(name, first=(MARKER,))

@@ -2,7 +2,8 @@
 
     job = "plait.parallel.gpt_job"      # module with Config, train(ctx, cfg) or control(job, cfg); optional
                                         # validate, prepare, summarize
-    run_dir = "runs/demo"
+    run_dir = "runs/demo"                 # the local run directory (staging, when storage is set)
+    storage = "s3://bucket/runs/demo"     # optional: where outputs persist (a folder or a pyarrow URI)
     [cluster]  address, num_cpus, ...     -> plait.runtime.cluster.ClusterConfig
     [workers]  num, cpus_per_worker, ...  -> plait.runtime.worker_group.WorkerConfig
     [model] [data] [train] [plan] ...     -> the job module's own Config dataclass
@@ -22,9 +23,10 @@ from typing import Any
 
 from plait.runtime.cluster import ClusterConfig
 from plait.runtime.config import ConfigError, apply_overrides, build, unknown_key_message
+from plait.runtime.storage_location import is_uri, persistent_path
 from plait.runtime.worker_group import WorkerConfig
 
-RUNTIME_KEYS = ("job", "run_dir", "cluster", "workers")
+RUNTIME_KEYS = ("job", "run_dir", "storage", "cluster", "workers")
 
 
 @dataclass
@@ -37,6 +39,7 @@ class JobSpec:
     module: ModuleType | None = None
     source: str = ""
     code: dict[str, tuple[str, str]] = field(default_factory=dict)  # local job module sent to the ranks
+    storage: str = ""  # where outputs persist: "" (the run directory only), an absolute path, or a URI
 
 
 def load_job_module(name: str, search: list[Path] | None = None) -> ModuleType:
@@ -107,10 +110,14 @@ def spec_from_table(table: dict[str, Any], source: str = "<table>", search: list
     run_dir = table.get("run_dir", f"runs/{table['job'].rsplit('.', 1)[-1]}")
     if not isinstance(run_dir, str):
         raise ConfigError(f"'run_dir' must be a path string, got {run_dir!r}")
+    storage = table.get("storage", "")
+    if not isinstance(storage, str):
+        raise ConfigError(f"'storage' must be a path or URI string (e.g. \"s3://bucket/runs/demo\"), got {storage!r}")
     job_table = {k: v for k, v in table.items() if k not in RUNTIME_KEYS}
     return JobSpec(
         job=table["job"],
-        run_dir=Path(run_dir),
+        run_dir=output_path(run_dir, "run_dir"),
+        storage=str(output_path(storage, "storage").resolve()) if storage and not is_uri(storage) else storage,
         cluster=build(ClusterConfig, table.get("cluster", {}), "cluster"),
         workers=build(WorkerConfig, table.get("workers", {}), "workers"),
         config=build(module.Config, job_table, ""),
@@ -118,3 +125,13 @@ def spec_from_table(table: dict[str, Any], source: str = "<table>", search: list
         source=source,
         code=local_code(table["job"], [Path(p).resolve() for p in (search or [Path.cwd()])]),
     )
+
+
+def output_path(path: str, key: str) -> Path:
+    """``run_dir`` or a local ``storage`` path as given, except under a Ray job's temporary working
+    directory (``ray job submit --working-dir``), where a relative path goes under $PLAIT_RUN_ROOT
+    (default ~/plait-runs), said in one line, and a path inside that temporary copy is refused."""
+    resolved, note = persistent_path(path, key)
+    if note:
+        print(f"[plait] {note}", flush=True)
+    return resolved
