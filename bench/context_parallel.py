@@ -46,7 +46,7 @@ import time
 
 import torch
 import torch.distributed as dist
-from memstat import proc_status
+from benchlib import proc_status
 
 ALLOCATOR = {"M_TRIM_THRESHOLD": (-1, 131072), "M_MMAP_THRESHOLD": (-3, 131072)}  # mallopt parameter, value
 ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072", "OMP_NUM_THREADS": "1"}

@@ -110,6 +110,8 @@ def h2d_gbps(device: torch.device, mib: int, pinned: bool, repeats: int = 5) -> 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny model, 3 steps: checks the code path")
+    p.add_argument("--quick", action="store_true",
+                   help="about a minute: on a GPU 1 warm-up + 5 timed steps; without one, the --dry-run path")
     p.add_argument("--batch", type=int, default=0, help="sequences per step (default 16; dry run 2)")
     p.add_argument("--seq", type=int, default=0, help="tokens per sequence (default 2048; dry run 64)")
     p.add_argument("--steps", type=int, default=0, help="timed steps (default 20; dry run 2)")
@@ -117,7 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--peak-tflops", type=float, default=0.0, help="the GPU's dense bf16 peak, if not in the table")
     p.add_argument("--h2d-mib", type=int, default=0, help="copy size for the bandwidth test (default 256; dry 8)")
     args = p.parse_args(argv)
-    dry = args.dry_run
+    dry = args.dry_run or (args.quick and not torch.cuda.is_available())
+    if args.quick and not dry:
+        args.steps, args.warmup = args.steps or 5, 1
     if not dry and not torch.cuda.is_available():
         raise SystemExit(f"no CUDA device (torch {torch.__version__}): run with --dry-run on a CPU machine")
     device = torch.device("cpu") if dry else torch.device("cuda", 0)

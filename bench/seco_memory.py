@@ -45,7 +45,7 @@ import os
 import subprocess
 import sys
 
-from memstat import proc_status
+from benchlib import proc_status
 
 ALLOCATOR_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072",
                  "MALLOC_TOP_PAD_": "0", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}

@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from plait.storage.folders import ForeignFolderError
+from plait.storage.folders import ForeignFolderError, fsync_path
 from torch import nn
 from torch.distributed.tensor import DTensor
 
@@ -286,15 +286,7 @@ def _write_parts(state: dict[str, torch.Tensor], tmp: Path, rank: int, max_shard
         if part:
             path = tmp / f"part-{rank:05d}-{k:05d}.safetensors"
             save_file(part, str(path), metadata={"format": "pt"})
-            _fsync(path)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+            fsync_path(path)
 
 
 def _is_ours(path: Path) -> bool:
