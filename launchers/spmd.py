@@ -68,8 +68,7 @@ def start_run(spec: Any, placement: Placement) -> tuple[Any, Path | None]:
 
     validate_job(spec)
     run = continued_run(spec.run_dir) if placement.attempt > 0 else None
-    storage = getattr(spec, "storage", "")  # a storage location, where the runtime has them
-    run = run or RunDir.plan(spec.run_dir, resume_request(spec), **({"storage": storage} if storage else {}))
+    run = run or RunDir.plan(spec.run_dir, resume_request(spec), storage=spec.storage)
     os.environ.setdefault("PLAIT_PROGRESS", progress_mode())
     if hasattr(spec.module, "prepare") and placement.attempt == 0:
         spec.module.prepare(spec.config, run.path)
@@ -84,13 +83,15 @@ def start_run(spec: Any, placement: Placement) -> tuple[Any, Path | None]:
 def continued_run(run_dir: Path) -> Any:
     """After a torchrun restart: the run its first attempt recorded in run.json (None: it never started)."""
     from plait.runtime.run_dir import RECORD, RunDir
+    from plait.runtime.storage_location import StorageLocation
 
     try:
         record = json.loads((run_dir.resolve() / RECORD).read_text())
     except (OSError, ValueError):
         return None
     started_from = Path(record["resume_from"]) if record.get("resume_from") else None
-    return RunDir(run_dir.resolve(), record["run_id"], started_from, None)
+    storage = StorageLocation.parse(record["storage"]) if record.get("storage") else None
+    return RunDir(run_dir.resolve(), record["run_id"], started_from, None, storage=storage, started=True)
 
 
 def broadcast(obj: Any) -> Any:
@@ -113,8 +114,7 @@ def write_summary(spec: Any, run: Any, results: list, started: float, placement:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, run.path / "summary.json")
-    if hasattr(run, "publish"):  # outputs to the storage location, when the spec names one
-        run.publish()
+    run.publish()  # outputs to the storage location, when the spec names one
     return summary
 
 

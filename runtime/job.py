@@ -57,7 +57,7 @@ def _log_to_run_dir(run_dir: Path) -> logging.Handler:
 
 def write_resolved_spec(spec: JobSpec, run_dir: Path) -> None:
     resolved = {
-        "job": spec.job, "source": spec.source, "run_dir": str(run_dir),
+        "job": spec.job, "source": spec.source, "run_dir": str(run_dir), "storage": spec.storage or None,
         "cluster": dataclasses.asdict(spec.cluster), "workers": dataclasses.asdict(spec.workers),
         **dataclasses.asdict(spec.config),
     }
@@ -80,7 +80,7 @@ def resume_request(spec: JobSpec) -> str:
 
 def run_job(spec: JobSpec) -> dict[str, Any]:
     validate_job(spec)
-    run = RunDir.plan(spec.run_dir, resume_request(spec))
+    run = RunDir.plan(spec.run_dir, resume_request(spec), storage=spec.storage)
     cluster = connect(spec.cluster)  # a wrong address fails here, in seconds, before any data is built
     if hasattr(spec.module, "control"):
         log.info("cluster: %s; control job %s (its groups and pools are placed by control)", cluster, spec.job)
@@ -90,6 +90,9 @@ def run_job(spec: JobSpec) -> dict[str, Any]:
         spec.module.prepare(spec.config, run.path)
     try:
         return _run(spec, run)
+    except BaseException:
+        _publish_after_failure(run)
+        raise
     finally:
         for handler in [h for h in log.handlers if getattr(h, "plait_run_dir", None) == run.path]:
             log.removeHandler(handler)
@@ -107,6 +110,14 @@ def _start_outputs(spec: JobSpec, run: RunDir) -> None:
     for note in run.notes:
         log.info(note)
         print(f"[plait] {note}", flush=True)
+
+
+def _publish_after_failure(run: RunDir) -> None:
+    """A failed run's log and metrics still go to the storage location (once the run has started)."""
+    try:
+        run.publish()
+    except Exception as e:  # noqa: BLE001 - the job's own error is the one to report
+        log.warning("copying the failed run's files to %s failed: %s", run.storage, e)
 
 
 @dataclass
@@ -204,6 +215,11 @@ def _run(spec: JobSpec, run: RunDir) -> dict[str, Any]:
     summary = module.summarize(cfg, run.path, results) if hasattr(module, "summarize") else {"results": results}
     summary.update(run_dir=str(run.path), run_id=run.run_id, wall_s=round(time.time() - started, 1),
                    restarts=attempt)
+    if run.storage is not None:
+        summary["storage"] = str(run.storage)
     (run.path / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     log.info("summary: %s", summary)
+    copied = run.publish()  # the run's files to the storage location (none without one)
+    if copied:
+        log.info("copied %s to %s", ", ".join(copied), run.storage)
     return summary

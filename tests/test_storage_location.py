@@ -16,7 +16,6 @@ import time
 import urllib.request
 from pathlib import Path
 
-import plait.runtime.job as job_module
 import pytest
 import torch
 from plait.runtime.checkpoint import Checkpointer, ModelOptimizer
@@ -172,10 +171,7 @@ def test_an_absolute_path_inside_rays_temporary_copy_is_refused():
         persistent_path(RAY_TEMP + "/runs/x", "run_dir", {}, RAY_TEMP)
 
 
-# --- a job's outputs at a storage location (needs runtime/job.py to pass spec.storage to RunDir.plan) ---
-
-needs_job_storage = pytest.mark.skipif("storage" not in job_module.run_job.__code__.co_names,
-                                       reason="runtime/job.py does not pass spec.storage to RunDir.plan yet")
+# --- a job's outputs at a storage location ---
 
 
 def toy(run_dir, storage="", **train):
@@ -188,7 +184,6 @@ def uninterrupted(ray_cluster, tmp_path_factory):
     return toy(tmp_path_factory.mktemp("plain") / "run", steps=4)
 
 
-@needs_job_storage
 @pytest.mark.slow
 def test_a_job_resumed_from_its_storage_on_another_machine_equals_an_uninterrupted_run(uninterrupted, storage,
                                                                                        tmp_path):
@@ -209,7 +204,6 @@ def test_a_job_resumed_from_its_storage_on_another_machine_equals_an_uninterrupt
     assert loc.read_bytes("metrics.png")[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-@needs_job_storage
 @pytest.mark.slow
 def test_a_checkpoint_uri_as_train_resume_starts_a_fresh_run_from_it(uninterrupted, s3, tmp_path):
     storage = s3(f"from-uri-{time.monotonic_ns()}")
