@@ -61,43 +61,13 @@ def _fix_allocator() -> None:
             raise RuntimeError(f"mallopt({param}, {value}) failed")
 
 
-class SavedBytes:
-    """Unique storages autograd saves under this context, parameters and buffers of ``modules`` excluded."""
-
-    def __init__(self, modules):
-        self.skip = {self._ptr(t) for m in modules for t in [*m.parameters(), *m.buffers()]}
-        self.seen: dict[int, int] = {}
-        self.hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t)
-
-    @staticmethod
-    def _ptr(t: torch.Tensor) -> int:
-        t = t.to_local() if hasattr(t, "to_local") else t
-        return t.untyped_storage().data_ptr()
-
-    def pack(self, t: torch.Tensor) -> torch.Tensor:
-        ptr = self._ptr(t)
-        if ptr not in self.skip:
-            self.seen[ptr] = t.untyped_storage().nbytes()
-        return t
-
-    def __enter__(self):
-        self.hooks.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self.hooks.__exit__(*exc)
-
-    @property
-    def total(self) -> int:
-        return sum(self.seen.values())
-
-
 def bench_rank(ctx, args: dict) -> dict:
     from plait.parallel.estimate import estimate_memory
     from plait.parallel.mesh import build_mesh
     from plait.parallel.models.gpt import GPT, GPTConfig
     from plait.parallel.parallelize import OptimConfig, parallelize
     from plait.parallel.plan import ParallelPlan
+    from plait.parallel.saved_bytes import SavedBytes
 
     torch.set_num_threads(1)
     _fix_allocator()

@@ -42,6 +42,7 @@ from plait.runtime.checkpoint_store import (
     upload_staged,
 )
 from plait.runtime.storage_location import StorageLocation
+from plait.storage.folders import fsync_path
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.distributed.checkpoint.stateful import Stateful
@@ -239,14 +240,6 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def rng_state() -> dict[str, torch.Tensor]:
     state = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -345,7 +338,7 @@ class Checkpointer:
             shutil.rmtree(old, ignore_errors=True)
             os.rename(final, old)
         os.rename(tmp, final)
-        _fsync_dir(self.root)
+        fsync_path(self.root)
         shutil.rmtree(old, ignore_errors=True)
         for old in self.committed()[: -self.keep_last]:
             shutil.rmtree(old, ignore_errors=True)

@@ -22,7 +22,7 @@ from plait.parallel.activation_checkpoint import apply_activation_checkpointing,
 from plait.parallel.estimate import estimate_job, estimate_memory, format_table, inflight, stage_ids, stage_layers
 from plait.parallel.models.gpt import GPT, GPTConfig, lm_loss
 from plait.parallel.plan import ParallelPlan, PlanError
-from torch.distributed._functional_collectives import AsyncCollectiveTensor
+from plait.parallel.saved_bytes import SavedBytes
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
 from torch.distributed.tensor import DTensor
 
@@ -62,43 +62,6 @@ def expected(row) -> dict[str, int]:
 
 def adamw(params):
     return torch.optim.AdamW(params, lr=1e-3, weight_decay=0.1, foreach=False)
-
-
-class SavedBytes:
-    """Unique storages autograd saves under this context (parameters/buffers of ``model`` excluded), plus
-    the inputs of checkpointed blocks (kept alive by checkpoint's recompute closure)."""
-
-    def __init__(self, model):
-        self.state = {local(t).untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
-        self.seen: dict[int, int] = {}
-        self.handles = [m.register_forward_pre_hook(lambda _m, args: self.add(args[0]))
-                        for m in model.modules() if isinstance(m, CheckpointWrapper)]
-        self.hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t)
-
-    def add(self, t: torch.Tensor) -> None:
-        t = local(t)
-        if isinstance(t, AsyncCollectiveTensor):  # a DTensor's local result of a pending collective
-            t = t.trigger_wait()
-        st = t.untyped_storage()
-        if st.nbytes() and st.data_ptr() not in self.state:
-            self.seen[st.data_ptr()] = st.nbytes()
-
-    def pack(self, t):
-        self.add(t)
-        return t
-
-    def __enter__(self):
-        self.hooks.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self.hooks.__exit__(*exc)
-        for h in self.handles:
-            h.remove()
-
-    @property
-    def total(self) -> int:
-        return sum(self.seen.values())
 
 
 def recompute_bytes(model, x_shape) -> int:
