@@ -120,7 +120,7 @@ def _text(recipe: dict, keys) -> str:
     return ", ".join(f"{k}={recipe.get(k)!r}" for k in keys)
 
 
-def _reuse_or_refuse(path: Path, recipe: dict, rebuild: bool) -> RowShards | None:
+def reuse_or_refuse(path: Path, recipe: dict, rebuild: bool) -> RowShards | None:
     """The verified dataset at ``path`` if it holds ``recipe``; None if one is to be built there; else refuse.
     Reads only."""
     if not path.exists() and not path.is_symlink():
@@ -168,11 +168,11 @@ def ensure_token_dataset(cfg: DataConfig, path: Path, seq_len: int, vocab_size: 
     """The verified token dataset of this recipe at ``path``, built if missing (see the module docstring).
     Builders of one path take turns (a lock beside it); one that waited reuses what the other built."""
     path, recipe = Path(path).absolute(), token_recipe(cfg, seq_len, vocab_size)
-    shards = _reuse_or_refuse(path, recipe, cfg.rebuild)  # refusals happen here, before anything is written
+    shards = reuse_or_refuse(path, recipe, cfg.rebuild)  # refusals happen here, before anything is written
     if shards is not None:
         return shards
     with dataset_lock(path):
-        shards = _reuse_or_refuse(path, recipe, cfg.rebuild)  # another job may have built it meanwhile
+        shards = reuse_or_refuse(path, recipe, cfg.rebuild)  # another job may have built it meanwhile
         if shards is not None:
             return shards
         state = ("does not exist" if not path.exists() else "is empty" if not os.listdir(path)
