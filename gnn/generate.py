@@ -35,8 +35,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from plait.gnn.graph import CSCGraph, read_meta, write_folder, write_graph_files
+from plait.gnn.graph import CSCGraph
+from plait.gnn.graph_build import write_graph_files
 from plait.storage.feature_file import FeatureWriter, open_feature_file
+from plait.storage.folders import read_meta, write_folder
 
 FORMAT = "plait-gnn-dataset"
 VERSION = 1

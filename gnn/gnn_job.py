@@ -23,20 +23,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from plait.gnn.generate import generate_dataset, is_dataset_folder, load_features, load_labels, load_split, open_dataset
-from plait.gnn.loader import OnlineLoader, PackedLoader
 from plait.gnn.models import MODELS, build_model
 from plait.gnn.offline import is_pack_folder, prepare_packed
-from plait.gnn.sampler import NeighborSampler
+from plait.gnn.online_loader import OnlineLoader
+from plait.gnn.packed_loader import PackedLoader
+from plait.gnn.scoring import Scorer, param_digest
 from plait.runtime.checkpoint import Checkpointer, ModelOptimizer
 from plait.runtime.context import RankContext
 from plait.runtime.metrics import MetricsLogger
@@ -183,7 +182,7 @@ def pack_dir(cfg: Config) -> Path:
 
 
 def make_loader(cfg: Config, ctx: RankContext, ds, train_ids: np.ndarray):
-    """This rank's EpochLoader for ``train.loader`` (gnn/loader.py)."""
+    """This rank's EpochLoader for ``train.loader`` (gnn/online_loader.py, gnn/packed_loader.py)."""
     t, rank, world = cfg.train, ctx.rank, ctx.world_size
     if t.loader == "packed":
         if not cfg.pack_path or cfg.world_size != world:
@@ -273,43 +272,6 @@ def describe(before: dict, after: dict) -> str:
     rates = " ".join(f"{k} {v:.2f}" for k, v in after.items() if k.endswith("hit_rate"))
     return (f"sample {d['sample_s']:.2f} s, read {d['read_s']:.2f} s, waited {d['wait_s']:.2f} s, "
             f"{d['bytes_read'] / 2**20:.1f} MiB from disk{', ' + rates if rates else ''}")
-
-
-class Scorer:
-    """Accuracy on up to ``eval_nodes`` nodes of a split, shared over the ranks (each scores its slice; the counts
-    are summed with all_reduce). Features come through buffered reads of the feature file."""
-
-    def __init__(self, ds, t: TrainConfig, ctx: RankContext):
-        self.sampler = NeighborSampler(ds.load_graph(), t.fanouts)
-        self.store = DiskStore(ds.features, mode="pread", verify=False)
-        self.labels = load_labels(ds.root)
-        self.t, self.ctx = t, ctx
-
-    @torch.no_grad()
-    def accuracy(self, model: torch.nn.Module, ids: np.ndarray, epoch: int) -> float:
-        t, ctx = self.t, self.ctx
-        if t.eval_nodes and len(ids) > t.eval_nodes:
-            ids = np.sort(np.random.default_rng([t.seed, 7]).choice(ids, t.eval_nodes, replace=False))
-        mine = ids[ctx.rank :: ctx.world_size]
-        model.eval()
-        correct = 0
-        for mb in self.sampler.batches(mine, t.batch_size, t.seed, epoch=10**6 + epoch, shuffle=False):
-            x = torch.from_numpy(self.store.read(mb.n_id)).to(ctx.device)
-            correct += int((model(x, mb.blocks).argmax(-1).cpu().numpy() == self.labels[mb.seeds]).sum())
-        model.train()
-        counts = torch.tensor([correct, len(mine)], dtype=torch.float64)
-        if dist.is_initialized():
-            dist.all_reduce(counts)
-        return float(counts[0] / counts[1]) if counts[1] else math.nan
-
-
-def param_digest(model: torch.nn.Module) -> str:
-    """sha256 of every parameter's bytes: equal on every data-parallel rank after each step."""
-    h = hashlib.sha256()
-    for name, p in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(p.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 def summarize(cfg: Config, run_dir: Path, results: list[dict]) -> dict:

@@ -2,7 +2,7 @@
 
     info = prepare_packed(graph, "features.bin", split.train, fanouts=[10, 10], batch_size=1024, seed=0,
                           cache_rows=200_000, out_dir="packs/")     # -> PackInfo (blowup, preprocess_s, ...)
-    loader = PackedLoader("packs/")                                  # gnn/loader.py: the online stage
+    loader = PackedLoader("packs/")                                  # gnn/packed_loader.py: the online stage
 
 Pass 1 samples the epoch (``NeighborSampler``, batch i with ``batch_rng(seed, 0, i)``) and counts how many batches
 ask for each row; the host cache is the ``cache_rows`` most-asked rows (rows never asked are not cached). Pass 2
@@ -32,61 +32,28 @@ import json
 import os
 import time
 import zlib
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 from plait.gnn.graph import CSCGraph
+from plait.gnn.pack_info import (  # noqa: F401  (re-exported: the pack API in one import)
+    FORMAT,
+    VERSION,
+    CorruptPackError,
+    NotAPackError,
+    PackInfo,
+    info_from_meta,
+    is_pack_folder,
+    load_pack_info,
+    pack_info_dict,
+)
 from plait.gnn.sampler import MiniBatch, NeighborSampler, batch_rng, batch_seeds
 from plait.storage.cache_policy import top_k_ids
 from plait.storage.disk_reader import DiskStore
 from plait.storage.feature_file import PAGE, FeatureWriter, open_feature_file, read_checksums
-from plait.storage.folders import ForeignFolderError, read_meta, write_folder
-from plait.storage.row_shards import dataset_lock
+from plait.storage.folders import dataset_lock, read_meta, write_folder
 
-FORMAT = "plait-gnn-pack"
-VERSION = 1
 READ_CHUNK_IDS = 1 << 13  # distinct rows per read of the feature file while packing (its buffer: <= 8 KiB a row)
-
-NotAPackError = ForeignFolderError  # a path that is not a pack folder written here
-
-
-class CorruptPackError(RuntimeError):
-    """A pack folder is incomplete or inconsistent; the message names the file and the fix."""
-
-
-@dataclass(frozen=True)
-class PackInfo:
-    path: Path
-    num_batches: int  # batches in one epoch (all ranks)
-    world_size: int
-    batches_per_rank: int  # num_batches // world_size: every rank steps this many times per epoch
-    num_layers: int
-    seed: int  # sampling seed; also orders the batches of each epoch
-    batch_size: int
-    cache_rows: int  # asked for
-    cached_rows: int  # held (<= cache_rows: rows no batch asks for are not cached)
-    rows_needed: int  # sum over batches of len(n_id)
-    pack_rows: int  # rows written to packs (the non-cached part of rows_needed)
-    row_bytes: int
-    feature_bytes: int  # the feature file's data bytes (num_rows x row_bytes)
-    pack_bytes: int  # packs.feat data bytes (page-padded packs)
-    cache_bytes: int  # cache.feat data bytes
-    blowup: float  # pack_bytes / feature_bytes: the disk space packing costs
-    preprocess_s: float  # wall time of prepare_packed
-    sample_s: float  # of which sampling (both passes)
-    read_s: float  # of which reading feature rows
-    write_s: float  # of which writing packs, cache and index
-
-    @property
-    def cache_hit_rate(self) -> float:
-        """Share of the rows an epoch needs that the host cache serves."""
-        return 1 - self.pack_rows / self.rows_needed if self.rows_needed else 0.0
-
-
-def is_pack_folder(path: Path) -> bool:
-    meta = read_meta(path)
-    return meta is not None and meta.get("format") == FORMAT
 
 
 def prepare_packed(graph, features_path, train_ids, fanouts, batch_size: int, seed: int, cache_rows: int,
@@ -112,7 +79,7 @@ def prepare_packed(graph, features_path, train_ids, fanouts, batch_size: int, se
     if reuse and is_pack_folder(Path(out_dir)):
         meta = read_meta(Path(out_dir))
         if meta.get("version") == VERSION and meta.get("key") == key:
-            return _info(Path(out_dir), meta)
+            return info_from_meta(Path(out_dir), meta)
     seeds = batch_seeds(train_ids, batch_size, seed, 0)
     if len(seeds) < world_size:
         raise ValueError(f"{len(seeds)} batches (train ids {len(np.asarray(train_ids))}, batch_size {batch_size}) "
@@ -175,7 +142,7 @@ def prepare_packed(graph, features_path, train_ids, fanouts, batch_size: int, se
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, out_dir / "meta.json")
-    return _info(out_dir, meta)
+    return info_from_meta(out_dir, meta)
 
 
 def _pack_key(graph: CSCGraph, finfo, train_ids, fanouts, batch_size, seed, cache_rows, world_size) -> dict:
@@ -187,33 +154,6 @@ def _pack_key(graph: CSCGraph, finfo, train_ids, fanouts, batch_size, seed, cach
             "train_sha256": hashlib.sha256(train.tobytes()).hexdigest(), "fanouts": list(fanouts),
             "batch_size": int(batch_size), "seed": int(seed), "cache_rows": int(cache_rows),
             "world_size": int(world_size)}
-
-
-def load_pack_info(pack_dir) -> PackInfo:
-    """The PackInfo of an existing pack folder (raises NotAPackError for anything else)."""
-    pack_dir = Path(pack_dir)
-    meta = read_meta(pack_dir)
-    if meta is None or meta.get("format") != FORMAT:
-        what = "has no readable meta.json" if meta is None else f"holds format {meta.get('format')!r}"
-        raise NotAPackError(f"{pack_dir} is not a pack folder written by prepare_packed ({what}); pass the "
-                            "out_dir of prepare_packed")
-    if meta.get("version") != VERSION:
-        raise CorruptPackError(f"{pack_dir / 'meta.json'}: pack version {meta.get('version')!r}, this code reads "
-                               f"version {VERSION}; run prepare_packed again")
-    return _info(pack_dir, meta)
-
-
-def _info(path: Path, meta: dict) -> PackInfo:
-    names = [f for f in PackInfo.__dataclass_fields__ if f != "path"]
-    try:
-        return PackInfo(path=path, **{k: meta[k] for k in names})
-    except KeyError as e:
-        raise CorruptPackError(f"{path / 'meta.json'} lacks {e}; run prepare_packed again") from None
-
-
-def pack_info_dict(info: PackInfo) -> dict:
-    """PackInfo as a JSON-ready dict (metrics, benchmark lines)."""
-    return {**asdict(info), "path": str(info.path), "cache_hit_rate": info.cache_hit_rate}
 
 
 def _read_rows(src: DiskStore, ids: np.ndarray, t: dict) -> np.ndarray:

@@ -27,7 +27,8 @@ import threading
 import numpy as np
 import torch
 
-from .cache_policy import NEVER, Lookahead, make_policy
+from .belady import NEVER, Lookahead
+from .cache_policy import make_policy
 from .store import check_ids
 
 

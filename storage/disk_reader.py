@@ -303,6 +303,12 @@ class DiskStore:
         with self._lock:
             self.blocks_verified += len(blocks)
 
+    def release_mapped_pages(self) -> None:
+        """Mode "mmap": unmap the file's pages from this process (MADV_DONTNEED), so that drop_page_cache can
+        evict them; the next read faults them in again. Other modes map nothing: a no-op."""
+        if self._mm is not None:
+            self._mm.madvise(mmap.MADV_DONTNEED)
+
     def close(self) -> None:
         """Release the threads, descriptors and mapping; the store cannot read afterwards."""
         if self._pool is not None:

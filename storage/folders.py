@@ -1,6 +1,9 @@
 """Folders committed atomically: build beside the target, fsync, rename in; never replace a folder that is not ours.
 
     write_folder(path, build, is_ours, "graph")     # build(tmp) fills a fresh folder; then it replaces `path`
+    with dataset_lock(path): ...                    # flock on <path>.lock: one builder of `path` at a time
+    tmp, suffix = new_build_folder(path)            # the parts, for a builder with its own checks and cleanup
+    swap_in(tmp, path, suffix, remove_old)          # (row_shards.py): rename aside, rename in, remove the old
 
 ``path`` must be absent, an empty folder, or a folder ``is_ours(path)`` accepts (a folder this code wrote);
 anything else (a user's folder, a file, a symbolic link) is refused with the reason and left untouched. The
@@ -10,20 +13,67 @@ build runs under ``dataset_lock(path)``; leftovers of a crashed build are remove
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import re
 import shutil
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
-from plait.storage.row_shards import dataset_lock
 
 
 class ForeignFolderError(ValueError):
     """The target path holds something this code did not write: it is never replaced."""
+
+
+@contextlib.contextmanager
+def dataset_lock(path: str | Path) -> Iterator[None]:
+    """Hold the exclusive build lock of ``path`` (blocks until free; not re-entrant). The lock file is left
+    in place: removing it would let two builders lock two different files."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(f"{path.name}.lock"), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def new_build_folder(path: Path) -> tuple[Path, str]:
+    """A fresh folder beside ``path`` to build in (``<path>.tmp-<pid>-<thread>``) and its suffix."""
+    suffix = f"{os.getpid()}-{threading.get_native_id()}"
+    tmp = path.with_name(f"{path.name}.tmp-{suffix}")
+    tmp.mkdir(parents=True)
+    return tmp, suffix
+
+
+def swap_in(tmp: Path, path: Path, suffix: str, remove_old: Callable[[Path], None]) -> None:
+    """Rename the finished folder ``tmp`` to ``path``. A folder already at ``path`` is renamed aside first
+    (``<path>.old-<suffix>``), put back if the rename fails, and handed to ``remove_old`` after."""
+    if not path.exists():
+        os.rename(tmp, path)
+        return
+    old = path.with_name(f"{path.name}.old-{suffix}")
+    os.rename(path, old)
+    try:
+        os.rename(tmp, path)
+    except BaseException:
+        os.rename(old, path)
+        raise
+    remove_old(old)
+
+
+def stale_builds(path: Path) -> list[Path]:
+    """Folders a crashed build of ``path`` left beside it (``.tmp-`` and ``.old-`` ones; call under the lock)."""
+    pattern = re.compile(re.escape(path.name) + r"\.(tmp|old)-\d+-\d+")
+    if not path.parent.is_dir():
+        return []
+    return [entry for entry in path.parent.iterdir()
+            if pattern.fullmatch(entry.name) and entry.is_dir() and not entry.is_symlink()]
 
 
 def read_meta(path: Path) -> dict | None:
@@ -33,8 +83,6 @@ def read_meta(path: Path) -> dict | None:
     except (OSError, ValueError):
         return None
     return meta if isinstance(meta, dict) else None
-
-
 
 
 def write_folder(path: Path, build: Callable[[Path], None], is_ours: Callable[[Path], bool], what: str) -> None:
@@ -52,23 +100,11 @@ def write_folder(path: Path, build: Callable[[Path], None], is_ours: Callable[[P
             raise ForeignFolderError(f"{path} is not a {what} folder written by Plait (it holds {shown}); it is never "
                                  "replaced or deleted: move it away or choose another path")
         _remove_stale(path, is_ours)
-        suffix = f"{os.getpid()}-{threading.get_native_id()}"
-        tmp = path.with_name(f"{path.name}.tmp-{suffix}")
-        tmp.mkdir(parents=True)
+        tmp, suffix = new_build_folder(path)
         try:
             build(tmp)
             fsync_tree(tmp)
-            if path.exists():
-                old = path.with_name(f"{path.name}.old-{suffix}")
-                os.rename(path, old)
-                try:
-                    os.rename(tmp, path)
-                except BaseException:
-                    os.rename(old, path)
-                    raise
-                shutil.rmtree(old)  # checked above: only our own files
-            else:
-                os.rename(tmp, path)
+            swap_in(tmp, path, suffix, shutil.rmtree)  # checked above: only our own files
             fsync_path(path.parent)
         finally:
             if tmp.exists():
@@ -77,12 +113,9 @@ def write_folder(path: Path, build: Callable[[Path], None], is_ours: Callable[[P
 
 def _remove_stale(path: Path, is_ours: Callable[[Path], bool]) -> None:
     """Folders aside from a crashed build of ``path`` (the lock is held: nobody else is building it)."""
-    pattern = re.compile(re.escape(path.name) + r"\.(tmp|old)-\d+-\d+")
-    if path.parent.is_dir():
-        for entry in path.parent.iterdir():
-            if pattern.fullmatch(entry.name) and entry.is_dir() and not entry.is_symlink():
-                if entry.name.startswith(f"{path.name}.tmp-") or is_ours(entry):
-                    shutil.rmtree(entry)
+    for entry in stale_builds(path):
+        if entry.name.startswith(f"{path.name}.tmp-") or is_ours(entry):
+            shutil.rmtree(entry)
 
 
 def write_npy(file: Path, array: np.ndarray) -> None:
@@ -90,8 +123,6 @@ def write_npy(file: Path, array: np.ndarray) -> None:
         np.save(f, array, allow_pickle=False)
         f.flush()
         os.fsync(f.fileno())
-
-
 
 
 def fsync_path(path: Path) -> None:

@@ -22,20 +22,18 @@ A row is a row: this module knows nothing of what the integers mean.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import re
 import shutil
-import threading
 import zlib
 from collections import OrderedDict
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from plait.storage.folders import dataset_lock, new_build_folder, stale_builds, swap_in
 
 MANIFEST = "manifest.json"
 FORMAT = "plait-row-shards-v2"  # v2: row groups of rows_per_group rows, per-shard bytes and crc32
@@ -49,20 +47,6 @@ class CorruptDataError(RuntimeError):
 
 class NotRowShardsError(ValueError):
     """A folder holds files this module did not write: it is never replaced or deleted."""
-
-
-@contextlib.contextmanager
-def dataset_lock(path: str | Path) -> Iterator[None]:
-    """Hold the exclusive build lock of ``path`` (blocks until free; not re-entrant). The lock file is left
-    in place: removing it would let two builders lock two different files."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(f"{path.name}.lock"), "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def read_manifest(path: str | Path) -> dict | None:
@@ -131,22 +115,10 @@ def replace_row_shards(path: str | Path, rows: np.ndarray, rows_per_shard: int =
     path = Path(path)
     check_replaceable(path)
     _remove_stale_builds(path)
-    suffix = f"{os.getpid()}-{threading.get_native_id()}"
-    tmp = path.with_name(f"{path.name}.tmp-{suffix}")
-    tmp.mkdir(parents=True)
+    tmp, suffix = new_build_folder(path)
     try:
         _write_shards(tmp, rows, rows_per_shard, rows_per_group, meta or {})
-        if path.exists():
-            old = path.with_name(f"{path.name}.old-{suffix}")
-            os.rename(path, old)
-            try:
-                os.rename(tmp, path)
-            except BaseException:
-                os.rename(old, path)
-                raise
-            _remove_own_files(old)
-        else:
-            os.rename(tmp, path)
+        swap_in(tmp, path, suffix, _remove_own_files)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -186,10 +158,8 @@ def _remove_own_files(folder: Path) -> None:
 
 def _remove_stale_builds(path: Path) -> None:
     """Builds aside from a crashed builder (only one builder holds the lock at a time)."""
-    pattern = re.compile(re.escape(path.name) + r"\.(tmp|old)-\d+-\d+")
-    for entry in path.parent.iterdir():
-        if pattern.fullmatch(entry.name) and entry.is_dir() and not entry.is_symlink():
-            _remove_own_files(entry)
+    for entry in stale_builds(path):
+        _remove_own_files(entry)
 
 
 class RowShards:

@@ -6,9 +6,9 @@ from collections import OrderedDict
 import numpy as np
 import pytest
 import torch
+from plait.storage.belady import BeladyPolicy
 from plait.storage.cache import CachedStore, DeviceCache, fill_static
 from plait.storage.cache_policy import (
-    BeladyPolicy,
     LRUPolicy,
     SievePolicy,
     StaticPolicy,
@@ -51,27 +51,23 @@ def run_trace(policy, trace):
 TRACE = [1, 2, 3, 1, 4, 2, 1, 5, 2, 6, 7]
 
 
-def test_sieve_hand_trace():
-    # Capacity 3; queue written tail..head, * = visited, ^ = hand.
-    # 1 2 3 -> [1 2 3]; 1 hit -> [1* 2 3]; 4: hand clears 1, evicts 2 -> [1 3^ 4]; 2: evicts 3 -> [1 4^ 2];
-    # 1 hit -> [1* 4^ 2]; 5: evicts 4 -> [1* 2^ 5]; 2 hit -> [1* 2* 5]; 6: clears 2, evicts 5 (the head, so the
-    # hand wraps to the tail) -> [1* 2 6]; 7: clears 1, evicts 2 -> [1 6 7].
-    policy = SievePolicy(capacity=3, num_rows=10)
-    hits, evicted = run_trace(policy, TRACE)
+# Capacity 3 on TRACE. SIEVE, queue written tail..head, * = visited, ^ = hand:
+# 1 2 3 -> [1 2 3]; 1 hit -> [1* 2 3]; 4: hand clears 1, evicts 2 -> [1 3^ 4]; 2: evicts 3 -> [1 4^ 2];
+# 1 hit -> [1* 4^ 2]; 5: evicts 4 -> [1* 2^ 5]; 2 hit -> [1* 2* 5]; 6: clears 2, evicts 5 (the head, so the
+# hand wraps to the tail) -> [1* 2 6]; 7: clears 1, evicts 2 -> [1 6 7].
+# LRU, least recent first: [2 3 1] after 1 2 3 1; 4 evicts 2 -> [3 1 4]; 2 evicts 3 -> [1 4 2];
+# 1 hit -> [4 2 1]; 5 evicts 4 -> [2 1 5]; 2 hit -> [1 5 2]; 6 evicts 1 (SIEVE kept it) -> [5 2 6];
+# 7 evicts 5 -> [2 6 7].
+@pytest.mark.parametrize("policy_class, evicted, resident", [
+    (SievePolicy, {4: 2, 5: 3, 7: 4, 9: 5, 10: 2}, [1, 6, 7]),
+    (LRUPolicy, {4: 2, 5: 3, 7: 4, 9: 1, 10: 5}, [2, 6, 7]),
+], ids=["sieve", "lru-differs-where-sieve-keeps-the-reused-row"])
+def test_sieve_and_lru_hand_traces(policy_class, evicted, resident):
+    policy = policy_class(capacity=3, num_rows=10)
+    hits, got = run_trace(policy, TRACE)
     assert [i for i, h in enumerate(hits) if h] == [3, 6, 8]
-    assert evicted == {4: 2, 5: 3, 7: 4, 9: 5, 10: 2}
-    assert sorted(policy.resident_ids()) == [1, 6, 7]
-
-
-def test_lru_hand_trace_differs_from_sieve_where_sieve_keeps_the_reused_row():
-    # Capacity 3, least recent first: [2 3 1] after 1 2 3 1; 4 evicts 2 -> [3 1 4]; 2 evicts 3 -> [1 4 2];
-    # 1 hit -> [4 2 1]; 5 evicts 4 -> [2 1 5]; 2 hit -> [1 5 2]; 6 evicts 1 (SIEVE kept it) -> [5 2 6];
-    # 7 evicts 5 -> [2 6 7].
-    policy = LRUPolicy(capacity=3, num_rows=10)
-    hits, evicted = run_trace(policy, TRACE)
-    assert [i for i, h in enumerate(hits) if h] == [3, 6, 8]
-    assert evicted == {4: 2, 5: 3, 7: 4, 9: 1, 10: 5}
-    assert sorted(policy.resident_ids()) == [2, 6, 7]
+    assert got == evicted
+    assert sorted(policy.resident_ids()) == resident
 
 
 def test_static_cache_holds_the_hottest_rows_loaded_in_one_read():

@@ -7,8 +7,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from gnn_fixtures import accuracy, mlp_test_accuracy, sage_model
 from plait.gnn.generate import generate_dataset, load_features, load_labels, load_split
-from plait.gnn.graph import CorruptGraphError, CSCGraph, NotAGraphError, graph_from_edges, graph_from_parquet
+from plait.gnn.graph import CorruptGraphError, CSCGraph, NotAGraphError
+from plait.gnn.graph_build import graph_from_edges, graph_from_parquet
 from plait.gnn.sampler import NeighborSampler, batch_rng, batch_seeds
 from plait.storage.feature_file import open_feature_file
 from torch_geometric.nn import SAGEConv
@@ -205,33 +207,18 @@ def test_generated_features_labels_and_split_are_what_training_reads(dataset, tm
     assert (tmp_path / "mine" / "data.csv").read_text() == "1,2"
 
 
-def _accuracy(logits, y):
-    return (logits.argmax(1) == y).float().mean().item()
-
-
 def test_an_mlp_on_features_alone_clearly_underperforms_sampled_graphsage(tmp_path):
     ds = generate_dataset(tmp_path / "g", num_nodes=4000, train_frac=0.05, seed=1)
     graph, split = ds.load_graph(), load_split(ds.root)
     x, y = torch.from_numpy(np.array(load_features(ds.root))), torch.from_numpy(load_labels(ds.root))
-    torch.manual_seed(0)
-    mlp = torch.nn.Sequential(torch.nn.Linear(128, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
-    opt = torch.optim.Adam(mlp.parameters(), lr=0.01, weight_decay=5e-4)
-    for _ in range(100):
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(mlp(x[split.train]), y[split.train]).backward()
-        opt.step()
-    mlp_acc = _accuracy(mlp(x[split.test]).detach(), y[split.test])
+    mlp_acc = mlp_test_accuracy(x, y, split)  # seeds torch with 0 first
 
-    convs = torch.nn.ModuleList([SAGEConv(128, 64), SAGEConv(64, 10)])
+    convs, sage = sage_model()
     opt = torch.optim.Adam(convs.parameters(), lr=0.01, weight_decay=5e-4)
     sampler = NeighborSampler(graph, [10, 10])
 
     def forward(mb):
-        h = x[torch.from_numpy(mb.n_id)]
-        for i, (conv, block) in enumerate(zip(convs, mb.blocks, strict=True)):
-            h = conv((h, h[: block.size[1]]), block.edge_index, block.size)
-            h = torch.relu(h) if i == 0 else h
-        return h
+        return sage(mb, x[torch.from_numpy(mb.n_id)])
 
     for epoch in range(15):
         for mb in sampler.batches(split.train, 50, seed=0, epoch=epoch):
@@ -240,5 +227,5 @@ def test_an_mlp_on_features_alone_clearly_underperforms_sampled_graphsage(tmp_pa
             opt.step()
     with torch.no_grad():
         mb = sampler.sample(split.test, batch_rng(0, 99, 0))
-        sage_acc = _accuracy(forward(mb), y[torch.from_numpy(mb.seeds)])
+        sage_acc = accuracy(forward(mb), y[torch.from_numpy(mb.seeds)])
     assert mlp_acc < 0.6 and sage_acc > 0.75 and sage_acc > mlp_acc + 0.2, (mlp_acc, sage_acc)

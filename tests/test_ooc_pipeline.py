@@ -1,18 +1,20 @@
-"""The out-of-core GNN pipeline: offline sampling and packing (gnn/offline.py) and the epoch loaders (gnn/loader.py)."""
+"""The out-of-core GNN pipeline: offline sampling and packing (gnn/offline.py) and the epoch loaders
+(gnn/online_loader.py, gnn/packed_loader.py)."""
 
 import threading
 
 import numpy as np
 import pytest
 import torch
+from gnn_fixtures import accuracy, mlp_test_accuracy, sage_model
 from plait.gnn.generate import generate_dataset, load_features, load_labels, load_split
-from plait.gnn.loader import OnlineLoader, PackedLoader
 from plait.gnn.offline import NotAPackError, prepare_packed
+from plait.gnn.online_loader import OnlineLoader
+from plait.gnn.packed_loader import PackedLoader
 from plait.gnn.sampler import NeighborSampler, batch_rng, batch_seeds
 from plait.storage.disk_reader import DiskStore, drop_page_cache
 from plait.storage.feature_file import FeatureFileError
 from plait.storage.store import ArrayStore
-from torch_geometric.nn import SAGEConv
 
 FANOUTS, BATCH, SEED = [5, 5], 64, 3
 
@@ -173,22 +175,10 @@ def test_leaving_an_epoch_early_or_closing_stops_the_thread(data, tmp_path):
         loader.epoch(3)
 
 
-def _accuracy(logits, y):
-    return (logits.argmax(1) == y).float().mean().item()
-
-
 def _train_sage(loader, y, epochs):
     torch.manual_seed(0)
-    convs = torch.nn.ModuleList([SAGEConv(128, 64), SAGEConv(64, 10)])
+    convs, forward = sage_model()
     opt = torch.optim.Adam(convs.parameters(), lr=0.01, weight_decay=5e-4)
-
-    def forward(mb, x):
-        h = x
-        for i, (conv, block) in enumerate(zip(convs, mb.blocks, strict=True)):
-            h = conv((h, h[: block.size[1]]), block.edge_index, block.size)
-            h = torch.relu(h) if i == 0 else h
-        return h
-
     for epoch in range(epochs):
         for mb, x in loader.epoch(epoch):
             opt.zero_grad()
@@ -203,14 +193,7 @@ def test_offline_packed_training_matches_online_sampling_and_beats_an_mlp(tmp_pa
     graph, split = ds.load_graph(), load_split(ds.root)
     feats, y = np.array(load_features(ds.root)), torch.from_numpy(load_labels(ds.root))
     x_all = torch.from_numpy(feats)
-    torch.manual_seed(0)
-    mlp = torch.nn.Sequential(torch.nn.Linear(128, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
-    opt = torch.optim.Adam(mlp.parameters(), lr=0.01, weight_decay=5e-4)
-    for _ in range(100):
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(mlp(x_all[split.train]), y[split.train]).backward()
-        opt.step()
-    mlp_acc = _accuracy(mlp(x_all[split.test]).detach(), y[split.test])
+    mlp_acc = mlp_test_accuracy(x_all, y, split)
 
     prepare_packed(graph, ds.features, split.train, [10, 10], 50, 0, 1000, tmp_path / "p")
     test_mb = NeighborSampler(graph, [10, 10]).sample(split.test, batch_rng(0, 99, 0))
@@ -220,8 +203,8 @@ def test_offline_packed_training_matches_online_sampling_and_beats_an_mlp(tmp_pa
         with loader, torch.no_grad():
             with torch.enable_grad():
                 forward = _train_sage(loader, y, epochs=15)
-            accs.append(_accuracy(forward(test_mb, x_all[torch.from_numpy(test_mb.n_id)]),
-                                  y[torch.from_numpy(test_mb.seeds)]))
+            accs.append(accuracy(forward(test_mb, x_all[torch.from_numpy(test_mb.n_id)]),
+                                 y[torch.from_numpy(test_mb.seeds)]))
     packed_acc, online_acc = accs
     assert abs(packed_acc - online_acc) <= 0.02, (packed_acc, online_acc)
     assert min(packed_acc, online_acc) > mlp_acc + 0.2, (mlp_acc, packed_acc, online_acc)
