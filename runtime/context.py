@@ -6,8 +6,9 @@ the mesh built from it) down explicitly.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -26,6 +27,13 @@ class RankContext:
     run_id: str = ""  # this run's id (the runtime's, written into every checkpoint it commits)
     resume_from: Path | None = None  # the committed checkpoint to load before training (None: fresh start),
     # decided on the driver: the user's train.resume on the first attempt, this run's own latest after a restart
+    heartbeat: Any = field(default=None, repr=False, compare=False)  # runtime/watchdog.py's Heartbeat (Ray ranks)
+
+    def step_done(self, step: int) -> None:
+        """Call after every training step: the driver's watchdog learns the step rhythm from it and names a rank
+        that stops keeping it (runtime/watchdog.py). Free: one attribute write. A no-op outside a Ray group."""
+        if self.heartbeat is not None:
+            self.heartbeat.step_done(step)
 
     @property
     def is_main(self) -> bool:

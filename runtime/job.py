@@ -20,8 +20,10 @@ run.json, spec.json, plait.log) after prepare and just before control is called:
 fails inside control leaves this run recorded (with the error in plait.log).
 
 Restarts (``workers.max_restarts``) are for crashes only (a dead process, a lost node, a
-communication error, a timeout); an error that would repeat (bad input, a corrupt file, a bug)
-ends the job at once with its message. For a control job, a transient ``RankError`` escaping
+communication error, a timeout, a hung rank the watchdog named); an error that would repeat (bad
+input, a corrupt file, a bug) ends the job at once with its message. A restart keeps its ranks off
+the nodes where the failures were, when the other nodes have room for them (runtime/placement.py);
+otherwise it reuses them and says so. For a control job, a transient ``RankError`` escaping
 control (from one of its worker groups) tears down every group and pool it made and calls control
 again with ``job.attempt`` + 1 and ``job.resume_from`` = the restart point; a failed pool actor is
 control's own business (``ActorPool.replace``), and anything else escaping control ends the job.
@@ -40,9 +42,11 @@ from typing import Any, Callable
 from plait.runtime.actor_pool import ActorPool
 from plait.runtime.cluster import connect, link_ray_logs
 from plait.runtime.metrics import progress_mode
+from plait.runtime.placement import nodes_to_avoid
 from plait.runtime.run_dir import RunDir
 from plait.runtime.spec import JobSpec
-from plait.runtime.worker_group import RankError, WorkerConfig, WorkerGroup
+from plait.runtime.watchdog import WatchdogConfig
+from plait.runtime.worker_group import RankError, WorkerConfig, WorkerGroup, gpus_per_rank
 
 log = logging.getLogger("plait")
 
@@ -59,6 +63,7 @@ def write_resolved_spec(spec: JobSpec, run_dir: Path) -> None:
     resolved = {
         "job": spec.job, "source": spec.source, "run_dir": str(run_dir), "storage": spec.storage or None,
         "cluster": dataclasses.asdict(spec.cluster), "workers": dataclasses.asdict(spec.workers),
+        "watchdog": dataclasses.asdict(spec.watchdog),
         **dataclasses.asdict(spec.config),
     }
     (run_dir / "spec.json").write_text(json.dumps(resolved, indent=1, default=str))
@@ -133,6 +138,8 @@ class Job:
     code: dict[str, tuple[str, str]] = field(default_factory=dict, repr=False)  # the local job module, shipped
     env: dict[str, str] = field(default_factory=dict, repr=False)  # environment of every actor
     owned: list = field(default_factory=list, repr=False)  # groups and pools to tear down
+    watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)  # the spec's [watchdog], for every group
+    avoid_nodes: list[str] = field(default_factory=list)  # Ray node ids where earlier attempts failed
 
     def worker_group(self, **overrides: Any) -> WorkerGroup:
         """A WorkerGroup of ``workers`` with ``overrides`` (num=..., cpus_per_worker=...), with the job's
@@ -143,7 +150,8 @@ class Job:
                              f"fields; choose from {sorted(known)}")
         cfg = dataclasses.replace(self.workers, **overrides)
         context = {"run_id": self.run_id, "resume_from": self.resume_from}
-        group = WorkerGroup(cfg, self.run_dir, attempt=self.attempt, env=self.env, context=context, code=self.code)
+        group = WorkerGroup(cfg, self.run_dir, attempt=self.attempt, env=self.env, context=context, code=self.code,
+                            watchdog=self.watchdog, avoid_nodes=self.avoid_nodes)
         self.owned.append(group)
         return group
 
@@ -166,7 +174,7 @@ class Job:
                 log.warning("tearing down %s failed: %s", type(owned).__name__, e)
 
 
-def _attempt(spec: JobSpec, run: RunDir, attempt: int, resume_from: Path | None) -> Any:
+def _attempt(spec: JobSpec, run: RunDir, attempt: int, resume_from: Path | None, avoid: list[str]) -> Any:
     """One try at the job: ``control`` on the driver, or ``train`` on every rank of one group."""
     # A live progress bar only when someone watches a terminal; plain lines in logs otherwise.
     env = {"PLAIT_PROGRESS": progress_mode()}
@@ -174,7 +182,8 @@ def _attempt(spec: JobSpec, run: RunDir, attempt: int, resume_from: Path | None)
     if control is not None:
         if attempt == 0:
             _start_outputs(spec, run)
-        job = Job(run.path, run.run_id, resume_from, attempt, spec.workers, dict(spec.code), env)
+        job = Job(run.path, run.run_id, resume_from, attempt, spec.workers, dict(spec.code), env,
+                  watchdog=spec.watchdog, avoid_nodes=avoid)
         try:
             result = control(job, spec.config)
         except BaseException:
@@ -183,19 +192,34 @@ def _attempt(spec: JobSpec, run: RunDir, attempt: int, resume_from: Path | None)
         job.close()
         return result
     context = {"run_id": run.run_id, "resume_from": resume_from}
-    with WorkerGroup(spec.workers, run.path, attempt=attempt, env=env, context=context, code=spec.code) as group:
+    with WorkerGroup(spec.workers, run.path, attempt=attempt, env=env, context=context, code=spec.code,
+                     watchdog=spec.watchdog, avoid_nodes=avoid) as group:
         if attempt == 0:
             _start_outputs(spec, run)
         return group.run(spec.module.train, spec.config)
+
+
+def _placement_after(spec: JobSpec, failed_nodes: set[str]) -> tuple[list[str], str]:
+    """The nodes the next attempt avoids (when the others have room for the spec's [workers]), and a note."""
+    import ray
+
+    w = spec.workers
+    try:
+        gpus = gpus_per_rank(w.gpus_per_worker, ray.cluster_resources().get("GPU", 0), w.num)
+        return nodes_to_avoid(failed_nodes, w.num, w.cpus_per_worker, gpus, w.strategy)
+    except Exception as e:  # noqa: BLE001 - the restart goes ahead anywhere; its placement reports what is wrong
+        return [], f"could not judge room off the failed node(s) ({type(e).__name__}: {e}); placing anywhere"
 
 
 def _run(spec: JobSpec, run: RunDir) -> dict[str, Any]:
     module, cfg = spec.module, spec.config
     started = time.time()
     attempt, resume_from = 0, run.resume_from
+    failed_nodes: set[str] = set()  # Ray node ids where ranks died or hung
+    avoid: list[str] = []
     while True:
         try:
-            results = _attempt(spec, run, attempt, resume_from)
+            results = _attempt(spec, run, attempt, resume_from, avoid)
             break
         except RankError as e:
             log.error("attempt %d failed: %s", attempt, e)
@@ -206,8 +230,14 @@ def _run(spec: JobSpec, run: RunDir) -> dict[str, Any]:
                 raise
             attempt += 1
             resume_from = run.restart_point()
-            print(f"[plait] rank {e.rank} failed ({getattr(e, 'kind', 'crash')}); restart {attempt}/"
+            failed_nodes.update(getattr(e, "node_ids", []))
+            avoid, note = _placement_after(spec, failed_nodes)
+            who = ", ".join(f"rank {r} (node {ip})" for r, ip in zip(e.ranks, e.node_ips, strict=False))
+            print(f"[plait] {who} failed ({getattr(e, 'kind', 'crash')}); restart {attempt}/"
                   f"{spec.workers.max_restarts} from {resume_from or 'step 0 (no checkpoint yet)'}", flush=True)
+            if note:
+                log.info(note)
+                print(f"[plait] {note}", flush=True)
         except Exception as e:
             if hasattr(module, "control"):  # into plait.log: control's run directory has started
                 log.error("control failed: %s: %s", type(e).__name__, e)

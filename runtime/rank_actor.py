@@ -23,6 +23,7 @@ from typing import Any, Callable
 import ray
 from plait.runtime.context import RankContext
 from plait.runtime.rank_setup import Placement, Rendezvous, setup_rank
+from plait.runtime.watchdog import Heartbeat
 
 # What gloo (and NCCL through RuntimeError) says when a peer process went away mid-collective.
 _PEER_GONE = re.compile(r"(closed|reset) by peer|broken pipe", re.IGNORECASE)
@@ -142,6 +143,7 @@ class RankActor:
         self.ctx: RankContext | None = None
         self.store = None
         self.obj: Any = None  # the user's object, built by start()
+        self.heartbeat: Heartbeat | None = None  # set up with the rank (setup's ``heartbeat``)
 
     def pid(self) -> int:
         return os.getpid()
@@ -162,11 +164,22 @@ class RankActor:
             raise RemoteFailure.of(e) from None
         return host, self.store.port
 
-    def setup(self, fields: dict, master: tuple[str, int], timeout_s: float) -> str:
+    def setup(self, fields: dict, master: tuple[str, int], timeout_s: float,
+              heartbeat: tuple[str, float] | None = None) -> str:
+        """Join the process group. ``heartbeat``: ``(key, beat_s)`` to publish step progress under
+        (runtime/watchdog.py), None for none."""
         try:
-            return self._setup(fields, master, timeout_s)
+            if heartbeat is not None:
+                key, beat_s = heartbeat
+                self.heartbeat = Heartbeat(key, fields["rank"], ray.get_runtime_context().get_node_id(), beat_s)
+                self.heartbeat.start()
+            return self._setup(dict(fields, heartbeat=self.heartbeat), master, timeout_s)
         except BaseException as e:
             raise RemoteFailure.of(e) from None
+
+    def _watch(self) -> None:
+        if self.heartbeat is not None:
+            self.heartbeat.watch()
 
     def _setup(self, fields: dict, master: tuple[str, int], timeout_s: float) -> str:
         import torch
@@ -188,6 +201,7 @@ class RankActor:
         return self.ctx.backend
 
     def run(self, fn: Callable, args: tuple, kwargs: dict) -> Any:
+        self._watch()
         try:
             return fn(self.ctx, *args, **kwargs)
         except BaseException as e:  # keep the remote traceback readable in the driver
@@ -196,6 +210,7 @@ class RankActor:
     def start(self, factory: Callable | str, args: tuple, kwargs: dict, with_context: bool = True) -> None:
         """Build the user's object: ``factory(ctx, *args, **kwargs)`` on a rank, ``factory(*args, **kwargs)``
         in a pool. Its class arrives here with this call, after ``__init__`` installed the job's code."""
+        self._watch()
         try:
             factory = resolve_factory(factory)
             self.obj = factory(self.ctx, *args, **kwargs) if with_context else factory(*args, **kwargs)
@@ -204,6 +219,7 @@ class RankActor:
 
     def call(self, method: str, args: tuple, kwargs: dict) -> Any:
         """``obj.method(*args, **kwargs)`` on the object ``start`` built."""
+        self._watch()
         try:
             if self.obj is None:
                 raise RuntimeError(f"no object to call {method!r} on: start(cls) must build it first")
@@ -217,6 +233,8 @@ class RankActor:
     def teardown(self) -> None:
         import torch.distributed as dist
 
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
         if dist.is_initialized():
             dist.destroy_process_group()
         self.store = None

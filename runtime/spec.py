@@ -6,6 +6,7 @@
     storage = "s3://bucket/runs/demo"     # optional: where outputs persist (a folder or a pyarrow URI)
     [cluster]  address, num_cpus, ...     -> plait.runtime.cluster.ClusterConfig
     [workers]  num, cpus_per_worker, ...  -> plait.runtime.worker_group.WorkerConfig
+    [watchdog] floor_s, factor, ...       -> plait.runtime.watchdog.WatchdogConfig (hung-rank detection)
     [model] [data] [train] [plan] ...     -> the job module's own Config dataclass
 
 The runtime knows nothing of the job beyond that protocol, so every capability plugs in the same way.
@@ -24,9 +25,10 @@ from typing import Any
 from plait.runtime.cluster import ClusterConfig
 from plait.runtime.config import ConfigError, apply_overrides, build, unknown_key_message
 from plait.runtime.storage_location import is_uri, persistent_path
+from plait.runtime.watchdog import WatchdogConfig
 from plait.runtime.worker_group import WorkerConfig
 
-RUNTIME_KEYS = ("job", "run_dir", "storage", "cluster", "workers")
+RUNTIME_KEYS = ("job", "run_dir", "storage", "cluster", "workers", "watchdog")
 
 
 @dataclass
@@ -40,6 +42,7 @@ class JobSpec:
     source: str = ""
     code: dict[str, tuple[str, str]] = field(default_factory=dict)  # local job module sent to the ranks
     storage: str = ""  # where outputs persist: "" (the run directory only), an absolute path, or a URI
+    watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
 
 
 def load_job_module(name: str, search: list[Path] | None = None) -> ModuleType:
@@ -120,6 +123,7 @@ def spec_from_table(table: dict[str, Any], source: str = "<table>", search: list
         storage=str(output_path(storage, "storage").resolve()) if storage and not is_uri(storage) else storage,
         cluster=build(ClusterConfig, table.get("cluster", {}), "cluster"),
         workers=build(WorkerConfig, table.get("workers", {}), "workers"),
+        watchdog=build(WatchdogConfig, table.get("watchdog", {}), "watchdog"),
         config=build(module.Config, job_table, ""),
         module=module,
         source=source,

@@ -12,6 +12,11 @@ was given a GPU, gloo otherwise). A failure on any rank is raised in the driver 
 naming the rank, its traceback, and whether a restart could fix it (``transient``); the whole group
 is torn down (peers blocked in a collective are killed, not waited for). The run directory is only
 named here, never created: the runtime creates it once the ranks are placed.
+
+Waits on the ranks are bounded slices: between them a watchdog (runtime/watchdog.py) reads the ranks'
+step heartbeats and tears the group down with a ``RankError`` of kind "Hang" naming the rank and node
+that stopped keeping the step rhythm. ``avoid_nodes`` keeps the ranks off those Ray nodes (a restart
+after a failure there; runtime/placement.py decides whether the cluster has room elsewhere).
 """
 
 from __future__ import annotations
@@ -23,7 +28,9 @@ from typing import Any, Callable, Sequence
 
 import ray
 from plait.runtime.context import RankContext
+from plait.runtime.placement import bundle_selectors
 from plait.runtime.rank_actor import Failure, RankActor
+from plait.runtime.watchdog import Watchdog, WatchdogConfig
 from plait.runtime.worker_config import (  # noqa: F401  (re-exported: the names users import from here)
     STRATEGIES,
     PlacementError,
@@ -35,20 +42,23 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 PEER_GRACE_S = 2.0  # after a communication error, how long the other ranks get to report the root cause
+POLL_S = 0.5  # the longest single wait on the ranks: between waits, the watchdog looks at their heartbeats
+SETUP_SLACK_S = 120.0  # start-up calls (node info, rendezvous, process group) wait pg_timeout_s plus this
 
 
 class RankError(RuntimeError):
     """A rank failed. ``rank`` says which (``ranks``: all of them, for a call timeout), ``kind`` the
     exception's class name, ``message`` its one-line cause, ``remote_traceback`` its traceback, and
     ``transient`` whether a restart can fix it (a dead process, a lost node, a communication error,
-    a timeout) or not (any other exception: it would fail the same way again)."""
+    a timeout, a hang) or not (any other exception: it would fail the same way again). ``node_ids``:
+    the Ray node ids of ``ranks`` (what a restart keeps its new placement off, when it can)."""
 
     def __init__(self, rank: int, world_size: int, node_ip: str, detail: str, cause: BaseException | None = None,
                  *, kind: str = "", message: str = "", transient: bool = False, ranks: list[int] | None = None,
-                 node_ips: list[str] | None = None):
+                 node_ips: list[str] | None = None, node_ids: list[str] | None = None):
         self.rank, self.node_ip, self.remote_traceback, self.cause = rank, node_ip, detail, cause
         self.kind, self.message, self.transient = kind, message, transient
-        self.ranks, self.node_ips = ranks or [rank], node_ips or [node_ip]
+        self.ranks, self.node_ips, self.node_ids = ranks or [rank], node_ips or [node_ip], node_ids or []
         who = (f"rank {rank} of {world_size} (node {node_ip})" if len(self.ranks) == 1 else
                f"ranks {', '.join(map(str, self.ranks))} of {world_size} (nodes {', '.join(self.node_ips)})")
         super().__init__(f"{who} failed:\n{detail}")
@@ -57,9 +67,11 @@ class RankError(RuntimeError):
 class WorkerGroup:
     def __init__(self, cfg: WorkerConfig, run_dir: str | Path, *, attempt: int = 0, env: dict[str, str] | None = None,
                  context: dict[str, Any] | None = None, pg_timeout_s: float | None = None,
-                 code: dict[str, tuple[str, str]] | None = None):
+                 code: dict[str, tuple[str, str]] | None = None, watchdog: WatchdogConfig | None = None,
+                 avoid_nodes: Sequence[str] = ()):
         """``code``: {module name: (path, source)} of local job modules the ranks must import (sent with
-        the actors, so nodes need not have the files)."""
+        the actors, so nodes need not have the files). ``watchdog``: hang detection (default: on, with
+        WatchdogConfig's defaults). ``avoid_nodes``: Ray node ids no rank may be placed on."""
         cfg.check()
         if not ray.is_initialized():
             raise RuntimeError("Ray is not initialised: call plait.runtime.connect() first")
@@ -67,11 +79,17 @@ class WorkerGroup:
         self.context = _checked_context(context or {})
         self.world_size = cfg.num
         self.node_ips: list[str] = []
+        self.node_ids: list[str] = []
         self.started = False  # start() built an object on every rank
+        self.avoid_nodes = list(avoid_nodes)
         gpus = gpus_per_rank(cfg.gpus_per_worker, ray.cluster_resources().get("GPU", 0), cfg.num)
         self._check_capacity(gpus)
         bundle = {"CPU": cfg.cpus_per_worker, **({"GPU": gpus} if gpus else {})}
-        self.pg = placement_group([dict(bundle) for _ in range(cfg.num)], strategy=cfg.strategy)
+        watch = watchdog or WatchdogConfig()
+        watch.check()
+        self.pg = placement_group([dict(bundle) for _ in range(cfg.num)], strategy=cfg.strategy,
+                                  bundle_label_selector=bundle_selectors(self.avoid_nodes, cfg.num))
+        self.watchdog = Watchdog(f"hb/{self.pg.id.hex()}", cfg.num, watch)
         self.actors: list = []
         try:
             self._wait_placed(bundle)
@@ -85,15 +103,18 @@ class WorkerGroup:
                 ).remote(threads, code)
                 for i in range(cfg.num)
             ]
-            infos = self._gather([a.node_info.remote() for a in self.actors])
-            self.node_ips = [ip for ip, _ in infos]
-            self.locals = local_ranks([node_id for _, node_id in infos])
             timeout_s = pg_timeout_s or cfg.pg_timeout_s
+            bound = timeout_s + SETUP_SLACK_S
+            infos = self._gather([a.node_info.remote() for a in self.actors], bound)
+            self.node_ips = [ip for ip, _ in infos]
+            self.node_ids = [node_id for _, node_id in infos]
+            self.locals = local_ranks(self.node_ids)
             # All ranks on one machine: rendezvous on loopback, never exposed beyond it.
             opened = self.actors[0].open_rendezvous.remote(len(set(self.node_ips)) == 1, cfg.num, timeout_s)
-            master = self._gather([opened])[0]
-            setups = [a.setup.remote(self._fields(r), master, timeout_s) for r, a in enumerate(self.actors)]
-            self.backend = self._gather(setups)[0]
+            master = self._gather([opened], bound)[0]
+            beats = [(self.watchdog.key(r), watch.beat_s) if watch.enabled else None for r in range(cfg.num)]
+            setups = [a.setup.remote(self._fields(r), master, timeout_s, beats[r]) for r, a in enumerate(self.actors)]
+            self.backend = self._gather(setups, bound)[0]
         except BaseException:
             self.shutdown()
             raise
@@ -131,8 +152,9 @@ class WorkerGroup:
     def _wait_placed(self, bundle: dict) -> None:
         ready, _ = ray.wait([self.pg.ready()], timeout=self.cfg.placement_timeout_s)
         if not ready:
+            off = f" off node(s) {', '.join(n[:12] for n in self.avoid_nodes)}" if self.avoid_nodes else ""
             raise PlacementError(
-                f"could not place {self.cfg.num} ranks of {bundle} with strategy {self.cfg.strategy} within "
+                f"could not place {self.cfg.num} ranks of {bundle} with strategy {self.cfg.strategy}{off} within "
                 f"{self.cfg.placement_timeout_s:g}s; available now: {ray.available_resources()}. Other jobs "
                 "hold the rest: wait for them, or ask for fewer ranks"
             )
@@ -142,11 +164,13 @@ class WorkerGroup:
 
         With ``call_timeout_s`` set, ranks that have not returned by then are torn down and reported.
         """
+        self.watchdog.call_started()
         return self._gather([a.run.remote(fn, args, kwargs) for a in self._live()], self.cfg.call_timeout_s)
 
     def run_each(self, fn: Callable, per_rank_args: Sequence[tuple], **kwargs: Any) -> list[Any]:
         """Call ``fn(ctx, *per_rank_args[rank], **kwargs)`` on every rank; results in rank order."""
         rows = self._rows(per_rank_args)
+        self.watchdog.call_started()
         return self._gather([a.run.remote(fn, row, kwargs) for a, row in zip(self._live(), rows, strict=True)],
                             self.cfg.call_timeout_s)
 
@@ -156,6 +180,7 @@ class WorkerGroup:
         for ``call``/``submit`` (a second start replaces it). ``factory``: a class or function, or its
         ``"module:qualname"``. A failure is raised like ``run``'s."""
         rows = self._rows(per_rank_args)
+        self.watchdog.call_started()
         self._gather([a.start.remote(factory, args + row, kwargs) for a, row in zip(self._live(), rows, strict=True)],
                      self.cfg.call_timeout_s)
         self.started = True
@@ -170,6 +195,7 @@ class WorkerGroup:
         if not self.started:
             raise RuntimeError(f"group.submit({method!r}): no object on the ranks yet; call group.start(cls) first")
         rows = self._rows(per_rank_args)
+        self.watchdog.call_started()
         return [a.call.remote(method, args + row, kwargs) for a, row in zip(self._live(), rows, strict=True)]
 
     def gather(self, refs: Sequence[ray.ObjectRef], timeout_s: float | None = None) -> list[Any]:
@@ -208,14 +234,21 @@ class WorkerGroup:
         return self.actors
 
     def _gather(self, refs: list, timeout_s: float = 0.0) -> list[Any]:
+        """Results in order; waits in slices of POLL_S, the watchdog looking at the heartbeats between them."""
         results: dict[int, Any] = {}
         pending = list(refs)
         deadline = time.monotonic() + timeout_s if timeout_s > 0 else None
         while pending:
-            wait_s = None if deadline is None else max(0.0, deadline - time.monotonic())
+            wait_s = POLL_S if deadline is None else max(0.0, min(POLL_S, deadline - time.monotonic()))
             done, pending = ray.wait(pending, num_returns=1, timeout=wait_s)
             if not done:
-                self._timed_out(sorted(refs.index(r) for r in pending), timeout_s)
+                if deadline is not None and time.monotonic() >= deadline:
+                    self._timed_out(sorted(refs.index(r) for r in pending), timeout_s)
+                if len(refs) == self.world_size and self.node_ips:
+                    hang = self.watchdog.check(self.node_ips)
+                    if hang is not None:
+                        self._hung(hang.ranks, hang.message)
+                continue
             try:
                 results[refs.index(done[0])] = ray.get(done[0])
             except ray.exceptions.RayError as e:
@@ -237,10 +270,38 @@ class WorkerGroup:
                     failures[refs.index(ref)] = Failure.of(e)
         rank = min(failures, key=lambda r: failures[r].priority)  # ties: the first to fail
         f = failures[rank]
+        if f.priority == 2 and len(refs) == self.world_size:  # a peer's connection error: who went away?
+            lost = self._silent_ranks()
+            if lost:
+                ips = [self.node_ips[r] for r in lost]
+                message = (f"{', '.join(f'rank {r} on node {ip}' for r, ip in zip(lost, ips, strict=True))} went "
+                           f"silent (no heartbeat: its process or node is gone) while rank {rank} reported: "
+                           f"{f.message}")
+                self.shutdown(graceful=False)
+                raise RankError(lost[0], self.world_size, ips[0], f"{message}\n{f.detail}", f.cause,
+                                kind="RankLost", message=message, transient=True, ranks=lost, node_ips=ips,
+                                node_ids=[self.node_ids[r] for r in lost])
         ip = self.node_ips[rank] if self.node_ips else "?"
         self.shutdown(graceful=False)
         raise RankError(rank, self.world_size, ip, f.detail, f.cause, kind=f.kind, message=f.message,
-                        transient=f.transient)
+                        transient=f.transient, node_ids=self.node_ids[rank:rank + 1])
+
+    def _silent_ranks(self) -> list[int]:
+        """Ranks whose heartbeat stopped (their process or node is gone), given a few beats to show it."""
+        if not self.watchdog.cfg.enabled or not self.watchdog.seen:
+            return []
+        deadline = time.monotonic() + 3 * self.watchdog.cfg.beat_s + 1.0
+        while time.monotonic() < deadline:
+            time.sleep(POLL_S)
+            self.watchdog.poll()
+        silent = self.watchdog.silent()
+        return silent if len(silent) < self.world_size else []
+
+    def _hung(self, ranks: list[int], message: str) -> None:
+        ips = [self.node_ips[r] for r in ranks]
+        self.shutdown(graceful=False)
+        raise RankError(ranks[0], self.world_size, ips[0], message, kind="Hang", message=message, transient=True,
+                        ranks=ranks, node_ips=ips, node_ids=[self.node_ids[r] for r in ranks])
 
     def _timed_out(self, ranks: list[int], timeout_s: float) -> None:
         ips = [self.node_ips[r] for r in ranks] if self.node_ips else ["?" for _ in ranks]
@@ -250,7 +311,8 @@ class WorkerGroup:
                    "collective its peers never entered")
         self.shutdown(graceful=False)
         raise RankError(ranks[0], self.world_size, ips[0], message, kind="CallTimeout", message=message,
-                        transient=True, ranks=ranks, node_ips=ips)
+                        transient=True, ranks=ranks, node_ips=ips,
+                        node_ids=[self.node_ids[r] for r in ranks] if self.node_ids else [])
 
     def shutdown(self, graceful: bool = True) -> None:
         """Destroy process groups (when ranks are idle), kill the actors, free the placement group."""
@@ -263,6 +325,7 @@ class WorkerGroup:
             remove_placement_group(self.pg)
             _wait_removed(self.pg)
             self.pg = None
+            self.watchdog.clear()
 
     def __enter__(self) -> "WorkerGroup":
         return self
@@ -272,7 +335,7 @@ class WorkerGroup:
 
 
 _OWN_FIELDS = {"rank", "world_size", "local_rank", "local_world_size", "node_ip", "device", "backend", "run_dir",
-               "attempt"}
+               "attempt", "heartbeat"}
 
 
 def _checked_context(context: dict[str, Any]) -> dict[str, Any]:

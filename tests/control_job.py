@@ -47,6 +47,7 @@ class Trainer:
         dist.all_reduce(t)
         self.seen += t.item()
         self.version += 1
+        self.ctx.step_done(self.version)  # the driver's watchdog learns the trainer's rhythm
         return {"version": self.version, "seen": self.seen}
 
 
