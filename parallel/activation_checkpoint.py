@@ -1,4 +1,5 @@
-"""Activation checkpointing for models whose repeated blocks live in ``model.layers``.
+"""Activation checkpointing for models whose repeated blocks live in ``model.layers`` (or, for a Hugging
+Face decoder and its pipeline stages, ``model.model.layers``).
 
     apply_activation_checkpointing(model, "full")        # or "selective" / "off"
 
@@ -48,18 +49,21 @@ def apply_activation_checkpointing(model: nn.Module, mode: str) -> nn.Module:
     if mode == "off":
         return model
     layers = getattr(model, "layers", None)
+    if layers is None and isinstance(getattr(model, "model", None), nn.Module):
+        layers = getattr(model.model, "layers", None)  # a HF decoder causal LM: model.model.layers
     if isinstance(layers, nn.ModuleDict):
         keys = list(layers.keys())
     elif isinstance(layers, nn.ModuleList):
         keys = [str(i) for i in range(len(layers))]
     else:
-        raise TypeError(f"activation checkpointing needs the blocks in model.layers (a ModuleDict or ModuleList); "
+        raise TypeError("activation checkpointing needs the blocks in model.layers or model.model.layers (a "
+                        "ModuleDict or ModuleList); "
                         f"{type(model).__name__}.layers is {type(layers).__name__}: put the repeated blocks there, "
                         "or set activation_checkpointing='off'")
     for key in wrapped_indices(keys, mode):
         block = layers[key] if isinstance(layers, nn.ModuleDict) else layers[int(key)]
-        if isinstance(block, CheckpointWrapper):
-            continue
+        if isinstance(block, CheckpointWrapper) or not any(True for _ in block.parameters()):
+            continue  # already wrapped, or a layer another pipeline stage owns (nothing to recompute)
         wrapped = checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT, preserve_rng_state=True)
         if isinstance(layers, nn.ModuleDict):
             layers[key] = wrapped

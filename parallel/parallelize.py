@@ -27,8 +27,18 @@ pipeline schedules call it once per microbatch and divide the summed gradient by
 so a sum-reducing loss would train with a gradient scaled by the batch size.
 
 Any ``nn.Module`` trains with data parallelism (DDP, FSDP2: ``fully_shard`` on the root when it has no
-``layers`` blocks, ZeRO). Tensor parallelism needs Plait's GPT or ``transformers.LlamaForCausalLM``,
-pipeline and context parallelism Plait's GPT; another model under tp, pp or cp > 1 is refused (PlanError).
+``layers`` blocks, ZeRO). Tensor parallelism needs an architecture with a registered plan (``hf_plans``:
+Plait's GPT, HF llama / mistral / qwen2 / qwen3, or one added with ``register_tp_plan``), pipeline stages
+Plait's GPT or a HF decoder, context parallelism Plait's GPT; anything else under tp, pp or cp > 1 is
+refused (PlanError naming what is known).
+
+Pretrained weights (``weights=`` a local HF folder, ``hf_weights``): ``build_model`` then runs under
+``torch.device("meta")``, tensor parallelism, activation checkpointing and FSDP2 are applied to the
+meta model, and only then does each rank allocate its own shards on ``device`` (``materialize``) and read
+its slices of the checkpoint (``load_hf_folder``): no rank ever holds the full model (DDP and ZeRO hold
+a full replica by design; they load before wrapping). When tp exceeds a HF model's kv heads the heads
+are replicated (``hf_plans``) and ``train_step`` sums the copies' gradients (``sync_replicated_kv_grads``)
+before clipping and the optimizer step.
 
 Mixed precision (``plan.mixed_precision="bf16"``): FSDP2's MixedPrecisionPolicy where FSDP2 is
 applied (engine fsdp2, dp * cp > 1), DeepSpeed's bf16 under ZeRO, and everywhere else (DDP, tp without
@@ -40,9 +50,9 @@ activations, float32 gradients, reduced in float32. It needs a float32 model (re
 from __future__ import annotations
 
 import functools
-import itertools
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -59,14 +69,16 @@ from plait.parallel.data_parallel import (
     full_parameters,
     to_device,
 )
-from plait.parallel.mesh import data_mesh, root_dims
+from plait.parallel.grad_clip import clip_grad_norm, comm_device
+from plait.parallel.hf_plans import KV_REPLICAS, architecture, known_architectures, sync_replicated_kv_grads
+from plait.parallel.hf_weights import load_hf_folder, materialize
+from plait.parallel.mesh import data_mesh
 from plait.parallel.models.gpt import GPT
-from plait.parallel.pipeline import build_pipeline
+from plait.parallel.pipeline import build_pipeline, is_hf_decoder
 from plait.parallel.plan import ParallelPlan, PlanError, engine_violations
 from plait.parallel.tensor_parallel import apply_tensor_parallel, tp_loss
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Replicate
 
 LossFn = Callable[[Any, Any], torch.Tensor]  # (model output, targets) -> mean loss over the batch
 
@@ -118,87 +130,6 @@ def _mean_over(value: torch.Tensor, mesh: DeviceMesh) -> torch.Tensor:
     return value
 
 
-def clip_grad_norm(modules: list[nn.Module], max_norm: float, mesh: DeviceMesh) -> torch.Tensor:
-    """Scale every gradient by min(1, max_norm / global norm) and return the global norm (0-d, on device).
-
-    Squares are summed locally, per gradient, on its local tensor, grouped by the mesh dimensions the
-    gradient is sharded over (DTensor ``Shard`` / ``_StridedShard`` placements; ``Replicate`` dims hold copies and plain
-    tensors are replicated over every dimension but pp; a flattened dimension such as FSDP2's ``dp_cp``
-    counts as sharded over each dimension it spans). One small vector of group sums then takes at
-    most one all-reduce per mesh dimension of size > 1: along a dimension, the groups sharded over it
-    sum, the others keep the coordinate-0 copy; pp always sums (stages hold different parameters).
-    Nothing waits on the host. Sums accumulate in float64 when a gradient is float64, else float32.
-    Every rank must hold the same kinds of gradients (all DTensors or all plain), as parallelize does.
-    """
-    grads = [p.grad for m in modules for p in m.parameters() if p.grad is not None]
-    acc = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
-    device = grads[0].device if grads else _comm_device(mesh)
-    sizes = {d: mesh[d].size() for d in mesh.mesh_dim_names or ()}
-    dims = [d for d, n in sizes.items() if n > 1]
-    split = [d for d in dims if d != "pp"] if any(isinstance(g, DTensor) for g in grads) else []
-    keys = [frozenset(c) for r in range(len(split) + 1) for c in itertools.combinations(split, r)]
-    with torch.no_grad():
-        by_key: dict[frozenset, list[torch.Tensor]] = {k: [] for k in keys}
-        scaled: list[torch.Tensor] = []  # the tensors the coefficient multiplies (local shards)
-        for g in grads:
-            local, key = _local_shard(g, split, sizes)
-            by_key[key].append(local)
-            scaled.append(g.to_local() if isinstance(g, DTensor) else g)
-        sums = torch.stack([_sum_squares(by_key[k], acc, device) for k in keys])
-        for d in dims:
-            if d != "pp" and d not in split:
-                continue  # nothing is sharded over d: every rank along it holds the same sums
-            if d != "pp" and mesh.get_local_rank(d) != 0:
-                for i, k in enumerate(keys):
-                    if d not in k:
-                        sums[i].zero_()  # a copy along d: only coordinate 0 contributes it
-            dist.all_reduce(sums, group=mesh[d].get_group())
-        total = sums.sum().sqrt()
-        if max_norm > 0:
-            coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-            for (dev, dtype), tensors in _by_device_dtype(scaled).items():
-                torch._foreach_mul_(tensors, coef.to(dev, dtype))
-    return total
-
-
-def _local_shard(g: torch.Tensor, split: list[str], root_sizes: dict[str, int]) -> tuple[torch.Tensor, frozenset]:
-    """(the local tensor whose squares add up to the full gradient's, the mesh dims it is sharded over)."""
-    if not isinstance(g, DTensor):
-        return g, frozenset()
-    mesh, placements = g.device_mesh, list(g.placements)
-    if any(p.is_partial() for p in placements):  # pending sums: complete them first (a collective)
-        g = g.redistribute(mesh, [Replicate() if p.is_partial() else p for p in placements])
-    names = mesh.mesh_dim_names or ()
-    # Shard and FSDP2-over-TP's _StridedShard (whose is_shard() is False) both split the tensor; a flattened
-    # dim (dp_cp) splits it over each plan mesh dim it spans that has size > 1.
-    sharded = frozenset(d for i, p in enumerate(g.placements)
-                        if not (p.is_replicate() or p.is_partial()) and mesh.size(i) > 1
-                        for d in (root_dims(names[i]) if i < len(names) else (f"#{i}",))
-                        if root_sizes.get(d, 2) > 1)
-    if not sharded <= set(split):
-        raise ValueError(f"a gradient is sharded over mesh dims {sorted(sharded)} (its mesh: {names}), but the "
-                         f"plan's mesh has dims {tuple(root_sizes)}: build parameters' meshes from the plan's mesh")
-    return g.to_local(), sharded
-
-
-def _sum_squares(tensors: list[torch.Tensor], acc: torch.dtype, device: torch.device) -> torch.Tensor:
-    if not tensors:
-        return torch.zeros((), dtype=acc, device=device)
-    norms = torch._foreach_norm(tensors, 2.0, dtype=acc)
-    return torch.stack(norms).square().sum().to(device)
-
-
-def _by_device_dtype(tensors: list[torch.Tensor]) -> dict[tuple, list[torch.Tensor]]:
-    out: dict[tuple, list[torch.Tensor]] = {}
-    for t in tensors:
-        out.setdefault((t.device, t.dtype), []).append(t)
-    return out
-
-
-def _comm_device(mesh: DeviceMesh) -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if mesh.device_type == "cuda" else torch.device("cpu")
-
-
 def _fsdp_applied(plan: ParallelPlan) -> bool:
     return plan.engine == "fsdp2" and plan.dp * plan.cp > 1  # one rank per parameter copy: nothing to shard over
 
@@ -222,13 +153,17 @@ class under_autocast:  # noqa: N801 - used like a function decorator
 
 def check_model(model: nn.Module, plan: ParallelPlan) -> nn.Module:
     """Refuse, on the rank, what this model cannot do under the plan (see the module docstring)."""
-    if plan.tp > 1 and not _tensor_parallel_model(model):
-        raise PlanError(f"plan.tp={plan.tp}: tensor parallelism has plans for Plait's GPT and "
-                        f"transformers.LlamaForCausalLM, not {type(model).__name__}: use tp=1 (data parallelism "
-                        "only), or shard the model yourself with torch's parallelize_module")
-    if plan.pp > 1 and not isinstance(model, GPT):
-        raise PlanError(f"plan.pp={plan.pp}: pipeline stages are cut from Plait's GPT by its blocks, not from "
-                        f"{type(model).__name__}: use pp=1 (data parallelism only)")
+    if plan.tp > 1 and architecture(model) not in known_architectures():
+        arch = architecture(model)
+        raise PlanError(f"plan.tp={plan.tp}: tensor parallelism has plans for Plait's GPT and the Hugging Face "
+                        f"architectures registered in hf_plans ({', '.join(known_architectures())}), not "
+                        f"{type(model).__name__} (architecture {arch!r}): register one with "
+                        "plait.parallel.hf_plans.register_tp_plan (a decoder with Llama's module names: "
+                        f"register_tp_plan({arch!r}, parallelize_decoder)), or use tp=1 (data parallelism only)")
+    if plan.pp > 1 and not (isinstance(model, GPT) or is_hf_decoder(model)):
+        raise PlanError(f"plan.pp={plan.pp}: pipeline stages are cut by decoder layers from Plait's GPT or a Hugging "
+                        f"Face decoder (model.model.layers), not from {type(model).__name__}: use pp=1 (data "
+                        "parallelism only)")
     if plan.cp > 1 and not isinstance(model, GPT):
         raise PlanError(f"plan.cp={plan.cp}: context parallelism replaces the attention core of Plait's GPT with "
                         f"ring attention, not of {type(model).__name__}: use cp=1 (data parallelism only)")
@@ -241,18 +176,29 @@ def check_model(model: nn.Module, plan: ParallelPlan) -> nn.Module:
     return model
 
 
-def _tensor_parallel_model(model: nn.Module) -> bool:
-    if isinstance(model, GPT):
-        return True
-    try:
-        from transformers import LlamaForCausalLM
-    except ImportError:  # pragma: no cover - transformers is a pinned dependency
-        return False
-    return isinstance(model, LlamaForCausalLM)
+def _loader(weights: str | Path | None, device: torch.device) -> Callable[[nn.Module], None] | None:
+    """Allocate a meta-built (sharded) part on ``device`` and read its slices of ``weights``; None without."""
+    if weights is None:
+        return None
+
+    def fill(part: nn.Module) -> None:
+        materialize(part, device)
+        load_hf_folder(part, weights)
+
+    return fill
 
 
-def _shard_part(part: nn.Module, plan: ParallelPlan, mesh: DeviceMesh, device: torch.device) -> nn.Module:
-    """Steps 2-4 on one model part (a whole model or one pipeline stage)."""
+def _build(build_model: Callable[[], nn.Module], plan: ParallelPlan, on_meta: bool) -> nn.Module:
+    if not on_meta:
+        return check_model(build_model(), plan)
+    with torch.device("meta"):
+        return check_model(build_model(), plan)
+
+
+def _shard_part(part: nn.Module, plan: ParallelPlan, mesh: DeviceMesh, device: torch.device,
+                fill: Callable[[nn.Module], None] | None = None) -> nn.Module:
+    """Steps 2-5 on one model part (a whole model or one pipeline stage). ``fill`` (a meta-built part)
+    allocates and loads it once sharded: after FSDP2 (each rank its shards), before DDP (a replica)."""
     if plan.tp > 1:
         apply_tensor_parallel(part, mesh["tp"], sequence_parallel=plan.sequence_parallel,
                               loss_parallel=plan.loss_parallel)
@@ -264,19 +210,26 @@ def _shard_part(part: nn.Module, plan: ParallelPlan, mesh: DeviceMesh, device: t
     if _fsdp_applied(plan):
         # With tp > 1 the parameters are DTensors on mesh["tp"]; FSDP2 makes them 2-D (dp or dp_cp, tp).
         apply_fsdp2(part, data_mesh(mesh), mixed_precision=plan.mixed_precision)
-    elif plan.engine == "ddp" and plan.dp * plan.cp > 1:
+        if fill is not None:
+            fill(part)
+        return part
+    if fill is not None:
+        fill(part)
+    if plan.engine == "ddp" and plan.dp * plan.cp > 1:
         part = apply_ddp(part, data_mesh(mesh), device)
     return part
 
 
 def parallelize(build_model: Callable[[], nn.Module], plan: ParallelPlan, mesh: DeviceMesh,
                 device: torch.device, optim: OptimConfig, global_batch: int | None = None,
-                loss_fn: LossFn | None = None) -> Parallelized:
+                loss_fn: LossFn | None = None, weights: str | Path | None = None) -> Parallelized:
     """This rank's parts of ``build_model()`` under ``plan`` and a ``train_step(inputs, targets, lr)``.
 
     ``loss_fn(output, targets)`` must return the mean loss over the batch it is given (see the module
     docstring); None is next-token cross-entropy. ``global_batch`` (sequences or samples per optimizer
-    step over all dp ranks) is needed by the DeepSpeed engines only."""
+    step over all dp ranks) is needed by the DeepSpeed engines only. ``weights``: a local Hugging Face
+    folder; the model is then built on the meta device and each rank loads only its shards from it
+    (``build_model`` must make the folder's architecture, e.g. ``AutoModelForCausalLM.from_config``)."""
     plan.check()
     if plan.cp > 1:  # the rest is checked by plan.validate; these would fail deep inside an engine
         for msg in engine_violations(plan):
@@ -287,19 +240,24 @@ def parallelize(build_model: Callable[[], nn.Module], plan: ParallelPlan, mesh: 
     if loss_fn is None:
         loss_fn = functools.partial(tp_loss, loss_parallel=plan.loss_parallel)
     if plan.engine in ZERO_STAGES:
-        return _parallelize_deepspeed(build_model, plan, mesh, device, optim, global_batch, loss_fn)
+        return _parallelize_deepspeed(build_model, plan, mesh, device, optim, global_batch, loss_fn, weights)
     if _autocast_bf16(plan):
         loss_fn = under_autocast(loss_fn, device.type)
+    fill = _loader(weights, device)
     if plan.pp > 1:
-        pipe = build_pipeline(lambda: check_model(build_model(), plan), mesh["pp"], schedule=plan.schedule,
-                              microbatches=plan.microbatches, virtual_stages=plan.virtual_stages, loss_fn=loss_fn,
-                              device=device, parallelize_stage=lambda part: _shard_part(part, plan, mesh, device))
+        pipe = build_pipeline(lambda: _build(build_model, plan, fill is not None), mesh["pp"],
+                              schedule=plan.schedule, microbatches=plan.microbatches,
+                              virtual_stages=plan.virtual_stages, loss_fn=loss_fn, device=device,
+                              parallelize_stage=lambda part: _shard_part(part, plan, mesh, device, fill),
+                              materialize=fill is None)
         modules = pipe.modules
     else:
         pipe = None
-        modules = [_shard_part(check_model(build_model(), plan).to(device), plan, mesh, device)]
+        model = _build(build_model, plan, fill is not None)
+        modules = [_shard_part(model if fill is not None else model.to(device), plan, mesh, device, fill)]
     optimizers = [make_optimizer(m.parameters(), optim) for m in modules]
     cp_rank = mesh.get_local_rank("cp") if plan.cp > 1 else 0
+    replicated_kv = plan.tp > 1 and any(getattr(sub, KV_REPLICAS, 0) > 1 for m in modules for sub in m.modules())
 
     def train_step(inputs: Any, targets: Any, lr: float) -> float:
         _set_lr(optimizers, lr)
@@ -312,6 +270,8 @@ def parallelize(build_model: Callable[[], nn.Module], plan: ParallelPlan, mesh: 
                 opt.zero_grad(set_to_none=True)
             loss = loss_fn(call_model(modules[0], to_device(inputs, device)), to_device(targets, device))
             loss.backward()
+        if replicated_kv:  # copies of one kv head: each gets the head's whole gradient
+            sync_replicated_kv_grads(modules)
         if optim.grad_clip > 0:
             result.grad_norm = clip_grad_norm(modules, optim.grad_clip, mesh)
         for opt in optimizers:
@@ -325,15 +285,18 @@ def parallelize(build_model: Callable[[], nn.Module], plan: ParallelPlan, mesh: 
 def _broadcast_from_last_stage(loss: torch.Tensor | None, mesh: DeviceMesh, has_last: bool) -> torch.Tensor:
     """Every pp rank learns the loss computed where the last stage lives (sum: only that rank adds)."""
     value = loss.detach().double().reshape(()).clone() if has_last else torch.zeros((), dtype=torch.float64)
-    value = value.to(_comm_device(mesh))
+    value = value.to(comm_device(mesh))
     dist.all_reduce(value, group=mesh["pp"].get_group())
     return value
 
 
-def _parallelize_deepspeed(build_model, plan, mesh, device, optim, global_batch, loss_fn) -> Parallelized:
+def _parallelize_deepspeed(build_model, plan, mesh, device, optim, global_batch, loss_fn, weights) -> Parallelized:
     if global_batch is None:
         raise ValueError("DeepSpeed engines need the global batch size (parallelize(..., global_batch=N))")
-    model = check_model(build_model(), plan).to(device)
+    model = _build(build_model, plan, weights is not None)
+    if weights is not None:
+        _loader(weights, device)(model)  # ZeRO partitions a full replica that the engine receives
+    model = model.to(device)
     apply_activation_checkpointing(model, plan.activation_checkpointing)
     engine = build_deepspeed_engine(
         model, mesh["dp"], stage=ZERO_STAGES[plan.engine], lr=optim.lr, weight_decay=optim.weight_decay,

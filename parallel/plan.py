@@ -6,8 +6,10 @@
     ParallelPlan(dp=2, cp=2, engine="fsdp2").validate(4, gpt_cfg, seq_len=4096)   # context parallelism
 
 Each violation names the constraint, the values, and a plan that would work. ``model_cfg`` is the
-config of Plait's GPT (``GPTConfig``); pass None for a model of your own, which can then use data
-parallelism only (tp and pp split a GPT's heads and blocks). Field types are checked when the plan
+config of Plait's GPT (``GPTConfig``) or of a Hugging Face decoder (a ``PretrainedConfig``: heads,
+kv heads, sizes and layers read from ``num_attention_heads`` etc.; kv heads need not divide tp when tp
+is a multiple of them, as they are replicated); pass None for a model of your own, which can then use
+data parallelism only (tp and pp split a model's heads and blocks). Field types are checked when the plan
 is made: ``ParallelPlan(dp="2")`` raises PlanError("plan.dp must be int, got str '2'").
 
 ``mixed_precision="bf16"`` is honoured by every plan: FSDP2 (engine fsdp2 with dp > 1) through its
@@ -139,27 +141,44 @@ def model_violations(plan: ParallelPlan, cfg: Any) -> list[str]:
     if cfg is None:
         if plan.tp > 1 or plan.pp > 1:
             return [f"plan.tp={plan.tp}, plan.pp={plan.pp}: tensor and pipeline parallelism split Plait's GPT "
-                    "(or HF Llama for tp) by its heads and blocks, and no model config was given (a model of your "
+                    "or a HF decoder by its heads and blocks, and no model config was given (a model of your "
                     "own): use data parallelism only (tp=1, pp=1, engine ddp, fsdp2 or zero*), or pass model_cfg"]
         return []
     out = []
-    heads, kv = cfg.n_heads, getattr(cfg, "kv_heads", cfg.n_heads)
-    sizes = {"model.n_heads": heads, "model.n_kv_heads": kv, "model.d_model": cfg.d_model,
-             "ffn hidden size": getattr(cfg, "hidden", cfg.d_model)}
+    sizes = model_sizes(cfg)
     if plan.loss_parallel:
         sizes["model.vocab_size"] = cfg.vocab_size
+    replicated_kv = _is_hf(cfg) and plan.tp % sizes["model.n_kv_heads"] == 0  # hf_plans replicates kv heads
     for name, size in sizes.items():
-        if size % plan.tp:
-            out.append(f"{name}={size} is not divisible by plan.tp={plan.tp} (tensor parallelism splits it)")
+        if size % plan.tp and not (name == "model.n_kv_heads" and replicated_kv):
+            also = " nor a multiple of it (kv heads are replicated when tp is)" if name == "model.n_kv_heads" and \
+                _is_hf(cfg) else ""
+            out.append(f"{name}={size} is not divisible by plan.tp={plan.tp}{also} (tensor parallelism splits it)")
     stages = plan.num_stages
-    if plan.pp > 1 and cfg.n_layers % stages:
+    n_layers = cfg.num_hidden_layers if _is_hf(cfg) else cfg.n_layers
+    if plan.pp > 1 and n_layers % stages:
         out.append(
-            f"model.n_layers={cfg.n_layers} does not divide into pp*virtual_stages = {plan.pp}*"
+            f"model.n_layers={n_layers} does not divide into pp*virtual_stages = {plan.pp}*"
             f"{plan.virtual_stages} = {stages} equal pipeline stages"
         )
     if plan.tp == 1 and (plan.sequence_parallel or plan.loss_parallel):
         out.append("plan.sequence_parallel / plan.loss_parallel need plan.tp > 1: turn them off or raise tp")
     return out
+
+
+def _is_hf(cfg: Any) -> bool:
+    return hasattr(cfg, "num_attention_heads") and not hasattr(cfg, "n_heads")
+
+
+def model_sizes(cfg: Any) -> dict[str, int]:
+    """The sizes tensor parallelism splits, by Plait's names, from a GPTConfig or a HF decoder config."""
+    if _is_hf(cfg):
+        heads = cfg.num_attention_heads
+        return {"model.n_heads": heads, "model.n_kv_heads": getattr(cfg, "num_key_value_heads", None) or heads,
+                "ffn hidden size": cfg.intermediate_size}
+    heads = cfg.n_heads
+    return {"model.n_heads": heads, "model.n_kv_heads": getattr(cfg, "kv_heads", heads), "model.d_model": cfg.d_model,
+            "ffn hidden size": getattr(cfg, "hidden", cfg.d_model)}
 
 
 def context_violations(plan: ParallelPlan, cfg: Any = None, seq_len: int | None = None) -> list[str]:

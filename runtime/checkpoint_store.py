@@ -24,7 +24,8 @@ from plait.runtime.storage_location import StorageLocation
 MARKER = "meta.json"
 RECORD = "run.json"
 # The run's own files (not checkpoints, not earlier runs) that the storage location mirrors.
-RUN_FILES = ("run.json", "spec.json", "plait.log", "metrics.jsonl", "metrics.png", "summary.json", "tensorboard")
+RUN_FILES = ("run.json", "spec.json", "plait.log", "metrics.jsonl", "metrics.png", "summary.json", "tensorboard",
+             "outputs")  # outputs/: what a job makes for the user (an exported model, predictions)
 log = logging.getLogger("plait")
 
 

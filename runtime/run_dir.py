@@ -198,7 +198,7 @@ class RunDir:
 
     def publish(self) -> list[str]:
         """Copy the run's own files (run.json, spec.json, plait.log, metrics, plot, summary.json,
-        tensorboard/) to the storage location; checkpoints went there as they committed. Returns what
+        tensorboard/, outputs/) to the storage location; checkpoints went there as they committed. Returns what
         was copied (nothing without storage, or before ``start``)."""
         return upload_run_files(self.path, self.storage) if self.storage is not None and self.started else []
 

@@ -8,7 +8,7 @@ test is a user's fine-tune round trip (save_pretrained -> Plait -> export -> fro
 import pytest
 import torch
 from plait.parallel.hf_plans import find_tp_plan, known_architectures, register_tp_plan, sync_replicated_kv_grads
-from plait.parallel.hf_weights import export_hf_folder, load_hf_folder, materialize, weight_files
+from plait.parallel.hf_weights import export_hf_folder, hf_name, load_hf_folder, materialize, weight_files
 from plait.parallel.models.gpt import GPT, GPTConfig
 from plait.parallel.pipeline import build_pipeline
 from plait.parallel.tensor_parallel import apply_tensor_parallel, tp_loss
@@ -354,3 +354,87 @@ def test_gqa_tp4_and_pp2_tp2_sequence_parallel(ray_cluster, tmp_path):
     assert merged.keys() == ref_grads.keys()
     for name, ref in ref_grads.items():
         assert torch.allclose(dereplicated(name, merged[name], ref), ref, rtol=1e-6, atol=1e-8), name
+
+
+def parallelize_rank(ctx, src, family, kv) -> dict:
+    """parallelize(weights=folder) under tp2: meta build, tp, activation checkpointing, each rank loads its slices;
+    two AdamW steps through train_step (replicated kv heads' gradients summed inside)."""
+    from plait.parallel.parallelize import OptimConfig, parallelize
+    from plait.parallel.plan import ParallelPlan
+    from transformers import AutoModelForCausalLM
+
+    plan = ParallelPlan(tp=2, activation_checkpointing="full")
+    mesh = init_device_mesh("cpu", (1, 1, 2), mesh_dim_names=("dp", "pp", "tp"))
+    optim = OptimConfig(lr=1e-2, warmup_steps=0, grad_clip=0.0)
+    parts = parallelize(lambda: AutoModelForCausalLM.from_config(hf_config(family, kv), dtype=torch.float64), plan,
+                        mesh, torch.device("cpu"), optim, weights=src)
+    model = parts.modules[0]
+    local = sum(p.to_local().numel() for p in model.parameters())
+    losses = []
+    for step in range(2):
+        inputs, targets = tokens(seed=100 + step)
+        losses.append(parts.train_step({"input_ids": inputs, "use_cache": False}, targets, optim.lr))
+    wrapped = any("_checkpoint_wrapped_module" in n for n, _ in model.named_parameters())
+    return {"losses": losses, "local_numel": local, "wrapped": wrapped,
+            "params": {hf_name(n): full(p) for n, p in model.named_parameters()}}
+
+
+def test_parallelize_loads_hf_weights_per_shard_and_trains_like_one_process(ray_cluster, tmp_path):
+    """Qwen2 with one kv head over tp2 (replicated): the same two AdamW steps as a plain single-process loop."""
+    from transformers import AutoModelForCausalLM
+
+    build("qwen2", 1).save_pretrained(tmp_path / "src")
+    results = run_ranks(parallelize_rank, 2, tmp_path / "src", "qwen2", 1, run_dir=tmp_path)
+    ref = AutoModelForCausalLM.from_pretrained(tmp_path / "src", dtype=torch.float64)
+    opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
+    ref_losses = []
+    for step in range(2):
+        inputs, targets = tokens(seed=100 + step)
+        opt.zero_grad()
+        loss = tp_loss(ref(input_ids=inputs, use_cache=False), targets, False)
+        loss.backward()
+        opt.step()
+        ref_losses.append(loss.item())
+    total = sum(p.numel() for p in ref.parameters())
+    for r in results:
+        assert r["local_numel"] < total and r["wrapped"]  # no rank held the whole model; blocks checkpointed
+        assert r["losses"] == pytest.approx(ref_losses, abs=1e-6)
+        for name, p in ref.named_parameters():
+            got = dereplicated(name, r["params"][name], p)
+            assert torch.allclose(got, p.detach(), rtol=1e-6, atol=1e-8), name
+
+
+def transformers_loss(model, batches, dp: int) -> float:
+    """The job's eval loss computed with transformers alone: the first step's batch, mean over dp slices."""
+    losses = []
+    for rank in range(dp):
+        inputs, targets = batches.batch(0, rank, dp)
+        with torch.no_grad():
+            losses.append(tp_loss(model(**inputs, use_cache=False), targets, False).item())
+    return sum(losses) / dp
+
+
+@pytest.mark.slow
+def test_hf_llama_finetune_example_exports_a_folder_transformers_loads(ray_cluster, tmp_path):
+    """examples/hf_llama_finetune.toml through the job path (tp2 x FSDP2 dp2): the export reloads with transformers
+    and computes Plait's loss; before training Plait computed the original model's; a dp4 resume continues."""
+    from plait.parallel.text_batches import TextBatches
+    from plait.runtime.job import run_job
+    from plait.runtime.spec import load_spec
+    from plait.storage.row_shards import RowShards
+    from transformers import AutoModelForCausalLM
+
+    paths = [f"run_dir={tmp_path / 'run'}", f"model.path={tmp_path / 'model'}", f"data.path={tmp_path / 'tokens'}",
+             f"data.files=['{tmp_path / 'text.parquet'}']", "train.checkpoint_every=0"]
+    summary = run_job(load_spec("examples/hf_llama_finetune.toml", ["train.steps=3", *paths]))
+    assert summary["plan"] == "dp2(fsdp2) tp2 pp1" and summary["export"] == str(tmp_path / "run" / "outputs" / "hf_export")
+    batches = TextBatches(RowShards(tmp_path / "tokens"), 8, 0)
+    original = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "outputs" / "hf_export")
+    assert type(exported).__name__ == "LlamaForCausalLM" and exported.dtype == torch.float32
+    assert summary["eval_loss_start"] == pytest.approx(transformers_loss(original, batches, 2), abs=1e-5)
+    assert summary["eval_loss_end"] == pytest.approx(transformers_loss(exported, batches, 2), abs=1e-5)
+    assert summary["eval_loss_end"] < summary["eval_loss_start"] - 1e-3  # training moved the model
+    resumed = run_job(load_spec("examples/hf_llama_finetune.toml", [
+        "train.steps=4", "train.resume=latest", "plan.dp=4", "plan.tp=1", *paths]))
+    assert resumed["start_step"] == 3 and resumed["checkpoint"].endswith("step_00000004")

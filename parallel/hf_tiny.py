@@ -1,0 +1,113 @@
+"""A small Hugging Face Llama folder and a Parquet text file, made offline, for examples, tests and benches.
+
+    make_tiny_llama("models/tiny-llama")        # config.json + model.safetensors + tokenizer.json
+    write_sample_text("data/stdlib_text.parquet")  # a "text" column of documents
+
+Nothing is downloaded. The text is the Python standard library's own source files (sorted, each cut into
+documents at blank-line paragraphs and grouped to a few KiB), read from this interpreter's installation,
+so every machine with the same Python makes the same file. The tokenizer is a byte-level BPE trained on
+that text with the ``tokenizers`` library; the model is a randomly initialised ``LlamaForCausalLM``
+(seeded) of the tokenizer's vocabulary. Both are written atomically (temporary file or folder, fsync,
+rename); an existing folder or file is never overwritten.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sysconfig
+from pathlib import Path
+
+MARKER = "plait_tiny.json"  # a folder made here (make_tiny_llama replaces only its own, never another)
+
+
+def stdlib_documents(max_docs: int = 2000, doc_chars: int = 3000) -> list[str]:
+    """Documents of Python source text: the standard library's files in sorted order, cut into ~doc_chars
+    pieces at paragraph boundaries."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    docs: list[str] = []
+    for path in sorted(root.glob("*.py")):
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            continue
+        piece = ""
+        for para in text.split("\n\n"):
+            piece = f"{piece}\n\n{para}" if piece else para
+            if len(piece) >= doc_chars:
+                docs.append(piece)
+                piece = ""
+                if len(docs) >= max_docs:
+                    return docs
+        if piece.strip():
+            docs.append(piece)
+            if len(docs) >= max_docs:
+                return docs
+    return docs
+
+
+def write_sample_text(path: str | Path, max_docs: int = 2000) -> Path:
+    """A Parquet file with one ``text`` column of stdlib documents at ``path`` (kept if it exists)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        pq.write_table(pa.table({"text": stdlib_documents(max_docs)}), tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def train_tokenizer(vocab_size: int = 512, max_docs: int = 600):
+    """A byte-level BPE ``tokenizers.Tokenizer`` trained on stdlib text, with ``<s>`` / ``</s>`` specials."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<s>", "</s>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(stdlib_documents(max_docs), trainer=trainer)
+    return tok
+
+
+def tiny_llama_config(vocab_size: int = 512, hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2,
+                      max_positions: int = 256):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
+                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                       head_dim=hidden // heads, max_position_embeddings=max_positions, bos_token_id=0,
+                       eos_token_id=1, tie_word_embeddings=False)
+
+
+def make_tiny_llama(folder: str | Path, vocab_size: int = 512, hidden: int = 64, layers: int = 2, heads: int = 4,
+                    kv_heads: int = 2, seed: int = 0) -> Path:
+    """Save a random ``LlamaForCausalLM`` (float32, safetensors) and its tokenizer.json at ``folder``.
+    An existing folder is kept as it is (made here or not); returns ``folder``."""
+    import torch
+    from plait.storage.folders import write_folder
+    from transformers import LlamaForCausalLM
+
+    folder = Path(folder)
+    if folder.is_dir() and os.listdir(folder):
+        return folder
+
+    def build(tmp: Path) -> None:
+        tok = train_tokenizer(vocab_size)
+        cfg = tiny_llama_config(tok.get_vocab_size(), hidden, layers, heads, kv_heads)
+        torch.manual_seed(seed)
+        LlamaForCausalLM(cfg).save_pretrained(tmp)
+        tok.save(str(tmp / "tokenizer.json"))
+        (tmp / MARKER).write_text(json.dumps({"written_by": "plait.parallel.hf_tiny.make_tiny_llama", "seed": seed}))
+
+    write_folder(folder, build, lambda p: (Path(p) / MARKER).is_file(), "tiny Llama")
+    return folder
