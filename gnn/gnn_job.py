@@ -222,6 +222,7 @@ def train(ctx: RankContext, cfg: Config) -> dict:
     metrics = MetricsLogger(ctx.run_dir, enabled=ctx.is_main, total_steps=t.epochs * per_epoch,
                             start_step=start * per_epoch, device=ctx.device)
     losses, val_acc, epoch_s = [], [], []
+    ctx.step_done(start * per_epoch)  # the watchdog's rhythm starts here (runtime/watchdog.py)
     try:
         for epoch in range(start, t.epochs):
             ddp.train()
@@ -241,6 +242,7 @@ def train(ctx: RankContext, cfg: Config) -> dict:
                 prev = now
                 if i + 1 < per_epoch:
                     metrics.log(epoch * per_epoch + i + 1, **scalars)
+                ctx.step_done(epoch * per_epoch + i + 1)
             epoch_s.append(time.perf_counter() - t_epoch)
             val_acc.append(scorer.accuracy(model, split.val, epoch))
             metrics.log((epoch + 1) * per_epoch, **scalars, val_acc=val_acc[-1], epoch_s=epoch_s[-1])

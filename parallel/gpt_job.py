@@ -168,6 +168,7 @@ def train(ctx: RankContext, cfg: Config) -> dict:
                             start_step=start, device=ctx.device)
     losses = []
     tokens_per_step = cfg.train.global_batch * cfg.train.seq_len
+    ctx.step_done(start)  # the watchdog's rhythm starts here (runtime/watchdog.py)
     for step in range(start, cfg.train.steps):
         t0 = time.perf_counter()
         inputs, targets = batches.batch(step, dp_rank, plan.dp)
@@ -181,6 +182,7 @@ def train(ctx: RankContext, cfg: Config) -> dict:
         every = cfg.train.checkpoint_every
         if (every and (step + 1) % every == 0) or step + 1 == cfg.train.steps:
             ckpt.save(step + 1, state, meta={"data_step": step + 1, "plan": plan.describe()})
+        ctx.step_done(step + 1)
     metrics.close()
     return {"rank": ctx.rank, "start_step": start, "losses": losses, "checkpoint": str(ckpt.latest())}
 

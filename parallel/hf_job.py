@@ -228,6 +228,7 @@ def train(ctx: RankContext, cfg: Config) -> dict:
     metrics = MetricsLogger(ctx.run_dir, enabled=ctx.is_main, total_steps=cfg.train.steps, start_step=start,
                             device=ctx.device)
     losses, tokens_per_step = [], cfg.train.global_batch * cfg.train.seq_len
+    ctx.step_done(start)  # the watchdog's rhythm starts here (runtime/watchdog.py)
     for step in range(start, cfg.train.steps):
         t0 = time.perf_counter()
         inputs, targets = batches.batch(step, dp_rank, plan.dp)
@@ -239,6 +240,7 @@ def train(ctx: RankContext, cfg: Config) -> dict:
         every = cfg.train.checkpoint_every
         if (every and (step + 1) % every == 0) or step + 1 == cfg.train.steps:
             ckpt.save(step + 1, state, meta={"data": batches.data_state(step + 1), "plan": plan.describe()})
+        ctx.step_done(step + 1)
     metrics.close()
     eval_end = eval_loss(parts, *probe, plan, ctx.device)
     folder = Path(cfg.export.path) if cfg.export.path else ctx.run_dir / "outputs" / "hf_export"
