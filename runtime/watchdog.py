@@ -197,8 +197,8 @@ class Watchdog:
     def check(self, node_ips: list[str]) -> Hang | None:
         """Poll, then a ``Hang`` naming the rank(s) that stopped, or None."""
         self.poll()
-        if not self.armed:
-            return None
+        if not self.armed:  # no step rhythm: only a heartbeat that stopped (frozen process, lost node) counts
+            return self._silent_hang(node_ips) if self.cfg.enabled else None
         now, timeout = time.monotonic(), self.timeout_s()
         stalled = []
         for rank in range(self.world_size):
@@ -211,6 +211,16 @@ class Watchdog:
             return None
         culprits = self.culprits()
         return Hang(culprits, self._message(culprits, node_ips, timeout, now))
+
+    def _silent_hang(self, node_ips: list[str]) -> Hang | None:
+        """For a job that reports no steps: a rank that published heartbeats and then went silent for
+        ``floor_s`` while the call runs is hung (Ray has not noticed a death), so the driver's wait is bounded."""
+        now = time.monotonic()
+        gone = [r for r in self.silent(now) if r in self.seen and now - self.seen[r].beat_at > self.cfg.floor_s]
+        if not gone:
+            return None
+        return Hang(gone, self._message(gone, node_ips, self.cfg.floor_s, now).replace(
+            "no step progress", "no heartbeat"))
 
     def silent(self, now: float | None = None) -> list[int]:
         """Ranks whose heartbeat stopped (dead process, frozen or lost node) for 3 beats or more."""

@@ -20,9 +20,9 @@ from plait.runtime.watchdog import Seen, Watchdog, WatchdogConfig
 FAST_WATCHDOG = {"floor_s": 5, "factor": 10, "first_step_s": 60, "beat_s": 0.25}
 
 
-def toy(run_dir: Path, max_restarts: int = 0, **train) -> dict:
+def toy(run_dir: Path, max_restarts: int = 0, watchdog: dict = FAST_WATCHDOG, **train) -> dict:
     table = {"job": "toy_job", "run_dir": str(run_dir), "workers": {"num": 2, "max_restarts": max_restarts},
-             "watchdog": FAST_WATCHDOG, "train": {"steps": 6, **train}}
+             "watchdog": watchdog, "train": {"steps": 6, **train}}
     return run_job(spec_from_table(table))
 
 
@@ -58,6 +58,17 @@ def test_a_job_that_reports_no_steps_is_never_called_hung():
     assert not dog.armed and dog.check(["10.0.0.1", "10.0.0.2"]) is None
 
 
+def test_without_steps_a_rank_whose_heartbeat_stopped_is_still_called_hung():
+    """The driver's wait stays bounded for a job that reports no steps: a frozen process (or a lost node Ray has
+    not noticed yet) stops publishing heartbeats, and after watchdog.floor_s it is named."""
+    dog = watchdog_seeing({"step": None, "phase": "compute"}, {"step": None, "phase": "compute"}, silent=(1,))
+    dog.cfg = WatchdogConfig(floor_s=30)
+    dog.poll = lambda: None
+    hang = dog.check(["10.0.0.1", "10.0.0.2"])
+    assert hang is not None and hang.ranks == [1]
+    assert "rank 1 on node 10.0.0.2" in hang.message and "no heartbeat" in hang.message
+
+
 def test_room_elsewhere_counts_whole_ranks_per_node_under_the_strategy():
     free = {"a": {"CPU": 3.5, "GPU": 2}, "b": {"CPU": 2, "GPU": 0}}
     assert ranks_that_fit(free, 1, 0, "PACK") == 5 and ranks_that_fit(free, 1, 1, "PACK") == 2
@@ -75,8 +86,12 @@ def test_a_rank_stuck_inside_a_step_is_named_and_the_job_restarts_to_the_uninter
     assert torch.equal(summary["weight"], uninterrupted["weight"])
     assert summary["losses"] == uninterrupted["losses"][3:]
     log = (run_dir / "plait.log").read_text()
-    assert re.search(r"hung: rank 1 on node \S+ \(node id \w+, pid \d+\): no step progress for \d+s after step 3; "
-                     r"compute at toy_job.py:\d+ \(train\)", log)
+    found = re.search(r"hung: rank 1 on node \S+ \(node id \w+, pid \d+\): no step progress for (\d+)s after step 3; "
+                      r"compute at toy_job.py:\d+ \(train\)", log)
+    assert found
+    # Detected once the timeout (the 5 s floor: millisecond steps) had passed, not long after it (beats every
+    # 0.25 s, the driver polls every 0.5 s; the margin is for a loaded machine).
+    assert FAST_WATCHDOG["floor_s"] <= int(found.group(1)) <= 3 * FAST_WATCHDOG["floor_s"]
     assert "Others: rank 0: step 3, collective" in log  # its peer waits for it in the all-reduce
     assert re.search(r"rank 1 \(node \S+\) failed \(Hang\); restart 1/1", out)
     assert "no room elsewhere for 2 ranks" in out and "reusing node(s)" in out  # one node: it is used again
@@ -102,6 +117,27 @@ def test_a_rank_killed_during_a_checkpoint_write_leaves_the_previous_checkpoint_
     assert outcome["losses"] == uninterrupted["losses"][3:]
     meta = json.loads((run_dir / "checkpoints" / "step_00000006" / "meta.json").read_text())
     assert meta["step"] == 6
+
+
+def test_a_rank_killed_from_outside_in_the_middle_of_a_step_restarts_to_the_uninterrupted_result(
+        uninterrupted, tmp_path):
+    run_dir = tmp_path / "run"
+    outcome: dict = {}
+    calm = {**FAST_WATCHDOG, "floor_s": 600, "first_step_s": 600}  # the kill, not the watchdog, ends the attempt
+    job = threading.Thread(target=lambda: outcome.update(toy(run_dir, max_restarts=1, watchdog=calm,
+                                                                 fail="hang:4")))
+    job.start()
+    marker = run_dir / "stuck.rank1"
+    deadline = time.monotonic() + 120
+    while not marker.exists() and job.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert marker.exists(), "rank 1 never reached step 4"
+    os.kill(int(marker.read_text()), signal.SIGKILL)  # inside step 4, between backward and the all-reduce
+    job.join(timeout=180)
+    assert not job.is_alive()
+    assert outcome["restarts"] == 1 and outcome["start_step"] == 3
+    assert torch.equal(outcome["weight"], uninterrupted["weight"])
+    assert outcome["losses"] == uninterrupted["losses"][3:]
 
 
 # --- two Ray nodes on this machine: a lost node is kept out of the restarted placement ------------------

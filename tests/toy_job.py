@@ -22,7 +22,8 @@ class TrainConfig:
     resume: str = ""
     fail: str = ""  # "", "crash:N" (last rank's process dies after step N, first attempt only),
     #                 "value_error:N" (a ValueError at step N, every attempt), "import_error" (at start),
-    #                 "hang:N" (last rank sleeps inside step N before its all-reduce, first attempt only),
+    #                 "hang:N" (last rank writes stuck.rankR = its pid, then sleeps inside step N before its all-reduce,
+    #                 first attempt only),
     #                 "slow_save:N" (in checkpoint N's save, after the data files are written, every rank
     #                 writes saving.rankR holding its pid and the last rank sleeps: first attempt only)
     step_sleep_s: float = 0.0  # every step also sleeps this long (a run slow enough to interrupt from outside)
@@ -95,6 +96,9 @@ def train(ctx: RankContext, cfg: Config) -> dict:
         loss.backward()
         time.sleep(t.step_sleep_s)
         if t.fail == f"hang:{step + 1}" and ctx.attempt == 0 and ctx.rank == ctx.world_size - 1:
+            marker = ctx.run_dir / f"stuck.rank{ctx.rank}"  # its pid, for a test that kills it from outside
+            marker.with_suffix(".tmp").write_text(str(os.getpid()))
+            os.replace(marker.with_suffix(".tmp"), marker)
             time.sleep(600)  # stuck inside the step: its peers wait in the all-reduce below
         for p in model.parameters():
             dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
