@@ -27,6 +27,7 @@ directory. A fresh start moves the storage side's earlier run under ``earlier/``
 from __future__ import annotations
 
 import json
+import logging
 import os
 import secrets
 import time
@@ -200,7 +201,10 @@ class RunDir:
         """Copy the run's own files (run.json, spec.json, plait.log, metrics, plot, summary.json,
         tensorboard/, outputs/) to the storage location; checkpoints went there as they committed. Returns what
         was copied (nothing without storage, or before ``start``)."""
-        return upload_run_files(self.path, self.storage) if self.storage is not None and self.started else []
+        if self.storage is None or not self.started:
+            return []
+        _draw_plot(self.path)  # the plot lands in storage with the metrics, no `plait plot` needed
+        return upload_run_files(self.path, self.storage)
 
     def restart_point(self) -> Path | None:
         """After a crash: this run's own newest committed checkpoint, else where the run started."""
@@ -211,6 +215,18 @@ class RunDir:
             except (OSError, ValueError):
                 continue
         return self.resume_from
+
+
+def _draw_plot(path: Path) -> None:
+    """metrics.png from metrics.jsonl, when the run logged steps; a plotting failure never fails the run."""
+    if not (path / "metrics.jsonl").is_file() or (path / "metrics.jsonl").stat().st_size == 0:
+        return
+    try:
+        from plait.runtime.plot import plot_run
+
+        plot_run(path)
+    except Exception as e:  # noqa: BLE001 - the metrics themselves are still copied
+        logging.getLogger("plait").warning("drawing %s/metrics.png failed: %s", path, e)
 
 
 def _check_or_config_error(path: Path) -> None:

@@ -190,7 +190,8 @@ def test_a_job_resumed_from_its_storage_on_another_machine_equals_an_uninterrupt
     first = toy(tmp_path / "machine_a", storage, steps=2)
     loc = StorageLocation.parse(storage)
     assert first["storage"] == str(loc)
-    assert {"run.json", "spec.json", "plait.log", "metrics.jsonl", "summary.json", "checkpoints"} <= set(loc.entries())
+    assert {"run.json", "spec.json", "plait.log", "metrics.jsonl", "metrics.png", "summary.json",
+            "checkpoints"} <= set(loc.entries())  # the plot is drawn at the end of the run and copied with it
     assert stored_checkpoints(loc.child("checkpoints")) == ["step_00000001", "step_00000002"]
     # Another machine: an empty run directory; "latest" is the storage side's step 2, downloaded there.
     second = toy(tmp_path / "machine_b", storage, steps=4, resume="latest")
