@@ -177,7 +177,7 @@ def parse_env(pairs: list[str]) -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m plait.launchers.submit", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="plait-submit", description=__doc__.splitlines()[0])
     p.add_argument("spec")
     p.add_argument("overrides", nargs="*", help="section.key=value (TOML values), e.g. train.steps=20")
     p.add_argument("--address", default=os.environ.get("RAY_API_SERVER_ADDRESS", "") or DEFAULT_ADDRESS,

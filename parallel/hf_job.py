@@ -265,6 +265,6 @@ def summarize(cfg: Config, run_dir: Path, results: list[dict]) -> dict:
            "last_loss": round(losses[-1], 4) if losses else None, "eval_loss_start": main["eval_loss_start"],
            "eval_loss_end": main["eval_loss_end"], "export": main["export"], "checkpoint": main["checkpoint"],
            "metrics": str(run_dir / "metrics.jsonl")}
-    if (run_dir / "metrics.jsonl").is_file():
+    if (run_dir / "metrics.jsonl").is_file() and (run_dir / "metrics.jsonl").stat().st_size:  # none: no step ran
         out["plot"] = str(plot_run(run_dir))
     return out

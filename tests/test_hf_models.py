@@ -427,7 +427,8 @@ def test_hf_llama_finetune_example_exports_a_folder_transformers_loads(ray_clust
     paths = [f"run_dir={tmp_path / 'run'}", f"model.path={tmp_path / 'model'}", f"data.path={tmp_path / 'tokens'}",
              f"data.files=['{tmp_path / 'text.parquet'}']", "train.checkpoint_every=0"]
     summary = run_job(load_spec("examples/hf_llama_finetune.toml", ["train.steps=3", *paths]))
-    assert summary["plan"] == "dp2(fsdp2) tp2 pp1" and summary["export"] == str(tmp_path / "run" / "outputs" / "hf_export")
+    assert summary["plan"] == "dp2(fsdp2) tp2 pp1"
+    assert summary["export"] == str(tmp_path / "run" / "outputs" / "hf_export")
     batches = TextBatches(RowShards(tmp_path / "tokens"), 8, 0)
     original = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "outputs" / "hf_export")
@@ -438,3 +439,12 @@ def test_hf_llama_finetune_example_exports_a_folder_transformers_loads(ray_clust
     resumed = run_job(load_spec("examples/hf_llama_finetune.toml", [
         "train.steps=4", "train.resume=latest", "plan.dp=4", "plan.tp=1", *paths]))
     assert resumed["start_step"] == 3 and resumed["checkpoint"].endswith("step_00000004")
+    # Export a saved checkpoint (made under dp4) without training: resume from it with as many steps as it holds,
+    # under the example's tp2 x dp2 plan.
+    only = [p for p in paths if not p.startswith("run_dir=")] + [f"run_dir={tmp_path / 'export_only'}"]
+    export = run_job(load_spec("examples/hf_llama_finetune.toml", [
+        "train.steps=4", f"train.resume={resumed['checkpoint']}", *only]))
+    assert export["start_step"] == 4
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "export_only" / "outputs" / "hf_export")
+    assert export["eval_loss_end"] == pytest.approx(transformers_loss(again, batches, 2), abs=1e-5)
+    assert export["eval_loss_end"] == pytest.approx(resumed["eval_loss_end"], abs=1e-5)

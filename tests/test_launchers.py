@@ -263,6 +263,13 @@ def test_submit_refuses_a_spec_outside_the_working_dir_and_a_gcs_address_before_
         in capsys.readouterr().err
 
 
+def test_the_plait_submit_shell_entry_is_installed_and_refuses_like_the_module():
+    entry = Path(sys.executable).parent / "plait-submit"  # pyproject's [project.scripts], in this environment
+    done = subprocess.run([str(entry), "--address", "127.0.0.1:6379", "--working-dir", str(REPO), MLP],
+                          capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert done.returncode == 2 and "looks like the GCS address" in done.stderr
+
+
 @pytest.mark.slow
 def test_submit_runs_a_spec_from_this_checkout_on_a_cluster_without_plait(bare_cluster, tmp_path):
     cmd = [sys.executable, "-m", "plait.launchers.submit", "--address", bare_cluster["dashboard"], MLP,
