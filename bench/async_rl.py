@@ -12,7 +12,10 @@ time, over the training loop), trainer busy share, and the mean reward of the la
 (the reward reached within the budget), and the trainer's seconds per step and the generators' ms per sample
 (compute only: when they grow in the async run, the processes are sharing too few cores). Last line:
 ``RESULT samples_per_s_ratio=... ...``; ``overlap_bound_sync`` = 1 / the larger busy share of the sync run, the
-ratio that overlapping alone could reach with a core per process.
+ratio that overlapping alone could reach with a core per process; ``cpu_bound`` = what the machine's cores
+allow from compute alone (the serial trainer, or all generation + training spread over ``cores``): every
+process here is CPU-bound, so on 2 cores three of them (2 generators + the trainer, besides the driver and
+Ray's own processes, which it does not count) cannot beat the sync run by more than the core-time it idles.
 """
 
 from __future__ import annotations
@@ -45,6 +48,16 @@ def tail_mean(values: list[float], share: float = 0.25) -> float:
     return sum(values[-n:]) / n if values else float("nan")
 
 
+def cpu_bound(sync: dict, cores: int) -> float:
+    """The samples/s ratio no overlap can beat on ``cores`` CPUs: the synchronous run's seconds per sample
+    against the larger of the trainer's own compute per sample (it is serial) and all compute per sample
+    (generation + training) spread over every core. Compute times are the sync run's (uncontended)."""
+    per_step = sync["samples_trained"] / max(1, sync["steps_run"])
+    train = sync["train_step_s"] / per_step
+    best = max(train, (sync["gen_s_per_sample"] + train) / cores)
+    return (1 / sync["samples_per_s"]) / best
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="20 s of training per mode")
@@ -74,10 +87,12 @@ def main(argv: list[str] | None = None) -> int:
     # What overlap alone could give if generators and trainer had their own cores: the sync run alternates a
     # generation phase and a training phase, so a step could shrink to the longer of the two.
     bound = 1 / max(sync["gen_busy_share"], sync["trainer_busy_share"])
+    cpu_cap = cpu_bound(sync, os.cpu_count() or 1)
     print(f"RESULT samples_per_s_ratio={ratio:.2f} gen_busy_share_async={asy['gen_busy_share']:.3f} "
           f"gen_busy_share_sync={sync['gen_busy_share']:.3f} reward_async={tail_mean(asy['rewards']):.3f} "
           f"reward_sync={tail_mean(sync['rewards']):.3f} steps_async={asy['steps_run']} steps_sync={sync['steps_run']} "
-          f"overlap_bound_sync={bound:.2f} budget_s={budget:g} eta={args.eta} generators={args.generators} "
+          f"overlap_bound_sync={bound:.2f} cpu_bound={cpu_cap:.2f} cores={os.cpu_count()} "
+          f"budget_s={budget:g} eta={args.eta} generators={args.generators} "
           f"load_avg={os.getloadavg()[0]:.1f}")
     return 0
 

@@ -15,6 +15,13 @@ are loaded and the unfinished rows continue from their prompt plus what they gen
 interruptible rollouts). Every token's behaviour log-prob is the one of the weights that sampled it; the
 rollout's ``version`` is the OLDEST version that contributed (what staleness is counted from), and
 ``versions`` lists them all.
+
+Unfinished completions: a row that has not emitted the stop token when its budget ends is trained on with
+``unfinished_reward`` (default -1, below any task reward) instead of its task reward (DAPO's overlong
+penalty). Without it, "never stop" scores like a wrong answer (0) while GRPO keeps pushing the stop token
+down after every wrong answer; once most rows run to the budget, whole groups score 0, advantages vanish
+and nothing pulls the policy back (an asynchronous run of digit_sum collapsed so). ``rewards`` stays the
+task's score (what the metrics report); ``train_rewards`` is what the advantages use.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ class GenerationConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     format_reward: float = 0.0  # reward of a well-formed wrong answer (rl.tasks.reward)
+    unfinished_reward: float = -1.0  # trained-on reward of a completion without the stop token in its budget
     interrupt: bool = False  # stop in-flight generation when a newer version is out, continue with it
 
     def check(self) -> None:
@@ -85,6 +93,13 @@ class RolloutBatch:
     generator: int  # the actor slot that made it
     interrupted: int = 0  # times generation was interrupted by a newer version
     texts: list[str] = field(default_factory=list, repr=False)
+    finished: torch.Tensor | None = None  # (R,) bool: the row emitted the stop token within its budget
+    train_rewards: torch.Tensor | None = None  # (R,) what advantages use: rewards, or unfinished_reward
+
+    @property
+    def shaped_rewards(self) -> torch.Tensor:
+        """The rewards GRPO advantages are computed from (``rewards`` when no shaping was recorded)."""
+        return self.rewards if self.train_rewards is None else self.train_rewards
 
     @property
     def prompts(self) -> int:
@@ -165,7 +180,7 @@ class Generator:
         tokens = torch.full((rows, width), self.tok.pad_id, dtype=torch.long)
         mask = torch.zeros((rows, width), dtype=torch.bool)
         behaviour = torch.zeros((rows, width), dtype=torch.float32)
-        texts, rewards = [], []
+        texts, rewards, finished = [], [], []
         for i, (p, c, lp) in enumerate(zip(prompts, completions, logprobs, strict=True)):
             tokens[i, :len(p)] = torch.tensor(p)
             tokens[i, len(p):len(p) + len(c)] = torch.tensor(c, dtype=torch.long)
@@ -175,10 +190,13 @@ class Generator:
             texts.append(text or "")  # tokenizer's vocabulary (a model with a larger vocab_size): reward 0
             task = work.tasks[i // self.cfg.group_size]
             rewards.append(0.0 if text is None else reward(task, text, format_reward=self.cfg.format_reward))
+            finished.append(self.tok.eos_id in c)
+        scores, done = torch.tensor(rewards), torch.tensor(finished, dtype=torch.bool)
         return RolloutBatch(uid=work.uid, task_ids=list(work.task_ids), version=min(versions), versions=versions,
-                            tokens=tokens, mask=mask, behaviour_logprobs=behaviour, rewards=torch.tensor(rewards),
+                            tokens=tokens, mask=mask, behaviour_logprobs=behaviour, rewards=scores,
                             group_size=self.cfg.group_size, completion_tokens=int(mask.sum()), gen_time_s=gen_time,
-                            load_time_s=load_s, generator=self.index, interrupted=interrupted, texts=texts)
+                            load_time_s=load_s, generator=self.index, interrupted=interrupted, texts=texts,
+                            finished=done, train_rewards=torch.where(done, scores, self.cfg.unfinished_reward))
 
     def loaded_version(self) -> int:
         return self.version

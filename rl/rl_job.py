@@ -19,7 +19,8 @@ process group):
 the controller's position (task cursor, work not yet trained, next uid); ``train.resume = "latest"``
 continues from them. Metrics per version: reward, staleness_<s> (prompts trained at staleness s),
 dropped, samples_per_s, gen_idle_share, trainer_idle_share (shares of the loop's wall time without work in
-flight), completion_len, the loss statistics and wall_s (seconds since the loop started).
+flight), completion_len, stop_rate (share of completions that emitted the stop token), the loss statistics
+and wall_s (seconds since the loop started).
 """
 
 from __future__ import annotations
@@ -221,8 +222,10 @@ def control(job, cfg: Config) -> dict:
                       "gen_idle_share": 1 - _busy_share(busy, since, pool, now) / (rl.generators * wall),
                       "trainer_idle_share": 1 - trainer_busy / wall,
                       "completion_len": sum(it.completion_tokens for it in batch.items) / samples,
+                      "stop_rate": sum(_finished(it) for it in batch.items) / samples,
                       **{f"staleness_{s}": batch.staleness.get(s, 0) for s in range(rl.eta + 1)},
-                      **{k: stats[k] for k in ("loss", "is_weight", "clip_frac", "behaviour_kl", "grad_norm")}}
+                      **{k: stats[k] for k in ("loss", "is_weight", "truncated_frac", "clip_frac",
+                                                   "behaviour_kl", "grad_norm", "updated")}}
             metrics.log(version, **record)
             history.append({"version": version, **record})
             if train.checkpoint_every and version % train.checkpoint_every == 0 and version < train.steps:
@@ -255,6 +258,7 @@ def control(job, cfg: Config) -> dict:
         "start_version": start_version, "version": version, "steps_run": version - start_version,
         "eta": rl.eta, "loss": train.loss, "checkpoint": checkpoint,
         "rewards": [h["reward"] for h in history], "walls": [h["wall_s"] for h in history],
+        "stop_rates": [h["stop_rate"] for h in history],
         "trained": trained, "dropped": [(r.uid, r.version) for r in queue.dropped], "duplicates": queue.duplicates,
         "issued_uids": pos.next_uid, "lost_works": lost_works, "generator_restarts": list(pool.restarts),
         "staleness": dict(sorted(staleness.items())), "samples_made": made,
@@ -266,6 +270,11 @@ def control(job, cfg: Config) -> dict:
         "gen_s_per_sample": gen_compute / max(1, made), "startup_s": t0 - started,
         "warm_losses": hello["warm_losses"], "weights_published": store.published,
     }
+
+
+def _finished(item: RolloutBatch) -> int:
+    """Completions of ``item`` that emitted the stop token within their budget."""
+    return int(item.finished.sum()) if item.finished is not None else item.samples
 
 
 def _busy_share(busy: list[float], since: list[float], pool, now: float) -> float:

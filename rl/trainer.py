@@ -13,6 +13,12 @@ step (clipping, optimizer); decoupled PPO's proximal log-probs are the trainer's
 GRPO advantages are per prompt group, computed in ``collate``. After every step rank 0 publishes the
 new weights (``plait.rl.weights.publish``; unsharding is a collective, so every rank takes part).
 
+A batch in which every advantage is 0 (every group's completions scored alike: common once the policy is
+nearly deterministic) takes no optimizer step, though it still makes a new version: Adam would otherwise
+count its zero gradient, its second moment would decay over a run of such steps while its momentum
+coasts on, and the next small noisy gradient becomes a full-size move of every parameter. A digit_sum run
+(eta = 2, lr 1e-3) collapsed so into answering nothing (behaviour_kl 4 within three versions).
+
 A short supervised warm start (``train.warm_start_steps``) runs before version 0 is published: prompt +
 answer + eos with cross-entropy on the answer. ``warm_start_correct_share`` is the share of examples given
 the correct answer; the others get a random answer of the same form (digits stay digits, letters letters),
@@ -94,8 +100,8 @@ class RLLoss:
 
 def collate(items: list[RolloutBatch], dp: int, normalize: str = "token", pad_id: int = 0) -> list[tuple[dict]]:
     """Rollouts -> one ``(batch,)`` argument tuple per data-parallel rank: rows split evenly, padded to one
-    width, GRPO advantages per prompt group, and the loss denominator (global tokens or sequences / dp)
-    that makes the ranks' mean the exact global mean."""
+    width, GRPO advantages per prompt group (of ``shaped_rewards``: an unfinished row gets the penalty), and
+    the loss denominator (global tokens or sequences / dp) that makes the ranks' mean the exact global mean."""
     width = max(int(it.tokens.shape[1]) for it in items)
 
     def pad(t: torch.Tensor, value) -> torch.Tensor:
@@ -104,16 +110,17 @@ def collate(items: list[RolloutBatch], dp: int, normalize: str = "token", pad_id
     tokens = torch.cat([pad(it.tokens, pad_id) for it in items])
     mask = torch.cat([pad(it.mask, False) for it in items])
     behaviour = torch.cat([pad(it.behaviour_logprobs, 0.0) for it in items])
-    adv = torch.cat([group_advantages(it.rewards, it.group_size) for it in items])
+    adv = torch.cat([group_advantages(it.shaped_rewards, it.group_size) for it in items])
     rows = tokens.shape[0]
     if rows % dp:
         raise ValueError(f"{rows} rows do not split over {dp} trainer ranks: make batch_prompts * group_size a "
                          "multiple of the trainer's data-parallel degree")
     total = float(mask.sum()) if normalize == "token" else float((mask.sum(1) > 0).sum())
     each = rows // dp
+    signal = bool((adv != 0).any())  # one decision for every rank (skipping is collective)
     return [({"tokens": tokens[r * each:(r + 1) * each], "mask": mask[r * each:(r + 1) * each],
               "behaviour_logprobs": behaviour[r * each:(r + 1) * each], "advantages": adv[r * each:(r + 1) * each],
-              "denominator": max(total, 1.0) / dp},) for r in range(dp)]
+              "denominator": max(total, 1.0) / dp, "signal": signal},) for r in range(dp)]
 
 
 def scramble(answer: str, rng: random.Random) -> str:
@@ -171,6 +178,7 @@ class Trainer:
     def hello(self) -> dict | None:
         """Version and checkpoint meta (rank 0), and the current weights published."""
         published = self._publish()
+        self.ctx.step_done(self.version)  # the watchdog's step rhythm (runtime/watchdog.py)
         if not self.ctx.is_main:
             return None
         return {"version": self.version, "published": published, "meta": self.meta, "warm_losses": self.warm_losses}
@@ -190,14 +198,20 @@ class Trainer:
         inputs, b = train_batch(tokens, mask, batch["behaviour_logprobs"].to(self.ctx.device),
                                 batch["advantages"].to(self.ctx.device), prox)
         self.loss.policy.options["denominator"] = batch["denominator"]
-        loss = self.parts.train_step(inputs, b, train.optim.lr)
+        if batch.get("signal", True):
+            loss = self.parts.train_step(inputs, b, train.optim.lr)
+            grad_norm = self.parts.grad_norm
+        else:  # every advantage is 0: no optimizer step (see the module docstring), the statistics still
+            with torch.no_grad():
+                loss, grad_norm = float(self.loss(model(inputs), b)), None
         self.version += 1
         stats = {k: float(v) for k, v in self.loss.stats.items()}
-        grad_norm = self.parts.grad_norm
+        stats["updated"] = float(batch.get("signal", True))
         if train.step_delay_s:
             time.sleep(train.step_delay_s)
         compute_s = time.perf_counter() - t0
         published = self._publish()
+        self.ctx.step_done(self.version)  # the watchdog's step rhythm (runtime/watchdog.py)
         if not self.ctx.is_main:
             return None
         return {"version": self.version, "published": published, "loss": loss, "compute_s": compute_s,

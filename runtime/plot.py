@@ -3,6 +3,10 @@
     panels(records)  -> ["loss", "lr", "tokens_per_s", "mem_bytes", ...]   what will be drawn, in order
     draw(records)    -> a matplotlib Figure;   plot_run(run_dir, out) -> the PNG's path
     (``run_dir`` may be a storage location, s3://...: `plait plot s3://bucket/runs/x` draws from there)
+
+A run that logs both a metric and the seconds it was reached at gets one more panel, first, with the
+metric against wall-clock time (``XY_PANELS``): an RL run's ``reward`` against ``wall_s`` compares a
+synchronous and an asynchronous run on the axis that matters (steps of the two take different times).
 """
 
 from __future__ import annotations
@@ -22,6 +26,10 @@ KNOWN = {
     "step_time_s": ("step time", "s"),
 }
 NOT_METRICS = {"step", "time"}
+# Panels of one metric against another logged key: name -> (x key, y key, title, x label, y label).
+XY_PANELS = {
+    "reward_vs_wall_s": ("wall_s", "reward", "reward against wall time", "wall-clock s", "reward"),
+}
 
 
 def by_step(records: list[dict]) -> dict[int, dict]:
@@ -36,10 +44,12 @@ def _number(value: Any) -> float | None:
 
 
 def panels(records: list[dict]) -> list[str]:
-    """The metrics to draw: every key with at least one finite number, known ones first."""
+    """The metrics to draw: x-y panels whose two keys were logged, then every key with at least one finite
+    number, known ones first."""
     logged = {key for r in records for key, value in r.items()
               if key not in NOT_METRICS and _number(value) is not None}
-    return [k for k in KNOWN if k in logged] + sorted(logged - KNOWN.keys())
+    pairs = [name for name, (x, y, *_) in XY_PANELS.items() if x in logged and y in logged]
+    return pairs + [k for k in KNOWN if k in logged] + sorted(logged - KNOWN.keys())
 
 
 def _memory_unit(values: list[float]) -> tuple[str, float]:
@@ -67,6 +77,9 @@ def draw(records: list[dict], title: str = ""):
     for ax in flat[len(keys):]:
         fig.delaxes(ax)
     for ax, key in zip(flat[: len(keys)], keys, strict=True):
+        if key in XY_PANELS:
+            _draw_xy(ax, [rows[s] for s in steps], *XY_PANELS[key])
+            continue
         values = [_number(rows[s].get(key)) for s in steps]
         values = [math.nan if v is None else v for v in values]
         panel_title, ylabel = KNOWN.get(key, (key, key))
@@ -81,6 +94,15 @@ def draw(records: list[dict], title: str = ""):
         fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+def _draw_xy(ax, rows: list[dict], x: str, y: str, title: str, xlabel: str, ylabel: str) -> None:
+    """``y`` against ``x`` over the steps that logged both finite (in step order)."""
+    points = [(_number(r.get(x)), _number(r.get(y))) for r in rows]
+    points = [(a, b) for a, b in points if a is not None and b is not None]
+    ax.plot([a for a, _ in points], [b for _, b in points], marker="." if len(points) <= 20 else None)
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    ax.grid(alpha=0.3)
 
 
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path | str:

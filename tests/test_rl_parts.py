@@ -330,3 +330,37 @@ def test_a_packed_batch_gives_the_same_loss_and_splits_into_microbatches():
     _, no_prox = train_batch(tokens, mask, behaviour, adv, packed=True)
     with pytest.raises(ValueError, match="needs batch\\['proximal_logprobs'\\]"):
         PolicyLoss("decoupled_ppo")(logits, no_prox)
+
+
+# ---------------------------------------------------------------- plot
+
+def test_plot_of_an_rl_run_draws_reward_against_wall_time_first(tmp_path):
+    import json
+
+    from plait.runtime.plot import draw, panels, plot_run
+
+    records = [{"step": s, "time": 1e9 + s, "reward": 0.1 * s, "wall_s": 0.5 * s, "loss": 1.0} for s in (1, 2, 3)]
+    assert panels(records)[0] == "reward_vs_wall_s"
+    assert "reward_vs_wall_s" not in panels([{"step": 1, "reward": 0.1}])  # no wall time logged: no panel
+    panel = draw(records).axes[0]
+    assert panel.get_title() == "reward against wall time" and panel.get_xlabel() == "wall-clock s"
+    assert list(panel.lines[0].get_xdata()) == [0.5, 1.0, 1.5]
+    assert list(panel.lines[0].get_ydata()) == pytest.approx([0.1, 0.2, 0.3])
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert plot_run(tmp_path).stat().st_size > 0
+
+
+def test_a_completion_that_never_stops_is_trained_below_a_wrong_answer(ray_cluster):
+    from plait.rl.generator import GenerationConfig, Generator, Work
+    from plait.rl.trainer import collate
+    from plait.rl.weights import publish
+
+    cfg = GPTConfig(vocab_size=TOK.vocab_size, d_model=32, n_layers=1, n_heads=2, max_seq_len=16)
+    model = GPT(cfg)
+    gen = Generator(cfg, GenerationConfig(group_size=4, prompts_per_call=1, max_new_tokens=1), seed=0, index=0)
+    out = gen.generate(Work(0, [0], make_tasks("digit_sum", 1), 1), publish(dict(model.named_parameters()), 0))
+    assert not out.finished.any()  # one token of budget: no row reaches eos
+    assert out.train_rewards.tolist() == [-1.0] * 4 and set(out.rewards.tolist()) <= {0.0, 1.0}  # metrics: the score
+    out.finished[0], out.train_rewards[0] = True, 0.0  # as if row 0 had stopped after a wrong answer
+    adv = collate([out], dp=1)[0][0]["advantages"]
+    assert adv[0] > 0 > adv[1] and adv[1] == adv[2] == adv[3]  # stopping with a wrong answer beats not stopping
