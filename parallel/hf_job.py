@@ -202,7 +202,7 @@ def eval_loss(parts, inputs, targets, plan: ParallelPlan, device) -> float | Non
 
 
 def train(ctx: RankContext, cfg: Config) -> dict:
-    from plait.parallel.hf_weights import export_hf_folder
+    from plait.parallel.hf_export import export_hf_folder
     from plait.parallel.text_data import TextBatches, ensure_text_dataset
 
     plan, hf_cfg = cfg.plan, hf_config(cfg.model)

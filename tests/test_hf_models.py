@@ -7,8 +7,9 @@ test is a user's fine-tune round trip (save_pretrained -> Plait -> export -> fro
 
 import pytest
 import torch
+from plait.parallel.hf_export import export_hf_folder
 from plait.parallel.hf_plans import find_tp_plan, known_architectures, register_tp_plan, sync_replicated_kv_grads
-from plait.parallel.hf_weights import export_hf_folder, hf_name, load_hf_folder, materialize, weight_files
+from plait.parallel.hf_weights import hf_name, load_hf_folder, materialize, weight_files
 from plait.parallel.models.gpt import GPT, GPTConfig
 from plait.parallel.pipeline import build_pipeline
 from plait.parallel.tensor_parallel import apply_tensor_parallel, tp_loss
