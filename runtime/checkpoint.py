@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,18 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from plait.runtime.checkpoint_check import (  # noqa: F401 - re-exported: the checkpoint API is this module's
+    STEP_DIR,
+    CheckpointNotFound,
+    CorruptCheckpointError,
+    check_committed,
+    committed_in,
+    dcp_files_problem,
+    earlier_hint,
+    first_line,
+    saved_plan,
+    uncommitted_in,
+)
 from plait.runtime.checkpoint_store import (
     agree,
     fetch_checkpoint,
@@ -47,19 +58,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.distributed.checkpoint.stateful import Stateful
 
-STEP_DIR = re.compile(r"^step_(\d{8})$")
 log = logging.getLogger("plait")
-
-
-class CorruptCheckpointError(RuntimeError):
-    """A committed checkpoint cannot be read; the message names the folder, the file and what to resume
-    from instead. Never worth a restart: loading it again fails the same way."""
-
-    transient = False
-
-
-class CheckpointNotFound(FileNotFoundError):
-    """A resume path that is not a committed checkpoint; the message lists the committed ones."""
 
 
 class ModelOptimizer(Stateful):
@@ -97,13 +96,13 @@ class ModelOptimizer(Stateful):
     def load_from(self, path: Path) -> None:
         if (Path(path) / "zero").is_dir():
             raise ValueError(f"{path} holds DeepSpeed ZeRO files, not a DCP checkpoint: resume it with the ZeRO "
-                             f"engine it was saved under ({_saved_plan(path)})")
+                             f"engine it was saved under ({saved_plan(path)})")
         try:
             dcp.load({"app": self}, checkpoint_id=str(path))
         except (Exception, CheckpointException) as e:  # DCP wraps every rank's traceback: name the folder
             raise CorruptCheckpointError(
-                f"checkpoint {path} could not be loaded ({type(e).__name__}: {_first_line(e)}); it is corrupt or "
-                f"was saved for another model. {_earlier_hint(Path(path))}") from None
+                f"checkpoint {path} could not be loaded ({type(e).__name__}: {first_line(e)}); it is corrupt or "
+                f"was saved for another model. {earlier_hint(Path(path))}") from None
 
     def load_state_dict(self, state: dict) -> None:
         for model, optimizer in zip(self.models, self.optimizers, strict=True):
@@ -132,99 +131,12 @@ class EngineState:
     def load_from(self, path: Path) -> None:
         if not (path / "zero").is_dir():
             raise ValueError(f"{path} was not saved by a DeepSpeed ZeRO engine (no zero/ folder): resume it "
-                             f"under the engine it was saved with ({_saved_plan(path)})")
+                             f"under the engine it was saved with ({saved_plan(path)})")
         root = None if self.trusted_root is None else Path(self.trusted_root).resolve()
         if root is None or not Path(path).resolve().is_relative_to(root):
             raise ValueError(f"refusing to load ZeRO checkpoint {path}: DeepSpeed unpickles its files, so Plait "
                              f"loads ZeRO checkpoints only from this run directory's own folders ({root})")
         self.engine.load_checkpoint(str(path), tag="zero")
-
-
-def _saved_plan(path: Path) -> str:
-    try:
-        return "plan " + json.loads((Path(path) / "meta.json").read_text()).get("plan", "?")
-    except (OSError, ValueError):
-        return "plan unknown"
-
-
-def _first_line(e: BaseException) -> str:
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    return lines[-1][:300] if lines else ""
-
-
-def _earlier_hint(path: Path) -> str:
-    """'Resume from <the committed checkpoint before path>' or a note that there is none."""
-    earlier = [p for p in committed_in(path.parent) if p.name < path.name]
-    if earlier:
-        return f"Resume from the previous committed checkpoint instead: train.resume={earlier[-1]}"
-    return "No earlier committed checkpoint exists beside it: start fresh (train.resume=\"\")"
-
-
-def committed_in(root: Path) -> list[Path]:
-    """Committed checkpoints under ``root``, oldest first (a folder counts only once its meta.json exists)."""
-    if not root.is_dir():
-        return []
-    return sorted((p for p in root.iterdir() if STEP_DIR.match(p.name) and (p / "meta.json").is_file()),
-                  key=lambda p: p.name)
-
-
-def uncommitted_in(root: Path) -> list[Path]:
-    """``step_*`` folders without meta.json: renamed into place by hand or by another tool, never committed."""
-    if not root.is_dir():
-        return []
-    return sorted(p for p in root.iterdir() if STEP_DIR.match(p.name) and not (p / "meta.json").is_file())
-
-
-def check_committed(path: str | Path) -> dict:
-    """Check, without loading tensors, that ``path`` is a readable committed checkpoint; return its meta.json.
-
-    Raises CheckpointNotFound (no such folder, or no meta.json) or CorruptCheckpointError (meta.json
-    unreadable, DCP metadata unreadable, a data file missing or shorter than the metadata says)."""
-    path = Path(path)
-    if not path.is_dir() or not (path / "meta.json").is_file():
-        what = "does not exist" if not path.exists() else "is not a committed checkpoint (no meta.json)"
-        listing = [str(p) for p in committed_in(path.parent)] if path.parent.is_dir() else []
-        raise CheckpointNotFound(f"checkpoint {path} {what}; committed checkpoints in {path.parent}: "
-                                 f"{', '.join(listing) or 'none'}")
-    try:
-        meta = json.loads((path / "meta.json").read_text())
-        int(meta["step"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CorruptCheckpointError(f"checkpoint {path}: meta.json is unreadable ({e}). {_earlier_hint(path)}") \
-            from None
-    if (path / "zero").is_dir():
-        return meta  # DeepSpeed's own layout; DeepSpeed checks its files when it loads them
-    _check_dcp_files(path)
-    return meta
-
-
-def _check_dcp_files(path: Path) -> None:
-    sizes = {p.relative_to(path).as_posix(): p.stat().st_size for p in path.rglob("*") if p.is_file()}
-    problem = dcp_files_problem(path, sizes)
-    if problem:
-        raise CorruptCheckpointError(f"checkpoint {path}{problem}. {_earlier_hint(path)}")
-
-
-def dcp_files_problem(metadata_dir: Path, sizes: dict[str, int]) -> str:
-    """What is wrong with a DCP checkpoint whose ``.metadata`` is in ``metadata_dir`` and whose files have
-    ``sizes`` (relative path -> bytes; a local folder or a storage location): "" when nothing is, else the
-    words that follow "checkpoint PATH" in an error message."""
-    if ".metadata" not in sizes:
-        return ": file .metadata is missing"
-    try:
-        metadata = dcp.FileSystemReader(str(metadata_dir)).read_metadata()
-    except Exception as e:  # noqa: BLE001 - any failure to read it means the same thing to the user
-        return f": file .metadata is corrupt ({type(e).__name__}: {_first_line(e)})"
-    needed: dict[str, int] = {}
-    for info in (metadata.storage_data or {}).values():
-        end = info.offset + info.length
-        needed[info.relative_path] = max(needed.get(info.relative_path, 0), end)
-    for name, end in sorted(needed.items()):
-        size = sizes.get(name, -1)
-        if size < end:
-            state = "is missing" if size < 0 else f"is truncated ({size} bytes, the metadata needs {end})"
-            return f" is corrupt: file {name} {state}"
-    return ""
 
 
 def _as_state(model: Any, optimizer: Any) -> Any:
