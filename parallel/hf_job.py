@@ -138,6 +138,33 @@ def validate(cfg: Config, world_size: int) -> None:
                       world_name="workers.num", model_dtype=cfg.model.dtype)
 
 
+def estimate(cfg: Config, world_size: int) -> str:
+    """`plait plan estimate`: per-rank memory of the HF model under the plan, from its config.json alone
+    (nothing is loaded), as the Llama-shaped decoder of the same sizes (estimate.py's model: RMSNorm,
+    SwiGLU, GQA). Biases (Qwen2) and q/k norms (Qwen3) are a few vectors per layer and not counted; kv heads
+    replicated when tp exceeds them are counted once per copy only in the activations."""
+    from plait.parallel.estimate import estimate_memory, format_table, human
+    from plait.parallel.models.gpt import GPTConfig
+
+    validate(cfg, world_size)
+    hf = hf_config(cfg.model)
+    heads = hf.num_attention_heads
+    shape = GPTConfig(vocab_size=hf.vocab_size, d_model=hf.hidden_size, n_layers=hf.num_hidden_layers,
+                      n_heads=heads, n_kv_heads=getattr(hf, "num_key_value_heads", None) or heads,
+                      ffn_hidden=hf.intermediate_size, max_seq_len=max(cfg.train.seq_len, 1))
+    kv, tp = shape.kv_heads, cfg.plan.tp
+    if tp > kv:  # the estimator shards kv heads over tp; with replication each rank holds one whole head
+        shape.n_kv_heads = tp if heads % tp == 0 else kv
+    rows = estimate_memory(shape, cfg.plan, global_batch=cfg.train.global_batch, seq_len=cfg.train.seq_len,
+                           dtype=cfg.model.dtype)
+    arch = (getattr(hf, "architectures", None) or [type(hf).__name__])[0]
+    header = (f"plan {cfg.plan.describe()}, {world_size} ranks, {arch} from {cfg.model.path} "
+              f"({shape.num_params():,} params as a Llama-shaped decoder), {cfg.model.dtype} "
+              f"({cfg.plan.mixed_precision}), global batch {cfg.train.global_batch} x seq {cfg.train.seq_len}\n")
+    peak = max(rows, key=lambda r: r.total)
+    return header + format_table(rows) + f"\npeak: rank {peak.rank}, {human(peak.total)}"
+
+
 def prepare(cfg: Config, run_dir: Path) -> None:
     """On the driver: absolute paths, the tiny model / sample text when asked, the token dataset built once."""
     from plait.parallel.text_data import ensure_text_dataset

@@ -38,7 +38,9 @@ meta model, and only then does each rank allocate its own shards on ``device`` (
 its slices of the checkpoint (``load_hf_folder``): no rank ever holds the full model (DDP and ZeRO hold
 a full replica by design; they load before wrapping). When tp exceeds a HF model's kv heads the heads
 are replicated (``hf_plans``) and ``train_step`` sums the copies' gradients (``sync_replicated_kv_grads``)
-before clipping and the optimizer step.
+before clipping and the optimizer step. ``init_seed=S`` without ``weights`` takes the same meta path for a
+model trained from scratch: each rank draws only its shards (``meta_init``, per-parameter seeds), so the
+initial model is identical under every plan and no rank allocates the whole of it.
 
 Mixed precision (``plan.mixed_precision="bf16"``): FSDP2's MixedPrecisionPolicy where FSDP2 is
 applied (engine fsdp2, dp * cp > 1), DeepSpeed's bf16 under ZeRO, and everywhere else (DDP, tp without
@@ -73,6 +75,7 @@ from plait.parallel.grad_clip import clip_grad_norm, comm_device
 from plait.parallel.hf_plans import KV_REPLICAS, architecture, known_architectures, sync_replicated_kv_grads
 from plait.parallel.hf_weights import load_hf_folder, materialize
 from plait.parallel.mesh import data_mesh
+from plait.parallel.meta_init import init_shards
 from plait.parallel.models.gpt import GPT
 from plait.parallel.pipeline import build_pipeline, is_hf_decoder
 from plait.parallel.plan import ParallelPlan, PlanError, engine_violations
@@ -176,14 +179,19 @@ def check_model(model: nn.Module, plan: ParallelPlan) -> nn.Module:
     return model
 
 
-def _loader(weights: str | Path | None, device: torch.device) -> Callable[[nn.Module], None] | None:
-    """Allocate a meta-built (sharded) part on ``device`` and read its slices of ``weights``; None without."""
-    if weights is None:
+def _loader(weights: str | Path | None, device: torch.device,
+            init_seed: int | None = None) -> Callable[[nn.Module], None] | None:
+    """Allocate a meta-built (sharded) part on ``device`` and read its slices of ``weights`` (or, with
+    ``init_seed``, draw them: meta_init.py); None for an ordinary eager build."""
+    if weights is None and init_seed is None:
         return None
 
     def fill(part: nn.Module) -> None:
         materialize(part, device)
-        load_hf_folder(part, weights)
+        if weights is not None:
+            load_hf_folder(part, weights)
+        else:
+            init_shards(part, init_seed)
 
     return fill
 
@@ -222,14 +230,17 @@ def _shard_part(part: nn.Module, plan: ParallelPlan, mesh: DeviceMesh, device: t
 
 def parallelize(build_model: Callable[[], nn.Module], plan: ParallelPlan, mesh: DeviceMesh,
                 device: torch.device, optim: OptimConfig, global_batch: int | None = None,
-                loss_fn: LossFn | None = None, weights: str | Path | None = None) -> Parallelized:
+                loss_fn: LossFn | None = None, weights: str | Path | None = None,
+                init_seed: int | None = None) -> Parallelized:
     """This rank's parts of ``build_model()`` under ``plan`` and a ``train_step(inputs, targets, lr)``.
 
     ``loss_fn(output, targets)`` must return the mean loss over the batch it is given (see the module
     docstring); None is next-token cross-entropy. ``global_batch`` (sequences or samples per optimizer
     step over all dp ranks) is needed by the DeepSpeed engines only. ``weights``: a local Hugging Face
     folder; the model is then built on the meta device and each rank loads only its shards from it
-    (``build_model`` must make the folder's architecture, e.g. ``AutoModelForCausalLM.from_config``)."""
+    (``build_model`` must make the folder's architecture, e.g. ``AutoModelForCausalLM.from_config``).
+    ``init_seed`` (no ``weights``): built on meta too, each rank's shards drawn per parameter from
+    (seed, name) by the model's ``init_value`` rule (meta_init.py): the same model under every plan."""
     plan.check()
     if plan.cp > 1:  # the rest is checked by plan.validate; these would fail deep inside an engine
         for msg in engine_violations(plan):
@@ -240,10 +251,11 @@ def parallelize(build_model: Callable[[], nn.Module], plan: ParallelPlan, mesh: 
     if loss_fn is None:
         loss_fn = functools.partial(tp_loss, loss_parallel=plan.loss_parallel)
     if plan.engine in ZERO_STAGES:
-        return _parallelize_deepspeed(build_model, plan, mesh, device, optim, global_batch, loss_fn, weights)
+        return _parallelize_deepspeed(build_model, plan, mesh, device, optim, global_batch, loss_fn, weights,
+                                      init_seed)
     if _autocast_bf16(plan):
         loss_fn = under_autocast(loss_fn, device.type)
-    fill = _loader(weights, device)
+    fill = _loader(weights, device, init_seed)
     if plan.pp > 1:
         pipe = build_pipeline(lambda: _build(build_model, plan, fill is not None), mesh["pp"],
                               schedule=plan.schedule, microbatches=plan.microbatches,
@@ -290,12 +302,14 @@ def _broadcast_from_last_stage(loss: torch.Tensor | None, mesh: DeviceMesh, has_
     return value
 
 
-def _parallelize_deepspeed(build_model, plan, mesh, device, optim, global_batch, loss_fn, weights) -> Parallelized:
+def _parallelize_deepspeed(build_model, plan, mesh, device, optim, global_batch, loss_fn, weights,
+                           init_seed=None) -> Parallelized:
     if global_batch is None:
         raise ValueError("DeepSpeed engines need the global batch size (parallelize(..., global_batch=N))")
-    model = _build(build_model, plan, weights is not None)
-    if weights is not None:
-        _loader(weights, device)(model)  # ZeRO partitions a full replica that the engine receives
+    fill = _loader(weights, device, init_seed)
+    model = _build(build_model, plan, fill is not None)
+    if fill is not None:
+        fill(model)  # ZeRO partitions a full replica that the engine receives
     model = model.to(device)
     apply_activation_checkpointing(model, plan.activation_checkpointing)
     engine = build_deepspeed_engine(

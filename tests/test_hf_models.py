@@ -449,3 +449,17 @@ def test_hf_llama_finetune_example_exports_a_folder_transformers_loads(ray_clust
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "export_only" / "outputs" / "hf_export")
     assert export["eval_loss_end"] == pytest.approx(transformers_loss(again, batches, 2), abs=1e-5)
     assert export["eval_loss_end"] == pytest.approx(resumed["eval_loss_end"], abs=1e-5)
+
+
+def test_plan_estimate_of_the_hf_example_counts_the_models_parameters(tmp_path, capsys):
+    """`plait plan estimate` works for the HF job from config.json alone (the tiny config when make_tiny)."""
+    from plait.parallel.hf_tiny import tiny_llama_config
+    from plait.runtime.cli import main
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        total = sum(p.numel() for p in AutoModelForCausalLM.from_config(tiny_llama_config()).parameters())
+    assert main(["plan", "estimate", "examples/hf_llama_finetune.toml", f"model.path={tmp_path / 'none'}"]) == 0
+    out = capsys.readouterr().out
+    assert f"({total:,} params as a Llama-shaped decoder)" in out and "plan dp2(fsdp2) tp2 pp1" in out
+    assert "peak: rank" in out

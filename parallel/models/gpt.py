@@ -231,18 +231,19 @@ class GPT(nn.Module):
     def init_weights(self, seed: int | None = None) -> None:
         """Deterministic init (given the global RNG or ``seed``); also fills meta-initialised models."""
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
-        std = 0.02
-        out_std = std / (2 * self.cfg.n_layers) ** 0.5
         for name, p in self.named_parameters():
-            if p.ndim == 1:
-                p.fill_(1.0)
-            elif name.endswith(("wo.weight", "w2.weight")):
-                p.copy_(torch.randn(p.shape, generator=gen) * out_std)
-            else:
-                p.copy_(torch.randn(p.shape, generator=gen) * std)
+            p.copy_(self.init_value(name, tuple(p.shape), gen))
         cos, sin = rope_tables(self.cfg.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta)
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
+
+    def init_value(self, name: str, shape: tuple[int, ...], generator: torch.Generator | None) -> torch.Tensor:
+        """One parameter's initial value (full shape): norms 1, output projections N(0, 0.02/sqrt(2L)), the
+        rest N(0, 0.02). ``init_weights`` draws every parameter in order; ``meta_init`` one at a time."""
+        if len(shape) == 1:
+            return torch.ones(shape)
+        std = 0.02 / (2 * self.cfg.n_layers) ** 0.5 if name.endswith(("wo.weight", "w2.weight")) else 0.02
+        return torch.randn(shape, generator=generator) * std
 
     def forward(self, tokens: torch.Tensor, *, start_pos: int | None = None, positions: torch.Tensor | None = None,
                 cache=None) -> torch.Tensor:
