@@ -69,6 +69,7 @@ class TrainConfig:
     spaco_cap: float = 0.0  # spaco: cap on the k/t factor per hop between chunks; 0 = none (unbiased)
     optim: OptimConfig = field(default_factory=OptimConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)
+    meta_init: bool = False  # build on the meta device, each rank drawing only its shards (parallel/meta_init.py)
 
     def check(self) -> None:
         if self.dtype not in ("float32", "float64"):
@@ -84,6 +85,9 @@ class TrainConfig:
         if self.mode == "spaco" and not 1 <= self.spaco_t <= chunks:
             raise ValueError(f"train.spaco_t={self.spaco_t}: choose 1..{chunks}, the number of {self.chunk_len}-token "
                              f"chunks in train.seq_len={self.seq_len} ({chunks} is SeCO)")
+        if self.meta_init and self.lora.rank:
+            raise ValueError("train.meta_init with train.lora.rank > 0: LoRA adapters have their own init (B = 0); "
+                             "use train.meta_init=false for LoRA runs")
         if self.spaco_cap and self.spaco_cap < 1:
             raise ValueError(f"train.spaco_cap={self.spaco_cap}: 0 (no cap, unbiased) or >= 1")
 
@@ -148,7 +152,7 @@ def train(ctx: RankContext, cfg: Config) -> dict:
     dtype = getattr(torch, cfg.train.dtype)
     mesh = build_mesh(plan, ctx.device_type)
     parts = parallelize(lambda: build_model(cfg, dtype), plan, mesh, ctx.device, cfg.train.optim,
-                        global_batch=cfg.train.global_batch)
+                        global_batch=cfg.train.global_batch, init_seed=cfg.train.seed if cfg.train.meta_init else None)
     if cfg.train.mode == "full":
         def train_step(inputs, targets, lr, _step):
             return parts.train_step(inputs, targets, lr)
