@@ -184,7 +184,7 @@ def main() -> None:
         sys.exit(1)
     print(f"RESULT plait_dp1_time_over_plain={ratio:.3f} plain_tokens_per_s={tokens / plain:.0f} "
           f"plait_dp1_tokens_per_s={tokens / plait:.0f} plait_dp2_tokens_per_s={tokens / dp2:.0f} "
-          f"dp2_over_dp1={plait / dp2:.3f} loss1_diff={diff:.1e}", flush=True)
+          f"dp2_over_dp1={plait / dp2:.3f} dp2_over_plain={plain / dp2:.3f} loss1_diff={diff:.1e}", flush=True)
 
 
 if __name__ == "__main__":
