@@ -120,6 +120,7 @@ class Generator:
         self.newest = -1  # the newest version the driver told us about (notify)
         self._lock = threading.Lock()
         self._pending: Published | None = None  # set by notify when interrupting
+        self._receiver, self._receiver_at = None, None  # broadcast weight sync (sync_weights)
 
     def notify(self, published: Published) -> None:
         """A newer version is out (called from another thread while ``generate`` may run)."""
@@ -127,8 +128,23 @@ class Generator:
             if published.version > self.newest:
                 self.newest, self._pending = published.version, published
 
+    def sync_weights(self, address: tuple[str, int], round_id: int, epoch: int, size: int, version: int,
+                     timeout_s: float = 60.0) -> int:
+        """Broadcast weight sync (``plait.rl.weight_broadcast``): join the driver's round ``round_id`` as member
+        ``index + 1`` of ``size`` and load the version the trainer broadcasts; returns it."""
+        from plait.rl.weight_broadcast import WeightReceiver
+
+        if self._receiver is None or self._receiver_at != tuple(address):
+            self._receiver, self._receiver_at = WeightReceiver(tuple(address), timeout_s=timeout_s), tuple(address)
+        self.version = self._receiver.receive(self.model, round_id, epoch, self.index + 1, size, version)
+        return self.version
+
     def _load(self, published: Published) -> float:
         t0 = time.perf_counter()
+        if published.version > self.version and not published.ref:
+            raise RuntimeError(f"generator {self.index} holds weight version {self.version}, the work asks for "
+                               f"{published.version}, and weights come by broadcast (rl.weight_sync): the driver "
+                               "must run a sync round (sync_weights) before issuing work of a newer version")
         if published.version > self.version:
             load_weights(self.model, published.fetch())
             self.version = published.version

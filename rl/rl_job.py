@@ -10,7 +10,10 @@ process group):
   - finished rollouts go into the queue; whenever the trainer is idle and ``batch_prompts`` fresh prompts
     are queued, a step starts on them, and rollouts older than ``eta`` versions are dropped, never trained;
   - each step publishes version k + 1 once (object store) and generators pick it up with their next work
-    (or mid-generation with ``generation.interrupt``);
+    (or mid-generation with ``generation.interrupt``); with ``rl.weight_sync = "broadcast"`` the driver
+    instead issues no work to a generator behind the newest version, and once every generator is idle runs
+    a sync round: trainer rank 0 broadcasts the version over a standalone gloo group with the generators
+    (``plait.rl.weight_broadcast``; a replaced generator or a failed round starts a new group epoch);
   - a generator whose process dies is replaced, and its lost work is issued again under the same uid
     (the queue refuses a uid twice, so no sample is trained twice or lost from the count).
 
@@ -41,6 +44,7 @@ from plait.rl.staleness import StalenessQueue
 from plait.rl.tasks import make_tasks
 from plait.rl.tokenizer import CharTokenizer
 from plait.rl.trainer import TrainConfig, Trainer, collate
+from plait.rl.weight_broadcast import sync_round
 from plait.rl.weights import WeightStore
 from plait.runtime.actor_pool import ActorLost
 from plait.runtime.metrics import MetricsLogger
@@ -53,6 +57,9 @@ class TaskConfig:
     options: dict = field(default_factory=dict)  # the task's difficulty options (rl.tasks)
 
 
+WEIGHT_SYNC = ("object_store", "broadcast")
+
+
 @dataclass
 class RLConfig:
     generators: int = 2
@@ -63,8 +70,13 @@ class RLConfig:
     max_generator_restarts: int = 3  # replacements per generator slot
     kill_generator_at: int = 0  # fault injection: SIGKILL a busy generator at this version (first attempt)
     wait_timeout_s: float = 600.0  # no generation or step finished for this long: stop and name what hangs
+    weight_sync: str = "object_store"  # object_store | broadcast (plait.rl.weight_broadcast)
+    weight_sync_host: str = "127.0.0.1"  # where trainer rank 0 hosts the broadcast group's store; "node": its IP
+    weight_sync_timeout_s: float = 60.0  # a broadcast round not done by then fails; the group is rebuilt
 
     def check(self) -> None:
+        if self.weight_sync not in WEIGHT_SYNC:
+            raise ValueError(f"rl.weight_sync={self.weight_sync!r}: choose from {WEIGHT_SYNC}")
         if self.generators < 1 or self.generator_cpus <= 0 or self.eta < 0 or self.batch_prompts < 1:
             raise ValueError(f"rl.generators={self.generators} (>= 1), generator_cpus={self.generator_cpus} (> 0), "
                              f"eta={self.eta} (>= 0), batch_prompts={self.batch_prompts} (>= 1) out of range")
@@ -90,6 +102,9 @@ def validate(cfg: Config, world_size: int) -> None:
     if rl.batch_prompts % gen.prompts_per_call:
         raise ValueError(f"rl.batch_prompts={rl.batch_prompts} must be a multiple of generation.prompts_per_call="
                          f"{gen.prompts_per_call} (a step takes whole work items)")
+    if rl.weight_sync == "broadcast" and gen.interrupt:
+        raise ValueError("rl.weight_sync='broadcast' syncs idle generators only: set generation.interrupt=false, or "
+                         "use rl.weight_sync='object_store' to interrupt generation with new weights")
     if cfg.plan.dp != world_size or cfg.plan.tp * cfg.plan.pp * cfg.plan.cp != 1:
         raise ValueError(f"plan {cfg.plan.describe()}: the RL trainer is data-parallel only, with plan.dp = "
                          f"workers.num = {world_size}")
@@ -153,7 +168,11 @@ def control(job, cfg: Config) -> dict:
     busy, since = [0.0] * rl.generators, [0.0] * rl.generators
     trainer_busy, train_refs, batch, train_since = 0.0, None, None, 0.0
     history, trained, lost_works, killed, made = [], [], 0, False, 0
+    trained_tasks: list[int] = []  # task ids trained by this attempt, in order
     gen_compute, train_compute = 0.0, 0.0
+    broadcast = rl.weight_sync == "broadcast"
+    held = [-1] * rl.generators  # broadcast: the version each generator slot holds
+    sync = {"round": 0, "epoch": 0, "failed": 0}
 
     def make_work() -> Work:
         ids = pending.popleft() if pending else list(range(pos.cursor, pos.cursor + gen.prompts_per_call))
@@ -168,9 +187,14 @@ def control(job, cfg: Config) -> dict:
         return bool(train.time_budget_s) and time.monotonic() - t0 > train.time_budget_s
 
     while version < train.steps and not out_of_time():
+        if broadcast and not pool.in_flight() and min(held) < store.latest.version:
+            sync_round(pool, hello["sync_address"], store.latest.version, held, sync, rl.weight_sync_timeout_s)
+            continue
         for i in range(rl.generators):  # keep every generator busy, within the staleness budget
             if pool.actors[i] is None or pool.in_flight(i) or not queue.may_issue(gen.prompts_per_call):
                 continue
+            if broadcast and held[i] < store.latest.version:
+                continue  # waits for the next sync round (every generator idle)
             work = retry.popleft() if retry else make_work()
             queue.issued(work.uid, work.prompts)
             pool.submit(i, "generate", work, store.latest, tag=work)
@@ -189,7 +213,7 @@ def control(job, cfg: Config) -> dict:
                 train_since = time.monotonic()
         waiting = [c.ref for c in pool.in_flight()] + (train_refs or [])
         if not waiting:
-            if len(queue.dropped) > dropped_before:
+            if len(queue.dropped) > dropped_before or (broadcast and min(held) < store.latest.version):
                 continue  # stale rollouts made room: issue new work
             raise RuntimeError(f"RL loop stalled: nothing in flight and no batch to train at version {version} "
                                f"({len(queue.ready)} rollouts queued, outstanding {queue.outstanding} prompts)")
@@ -213,6 +237,7 @@ def control(job, cfg: Config) -> dict:
                     pool.actors[c.index].call.remote("notify", (store.latest,), {})
             rows = [(it.uid, it.version, batch.version) for it in batch.items]
             trained.extend(rows)
+            trained_tasks.extend(i for it in batch.items for i in it.task_ids)
             samples = sum(it.samples for it in batch.items)
             pos.samples_trained += samples
             reward = sum(float(it.rewards.sum()) for it in batch.items) / samples
@@ -240,6 +265,7 @@ def control(job, cfg: Config) -> dict:
                     retry.append(call.tag)
                     lost_works += 1
                 pool.replace(e.index)
+                held[e.index], sync["epoch"] = -1, sync["epoch"] + 1  # broadcast: a new member, a new group
                 continue
             if done is None:
                 break
@@ -259,7 +285,9 @@ def control(job, cfg: Config) -> dict:
         "eta": rl.eta, "loss": train.loss, "checkpoint": checkpoint,
         "rewards": [h["reward"] for h in history], "walls": [h["wall_s"] for h in history],
         "stop_rates": [h["stop_rate"] for h in history],
-        "trained": trained, "dropped": [(r.uid, r.version) for r in queue.dropped], "duplicates": queue.duplicates,
+        "trained": trained, "trained_tasks": trained_tasks, "attempt": job.attempt,
+        "start_position": {k: hello["meta"].get(k) for k in ("cursor", "next_uid", "pending", "samples_trained")},
+        "dropped": [(r.uid, r.version) for r in queue.dropped], "duplicates": queue.duplicates,
         "issued_uids": pos.next_uid, "lost_works": lost_works, "generator_restarts": list(pool.restarts),
         "staleness": dict(sorted(staleness.items())), "samples_made": made,
         "samples_trained": pos.samples_trained - hello["meta"].get("samples_trained", 0),
@@ -269,6 +297,8 @@ def control(job, cfg: Config) -> dict:
         "train_step_s": train_compute / max(1, version - start_version),
         "gen_s_per_sample": gen_compute / max(1, made), "startup_s": t0 - started,
         "warm_losses": hello["warm_losses"], "weights_published": store.published,
+        "losses": [h["loss"] for h in history], "weight_sync": rl.weight_sync, "sync_rounds": sync["round"],
+        "sync_rounds_failed": sync["failed"],
     }
 
 

@@ -27,6 +27,7 @@ so with 0 the policy learns the format only and starts at chance (digit_sum: abo
 
 from __future__ import annotations
 
+import os
 import random
 import string
 import time
@@ -41,7 +42,7 @@ from plait.rl.generator import RolloutBatch
 from plait.rl.losses import LOSSES, NORMALIZE, PolicyLoss, group_advantages, token_logprobs, train_batch
 from plait.rl.tasks import make_tasks
 from plait.rl.tokenizer import CharTokenizer
-from plait.rl.weights import publish
+from plait.rl.weights import Published, publish
 from plait.runtime.checkpoint import Checkpointer, ModelOptimizer
 
 
@@ -63,6 +64,7 @@ class TrainConfig:
     warm_start_correct_share: float = 0.0  # 0: format only (chance level); 1: correct answers
     step_delay_s: float = 0.0  # test knob: a slow trainer (sleeps after each step)
     time_budget_s: float = 0.0  # > 0: stop after this much wall time (benchmarks), whatever steps says
+    pid_file: str = ""  # test knob: rank 0 writes "<attempt> <pid>" to run_dir/<pid_file> (a kill from outside)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4, warmup_steps=0, weight_decay=0.0))
 
     def check(self) -> None:
@@ -143,6 +145,14 @@ class Trainer:
         self.ckpt = Checkpointer(ctx.run_dir / "checkpoints", keep_last=train.keep_last, run_id=ctx.run_id)
         self.state = ModelOptimizer(self.parts.modules, self.parts.optimizers)
         self.version, self.meta, self.warm_losses = 0, {}, []
+        self.server = None  # rank 0's WeightServer under rl.weight_sync = "broadcast"
+        if getattr(cfg.rl, "weight_sync", "object_store") == "broadcast" and ctx.is_main:
+            from plait.rl.weight_broadcast import WeightServer
+
+            host = ctx.node_ip if cfg.rl.weight_sync_host == "node" else cfg.rl.weight_sync_host
+            self.server = WeightServer(host, torch.device("cpu"), cfg.rl.weight_sync_timeout_s)  # CPU generators
+        if train.pid_file and ctx.is_main:
+            _write_atomic(ctx.run_dir / train.pid_file, f"{ctx.attempt} {os.getpid()}\n")
         if ctx.resume_from is not None:
             self.meta = self.ckpt.load(ctx.resume_from, self.state) or {}
             self.version = int(self.meta["version"])
@@ -181,11 +191,16 @@ class Trainer:
         self.ctx.step_done(self.version)  # the watchdog's step rhythm (runtime/watchdog.py)
         if not self.ctx.is_main:
             return None
-        return {"version": self.version, "published": published, "meta": self.meta, "warm_losses": self.warm_losses}
+        return {"version": self.version, "published": published, "meta": self.meta, "warm_losses": self.warm_losses,
+                "sync_address": self.server.address if self.server is not None else None}
 
     def _publish(self):
         params = unsharded_parameters(self.parts)  # a collective under FSDP2
-        return publish(params, self.version) if self.ctx.is_main else None
+        if not self.ctx.is_main:
+            return None
+        if self.server is not None:  # the generators get it by broadcast: only the version crosses Ray
+            return Published(self.version, [], self.server.update(params, self.version))
+        return publish(params, self.version)
 
     def train_step(self, batch: dict) -> dict | None:
         t0 = time.perf_counter()
@@ -221,3 +236,12 @@ class Trainer:
         """A committed checkpoint of the current version (collective); ``meta``: the controller's position."""
         path = self.ckpt.save(self.version, self.state, meta={**meta, "version": self.version})
         return str(path)
+
+
+def _write_atomic(path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

@@ -16,9 +16,10 @@ memory when it is on the trainer's node). The driver never fetches weights; it k
 ``Published`` (older versions are freed once no call in flight holds them), so memory stays at about two
 copies of the model however long the run.
 
-On GPU clusters a torch.distributed broadcast from the trainer's rank 0 over a group holding the
-generators (separate from the trainer's own process group) would replace the object store; it is not
-built here (CPU clusters use the object store, which is what it measures).
+``rl.weight_sync = "broadcast"`` replaces the object store with a torch.distributed broadcast from the
+trainer's rank 0 over a standalone group holding the generators (``plait.rl.weight_broadcast``); then a
+``Published`` carries only the version and size (``ref`` empty) and the generators load weights in the
+driver's sync rounds instead of ``fetch``.
 """
 
 from __future__ import annotations

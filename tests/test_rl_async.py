@@ -2,7 +2,11 @@
 real Ray: bounded staleness under a slow trainer, eta = 0 exactly synchronous, a generator killed with
 SIGKILL mid-run, a run resumed from its checkpoint, and reward rising above chance on digit_sum."""
 
+import os
 import random
+import signal
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -171,6 +175,60 @@ def test_a_killed_generator_is_replaced_and_a_killed_job_resumes_from_its_weight
     assert min(uid for uid, _, _ in resumed["trained"]) >= first["issued_uids"]  # the queue position carried on
     assert min(at for _, _, at in resumed["trained"]) == 4  # training carried on from the saved version
     assert resumed["checkpoint"].endswith("step_00000006")
+
+
+@pytest.mark.slow
+def test_a_trainer_killed_mid_run_restarts_from_its_last_checkpoint_and_carries_on(ray_cluster, tmp_path):
+    """SIGKILL of the trainer rank's process from outside, once checkpoint 2 has committed: the runtime
+    restarts the control job (workers.max_restarts=1), the new trainer loads the newest committed checkpoint
+    and the run finishes at train.steps, with every step's samples trained once."""
+    run_dir, killed = tmp_path / "run", {}
+
+    def kill_after_a_checkpoint():
+        marker, ckpts = run_dir / "trainer.pid", run_dir / "checkpoints"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            committed = sorted(ckpts.glob("step_*/meta.json")) if ckpts.is_dir() else []
+            if committed and marker.is_file() and marker.read_text().split()[0] == "0":
+                killed["pid"] = int(marker.read_text().split()[1])
+                os.kill(killed["pid"], signal.SIGKILL)
+                killed["committed"] = [int(p.parent.name.split("_")[1]) for p in committed]
+                return
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=kill_after_a_checkpoint, daemon=True)
+    watcher.start()
+    steps, per_step = 8, 4 * 4  # batch_prompts x group_size samples per version
+    summary = run(tmp_path, "rl.eta=1", f"train.steps={steps}", "train.checkpoint_every=2", "train.step_delay_s=0.3",
+                  "workers.max_restarts=1", "train.pid_file=trainer.pid")
+    watcher.join(timeout=5)
+    assert killed, "the trainer was never killed: no checkpoint committed while it ran"
+    assert summary["restarts"] == 1 and summary["attempt"] == 1
+    start, position = summary["start_version"], summary["start_position"]
+    assert start > 0 and start % 2 == 0 and start >= max(killed["committed"])  # the newest committed checkpoint
+    assert summary["version"] == steps and summary["checkpoint"].endswith(f"step_{steps:08d}")
+    assert min(at for _, _, at in summary["trained"]) == start  # the first step after the restart is start + 1
+    # sample accounting against the checkpoint's position: nothing trained twice, nothing lost from the count
+    assert position["samples_trained"] == start * per_step
+    assert position["samples_trained"] + summary["samples_trained"] == steps * per_step
+    done_before = set(range(position["cursor"])) - {i for ids in position["pending"] for i in ids}
+    after = summary["trained_tasks"]
+    assert len(after) == len(set(after)) == (steps - start) * 4 and not done_before & set(after)
+    assert min(uid for uid, _, _ in summary["trained"]) >= position["next_uid"]  # new uids after the restart
+    assert summary["duplicates"] == 0
+
+
+@pytest.mark.slow
+def test_broadcast_weight_sync_trains_exactly_like_the_object_store_at_eta_zero(ray_cluster, tmp_path):
+    """eta = 0 is deterministic (batches by version then uid, sampling seeded by uid): the generators must hold
+    bit-identical weights under both syncs for the rewards and losses to agree step for step."""
+    runs = {how: run(tmp_path / how, "rl.eta=0", "train.steps=3", f"rl.weight_sync={how}")
+            for how in ("object_store", "broadcast")}
+    store, bcast = runs["object_store"], runs["broadcast"]
+    assert bcast["weight_sync"] == "broadcast" and bcast["version"] == 3 and bcast["staleness"] == {0: 6}
+    assert bcast["sync_rounds"] == 3 and bcast["sync_rounds_failed"] == 0  # versions 0..2 (3 is final), one each
+    assert bcast["rewards"] == store["rewards"] and bcast["losses"] == store["losses"]
+    assert bcast["trained"] == store["trained"]
 
 
 @pytest.mark.slow

@@ -364,3 +364,50 @@ def test_a_completion_that_never_stops_is_trained_below_a_wrong_answer(ray_clust
     out.finished[0], out.train_rewards[0] = True, 0.0  # as if row 0 had stopped after a wrong answer
     adv = collate([out], dp=1)[0][0]["advantages"]
     assert adv[0] > 0 > adv[1] and adv[1] == adv[2] == adv[3]  # stopping with a wrong answer beats not stopping
+
+
+# ---------------------------------------------------------------- broadcast weight sync (gloo, standalone group)
+
+def test_broadcast_weight_sync_gives_two_generator_actors_the_trainers_versions_and_survives_a_dead_one(ray_cluster):
+    import os
+    import signal
+
+    import ray
+    from plait.rl.generator import GenerationConfig, Generator
+    from plait.rl.weight_broadcast import WeightServer
+
+    cfg = GPTConfig(vocab_size=54, d_model=32, n_layers=1, n_heads=2, max_seq_len=16)
+    torch.manual_seed(0)
+    trainer = GPT(cfg)
+    server = WeightServer("127.0.0.1", timeout_s=3.0)  # the trainer's side, in this process
+    remote = ray.remote(num_cpus=1)(Generator)
+    gens = [remote.remote(cfg, GenerationConfig(), 0, i) for i in range(2)]
+
+    def weights(actor):
+        return ray.get(actor.__ray_call__.remote(lambda g: {n: p.detach().clone()
+                                                            for n, p in g.model.named_parameters()}))
+
+    def sync(round_id, epoch, version):
+        return ray.get([g.sync_weights.remote(server.address, round_id, epoch, 3, version, 3.0) for g in gens])
+
+    for version in range(3):  # a new version after every "step"; each round delivers the one asked for
+        server.update(dict(trainer.named_parameters()), version)
+        assert sync(version + 1, 0, version) == [version, version]
+        for actor in gens:
+            assert all(torch.equal(w, p) for w, p in zip(weights(actor).values(), trainer.parameters(), strict=True))
+        with torch.no_grad():
+            for p in trainer.parameters():
+                p.add_(0.01 * torch.randn_like(p))
+    assert server.rounds_served == 3
+    with pytest.raises(ValueError, match="versions only grow"):
+        server.update(dict(trainer.named_parameters()), 1)
+
+    # a generator killed before round 4: the survivor and the server fail after the group timeout, not hang
+    os.kill(ray.get(gens[1].__ray_call__.remote(lambda g: os.getpid())), signal.SIGKILL)
+    server.update(dict(trainer.named_parameters()), 3)
+    with pytest.raises(ray.exceptions.RayError):
+        ray.get(gens[0].sync_weights.remote(server.address, 4, 0, 3, 3, 3.0))
+    gens[1] = remote.remote(cfg, GenerationConfig(), 0, 1)  # its replacement: the next round is a new epoch
+    assert sync(5, 1, 3) == [3, 3] and server.rounds_failed == 1 and server.rounds_served == 4
+    assert all(torch.equal(w, p) for w, p in zip(weights(gens[1]).values(), trainer.parameters(), strict=True))
+    server.close()
