@@ -98,20 +98,31 @@ def test_a_rank_stuck_inside_a_step_is_named_and_the_job_restarts_to_the_uninter
     assert attempts(run_dir) == {"attempts.rank0": "0\n1\n", "attempts.rank1": "0\n1\n"}
 
 
-def test_a_rank_killed_during_a_checkpoint_write_leaves_the_previous_checkpoint_latest(uninterrupted, tmp_path):
-    run_dir = tmp_path / "run"
+def kill_at_marker(run_dir: Path, marker_name: str, before_kill=lambda: None, **toy_args) -> dict:
+    """Run the toy job in a thread; when rank 1 writes ``marker_name`` (its pid), SIGKILL that process from
+    outside (after ``before_kill()``); return the job's summary once it finished."""
     outcome: dict = {}
-    job = threading.Thread(target=lambda: outcome.update(toy(run_dir, max_restarts=1, fail="slow_save:4")))
+    job = threading.Thread(target=lambda: outcome.update(toy(run_dir, max_restarts=1, **toy_args)))
     job.start()
-    marker = run_dir / "saving.rank1"
+    marker = run_dir / marker_name
     deadline = time.monotonic() + 120
     while not marker.exists() and job.is_alive() and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert marker.exists(), "rank 1 never reached the checkpoint write"
-    assert not (run_dir / "checkpoints" / "step_00000004").exists()  # mid-write: not committed
+    assert marker.exists(), f"rank 1 never wrote {marker_name}"
+    before_kill()
     os.kill(int(marker.read_text()), signal.SIGKILL)
     job.join(timeout=180)
     assert not job.is_alive()
+    return outcome
+
+
+def test_a_rank_killed_during_a_checkpoint_write_leaves_the_previous_checkpoint_latest(uninterrupted, tmp_path):
+    run_dir = tmp_path / "run"
+
+    def not_committed():
+        assert not (run_dir / "checkpoints" / "step_00000004").exists()  # mid-write: not committed
+
+    outcome = kill_at_marker(run_dir, "saving.rank1", not_committed, fail="slow_save:4")
     assert outcome["restarts"] == 1 and outcome["start_step"] == 3  # step 3 stayed the latest
     assert torch.equal(outcome["weight"], uninterrupted["weight"])
     assert outcome["losses"] == uninterrupted["losses"][3:]
@@ -121,20 +132,9 @@ def test_a_rank_killed_during_a_checkpoint_write_leaves_the_previous_checkpoint_
 
 def test_a_rank_killed_from_outside_in_the_middle_of_a_step_restarts_to_the_uninterrupted_result(
         uninterrupted, tmp_path):
-    run_dir = tmp_path / "run"
-    outcome: dict = {}
     calm = {**FAST_WATCHDOG, "floor_s": 600, "first_step_s": 600}  # the kill, not the watchdog, ends the attempt
-    job = threading.Thread(target=lambda: outcome.update(toy(run_dir, max_restarts=1, watchdog=calm,
-                                                                 fail="hang:4")))
-    job.start()
-    marker = run_dir / "stuck.rank1"
-    deadline = time.monotonic() + 120
-    while not marker.exists() and job.is_alive() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert marker.exists(), "rank 1 never reached step 4"
-    os.kill(int(marker.read_text()), signal.SIGKILL)  # inside step 4, between backward and the all-reduce
-    job.join(timeout=180)
-    assert not job.is_alive()
+    # stuck.rank1 is written inside step 4, between backward and the all-reduce
+    outcome = kill_at_marker(tmp_path / "run", "stuck.rank1", watchdog=calm, fail="hang:4")
     assert outcome["restarts"] == 1 and outcome["start_step"] == 3
     assert torch.equal(outcome["weight"], uninterrupted["weight"])
     assert outcome["losses"] == uninterrupted["losses"][3:]
