@@ -58,6 +58,7 @@ class DataSection:
     doc_mask: bool = True  # attention stays inside each packed document
     rebuild: bool = False
     make_sample: bool = False  # write standard-library text to files[0] when it is missing
+    built: str = ""  # set by prepare: the recipe digest of the dataset it checked; ranks open exactly that one
 
 
 @dataclass
@@ -167,7 +168,7 @@ def estimate(cfg: Config, world_size: int) -> str:
 
 def prepare(cfg: Config, run_dir: Path) -> None:
     """On the driver: absolute paths, the tiny model / sample text when asked, the token dataset built once."""
-    from plait.parallel.text_data import ensure_text_dataset
+    from plait.parallel.text_data import ensure_text_dataset, recipe_digest
 
     cfg.model.path = str(Path(cfg.model.path).resolve())
     cfg.data.files = [str(Path(f).resolve()) for f in cfg.data.files]
@@ -188,11 +189,12 @@ def prepare(cfg: Config, run_dir: Path) -> None:
     from plait.parallel.text_data import tokenizer_file
     from tokenizers import Tokenizer
 
-    vocab, file = hf_config(cfg.model).vocab_size, tokenizer_file(text_config(cfg))
+    text = text_config(cfg)
+    vocab, file = hf_config(cfg.model).vocab_size, tokenizer_file(text)
     if (size := Tokenizer.from_file(str(file)).get_vocab_size()) > vocab:
         raise ValueError(f"the tokenizer {file} has {size} tokens, more than the model's vocab_size={vocab}: use the "
                          "model's own tokenizer (data.tokenizer)")
-    ensure_text_dataset(text_config(cfg), Path(cfg.data.path))
+    cfg.data.built = recipe_digest(ensure_text_dataset(text, Path(cfg.data.path)).meta)
 
 
 def build_model(hf_cfg, dtype: torch.dtype) -> torch.nn.Module:
@@ -230,7 +232,7 @@ def eval_loss(parts, inputs, targets, plan: ParallelPlan, device) -> float | Non
 
 def train(ctx: RankContext, cfg: Config) -> dict:
     from plait.parallel.hf_export import export_hf_folder
-    from plait.parallel.text_data import TextBatches, ensure_text_dataset
+    from plait.parallel.text_data import TextBatches, ensure_text_dataset, open_text_dataset
 
     plan, hf_cfg = cfg.plan, hf_config(cfg.model)
     plan.validate(ctx.world_size, hf_cfg, cfg.train.global_batch // plan.dp)
@@ -242,7 +244,9 @@ def train(ctx: RankContext, cfg: Config) -> dict:
     ckpt = Checkpointer(ctx.run_dir / "checkpoints", keep_last=cfg.train.keep_last, run_id=ctx.run_id)
     state = ModelOptimizer(parts.modules, parts.optimizers) if parts.engine is None else _engine_state(parts, ctx)
     mask_dtype = torch.bool if cfg.model.attn_implementation != "eager" else dtype  # eager adds a float mask
-    batches = TextBatches(ensure_text_dataset(text_config(cfg), Path(cfg.data.path)), cfg.train.global_batch,
+    shards = (open_text_dataset(cfg.data.path, cfg.data.built, cfg.train.seq_len) if cfg.data.built
+              else ensure_text_dataset(text_config(cfg), Path(cfg.data.path)))
+    batches = TextBatches(shards, cfg.train.global_batch,
                           cfg.train.seed, doc_mask=cfg.data.doc_mask, mask_dtype=mask_dtype)
     start = 0
     if ctx.resume_from is not None:

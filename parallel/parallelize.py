@@ -73,6 +73,7 @@ from plait.parallel.data_parallel import (
 )
 from plait.parallel.grad_clip import clip_grad_norm, comm_device
 from plait.parallel.hf_plans import KV_REPLICAS, architecture, known_architectures, sync_replicated_kv_grads
+from plait.parallel.hf_weights import hf_name as clean_fqn  # noqa: F401 - re-exported: names as unwrapped
 from plait.parallel.hf_weights import load_hf_folder, materialize
 from plait.parallel.mesh import data_mesh
 from plait.parallel.meta_init import init_shards
@@ -323,17 +324,6 @@ def _parallelize_deepspeed(build_model, plan, mesh, device, optim, global_batch,
         return float(_mean_over(loss.double().reshape(()).clone(), data_mesh(mesh)))
 
     return Parallelized(modules=[engine.module], optimizers=[], train_step=train_step, mesh=mesh, engine=engine)
-
-
-WRAPPER_SEGMENTS = ("_checkpoint_wrapped_module.", "_orig_mod.")  # activation checkpointing, torch.compile
-
-
-def clean_fqn(name: str) -> str:
-    """A parameter's name in the unwrapped model: wrapper segments (activation checkpointing's
-    ``_checkpoint_wrapped_module.``, torch.compile's ``_orig_mod.``) and DDP's leading ``module.`` removed."""
-    for segment in WRAPPER_SEGMENTS:
-        name = name.replace(segment, "")
-    return name.removeprefix("module.")
 
 
 def unsharded_parameters(parts: Parallelized | list[nn.Module]) -> dict[str, torch.Tensor]:

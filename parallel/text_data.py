@@ -279,11 +279,11 @@ def refuse_changed_inputs(path: Path, recipe: dict, details: list[dict], rebuild
                        "their copy), or choose another data.path.")
 
 
-def open_text_dataset(path: str | Path, meta: dict) -> RowShards:
-    """On a rank: the dataset at ``path``, checked to be the one the driver built (its manifest ``meta``)."""
-    width = int(meta.get("seq_len", 0)) + 1
-    shards = RowShards(path, cache_rows=max(1, CACHE_BYTES // (8 * width)))
-    if recipe_digest(shards.meta) != recipe_digest(meta):
+def open_text_dataset(path: str | Path, digest: str, seq_len: int) -> RowShards:
+    """On a rank: the dataset at ``path``, checked to be the one the driver built (``recipe_digest`` of its
+    manifest), without ensure_text_dataset's input-file, tokenizer and shard checks, done once on the driver."""
+    shards = RowShards(path, cache_rows=max(1, CACHE_BYTES // (8 * (seq_len + 1))))
+    if recipe_digest(shards.meta) != digest:
         raise DatasetError(f"data.path={path} changed after the driver checked it (another job rebuilt it?): use a "
                            "data.path of your own")
     return shards

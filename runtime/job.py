@@ -230,7 +230,7 @@ def _run(spec: JobSpec, run: RunDir) -> dict[str, Any]:
                 raise
             attempt += 1
             resume_from = run.restart_point()
-            failed_nodes.update(getattr(e, "node_ids", []))
+            failed_nodes.update(e.node_ids)
             avoid, note = _placement_after(spec, failed_nodes)
             who = ", ".join(f"rank {r} (node {ip})" for r, ip in zip(e.ranks, e.node_ips, strict=False))
             print(f"[plait] {who} failed ({getattr(e, 'kind', 'crash')}); restart {attempt}/"

@@ -219,8 +219,11 @@ class RunDir:
 
 def _draw_plot(path: Path) -> None:
     """metrics.png from metrics.jsonl, when the run logged steps; a plotting failure never fails the run."""
-    if not (path / "metrics.jsonl").is_file() or (path / "metrics.jsonl").stat().st_size == 0:
+    metrics, png = path / "metrics.jsonl", path / "metrics.png"
+    if not metrics.is_file() or metrics.stat().st_size == 0:
         return
+    if png.is_file() and png.stat().st_mtime_ns >= metrics.stat().st_mtime_ns:
+        return  # the job's summarize already drew it from these metrics
     try:
         from plait.runtime.plot import plot_run
 

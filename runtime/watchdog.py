@@ -154,7 +154,6 @@ class Watchdog:
     cfg: WatchdogConfig
     seen: dict[int, Seen] = field(default_factory=dict)
     call_at: float = field(default_factory=time.monotonic)
-    has_rhythm: bool = False
 
     def key(self, rank: int) -> str:
         return f"{self.prefix}/{rank}"
@@ -185,8 +184,11 @@ class Watchdog:
             if record["step"] != old.record["step"]:
                 old.step_at = now
             old.record = record
-        steps = [s.record.get("step_s") for s in self.seen.values()]
-        self.has_rhythm = self.has_rhythm or any(x is not None for x in steps)
+
+    @property
+    def has_rhythm(self) -> bool:
+        """A rank has measured its step time (a rank's ``step_s`` never goes back to None)."""
+        return any(s.record.get("step_s") is not None for s in self.seen.values())
 
     def timeout_s(self) -> float:
         if not self.has_rhythm:

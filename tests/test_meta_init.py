@@ -69,7 +69,7 @@ def test_gpt_init_weights_is_unchanged_by_the_per_parameter_rule():
 
 
 def test_per_parameter_seeds_do_not_depend_on_anything_but_seed_and_name():
-    assert param_seed(7, "layers.0.attention.wq.weight") == param_seed(7, "layers.0.attention.wq.weight")
+    assert param_seed(7, "a") == 8104344808565692802  # fixed: no per-process hashing (Python's hash() would vary)
     assert param_seed(7, "layers.0.attention.wq.weight") != param_seed(7, "layers.1.attention.wq.weight")
     assert param_seed(7, "a") != param_seed(8, "a")
 
