@@ -250,7 +250,7 @@ def control(job, cfg: Config) -> dict:
                       "stop_rate": sum(_finished(it) for it in batch.items) / samples,
                       **{f"staleness_{s}": batch.staleness.get(s, 0) for s in range(rl.eta + 1)},
                       **{k: stats[k] for k in ("loss", "is_weight", "truncated_frac", "clip_frac",
-                                                   "behaviour_kl", "grad_norm", "updated")}}
+                                                   "behaviour_kl", "grad_norm", "updated", "step_kl")}}
             metrics.log(version, **record)
             history.append({"version": version, **record})
             if train.checkpoint_every and version % train.checkpoint_every == 0 and version < train.steps:

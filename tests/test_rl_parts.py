@@ -308,6 +308,43 @@ def test_policy_loss_fn_on_model_logits_pushes_completions_by_their_advantage(pr
         PolicyLoss("decoupled_ppo")(model(inputs), {k: v for k, v in batch.items() if k != "proximal_logprobs"})
 
 
+def test_the_step_guard_backtracks_a_step_that_moves_the_policy_too_far_and_keeps_a_small_one(prompts):
+    from plait.rl.trust_region import StepGuard
+
+    torch.manual_seed(3)
+    model = GPT(CFG).double()
+    inputs, valid = prompts.tokens[:, :-1], prompts.mask[:, 1:].bool()
+    guard = StepGuard(max_kl=0.01, max_backtracks=8)
+
+    def exact_kl(before) -> float:  # by hand: sum_v p_old (log p_old - log p_new), mean over valid positions
+        with torch.no_grad():
+            new = torch.log_softmax(model(inputs), -1)
+        return float((before.logp.exp() * (before.logp - new)).sum(-1)[valid].mean())
+
+    def step(lr: float):
+        before = guard.snapshot(model, inputs)
+        optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+        (-model(inputs).log_softmax(-1)[..., 7][valid].mean()).backward()  # push every position toward token 7
+        optimizer.step()
+        moved = [p.detach().clone() - b for p, b in zip(model.parameters(), before.params, strict=True)]
+        return before, moved, exact_kl(before)
+
+    before, moved, raw = step(lr=0.5)
+    assert raw > 0.1  # the raw step moved the policy well past the bound
+    kl, scale = guard.enforce(model, inputs, valid, before)
+    assert 0 < scale < 1 and kl <= 0.01 and kl == pytest.approx(exact_kl(before), rel=1e-9)
+    for p, b, d in zip(model.parameters(), before.params, moved, strict=True):  # the same direction, scaled back
+        assert torch.allclose(p.detach() - b, scale * d, atol=1e-12)
+    before, _, raw = step(lr=1e-5)
+    assert raw <= 0.01 and guard.enforce(model, inputs, valid, before)[1] == 1.0  # a small step is kept as it is
+    before, _, _ = step(lr=0.5)
+    # the line search fails: the step is undone
+    assert StepGuard(max_kl=1e-12, max_backtracks=2).enforce(model, inputs, valid, before) == (0.0, 0.0)
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before.params, strict=True))
+    with pytest.raises(ValueError, match="max_step_kl=-1"):
+        StepGuard(max_kl=-1)
+
+
 def test_a_packed_batch_gives_the_same_loss_and_splits_into_microbatches():
     torch.manual_seed(3)
     tokens = torch.randint(3, TOK.vocab_size, (4, 7))
