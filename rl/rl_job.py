@@ -7,8 +7,11 @@ process group):
   - every idle generator gets the next work item (``generation.prompts_per_call`` tasks of the stream, each
     sampled ``group_size`` times) with the newest published weights, as long as the staleness queue admits
     it (``plait.rl.staleness``: at most ``(eta + 1) * batch_prompts`` prompts outstanding);
-  - finished rollouts go into the queue; whenever the trainer is idle and ``batch_prompts`` fresh prompts
-    are queued, a step starts on them, and rollouts older than ``eta`` versions are dropped, never trained;
+  - finished rollouts go into the queue; whenever the trainer has fewer than ``rl.trainer_queue`` steps (2)
+    and ``batch_prompts`` prompts fresh enough for the version the next step will run at are queued, that
+    step is handed to the trainer (so a batch already waits there when a step ends, instead of a round trip
+    through the driver); rollouts older than ``eta`` versions are dropped, never trained. No step is queued
+    behind one whose version is checkpointed, so a checkpoint never runs ahead of the controller's position;
   - each step publishes version k + 1 once (object store) and generators pick it up with their next work
     (or mid-generation with ``generation.interrupt``); with ``rl.weight_sync = "broadcast"`` the driver
     instead issues no work to a generator behind the newest version, and once every generator is idle runs
@@ -73,13 +76,16 @@ class RLConfig:
     weight_sync: str = "object_store"  # object_store | broadcast (plait.rl.weight_broadcast)
     weight_sync_host: str = "127.0.0.1"  # where trainer rank 0 hosts the broadcast group's store; "node": its IP
     weight_sync_timeout_s: float = 60.0  # a broadcast round not done by then fails; the group is rebuilt
+    trainer_queue: int = 2  # steps handed to the trainer at once: the next batch waits there while one trains
 
     def check(self) -> None:
         if self.weight_sync not in WEIGHT_SYNC:
             raise ValueError(f"rl.weight_sync={self.weight_sync!r}: choose from {WEIGHT_SYNC}")
-        if self.generators < 1 or self.generator_cpus <= 0 or self.eta < 0 or self.batch_prompts < 1:
+        if self.generators < 1 or self.generator_cpus <= 0 or self.eta < 0 or self.batch_prompts < 1 or \
+                self.trainer_queue < 1:
             raise ValueError(f"rl.generators={self.generators} (>= 1), generator_cpus={self.generator_cpus} (> 0), "
-                             f"eta={self.eta} (>= 0), batch_prompts={self.batch_prompts} (>= 1) out of range")
+                             f"eta={self.eta} (>= 0), batch_prompts={self.batch_prompts}, trainer_queue="
+                             f"{self.trainer_queue} (>= 1) out of range")
 
 
 @dataclass
@@ -166,7 +172,8 @@ def control(job, cfg: Config) -> dict:
                             progress="lines", desc="rl")
     t0 = time.monotonic()  # the loop's clock: shares and rates are over the loop, not the start-up
     busy, since = [0.0] * rl.generators, [0.0] * rl.generators
-    trainer_busy, train_refs, batch, train_since = 0.0, None, None, 0.0
+    steps: deque[tuple[list, object, float]] = deque()  # (refs, batch, submitted at) at the trainer, oldest first
+    trainer_busy, trainer_free_at, most_queued = 0.0, t0, 0
     history, trained, lost_works, killed, made = [], [], 0, False, 0
     trained_tasks: list[int] = []  # task ids trained by this attempt, in order
     gen_compute, train_compute = 0.0, 0.0
@@ -185,6 +192,51 @@ def control(job, cfg: Config) -> dict:
 
     def out_of_time() -> bool:
         return bool(train.time_budget_s) and time.monotonic() - t0 > train.time_budget_s
+
+    def checkpoint_due(v: int) -> bool:
+        return bool(train.checkpoint_every) and v % train.checkpoint_every == 0 and v < train.steps
+
+    def may_queue_step() -> bool:
+        """Another step may be handed to the trainer: below rl.trainer_queue, within train.steps, and not behind a
+        step whose version is checkpointed (the save must run with nothing queued behind it)."""
+        ahead = version + len(steps)
+        return len(steps) < rl.trainer_queue and ahead < train.steps and not (steps and checkpoint_due(ahead))
+
+    def finish_step() -> None:
+        """The oldest step at the trainer has returned: record it, publish its version, maybe checkpoint."""
+        nonlocal version, trainer_busy, trainer_free_at, train_compute
+        refs, batch, submitted = steps.popleft()
+        stats = trainer.gather(refs)[0]
+        now = time.monotonic()
+        trainer_busy += now - max(submitted, trainer_free_at)  # a queued step's wait is not the trainer's idle
+        trainer_free_at = now
+        train_compute += stats["compute_s"]
+        version = stats["version"]
+        store.update(stats["published"])
+        queue.step_done()
+        if gen.interrupt:
+            for c in pool.in_flight():
+                pool.actors[c.index].call.remote("notify", (store.latest,), {})
+        rows = [(it.uid, it.version, batch.version) for it in batch.items]
+        trained.extend(rows)
+        trained_tasks.extend(i for it in batch.items for i in it.task_ids)
+        samples = sum(it.samples for it in batch.items)
+        pos.samples_trained += samples
+        reward = sum(float(it.rewards.sum()) for it in batch.items) / samples
+        wall = now - t0
+        record = {"reward": reward, "dropped": sum(r.prompts for r in queue.dropped), "wall_s": wall,
+                  "samples_per_s": (pos.samples_trained - hello["meta"].get("samples_trained", 0)) / wall,
+                  "gen_idle_share": 1 - _busy_share(busy, since, pool, now) / (rl.generators * wall),
+                  "trainer_idle_share": 1 - trainer_busy / wall,
+                  "completion_len": sum(it.completion_tokens for it in batch.items) / samples,
+                  "stop_rate": sum(_finished(it) for it in batch.items) / samples,
+                  **{f"staleness_{s}": batch.staleness.get(s, 0) for s in range(rl.eta + 1)},
+                  **{k: stats[k] for k in ("loss", "is_weight", "truncated_frac", "clip_frac",
+                                           "behaviour_kl", "grad_norm", "updated", "step_kl")}}
+        metrics.log(version, **record)
+        history.append({"version": version, **record})
+        if checkpoint_due(version):
+            trainer.call("save", _meta(pos, pool, queue, retry, pending))
 
     while version < train.steps and not out_of_time():
         if broadcast and not pool.in_flight() and min(held) < store.latest.version:
@@ -205,13 +257,14 @@ def control(job, cfg: Config) -> dict:
                 os.kill(pool.pids[victim], signal.SIGKILL)  # a real kill of its process, mid-generation
                 killed = True
         dropped_before = len(queue.dropped)
-        if train_refs is None:
-            batch = queue.take(version)
-            if batch is not None:
-                train_refs = trainer.submit("train_step", per_rank_args=collate(batch.items, cfg.plan.dp,
-                                                                                train.normalize))
-                train_since = time.monotonic()
-        waiting = [c.ref for c in pool.in_flight()] + (train_refs or [])
+        while may_queue_step():  # the step for version + len(steps), queued behind those in flight
+            batch = queue.take(version + len(steps))
+            if batch is None:
+                break
+            refs = trainer.submit("train_step", per_rank_args=collate(batch.items, cfg.plan.dp, train.normalize))
+            steps.append((refs, batch, time.monotonic()))
+            most_queued = max(most_queued, len(steps))
+        waiting = [c.ref for c in pool.in_flight()] + (steps[0][0] if steps else [])
         if not waiting:
             if len(queue.dropped) > dropped_before or (broadcast and min(held) < store.latest.version):
                 continue  # stale rollouts made room: issue new work
@@ -220,41 +273,12 @@ def control(job, cfg: Config) -> dict:
         ready, _ = ray.wait(waiting, num_returns=1, timeout=rl.wait_timeout_s or None)
         if not ready:
             running = [f"generate(uid {c.tag.uid}) on generator {c.index}" for c in pool.in_flight()]
-            running += ["a training step"] if train_refs else []
+            running += ["a training step"] if steps else []
             raise TimeoutError(f"nothing finished within rl.wait_timeout_s={rl.wait_timeout_s:g}s at version "
                                f"{version}; running: {', '.join(running)}. "
                                "Raise rl.wait_timeout_s if a step or generation legitimately takes longer")
-        if train_refs is not None and trainer.ready(train_refs):
-            stats = trainer.gather(train_refs)[0]
-            now = time.monotonic()
-            trainer_busy += now - train_since
-            train_compute += stats["compute_s"]
-            train_refs, version = None, stats["version"]
-            store.update(stats["published"])
-            queue.step_done()
-            if gen.interrupt:
-                for c in pool.in_flight():
-                    pool.actors[c.index].call.remote("notify", (store.latest,), {})
-            rows = [(it.uid, it.version, batch.version) for it in batch.items]
-            trained.extend(rows)
-            trained_tasks.extend(i for it in batch.items for i in it.task_ids)
-            samples = sum(it.samples for it in batch.items)
-            pos.samples_trained += samples
-            reward = sum(float(it.rewards.sum()) for it in batch.items) / samples
-            wall = now - t0
-            record = {"reward": reward, "dropped": sum(r.prompts for r in queue.dropped), "wall_s": wall,
-                      "samples_per_s": (pos.samples_trained - hello["meta"].get("samples_trained", 0)) / wall,
-                      "gen_idle_share": 1 - _busy_share(busy, since, pool, now) / (rl.generators * wall),
-                      "trainer_idle_share": 1 - trainer_busy / wall,
-                      "completion_len": sum(it.completion_tokens for it in batch.items) / samples,
-                      "stop_rate": sum(_finished(it) for it in batch.items) / samples,
-                      **{f"staleness_{s}": batch.staleness.get(s, 0) for s in range(rl.eta + 1)},
-                      **{k: stats[k] for k in ("loss", "is_weight", "truncated_frac", "clip_frac",
-                                                   "behaviour_kl", "grad_norm", "updated", "step_kl")}}
-            metrics.log(version, **record)
-            history.append({"version": version, **record})
-            if train.checkpoint_every and version % train.checkpoint_every == 0 and version < train.steps:
-                trainer.call("save", _meta(pos, pool, queue, retry, pending))
+        if steps and trainer.ready(steps[0][0]):
+            finish_step()
         while pool.in_flight():
             try:
                 done = pool.next_done(timeout_s=0)
@@ -273,6 +297,8 @@ def control(job, cfg: Config) -> dict:
             out: RolloutBatch = done.value
             gen_compute += out.gen_time_s
             made += out.samples if queue.put(out) else 0
+    while steps:  # out of time with steps queued: they train, and the checkpoint holds them
+        finish_step()
     wall = time.monotonic() - t0
     end_busy = _busy_share(busy, since, pool, time.monotonic())
     checkpoint = trainer.call("save", _meta(pos, pool, queue, retry, pending))[0]
@@ -298,7 +324,7 @@ def control(job, cfg: Config) -> dict:
         "gen_s_per_sample": gen_compute / max(1, made), "startup_s": t0 - started,
         "warm_losses": hello["warm_losses"], "weights_published": store.published,
         "losses": [h["loss"] for h in history], "weight_sync": rl.weight_sync, "sync_rounds": sync["round"],
-        "sync_rounds_failed": sync["failed"],
+        "sync_rounds_failed": sync["failed"], "most_steps_queued": most_queued,
     }
 
 

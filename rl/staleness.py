@@ -7,7 +7,11 @@ filter that never lets a sample older than ``eta`` weight versions into a traini
     q.put(result)                                 # a finished rollout (uid, version, prompts); False if a duplicate
     batch = q.take(trainer_version)               # None until a full batch of fresh prompts is queued
     ...train on batch.items...
-    q.step_done()                                 # the step's prompts leave the outstanding count
+    q.step_done()                                 # the oldest step's prompts leave the outstanding count
+
+Steps may be queued at the trainer ahead of time: while n steps are training, ``take(trainer_version + n)``
+chooses the batch for the step that will run at that version, with staleness counted against it (and what
+is too stale for it is dropped: it would be for every later step too); ``step_done`` retires steps in order.
 
 Versions: the trainer's weights after k optimizer steps are version k; a step taken at version k trains
 on a rollout made by version v with staleness k - v. ``take(k)`` drops (and counts, never trains on) every
@@ -49,7 +53,8 @@ class StalenessQueue:
     capacity: int = 0  # prompts outstanding at most (in flight + queued + training); 0: (eta + 1) * batch_prompts
     in_flight: dict[int, int] = field(default_factory=dict)  # uid -> prompts, issued and not returned
     ready: list[Any] = field(default_factory=list)  # returned, not yet trained or dropped
-    training: int = 0  # prompts in the step being trained
+    training: list[int] = field(default_factory=list)  # prompts per step being trained (or queued), oldest first
+    taken_version: int = -1  # the version of the last batch taken
     seen: set[int] = field(default_factory=set)  # uids ever put (a second put of one is refused)
     dropped: list[Any] = field(default_factory=list)  # every rollout dropped for staleness
     duplicates: int = 0  # puts refused because the uid was seen already
@@ -67,7 +72,7 @@ class StalenessQueue:
     @property
     def outstanding(self) -> int:
         """Prompts issued and not yet trained or dropped."""
-        return sum(self.in_flight.values()) + sum(r.prompts for r in self.ready) + self.training
+        return sum(self.in_flight.values()) + sum(r.prompts for r in self.ready) + sum(self.training)
 
     def may_issue(self, prompts: int) -> bool:
         return self.outstanding + prompts <= self.capacity
@@ -95,8 +100,9 @@ class StalenessQueue:
     def take(self, version: int) -> Batch | None:
         """Drop what is too stale for a step at ``version`` (into ``dropped``), then hand out a full batch,
         oldest first, or None when fewer fresh prompts are queued."""
-        if self.training:
-            raise RuntimeError("take() while a step is still training: call step_done() when it finishes")
+        if self.training and version <= self.taken_version:
+            raise RuntimeError(f"take({version}): the step at version {self.taken_version} is still training; call "
+                               "step_done() when it finishes, or take for the version after it")
         too_old = [r for r in self.ready if version - r.version > self.eta]
         newer = [r for r in self.ready if r.version > version]
         if newer:
@@ -116,11 +122,15 @@ class StalenessQueue:
             return None
         taken = {id(r) for r in chosen}
         self.ready = [r for r in self.ready if id(r) not in taken]
-        self.training = total
+        self.training.append(total)
+        self.taken_version = version
         staleness = Counter()
         for r in chosen:
             staleness[version - r.version] += r.prompts
         return Batch(chosen, version, staleness)
 
     def step_done(self) -> None:
-        self.training = 0
+        """The oldest step in training finished: its prompts are no longer outstanding."""
+        if not self.training:
+            raise RuntimeError("step_done() with no step taken: take() a batch first")
+        self.training.pop(0)

@@ -23,9 +23,9 @@ Every step is also held inside a trust region (``train.max_step_kl``, default 0.
 a step that moves the policy's next-token distributions on its own batch further than that is scaled back
 by TRPO's backtracking line search (``plait.rl.trust_region``). Even with the skip above, single ordinary
 Adam steps at lr 1e-3 moved the policy by up to 2.2 nats per token; synchronous runs recover on the next
-fresh batch, but under eta = 2 the next two steps train on the old policy's rollouts, and 2 of 6 seeded
-digit_sum runs collapsed into answering nothing (reward 0.00 and 0.05 at the end) where with the trust
-region all 6 learned (final reward 0.26 to 0.31, the synchronous runs' 0.26 to 0.28). Metrics: ``step_kl``
+fresh batch, but under eta = 2 the next two steps train on the old policy's rollouts, and 3 of 12 seeded
+digit_sum runs collapsed into answering nothing (reward 0.00, 0.05, 0.00 at the end) where with the trust
+region all 12 learned (final reward 0.26 to 0.32, the synchronous runs' 0.26 to 0.28). Metrics: ``step_kl``
 (the KL the kept step made) and ``updated`` (the share of the step kept: 1, a halving, or 0).
 
 A short supervised warm start (``train.warm_start_steps``) runs before version 0 is published: prompt +
