@@ -92,7 +92,7 @@ def draw(records: list[dict], title: str = ""):
         ax.grid(alpha=0.3)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()) if title else None)  # room for the title
     return fig
 
 
