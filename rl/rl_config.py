@@ -38,6 +38,7 @@ class RLConfig:
     weight_sync: str = "object_store"  # object_store | broadcast (plait.rl.weight_broadcast)
     weight_sync_host: str = "127.0.0.1"  # where trainer rank 0 hosts the broadcast group's store; "node": its IP
     weight_sync_timeout_s: float = 60.0  # a broadcast round not done by then fails; the group is rebuilt
+    weight_sync_bucket_mb: float = 64.0  # broadcast in pieces of this size: a generator holds one besides its model
     trainer_queue: int = 2  # steps handed to the trainer at once: the next batch waits there while one trains
 
     def check(self) -> None:

@@ -164,7 +164,8 @@ class Trainer:
             from plait.rl.weight_broadcast import WeightServer
 
             host = ctx.node_ip if cfg.rl.weight_sync_host == "node" else cfg.rl.weight_sync_host
-            self.server = WeightServer(host, torch.device("cpu"), cfg.rl.weight_sync_timeout_s)  # CPU generators
+            self.server = WeightServer(host, torch.device("cpu"), cfg.rl.weight_sync_timeout_s,  # CPU generators
+                                       cfg.rl.weight_sync_bucket_mb)
         if train.pid_file and ctx.is_main:
             _write_atomic(ctx.run_dir / train.pid_file, f"{ctx.attempt} {os.getpid()}\n")
         if ctx.resume_from is not None:

@@ -19,9 +19,11 @@ than the newest, the AReaL / veRL "pause rollouts, sync, resume" step). It calls
 generator; each writes the key ``round/<n>`` = "<epoch> <size> <version>" into the store. The server's
 thread waits for ``round/<n>`` (n = 1, 2, ... in order), then broadcasts the version number, then the flat
 parameter buffer of that version (it keeps the newest two: the driver may not have collected the step that
-made the newest yet) (one tensor, names/shapes/dtype fixed at the first update and checked by
-every receiver against its model). The trainer is never blocked: the thread broadcasts a snapshot taken by
-``update`` while the next step trains. Each version crosses the wire once per round, whatever G is.
+made the newest yet) in buckets of ``bucket_mb`` (names, shapes, dtype and bucket size fixed at the first
+update and checked by every receiver against its model). A receiver holds one bucket besides its model and
+copies each into the parameters it covers, so a sync never needs a second copy of the model's memory.
+The trainer is never blocked: the thread broadcasts a snapshot taken by ``update`` while the next step
+trains. Each version crosses the wire once per round, whatever G is.
 
 Failures: every collective has the group's timeout (``timeout_s``). A generator that dies mid-round makes
 the others' and the server's broadcast fail after it; the server drops that group and waits for the next
@@ -73,10 +75,14 @@ def layout(params: dict[str, torch.Tensor]) -> list[list]:
 class WeightServer:
     """Trainer rank 0's side: hosts the store and broadcasts the newest version when a round asks for it."""
 
-    def __init__(self, host: str = "127.0.0.1", device: torch.device | None = None, timeout_s: float = 60.0):
+    def __init__(self, host: str = "127.0.0.1", device: torch.device | None = None, timeout_s: float = 60.0,
+                 bucket_mb: float = 64.0):
         import torch.distributed as dist
 
-        self.device, self.timeout_s = device or torch.device("cpu"), timeout_s
+        if bucket_mb <= 0:
+            raise ValueError(f"rl.weight_sync_bucket_mb={bucket_mb}: a bucket needs a positive size")
+        self.device, self.timeout_s, self.bucket_bytes = device or torch.device("cpu"), timeout_s, bucket_mb * 2**20
+        self.bucket = 0  # elements per bucket, fixed with the layout at the first update
         self.store = dist.TCPStore(host, 0, is_master=True, wait_for_workers=False, timeout=_timeout(timeout_s))
         self.address = (host, int(self.store.port))
         self.version, self.snapshots, self._layout = -1, {}, None  # the newest two versions' flat buffers
@@ -98,8 +104,9 @@ class WeightServer:
         shape = layout(params)
         with self._lock:
             if self._layout is None:
-                self._layout = shape
-                self.store.set("layout", json.dumps({"layout": shape, "dtype": str(flat.dtype)}))
+                self._layout, self.bucket = shape, max(1, int(self.bucket_bytes // flat.element_size()))
+                self.store.set("layout", json.dumps({"layout": shape, "dtype": str(flat.dtype),
+                                                     "bucket": self.bucket}))
             elif shape != self._layout:
                 raise ValueError("the parameter layout changed between versions; it is agreed once at setup")
             self.version, self.snapshots = version, {v: f for v, f in self.snapshots.items() if v == self.version}
@@ -120,7 +127,8 @@ class WeightServer:
                 if epoch != self._epoch:
                     self._pg, self._epoch = _group(self.store, epoch, 0, size, self.device, self.timeout_s), epoch
                 _broadcast(self._pg, torch.tensor([version], dtype=torch.int64, device=self.device))
-                _broadcast(self._pg, flat)
+                for lo in range(0, flat.numel(), self.bucket):
+                    _broadcast(self._pg, flat[lo:lo + self.bucket])
                 self.rounds_served += 1
             except Exception as e:  # noqa: BLE001 - a member died: drop the group, the driver bumps the epoch
                 self.rounds_failed += 1
@@ -152,6 +160,7 @@ class WeightReceiver:
             raise ValueError(f"the trainer broadcasts a different parameter layout than this generator's model "
                              f"(name, trainer shape, generator shape): {diff}. Build both from the same [model]")
         self._layout, self._dtype = own, getattr(torch, meta["dtype"].removeprefix("torch."))
+        self.bucket = int(meta["bucket"])
 
     def receive(self, model: nn.Module, round_id: int, epoch: int, rank: int, size: int, version: int) -> int:
         """Join round ``round_id`` as member ``rank`` of ``size``; load weight ``version`` (the server's newest
@@ -164,19 +173,30 @@ class WeightReceiver:
                 self._pg, self._epoch = _group(self.store, epoch, rank, size, self.device, self.timeout_s), epoch
             got = torch.zeros(1, dtype=torch.int64, device=self.device)
             _broadcast(self._pg, got)
-            total = sum(int(torch.Size(s).numel()) for _, s in self._layout)
-            flat = torch.empty(total, dtype=self._dtype, device=self.device)
-            _broadcast(self._pg, flat)
+            params = [p.detach() for p in model.parameters()]
+            total = sum(p.numel() for p in params)
+            buf = torch.empty(min(self.bucket, total), dtype=self._dtype, device=self.device)
+            for lo in range(0, total, self.bucket):
+                chunk = buf[:min(self.bucket, total - lo)]
+                _broadcast(self._pg, chunk)
+                _scatter(chunk, lo, params)
         except Exception:
             self._pg, self._epoch = None, -1  # the group is broken: the next round builds the next epoch's
             raise
-        with torch.no_grad():
-            offset = 0
-            for _, param in model.named_parameters():
-                n = param.numel()
-                param.copy_(flat[offset:offset + n].view_as(param))
-                offset += n
         return int(got.item())
+
+
+@torch.no_grad()
+def _scatter(chunk: torch.Tensor, lo: int, params: list[torch.Tensor]) -> None:
+    """Copy ``chunk`` (elements lo .. lo + len of the parameters laid end to end) into the parameters."""
+    hi, offset = lo + chunk.numel(), 0
+    for p in params:
+        start, end = max(lo, offset), min(hi, offset + p.numel())
+        if start < end:
+            p.view(-1)[start - offset:end - offset].copy_(chunk[start - lo:end - lo])
+        offset += p.numel()
+        if offset >= hi:
+            break
 
 
 def sync_round(pool, address: tuple[str, int], version: int, held: list[int], sync: dict, timeout_s: float) -> None:

@@ -416,7 +416,8 @@ def test_broadcast_weight_sync_gives_two_generator_actors_the_trainers_versions_
     cfg = GPTConfig(vocab_size=54, d_model=32, n_layers=1, n_heads=2, max_seq_len=16)
     torch.manual_seed(0)
     trainer = GPT(cfg)
-    server = WeightServer("127.0.0.1", timeout_s=3.0)  # the trainer's side, in this process
+    # the trainer's side, in this process; buckets of 1000 floats, most straddling two parameters
+    server = WeightServer("127.0.0.1", timeout_s=3.0, bucket_mb=1000 * 4 / 2**20)
     remote = ray.remote(num_cpus=1)(Generator)
     gens = [remote.remote(cfg, GenerationConfig(), 0, i) for i in range(2)]
 
@@ -435,7 +436,9 @@ def test_broadcast_weight_sync_gives_two_generator_actors_the_trainers_versions_
         with torch.no_grad():
             for p in trainer.parameters():
                 p.add_(0.01 * torch.randn_like(p))
-    assert server.rounds_served == 3
+    assert server.rounds_served == 3 and server.bucket == 1000
+    n = sum(p.numel() for p in trainer.parameters())
+    assert n // server.bucket >= 10 and n % server.bucket  # many buckets, the last one partial
     with pytest.raises(ValueError, match="versions only grow"):
         server.update(dict(trainer.named_parameters()), 1)
 
