@@ -49,18 +49,24 @@ def job_cluster(ray_cluster):
         assert ray.is_initialized() and ray.cluster_resources()["CPU"] == 8
 
 
+GPT_DATA = ["data.source=synthetic", "data.num_tokens=20000"]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("spec", ["gpt_dp2", "gpt_tp2_dp2"])
-def test_example_spec_succeeds_under_ray_job_submit(job_cluster, tmp_path, spec):
+@pytest.mark.parametrize("spec,extra,key", [
+    ("gpt_dp2", GPT_DATA, "last_loss"), ("gpt_tp2_dp2", GPT_DATA, "last_loss"),
+    ("rl_digit_sum", ["train.warm_start_steps=2"], "last_reward"),  # 2 generator actors + the trainer group
+])
+def test_example_spec_succeeds_under_ray_job_submit(job_cluster, tmp_path, spec, extra, key):
     from ray.job_submission import JobSubmissionClient
 
     address, env = job_cluster
     job_id = f"plait-{spec}-{int(time.time())}"
+    data = [f"data.path={tmp_path / 'data'}"] if spec.startswith("gpt") else []
     submit = [
         "ray", "job", "submit", "--address", address, "--working-dir", str(REPO), "--submission-id", job_id,
         "--no-wait", "--", "plait", "run", f"examples/{spec}.toml", "train.steps=3", "train.checkpoint_every=0",
-        f"run_dir={tmp_path / 'run'}", "data.source=synthetic", "data.num_tokens=20000",
-        f"data.path={tmp_path / 'data'}",
+        f"run_dir={tmp_path / 'run'}", *extra, *data,
     ]
     subprocess.run(submit, env=env, check=True, capture_output=True, timeout=120, cwd=REPO)
     client = JobSubmissionClient(address)
@@ -70,7 +76,7 @@ def test_example_spec_succeeds_under_ray_job_submit(job_cluster, tmp_path, spec)
         time.sleep(2)
     logs = client.get_job_logs(job_id)
     assert status.value == "SUCCEEDED", logs[-3000:]
-    assert '"last_loss"' in logs and (tmp_path / "run" / "checkpoints" / "step_00000003").is_dir()
+    assert f'"{key}"' in logs and (tmp_path / "run" / "checkpoints" / "step_00000003").is_dir()
 
 
 # The README's "On an existing Ray cluster" commands, typed into a new shell. Ray 2.60 starts a cluster
