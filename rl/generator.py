@@ -136,6 +136,7 @@ class Generator:
 
         if self._receiver is None or self._receiver_at != tuple(address):
             self._receiver, self._receiver_at = WeightReceiver(tuple(address), timeout_s=timeout_s), tuple(address)
+        self.version = -1  # a round that fails midway leaves some parameters overwritten: no version is held
         self.version = self._receiver.receive(self.model, round_id, epoch, self.index + 1, size, version)
         return self.version
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from plait.parallel.data_parallel import ZERO_STAGES
 from plait.parallel.models.gpt import GPTConfig
 from plait.parallel.plan import ParallelPlan
 from plait.rl.generator import GenerationConfig
@@ -47,7 +48,7 @@ class RLConfig:
         if self.generators < 1 or self.generator_cpus <= 0 or self.eta < 0 or self.batch_prompts < 1 or \
                 self.trainer_queue < 1:
             raise ValueError(f"rl.generators={self.generators} (>= 1), generator_cpus={self.generator_cpus} (> 0), "
-                             f"eta={self.eta} (>= 0), batch_prompts={self.batch_prompts}, trainer_queue="
+                             f"eta={self.eta} (>= 0), batch_prompts={self.batch_prompts} (>= 1), trainer_queue="
                              f"{self.trainer_queue} (>= 1) out of range")
 
 
@@ -74,9 +75,9 @@ def validate(cfg: Config, world_size: int) -> None:
     if rl.weight_sync == "broadcast" and gen.interrupt:
         raise ValueError("rl.weight_sync='broadcast' syncs idle generators only: set generation.interrupt=false, or "
                          "use rl.weight_sync='object_store' to interrupt generation with new weights")
-    if cfg.plan.dp != world_size or cfg.plan.tp * cfg.plan.pp * cfg.plan.cp != 1:
-        raise ValueError(f"plan {cfg.plan.describe()}: the RL trainer is data-parallel only, with plan.dp = "
-                         f"workers.num = {world_size}")
+    if cfg.plan.dp != world_size or cfg.plan.tp * cfg.plan.pp * cfg.plan.cp != 1 or cfg.plan.engine in ZERO_STAGES:
+        raise ValueError(f"plan {cfg.plan.describe()}, engine {cfg.plan.engine}: the RL trainer is data-parallel only "
+                         f"(DDP or FSDP2), with plan.dp = workers.num = {world_size}")
     if (rl.batch_prompts * gen.group_size) % world_size:
         raise ValueError(f"rl.batch_prompts * generation.group_size = {rl.batch_prompts * gen.group_size} rows must "
                          f"split evenly over workers.num={world_size} trainer ranks")

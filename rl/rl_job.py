@@ -192,20 +192,25 @@ def control(job, cfg: Config) -> dict:
             refs = trainer.submit("train_step", per_rank_args=collate(batch.items, cfg.plan.dp, train.normalize))
             steps.append((refs, batch, time.monotonic()))
             most_queued = max(most_queued, len(steps))
-        waiting = [c.ref for c in pool.in_flight()] + (steps[0][0] if steps else [])
-        if not waiting:
+        # wait on the head step's ranks still running: one that returned early must not wake the loop again and
+        # again until all have (one that failed makes the step ready: gather raises)
+        step_left = ray.wait(steps[0][0], num_returns=len(steps[0][0]), timeout=0)[1] if steps else []
+        head_done = bool(steps) and (not step_left or trainer.ready(steps[0][0]))
+        waiting = [c.ref for c in pool.in_flight()] + step_left
+        if head_done:
+            pass  # collected below without waiting
+        elif not waiting:
             if len(queue.dropped) > dropped_before or (broadcast and min(held) < store.latest.version):
                 continue  # stale rollouts made room: issue new work
             raise RuntimeError(f"RL loop stalled: nothing in flight and no batch to train at version {version} "
                                f"({len(queue.ready)} rollouts queued, outstanding {queue.outstanding} prompts)")
-        ready, _ = ray.wait(waiting, num_returns=1, timeout=rl.wait_timeout_s or None)
-        if not ready:
+        elif not ray.wait(waiting, num_returns=1, timeout=rl.wait_timeout_s or None)[0]:
             running = [f"generate(uid {c.tag.uid}) on generator {c.index}" for c in pool.in_flight()]
             running += ["a training step"] if steps else []
             raise TimeoutError(f"nothing finished within rl.wait_timeout_s={rl.wait_timeout_s:g}s at version "
                                f"{version}; running: {', '.join(running)}. "
                                "Raise rl.wait_timeout_s if a step or generation legitimately takes longer")
-        if steps and trainer.ready(steps[0][0]):
+        if head_done or (steps and trainer.ready(steps[0][0])):
             finish_step()
         while pool.in_flight():
             try:

@@ -19,7 +19,8 @@ queued rollout with k - v > eta, then hands out exactly ``batch_prompts`` prompt
 (uid order within a version), or None if fewer fresh prompts are queued: the trainer waits.
 
 Admission (AReaL's rule): new work may be issued while the prompts outstanding (in flight on a generator,
-queued, or in the step being trained) stay within ``capacity`` (default ``(eta + 1) * batch_prompts``).
+queued, or in the steps trained or queued at the trainer) stay within ``capacity`` (default
+``(eta + 1) * batch_prompts``).
 Work issued at the newest version k is then trained at version k + eta at the latest when generators
 finish in order, so drops are rare; the filter in ``take`` is the guarantee whatever the order. With
 ``eta = 0`` this is the synchronous baseline: nothing is issued while a step trains, every batch is made
@@ -100,9 +101,9 @@ class StalenessQueue:
     def take(self, version: int) -> Batch | None:
         """Drop what is too stale for a step at ``version`` (into ``dropped``), then hand out a full batch,
         oldest first, or None when fewer fresh prompts are queued."""
-        if self.training and version <= self.taken_version:
+        if self.training and version != self.taken_version + 1:
             raise RuntimeError(f"take({version}): the step at version {self.taken_version} is still training; call "
-                               "step_done() when it finishes, or take for the version after it")
+                               f"step_done() when it finishes, or take({self.taken_version + 1}) for the step after it")
         too_old = [r for r in self.ready if version - r.version > self.eta]
         newer = [r for r in self.ready if r.version > version]
         if newer:

@@ -43,6 +43,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+from plait.parallel.data_parallel import ZERO_STAGES
 from plait.parallel.mesh import build_mesh
 from plait.parallel.models.gpt import GPT
 from plait.parallel.parallelize import OptimConfig, parallelize, unsharded_parameters
@@ -51,7 +52,7 @@ from plait.rl.generator import RolloutBatch
 from plait.rl.losses import LOSSES, NORMALIZE, PolicyLoss, group_advantages, token_logprobs, train_batch
 from plait.rl.tasks import make_tasks
 from plait.rl.tokenizer import CharTokenizer
-from plait.rl.trust_region import Snapshot, StepGuard
+from plait.rl.trust_region import StepGuard
 from plait.rl.weights import Published, publish
 from plait.runtime.checkpoint import Checkpointer, ModelOptimizer
 
@@ -88,6 +89,9 @@ class TrainConfig:
                              f"temperature={self.temperature} (> 0) out of range")
         if not 0 <= self.warm_start_correct_share <= 1:
             raise ValueError(f"train.warm_start_correct_share={self.warm_start_correct_share}: a share in [0, 1]")
+        if self.max_step_kl < 0 or self.max_backtracks < 0:
+            raise ValueError(f"train.max_step_kl={self.max_step_kl} and max_backtracks={self.max_backtracks} must be "
+                             ">= 0 (max_step_kl = 0 turns the trust region off)")
 
     def loss_options(self) -> dict:
         rho = self.rho or None
@@ -147,9 +151,10 @@ def scramble(answer: str, rng: random.Random) -> str:
 class Trainer:
     def __init__(self, ctx, cfg):
         plan, train = cfg.plan, cfg.train
-        if plan.tp > 1 or plan.pp > 1 or plan.cp > 1 or plan.dp != ctx.world_size:
-            raise ValueError(f"the RL trainer runs data parallelism only: plan.dp must equal workers.num="
-                             f"{ctx.world_size} and tp = pp = cp = 1 (got {plan.describe()})")
+        if plan.tp > 1 or plan.pp > 1 or plan.cp > 1 or plan.dp != ctx.world_size or plan.engine in ZERO_STAGES:
+            raise ValueError(f"the RL trainer runs data parallelism only (DDP or FSDP2): plan.dp must equal "
+                             f"workers.num={ctx.world_size}, tp = pp = cp = 1 and plan.engine ddp or fsdp2 "
+                             f"(got {plan.describe()}, engine {plan.engine})")
         self.ctx, self.cfg, self.tok = ctx, cfg, CharTokenizer()
         torch.manual_seed(train.seed)
         self.mesh = build_mesh(plan, ctx.device_type)
@@ -234,7 +239,8 @@ class Trainer:
             loss = self.parts.train_step(inputs, b, train.optim.lr)
             grad_norm = self.parts.grad_norm
             if params is not None:  # the step's KL within train.max_step_kl, or backtracked (rl.trust_region)
-                before = Snapshot(self.guard.log_softmax(self.loss.logits), params)  # the step's own forward
+                before = self.guard.before(self.loss.logits, b["mask"] > 0, params)  # the step's own forward
+                self.loss.logits = None
                 step_kl, step_scale = self.guard.enforce(model, inputs, b["mask"] > 0, before)
         else:  # every advantage is 0: no optimizer step (see the module docstring), the statistics still
             with torch.no_grad():

@@ -1,13 +1,13 @@
 """A per-step trust region for the policy: TRPO's backtracking line search on the KL, after an Adam step.
 
     guard = StepGuard(max_kl=0.05, max_backtracks=5)
-    before = guard.snapshot(model, inputs)            # log-softmax before the step (no grad) + the parameters
+    before = guard.snapshot(model, inputs, valid)     # log-softmax at the valid positions (no grad) + parameters
     parts.train_step(inputs, batch, lr)               # the ordinary optimizer step
     kl, scale = guard.enforce(model, inputs, valid, before, group)   # KL(pi_old || pi_new) <= max_kl, or undone
 
 The step's own forward already computed the logits before the step: ``params = guard.parameters(model)``
-before it and ``Snapshot(guard.log_softmax(logits), params)`` after spares the extra forward (the trainer
-does this, with the logits its loss function saw).
+before it and ``guard.before(logits, valid, params)`` after spares the extra forward (the trainer does
+this, with the logits its loss function saw). Only the valid positions' distributions are kept.
 
 Why: Adam moves every parameter by about ``lr`` per step whatever the gradient's size, so on a small policy
 one ordinary step can move the policy a long way (a digit_sum run at lr 1e-3 measured a single step with
@@ -36,7 +36,7 @@ from torch import nn
 
 @dataclass
 class Snapshot:
-    logp: torch.Tensor  # (B, T, V) log-softmax (float32 at least) of the policy before the step
+    logp: torch.Tensor  # (N, V) log-softmax at the N valid positions (float32 at least) of the policy before the step
     params: list[torch.Tensor]  # the parameters before the step (detached copies, local shards under FSDP2)
 
 
@@ -55,9 +55,11 @@ class StepGuard:
     def enabled(self) -> bool:
         return self.max_kl > 0
 
-    def log_softmax(self, logits: torch.Tensor) -> torch.Tensor:
+    def log_softmax(self, logits: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """(B, T, V) logits, (B, T) bool -> (N, V) log-softmax at the valid positions."""
         logits = logits.detach()
         logits = logits.full_tensor() if hasattr(logits, "full_tensor") else logits
+        logits = logits[valid]
         logits = logits.float() if logits.dtype in (torch.bfloat16, torch.float16) else logits
         return F.log_softmax(logits / self.temperature, dim=-1)
 
@@ -65,17 +67,22 @@ class StepGuard:
     def parameters(model: nn.Module) -> list[torch.Tensor]:
         return [p.detach().clone() for p in _sharded_parameters(model)]
 
+    def before(self, logits: torch.Tensor, valid: torch.Tensor, params: list[torch.Tensor]) -> Snapshot:
+        """The policy before the step from the logits its own forward computed, and ``parameters()``."""
+        return Snapshot(self.log_softmax(logits, valid), params)
+
     @torch.no_grad()
-    def snapshot(self, model: nn.Module, inputs: torch.Tensor) -> Snapshot:
-        return Snapshot(self.log_softmax(model(inputs)), self.parameters(model))
+    def snapshot(self, model: nn.Module, inputs: torch.Tensor, valid: torch.Tensor) -> Snapshot:
+        return self.before(model(inputs), valid, self.parameters(model))
 
     @torch.no_grad()
     def kl(self, model: nn.Module, inputs: torch.Tensor, valid: torch.Tensor, before: Snapshot,
            group=None) -> float:
         """Mean KL(pi_old || pi_now) over the valid positions of every rank of ``group``."""
-        after = self.log_softmax(model(inputs))
-        per_pos = (before.logp.exp() * (before.logp - after)).sum(-1)
-        total = torch.stack([per_pos[valid].sum(), valid.sum().to(per_pos.dtype)])
+        after = self.log_softmax(model(inputs), valid)
+        p = before.logp.exp()
+        per_pos = torch.where(p > 0, p * (before.logp - after), 0.0).sum(-1)  # 0 log 0 = 0
+        total = torch.stack([per_pos.sum(), per_pos.new_tensor(float(per_pos.shape[0]))])  # on its device
         if dist.is_initialized() and dist.get_world_size(group) > 1:  # group None: the default (the trainer's)
             dist.all_reduce(total, group=group)
         return float(total[0] / total[1].clamp(min=1.0))

@@ -18,8 +18,9 @@ every generator is idle (``plait.rl.rl_job``: no new work is issued while a gene
 than the newest, the AReaL / veRL "pause rollouts, sync, resume" step). It calls ``receive`` on every
 generator; each writes the key ``round/<n>`` = "<epoch> <size> <version>" into the store. The server's
 thread waits for ``round/<n>`` (n = 1, 2, ... in order), then broadcasts the version number, then the flat
-parameter buffer of that version (it keeps the newest two: the driver may not have collected the step that
-made the newest yet) in buckets of ``bucket_mb`` (names, shapes, dtype and bucket size fixed at the first
+parameter buffer of that version (it keeps the newest two; when the one asked for is gone, because the
+driver had not collected the steps queued after it, the newest goes, and the receiver reports that version)
+in buckets of ``bucket_mb`` (names, shapes, dtype and bucket size fixed at the first
 update and checked by every receiver against its model). A receiver holds one bucket besides its model and
 copies each into the parameters it covers, so a sync never needs a second copy of the model's memory.
 The trainer is never blocked: the thread broadcasts a snapshot taken by ``update`` while the next step

@@ -248,7 +248,7 @@ def test_reward_rises_above_chance_on_digit_sum_and_the_stop_token_survives(ray_
     # trust region (train.max_step_kl = 0) 3 of 12 seeds collapsed into answering nothing; with it all 12 learned.
     summary = run_job(load_spec(ROOT / "examples" / "rl_digit_sum.toml",
                                 [f"run_dir={tmp_path / 'run'}", "train.steps=300"]))
-    assert summary["eta"] == 2 and max(summary["staleness"]) == 2  # trained asynchronously, up to eta stale
+    assert summary["eta"] == 2 and 1 <= max(summary["staleness"]) <= 2  # trained asynchronously, within eta
     rewards, stops = summary["rewards"], summary["stop_rates"]
     early, late = sum(rewards[:20]) / 20, sum(rewards[-60:]) / 60
     assert early < 0.2 and late > 0.18 and late > early + 0.06, (early, late)

@@ -318,11 +318,11 @@ def test_the_step_guard_backtracks_a_step_that_moves_the_policy_too_far_and_keep
 
     def exact_kl(before) -> float:  # by hand: sum_v p_old (log p_old - log p_new), mean over valid positions
         with torch.no_grad():
-            new = torch.log_softmax(model(inputs), -1)
-        return float((before.logp.exp() * (before.logp - new)).sum(-1)[valid].mean())
+            new = torch.log_softmax(model(inputs)[valid], -1)
+        return float((before.logp.exp() * (before.logp - new)).sum(-1).mean())
 
     def step(lr: float):
-        before = guard.snapshot(model, inputs)
+        before = guard.snapshot(model, inputs, valid)
         optimizer = torch.optim.Adam(model.parameters(), lr=lr)
         (-model(inputs).log_softmax(-1)[..., 7][valid].mean()).backward()  # push every position toward token 7
         optimizer.step()
