@@ -89,9 +89,7 @@ class TrainConfig:
                              f"temperature={self.temperature} (> 0) out of range")
         if not 0 <= self.warm_start_correct_share <= 1:
             raise ValueError(f"train.warm_start_correct_share={self.warm_start_correct_share}: a share in [0, 1]")
-        if self.max_step_kl < 0 or self.max_backtracks < 0:
-            raise ValueError(f"train.max_step_kl={self.max_step_kl} and max_backtracks={self.max_backtracks} must be "
-                             ">= 0 (max_step_kl = 0 turns the trust region off)")
+        StepGuard(self.max_step_kl, self.max_backtracks)  # its own range check, with the spec
 
     def loss_options(self) -> dict:
         rho = self.rho or None
@@ -239,9 +237,10 @@ class Trainer:
             loss = self.parts.train_step(inputs, b, train.optim.lr)
             grad_norm = self.parts.grad_norm
             if params is not None:  # the step's KL within train.max_step_kl, or backtracked (rl.trust_region)
-                before = self.guard.before(self.loss.logits, b["mask"] > 0, params)  # the step's own forward
+                valid = b["mask"] > 0
+                before = self.guard.before(self.loss.logits, valid, params)  # the step's own forward
                 self.loss.logits = None
-                step_kl, step_scale = self.guard.enforce(model, inputs, b["mask"] > 0, before)
+                step_kl, step_scale = self.guard.enforce(model, inputs, valid, before)
         else:  # every advantage is 0: no optimizer step (see the module docstring), the statistics still
             with torch.no_grad():
                 loss, grad_norm = float(self.loss(model(inputs), b)), None

@@ -94,8 +94,7 @@ class StepGuard:
         kl = self.kl(model, inputs, valid, before, group)
         if kl <= self.max_kl:
             return kl, 1.0
-        params = _sharded_parameters(model)
-        new = [p.detach().clone() for p in params]
+        new = self.parameters(model)
         scale = 1.0
         for _ in range(self.max_backtracks):
             scale /= 2
