@@ -27,8 +27,8 @@ import statistics
 import time
 
 import torch
-from plait.parallel.chunkwise import seco_step, spaco_step
-from plait.parallel.models.gpt import GPT, GPTConfig, lm_loss
+from plait.lm.chunkwise import seco_step, spaco_step
+from plait.models.gpt import GPT, GPTConfig, lm_loss
 
 SHAPE = dict(vocab_size=32000, d_model=128, n_layers=8, n_heads=4, n_kv_heads=1, max_seq_len=1 << 14)
 

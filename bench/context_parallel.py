@@ -64,7 +64,7 @@ def _fix_allocator() -> None:
 def bench_rank(ctx, args: dict) -> dict:
     from plait.parallel.estimate import estimate_memory
     from plait.parallel.mesh import build_mesh
-    from plait.parallel.models.gpt import GPT, GPTConfig
+    from plait.models.gpt import GPT, GPTConfig
     from plait.parallel.parallelize import OptimConfig, parallelize
     from plait.parallel.plan import ParallelPlan
     from plait.parallel.saved_bytes import SavedBytes

@@ -25,7 +25,7 @@ import time
 
 import torch
 from plait.parallel.estimate import estimate_memory
-from plait.parallel.models.gpt import GPT, GPTConfig, lm_loss
+from plait.models.gpt import GPT, GPTConfig, lm_loss
 from plait.parallel.plan import ParallelPlan
 from torch.nn.attention import SDPBackend, sdpa_kernel
 

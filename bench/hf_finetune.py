@@ -42,8 +42,8 @@ LOSS_TOL = 1e-4
 
 def setup(root: Path, a) -> dict:
     """The model folder and the packed dataset (on the driver, once)."""
-    from plait.parallel.hf_tiny import make_tiny_llama, write_sample_text
-    from plait.parallel.text_data import TextDataConfig, ensure_text_dataset
+    from plait.models.hf.tiny import make_tiny_llama, write_sample_text
+    from plait.lm.text_data import TextDataConfig, ensure_text_dataset
 
     model = make_tiny_llama(root / "model", hidden=a.hidden, layers=a.layers, heads=a.heads, kv_heads=a.kv_heads)
     text = write_sample_text(root / "text.parquet", max_docs=a.docs)
@@ -101,7 +101,7 @@ def timed(step, batches, i: int, dp_rank: int, dp: int) -> tuple[float, float]:
 def rank_dp1(ctx, args: dict) -> dict:
     """Plain loop and Plait dp=1 in one process, interleaved in blocks of steps."""
     import torch
-    from plait.parallel.text_batches import TextBatches
+    from plait.lm.text_batches import TextBatches
     from plait.storage.row_shards import RowShards
 
     batches = TextBatches(RowShards(args["tokens"]), args["batch"], 0)
@@ -121,7 +121,7 @@ def rank_dp1(ctx, args: dict) -> dict:
 
 def rank_dp2(ctx, args: dict) -> dict:
     import torch
-    from plait.parallel.text_batches import TextBatches
+    from plait.lm.text_batches import TextBatches
     from plait.storage.row_shards import RowShards
 
     batches = TextBatches(RowShards(args["tokens"]), args["batch"], 0)

@@ -88,7 +88,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from plait.parallel.mesh import build_mesh
-from plait.parallel.models.gpt import GPT, GPTConfig, apply_rope, lm_loss
+from plait.models.gpt import GPT, GPTConfig, apply_rope, lm_loss
 from plait.parallel.parallelize import OptimConfig, parallelize
 from plait.parallel.plan import ParallelPlan
 from torch import nn

@@ -36,7 +36,7 @@ import time
 
 import torch
 import torch.distributed as dist
-from plait.parallel.models.gpt import GPT, GPTConfig, lm_loss
+from plait.models.gpt import GPT, GPTConfig, lm_loss
 from plait.parallel.pipeline import SCHEDULES, build_pipeline
 from torch.distributed.device_mesh import init_device_mesh
 

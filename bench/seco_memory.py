@@ -71,8 +71,8 @@ def trial(shape: str, method: str, length: int, chunk: int) -> int:
 
     import torch
     from plait.parallel.activation_checkpoint import apply_activation_checkpointing
-    from plait.parallel.chunkwise import seco_step
-    from plait.parallel.models.gpt import GPT, GPTConfig, lm_loss
+    from plait.lm.chunkwise import seco_step
+    from plait.models.gpt import GPT, GPTConfig, lm_loss
 
     torch.set_num_threads(1)
     torch.manual_seed(0)

@@ -26,7 +26,7 @@ the ring again, in the same order on every cp rank). Not with pipeline stages (r
 from __future__ import annotations
 
 import torch
-from plait.parallel.models.gpt import GPT, Attention
+from plait.models.gpt import GPT, Attention
 from plait.parallel.ring_attention import ring_attention, shard_positions, shard_sequence
 from torch.distributed.device_mesh import DeviceMesh
 

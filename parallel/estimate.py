@@ -71,7 +71,7 @@ from dataclasses import dataclass
 import torch
 from plait.parallel import pipeline
 from plait.parallel.activation_checkpoint import wrapped_indices
-from plait.parallel.models.gpt import GPT, GPTConfig
+from plait.models.gpt import GPT, GPTConfig
 from plait.parallel.plan import ParallelPlan
 
 # parameter-name suffix -> dim that tensor parallelism shards (tensor_parallel.gpt_tp_plan)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 
 import torch
-from plait.parallel.hf_weights import hf_name
+from plait.models.hf.weights import hf_name
 from torch import nn
 from torch.distributed.tensor import DTensor
 

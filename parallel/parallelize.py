@@ -72,12 +72,12 @@ from plait.parallel.data_parallel import (
     to_device,
 )
 from plait.parallel.grad_clip import clip_grad_norm, comm_device
-from plait.parallel.hf_plans import KV_REPLICAS, architecture, known_architectures, sync_replicated_kv_grads
-from plait.parallel.hf_weights import hf_name as clean_fqn  # noqa: F401 - re-exported: names as unwrapped
-from plait.parallel.hf_weights import load_hf_folder, materialize
+from plait.models.hf.plans import KV_REPLICAS, architecture, known_architectures, sync_replicated_kv_grads
+from plait.models.hf.weights import hf_name as clean_fqn  # noqa: F401 - re-exported: names as unwrapped
+from plait.models.hf.weights import load_hf_folder, materialize
 from plait.parallel.mesh import data_mesh
 from plait.parallel.meta_init import init_shards
-from plait.parallel.models.gpt import GPT
+from plait.models.gpt import GPT
 from plait.parallel.pipeline import build_pipeline, is_hf_decoder
 from plait.parallel.plan import ParallelPlan, PlanError, engine_violations
 from plait.parallel.tensor_parallel import apply_tensor_parallel, tp_loss
@@ -162,7 +162,7 @@ def check_model(model: nn.Module, plan: ParallelPlan) -> nn.Module:
         raise PlanError(f"plan.tp={plan.tp}: tensor parallelism has plans for Plait's GPT and the Hugging Face "
                         f"architectures registered in hf_plans ({', '.join(known_architectures())}), not "
                         f"{type(model).__name__} (architecture {arch!r}): register one with "
-                        "plait.parallel.hf_plans.register_tp_plan (a decoder with Llama's module names: "
+                        "plait.models.hf.plans.register_tp_plan (a decoder with Llama's module names: "
                         f"register_tp_plan({arch!r}, parallelize_decoder)), or use tp=1 (data parallelism only)")
     if plan.pp > 1 and not (isinstance(model, GPT) or is_hf_decoder(model)):
         raise PlanError(f"plan.pp={plan.pp}: pipeline stages are cut by decoder layers from Plait's GPT or a Hugging "

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from plait.parallel.models.gpt import GPT, lm_loss, upcast
+from plait.models.gpt import GPT, lm_loss, upcast
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module
@@ -181,7 +181,7 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, *, sequence_par
     (``hf_plans``: Plait's GPT, HF llama / mistral / qwen2 / qwen3, or a pipeline stage of one; TypeError
     naming the known ones otherwise). Build it with the same seed on every rank first (or on the meta
     device, then materialise and load). Returns the model."""
-    from plait.parallel.hf_plans import find_tp_plan  # hf_plans builds on this module's styles
+    from plait.models.hf.plans import find_tp_plan  # hf_plans builds on this module's styles
 
     if tp_mesh.ndim != 1:
         raise ValueError(f"tensor parallelism needs a 1-D mesh, got {tp_mesh.ndim}-D {tp_mesh.mesh_dim_names}: "

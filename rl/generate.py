@@ -30,7 +30,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from plait.parallel.models.gpt import KVCache
+from plait.models.gpt import KVCache
 from plait.rl.losses import token_logprobs
 from torch import nn
 

@@ -31,7 +31,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from plait.parallel.models.gpt import GPT, GPTConfig
+from plait.models.gpt import GPT, GPTConfig
 from plait.rl.generate import Rollout, generate
 from plait.rl.tasks import Task, reward
 from plait.rl.tokenizer import CharTokenizer, left_pad

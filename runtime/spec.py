@@ -1,6 +1,6 @@
 """Job specs: a TOML file naming the job (a Python module) and its settings.
 
-    job = "plait.parallel.gpt_job"      # module with Config, train(ctx, cfg) or control(job, cfg); optional
+    job = "plait.lm.lm_job"      # module with Config, train(ctx, cfg) or control(job, cfg); optional
                                         # validate, prepare, summarize
     run_dir = "runs/demo"                 # the local run directory (staging, when storage is set)
     storage = "s3://bucket/runs/demo"     # optional: where outputs persist (a folder or a pyarrow URI)
@@ -61,7 +61,7 @@ def load_job_module(name: str, search: list[Path] | None = None) -> ModuleType:
             raise ConfigError(f"job = {name!r} imports {e.name!r}, which is not installed: pip install it "
                               "or remove the import") from None
         where = ", ".join(str(p) for p in search)
-        hint = f"name a module such as 'plait.parallel.gpt_job', or put {name.split('.')[0]}.py in {where}"
+        hint = f"name a module such as 'plait.lm.lm_job', or put {name.split('.')[0]}.py in {where}"
         raise ConfigError(f"job = {name!r}: cannot import it ({e}); {hint}") from None
     except Exception as e:  # noqa: BLE001 - a syntax or runtime error in the user's module
         raise ConfigError(f"job = {name!r}: importing it failed with {type(e).__name__}: {e}") from None
@@ -102,7 +102,7 @@ def load_spec(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
 
 def spec_from_table(table: dict[str, Any], source: str = "<table>", search: list[Path] | None = None) -> JobSpec:
     if "job" not in table:
-        raise ConfigError(f"{source}: missing key 'job' (the job module, e.g. job = \"plait.parallel.gpt_job\")")
+        raise ConfigError(f"{source}: missing key 'job' (the job module, e.g. job = \"plait.lm.lm_job\")")
     if not isinstance(table["job"], str):
         raise ConfigError(f"'job' must be a module name string, got {table['job']!r}")
     module = load_job_module(table["job"], search)

@@ -7,7 +7,7 @@ forward's logits to rounding (1e-10), and SDPA's top-left ``is_causal`` on unequ
 import pytest
 import torch
 import torch.nn.functional as F
-from plait.parallel.models.gpt import GPT, GPTConfig, KVCache, causal_attention
+from plait.models.gpt import GPT, GPTConfig, KVCache, causal_attention
 
 CFG = GPTConfig(vocab_size=64, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, max_seq_len=64)
 TOL = 1e-10
@@ -43,7 +43,7 @@ def test_cached_keys_are_stored_after_rope(model, tokens):
     x = model.layers["0"].attention_norm(model.tok_embeddings(tokens[:, :5]))
     raw = model.layers["0"].attention.wk(x).view(2, 5, -1, CFG.head_dim)
     cos, sin = model.rope(5)
-    from plait.parallel.models.gpt import apply_rope
+    from plait.models.gpt import apply_rope
 
     assert close(cache.keys[0], apply_rope(raw, cos, sin).transpose(1, 2))
     assert not close(cache.keys[0][:, :, 1:], raw.transpose(1, 2)[:, :, 1:])  # position 0 is unrotated

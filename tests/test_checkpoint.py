@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from plait.parallel.models.gpt import GPT, GPTConfig
+from plait.models.gpt import GPT, GPTConfig
 from plait.runtime.checkpoint import Checkpointer
 from plait.runtime.cli import main
 from plait.runtime.job import run_job
@@ -16,7 +16,7 @@ MODEL = {"vocab_size": 64, "d_model": 32, "n_layers": 2, "n_heads": 4, "max_seq_
 
 def tiny_job(tmp_path, run: str, max_restarts: int = 0, **train):
     table = {
-        "job": "plait.parallel.gpt_job",
+        "job": "plait.lm.lm_job",
         "run_dir": str(tmp_path / run),
         "workers": {"num": 2, "max_restarts": max_restarts},
         "model": MODEL,

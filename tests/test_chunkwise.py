@@ -7,8 +7,8 @@ FSDP2 on 2 ranks, and through the GPT job.
 
 import pytest
 import torch
-from plait.parallel.chunkwise import seco_step, spaco_step
-from plait.parallel.models.gpt import GPT, GPTConfig, lm_loss
+from plait.lm.chunkwise import seco_step, spaco_step
+from plait.models.gpt import GPT, GPTConfig, lm_loss
 
 CFG = GPTConfig(vocab_size=64, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, max_seq_len=64)
 REL = 1e-10

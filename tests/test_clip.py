@@ -11,7 +11,7 @@ from collections import Counter
 import pytest
 import torch
 from plait.parallel.mesh import build_mesh
-from plait.parallel.models.gpt import GPT, GPTConfig, lm_loss
+from plait.models.gpt import GPT, GPTConfig, lm_loss
 from plait.parallel.parallelize import OptimConfig, clip_grad_norm, parallelize
 from plait.parallel.plan import ParallelPlan
 from plait.runtime import run_ranks

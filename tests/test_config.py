@@ -9,7 +9,7 @@ from plait.runtime.cli import main
 from plait.runtime.config import ConfigError
 from plait.runtime.spec import load_spec, spec_from_table
 
-BASE = {"job": "plait.parallel.gpt_job"}
+BASE = {"job": "plait.lm.lm_job"}
 
 
 def test_unknown_key_names_it_and_suggests_the_closest():
@@ -62,14 +62,14 @@ def test_values_checked_when_parsed():
 
 
 def test_plan_world_mismatch_suggests_a_plan_that_works():
-    from plait.parallel.models.gpt import GPTConfig
+    from plait.models.gpt import GPTConfig
 
     with pytest.raises(PlanError, match=r"dp\*tp\*pp = 2\*2\*1 = 4 but the job has 2 ranks.*dp=1,tp=2,pp=1"):
         ParallelPlan(dp=2, tp=2, engine="fsdp2").validate(2, GPTConfig())
 
 
 def test_plan_errors_name_the_world_size_the_caller_knows():
-    from plait.parallel.models.gpt import GPTConfig
+    from plait.models.gpt import GPTConfig
 
     plan = ParallelPlan(dp=4)
     with pytest.raises(PlanError, match=r"make the product equal world_size; a plan that works: dp=2") as python_api:
@@ -103,7 +103,7 @@ def test_a_model_of_your_own_gets_data_parallel_plans_only():
 
 
 def test_bf16_is_accepted_by_every_engine_and_refused_for_a_float64_model():
-    from plait.parallel.models.gpt import GPTConfig
+    from plait.models.gpt import GPTConfig
 
     for kwargs in (dict(), dict(dp=2), dict(tp=2, engine="fsdp2"), dict(pp=2, microbatches=2),
                    dict(dp=2, engine="fsdp2"), dict(dp=2, engine="zero2")):
@@ -127,7 +127,7 @@ def test_bf16_is_accepted_by_every_engine_and_refused_for_a_float64_model():
     (dict(dp=4, sequence_parallel=True), r"need plan.tp > 1"),
 ])
 def test_each_plan_violation_names_its_constraint(kwargs, message):
-    from plait.parallel.models.gpt import GPTConfig
+    from plait.models.gpt import GPTConfig
 
     cfg = GPTConfig(d_model=96, n_heads=6, n_layers=4)
     plan = ParallelPlan(**kwargs)
@@ -167,7 +167,7 @@ def test_module_entry_point_runs_the_same_cli():
     (dict(cp=0), r"plan.cp=0: must be >= 1"),
 ])
 def test_each_context_parallel_violation_names_its_constraint(kwargs, message):
-    from plait.parallel.models.gpt import GPTConfig
+    from plait.models.gpt import GPTConfig
 
     plan = ParallelPlan(**kwargs)
     with pytest.raises(PlanError, match=message):
@@ -175,7 +175,7 @@ def test_each_context_parallel_violation_names_its_constraint(kwargs, message):
 
 
 def test_context_parallel_needs_plaits_gpt_a_divisible_length_and_the_world_it_names():
-    from plait.parallel.models.gpt import GPTConfig
+    from plait.models.gpt import GPTConfig
 
     with pytest.raises(PlanError, match=r"plan.cp=2: context parallelism replaces the attention of Plait's GPT .*"
                                         r"no model config was given"):

@@ -11,7 +11,7 @@ import torch.distributed as dist
 from plait.parallel.context_parallel import apply_context_parallel, shard_batch
 from plait.parallel.estimate import estimate_memory
 from plait.parallel.mesh import MESH_DIMS, Layout, build_mesh, coordinates, data_mesh, rank_grid
-from plait.parallel.models.gpt import GPT, GPTConfig, lm_loss
+from plait.models.gpt import GPT, GPTConfig, lm_loss
 from plait.parallel.plan import ParallelPlan
 from plait.runtime import run_ranks
 from test_clip import clip_each_plan

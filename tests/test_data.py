@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from plait.parallel.data import (
+from plait.lm.data import (
     CorruptDatasetError,
     DataConfig,
     DatasetError,

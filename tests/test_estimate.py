@@ -20,7 +20,7 @@ import pytest
 import torch
 from plait.parallel.activation_checkpoint import apply_activation_checkpointing, clean_fqn
 from plait.parallel.estimate import estimate_job, estimate_memory, format_table, inflight, stage_ids, stage_layers
-from plait.parallel.models.gpt import GPT, GPTConfig, lm_loss
+from plait.models.gpt import GPT, GPTConfig, lm_loss
 from plait.parallel.plan import ParallelPlan, PlanError
 from plait.parallel.saved_bytes import SavedBytes
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
@@ -187,7 +187,7 @@ def test_sharded_engines_and_table():
 
 
 def test_estimate_job_validates_and_prints_the_table():
-    from plait.parallel.gpt_job import Config, TrainConfig
+    from plait.lm.lm_job import Config, TrainConfig
 
     cfg = Config(model=GPTConfig(**CFG), train=TrainConfig(global_batch=8, seq_len=S),
                  plan=ParallelPlan(pp=2, schedule="GPipe", microbatches=2, activation_checkpointing="full"))

@@ -7,10 +7,10 @@ test is a user's fine-tune round trip (save_pretrained -> Plait -> export -> fro
 
 import pytest
 import torch
-from plait.parallel.hf_export import export_hf_folder
-from plait.parallel.hf_plans import find_tp_plan, known_architectures, register_tp_plan, sync_replicated_kv_grads
-from plait.parallel.hf_weights import hf_name, load_hf_folder, materialize, weight_files
-from plait.parallel.models.gpt import GPT, GPTConfig
+from plait.models.hf.export import export_hf_folder
+from plait.models.hf.plans import find_tp_plan, known_architectures, register_tp_plan, sync_replicated_kv_grads
+from plait.models.hf.weights import hf_name, load_hf_folder, materialize, weight_files
+from plait.models.gpt import GPT, GPTConfig
 from plait.parallel.pipeline import build_pipeline
 from plait.parallel.tensor_parallel import apply_tensor_parallel, tp_loss
 from plait.runtime import run_ranks
@@ -419,7 +419,7 @@ def transformers_loss(model, batches, dp: int) -> float:
 def test_hf_llama_finetune_example_exports_a_folder_transformers_loads(ray_cluster, tmp_path):
     """examples/hf_llama_finetune.toml through the job path (tp2 x FSDP2 dp2): the export reloads with transformers
     and computes Plait's loss; before training Plait computed the original model's; a dp4 resume continues."""
-    from plait.parallel.text_batches import TextBatches
+    from plait.lm.text_batches import TextBatches
     from plait.runtime.job import run_job
     from plait.runtime.spec import load_spec
     from plait.storage.row_shards import RowShards
@@ -453,7 +453,7 @@ def test_hf_llama_finetune_example_exports_a_folder_transformers_loads(ray_clust
 
 def test_plan_estimate_of_the_hf_example_counts_the_models_parameters(tmp_path, capsys):
     """`plait plan estimate` works for the HF job from config.json alone (the tiny config when make_tiny)."""
-    from plait.parallel.hf_tiny import tiny_llama_config
+    from plait.models.hf.tiny import tiny_llama_config
     from plait.runtime.cli import main
     from transformers import AutoModelForCausalLM
 

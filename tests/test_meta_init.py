@@ -6,9 +6,9 @@ seeded values (the rule moved into init_value)."""
 
 import pytest
 import torch
-from plait.parallel.hf_weights import hf_name, materialize
+from plait.models.hf.weights import hf_name, materialize
 from plait.parallel.meta_init import init_shards, param_seed
-from plait.parallel.models.gpt import GPT, GPTConfig
+from plait.models.gpt import GPT, GPTConfig
 from plait.runtime import run_ranks
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
@@ -79,7 +79,7 @@ def test_meta_init_under_tp2_and_fsdp2_allocates_shards_and_equals_one_process(r
     ref = one_process()
     total = sum(p.numel() for p in ref.parameters())
     inputs, targets = batch()
-    from plait.parallel.models.gpt import lm_loss
+    from plait.models.gpt import lm_loss
 
     ref_loss = lm_loss(ref(inputs), targets).item()
     for result in run_ranks(meta_rank, 2, run_dir=tmp_path):

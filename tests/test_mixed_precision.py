@@ -14,7 +14,7 @@ import math
 import pytest
 import torch
 from plait.parallel.mesh import build_mesh
-from plait.parallel.models.gpt import GPT, GPTConfig
+from plait.models.gpt import GPT, GPTConfig
 from plait.parallel.parallelize import OptimConfig, parallelize
 from plait.parallel.plan import ParallelPlan
 from plait.runtime import run_ranks
@@ -113,7 +113,7 @@ def test_rope_tables_stay_float32_when_the_model_is_cast():
 
 
 def test_bf16_queries_are_rotated_by_fp32_angles():
-    from plait.parallel.models.gpt import apply_rope
+    from plait.models.gpt import apply_rope
 
     model = GPT(CFG)
     q = torch.randn(2, SEQ, CFG.n_heads, CFG.head_dim).bfloat16()

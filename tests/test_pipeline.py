@@ -12,7 +12,7 @@ import math
 
 import pytest
 import torch
-from plait.parallel.models.gpt import GPT, GPTConfig, lm_loss
+from plait.models.gpt import GPT, GPTConfig, lm_loss
 from plait.parallel.pipeline import (
     SCHEDULES,
     build_pipeline,

@@ -9,7 +9,7 @@ import pytest
 import torch
 from plait.parallel.activation_checkpoint import clean_fqn
 from plait.parallel.mesh import build_mesh
-from plait.parallel.models.gpt import GPT, GPTConfig, lm_loss
+from plait.models.gpt import GPT, GPTConfig, lm_loss
 from plait.parallel.parallelize import OptimConfig, make_optimizer, parallelize
 from plait.parallel.plan import ParallelPlan
 from plait.runtime import run_ranks

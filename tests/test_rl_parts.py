@@ -13,7 +13,7 @@ import random
 import plait.rl.tasks as tasks_module
 import pytest
 import torch
-from plait.parallel.models.gpt import GPT, GPTConfig
+from plait.models.gpt import GPT, GPTConfig
 from plait.rl.generate import generate, pack_sequences, sample_next, sequence_logprobs
 from plait.rl.losses import PolicyLoss, decoupled_ppo_loss, group_advantages, tis_loss, train_batch, unpack_batch
 from plait.rl.tasks import Task, evaluate_countdown, make_tasks, reward

@@ -4,7 +4,7 @@ import threading
 
 import numpy as np
 import pytest
-from plait.parallel.data import DataConfig, StepBatches, ensure_token_dataset
+from plait.lm.data import DataConfig, StepBatches, ensure_token_dataset
 from plait.storage.row_shards import CorruptDataError, NotRowShardsError, RowShards, write_row_shards
 
 

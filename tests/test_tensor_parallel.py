@@ -9,7 +9,7 @@ import warnings
 
 import pytest
 import torch
-from plait.parallel.models.gpt import GPT, GPTConfig, lm_loss
+from plait.models.gpt import GPT, GPTConfig, lm_loss
 from plait.parallel.tensor_parallel import apply_tensor_parallel, tp_loss
 from plait.runtime import run_ranks
 from torch.distributed.device_mesh import init_device_mesh

@@ -8,8 +8,8 @@ import os
 import numpy as np
 import pytest
 import torch
-from plait.parallel.data import DatasetError
-from plait.parallel.text_data import TextBatches, TextDataConfig, ensure_text_dataset, split_rows
+from plait.lm.data import DatasetError
+from plait.lm.text_data import TextBatches, TextDataConfig, ensure_text_dataset, split_rows
 from plait.runtime.config import ConfigError
 from text_fixtures import EOS, stdlib_documents, train_tokenizer, write_jsonl, write_parquet
 from tokenizers import Tokenizer

@@ -1,4 +1,4 @@
-"""The GPT training job: ``job = "plait.parallel.gpt_job"`` in a spec.
+"""The GPT training job: ``job = "plait.lm.lm_job"`` in a spec.
 
 Every rank builds the same GPT from the same seed, applies the spec's ParallelPlan on one named
 DeviceMesh, reads its slice of each step's batch from the Parquet token dataset, trains, streams
@@ -23,11 +23,11 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from plait.parallel.chunkwise import seco_step, spaco_step
-from plait.parallel.data import DataConfig, StepBatches, ensure_token_dataset, open_token_dataset
+from plait.lm.chunkwise import seco_step, spaco_step
+from plait.lm.data import DataConfig, StepBatches, ensure_token_dataset, open_token_dataset
 from plait.parallel.estimate import estimate_job
 from plait.parallel.mesh import build_mesh
-from plait.parallel.models.gpt import GPT, GPTConfig
+from plait.models.gpt import GPT, GPTConfig
 from plait.parallel.parallelize import OptimConfig, Parallelized, clip_grad_norm, lr_at, parallelize
 from plait.parallel.plan import ParallelPlan
 from plait.runtime.checkpoint import Checkpointer, EngineState, ModelOptimizer

@@ -49,7 +49,7 @@ def _modules(model: nn.Module | list[nn.Module]) -> list[nn.Module]:
 
 
 def _is_gpt(module: nn.Module) -> bool:
-    from plait.parallel.models.gpt import GPT
+    from plait.models.gpt import GPT
 
     return isinstance(module, GPT)
 
@@ -99,7 +99,7 @@ def llama_config(cfg: Any) -> dict:
 
 def _targets(model: nn.Module | list[nn.Module]) -> dict[str, tuple[torch.Tensor, str, Any, int]]:
     """Model name -> (parameter, checkpoint name, row map model rows -> checkpoint rows or None, copies per row)."""
-    from plait.parallel.hf_plans import KV_REPLICAS
+    from plait.models.hf.plans import KV_REPLICAS
 
     out = {}
     for module in _modules(model):
@@ -193,7 +193,7 @@ def materialize(model: nn.Module | list[nn.Module], device: torch.device | str) 
     """Allocate a meta-built (and possibly sharded) model on ``device``: each rank gets only its shards
     (``to_empty``); the non-persistent RoPE tables (HF rotary ``inv_freq``, the GPT's ``rope_cos/sin``)
     are recomputed. The weights are garbage until loaded (``load_hf_folder``) or initialised."""
-    from plait.parallel.models.gpt import rope_tables
+    from plait.models.gpt import rope_tables
     from plait.parallel.pipeline import reset_rotary_buffers
 
     for module in _modules(model):

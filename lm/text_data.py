@@ -33,8 +33,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from plait.parallel.data import DatasetError, reuse_or_refuse
-from plait.parallel.text_batches import TEXT, TextBatches, recipe_digest, split_rows  # noqa: F401 (re-exported)
+from plait.lm.data import DatasetError, reuse_or_refuse
+from plait.lm.text_batches import TEXT, TextBatches, recipe_digest, split_rows  # noqa: F401 (re-exported)
 from plait.runtime.config import ConfigError
 from plait.storage.row_shards import (
     CorruptDataError,

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from plait.parallel.hf_weights import (
+from plait.models.hf.weights import (
     INDEX,
     KV_SUFFIXES,
     MARKER,
@@ -146,7 +146,7 @@ def _finish(parts_dir: Path, folder: Path, cfg: dict) -> None:
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
             (tmp / INDEX).write_text(json.dumps(index, indent=2))
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True, default=str))
-        (tmp / MARKER).write_text(json.dumps({"written_by": "plait.parallel.hf_export.export_hf_folder"}))
+        (tmp / MARKER).write_text(json.dumps({"written_by": "plait.models.hf.export.export_hf_folder"}))
 
     write_folder(folder, build, _is_ours, "Hugging Face export")
 

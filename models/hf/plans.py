@@ -83,7 +83,7 @@ def find_tp_plan(model: nn.Module) -> TPPlanFn:
         return _PLANS[arch]
     raise TypeError(f"tensor parallelism has no plan for architecture {arch!r} ({type(model).__name__}); known: "
                     f"{', '.join(known_architectures())}. A decoder with Llama's module names registers with "
-                    f"plait.parallel.hf_plans.register_tp_plan({arch!r}, parallelize_decoder); another one with "
+                    f"plait.models.hf.plans.register_tp_plan({arch!r}, parallelize_decoder); another one with "
                     "register_tp_plan(name, fn), fn(model, tp_mesh, sequence_parallel, loss_parallel) applying "
                     "torch's parallelize_module (see tensor_parallel.gpt_tp_plan); or use tp=1")
 

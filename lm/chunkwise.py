@@ -40,7 +40,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-from plait.parallel.models.gpt import GPT, upcast
+from plait.models.gpt import GPT, upcast
 from torch import nn
 
 
@@ -232,7 +232,7 @@ def _caller(model: nn.Module):
         PreTrainedModel = ()
     if not isinstance(base, PreTrainedModel):
         raise TypeError(f"chunk-wise training runs Plait's GPT or a transformers causal LM, not {type(base).__name__}: "
-                        "give its forward a cache argument (see plait.parallel.models.gpt) or use train.mode='full'")
+                        "give its forward a cache argument (see plait.models.gpt) or use train.mode='full'")
     num_layers = base.config.get_text_config(decoder=True).num_hidden_layers
     hf_caches: dict[int, object] = {}
 

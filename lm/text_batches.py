@@ -1,6 +1,6 @@
 """Batches of packed text rows: inputs, shifted targets and document-aware masks for a Hugging Face causal LM.
 
-A packed text dataset (built by ``plait.parallel.text_data``) is a row-shard dataset whose rows hold
+A packed text dataset (built by ``plait.lm.text_data``) is a row-shard dataset whose rows hold
 ``2 * (seq_len + 1)`` int32 values: ``seq_len + 1`` token ids, then as many document indices (the index of
 the document each token came from, counted over all input files). Documents are concatenated, each
 followed by the end-of-text token, and cut into rows without overlap, so a row may start or end inside a
@@ -25,7 +25,7 @@ import json
 
 import numpy as np
 import torch
-from plait.parallel.data import DatasetError, StepBatches
+from plait.lm.data import DatasetError, StepBatches
 from plait.storage.row_shards import RowShards
 
 TEXT = "plait-text-v1"  # the row layout above; bump when it changes

@@ -107,7 +107,7 @@ def make_tiny_llama(folder: str | Path, vocab_size: int = 512, hidden: int = 64,
         torch.manual_seed(seed)
         LlamaForCausalLM(cfg).save_pretrained(tmp)
         tok.save(str(tmp / "tokenizer.json"))
-        (tmp / MARKER).write_text(json.dumps({"written_by": "plait.parallel.hf_tiny.make_tiny_llama", "seed": seed}))
+        (tmp / MARKER).write_text(json.dumps({"written_by": "plait.models.hf.tiny.make_tiny_llama", "seed": seed}))
 
     write_folder(folder, build, lambda p: (Path(p) / MARKER).is_file(), "tiny Llama")
     return folder

@@ -1,4 +1,4 @@
-"""Fine-tune a local Hugging Face causal LM on your own text: ``job = "plait.parallel.hf_job"`` in a spec.
+"""Fine-tune a local Hugging Face causal LM on your own text: ``job = "plait.lm.hf_job"`` in a spec.
 
     [model]  path = "/models/llama-1b"        a local HF folder (config.json + safetensors); no download
     [data]   files = ["corpus.parquet"]       Parquet or JSONL files with a text column, tokenised with
@@ -113,7 +113,7 @@ def hf_config(model: ModelSection):
     if (path / "config.json").is_file():
         cfg = AutoConfig.from_pretrained(path, local_files_only=True)
     elif model.make_tiny and not path.exists():
-        from plait.parallel.hf_tiny import tiny_llama_config
+        from plait.models.hf.tiny import tiny_llama_config
 
         cfg = tiny_llama_config()
     else:
@@ -125,7 +125,7 @@ def hf_config(model: ModelSection):
 
 
 def text_config(cfg: Config):
-    from plait.parallel.text_data import TextDataConfig
+    from plait.lm.text_data import TextDataConfig
 
     return TextDataConfig(files=list(cfg.data.files), text_column=cfg.data.text_column,
                           tokenizer=cfg.data.tokenizer or cfg.model.path,
@@ -145,7 +145,7 @@ def estimate(cfg: Config, world_size: int) -> str:
     SwiGLU, GQA). Biases (Qwen2) and q/k norms (Qwen3) are a few vectors per layer and not counted; kv heads
     replicated when tp exceeds them are counted once per copy only in the activations."""
     from plait.parallel.estimate import estimate_memory, format_table, human
-    from plait.parallel.models.gpt import GPTConfig
+    from plait.models.gpt import GPTConfig
 
     validate(cfg, world_size)
     hf = hf_config(cfg.model)
@@ -168,7 +168,7 @@ def estimate(cfg: Config, world_size: int) -> str:
 
 def prepare(cfg: Config, run_dir: Path) -> None:
     """On the driver: absolute paths, the tiny model / sample text when asked, the token dataset built once."""
-    from plait.parallel.text_data import ensure_text_dataset, recipe_digest
+    from plait.lm.text_data import ensure_text_dataset, recipe_digest
 
     cfg.model.path = str(Path(cfg.model.path).resolve())
     cfg.data.files = [str(Path(f).resolve()) for f in cfg.data.files]
@@ -176,17 +176,17 @@ def prepare(cfg: Config, run_dir: Path) -> None:
     if cfg.data.tokenizer:
         cfg.data.tokenizer = str(Path(cfg.data.tokenizer).resolve())
     if cfg.model.make_tiny and not Path(cfg.model.path).exists():
-        from plait.parallel.hf_tiny import make_tiny_llama
+        from plait.models.hf.tiny import make_tiny_llama
 
         print(f"[plait] model.path={cfg.model.path} does not exist: making a tiny random Llama there", flush=True)
         make_tiny_llama(cfg.model.path)
     if cfg.data.make_sample and not Path(cfg.data.files[0]).exists():
-        from plait.parallel.hf_tiny import write_sample_text
+        from plait.models.hf.tiny import write_sample_text
 
         print(f"[plait] data.files[0]={cfg.data.files[0]} does not exist: writing standard-library text there",
               flush=True)
         write_sample_text(cfg.data.files[0])
-    from plait.parallel.text_data import tokenizer_file
+    from plait.lm.text_data import tokenizer_file
     from tokenizers import Tokenizer
 
     text = text_config(cfg)
@@ -231,8 +231,8 @@ def eval_loss(parts, inputs, targets, plan: ParallelPlan, device) -> float | Non
 
 
 def train(ctx: RankContext, cfg: Config) -> dict:
-    from plait.parallel.hf_export import export_hf_folder
-    from plait.parallel.text_data import TextBatches, ensure_text_dataset, open_text_dataset
+    from plait.models.hf.export import export_hf_folder
+    from plait.lm.text_data import TextBatches, ensure_text_dataset, open_text_dataset
 
     plan, hf_cfg = cfg.plan, hf_config(cfg.model)
     plan.validate(ctx.world_size, hf_cfg, cfg.train.global_batch // plan.dp)
