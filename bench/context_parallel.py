@@ -62,9 +62,9 @@ def _fix_allocator() -> None:
 
 
 def bench_rank(ctx, args: dict) -> dict:
-    from plait.parallel.estimate import estimate_memory
-    from plait.parallel.mesh import build_mesh
+    from plait.models import estimate_for, model_spec
     from plait.models.gpt import GPT, GPTConfig
+    from plait.parallel.mesh import build_mesh
     from plait.parallel.parallelize import OptimConfig, parallelize
     from plait.parallel.plan import ParallelPlan
     from plait.parallel.saved_bytes import SavedBytes
@@ -78,7 +78,8 @@ def bench_rank(ctx, args: dict) -> dict:
     torch.manual_seed(0)
     mesh = build_mesh(plan, "cpu")
     optim = OptimConfig(lr=1e-3, warmup_steps=0)
-    parts = parallelize(lambda: GPT(cfg), plan, mesh, ctx.device, optim, global_batch=args["batch"])
+    parts = parallelize(lambda: GPT(cfg), plan, mesh, ctx.device, optim, global_batch=args["batch"],
+                        spec=model_spec("gpt"))
     gen = torch.Generator().manual_seed(1)
     data = torch.randint(0, cfg.vocab_size, (args["batch"], args["seq"] + 1), generator=gen)
     inputs, targets = data[:, :-1], data[:, 1:]
@@ -102,7 +103,7 @@ def bench_rank(ctx, args: dict) -> dict:
         slowest = torch.tensor(time.perf_counter() - t0)
         dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
         times.append(slowest.item())
-    estimate = estimate_memory(cfg, plan, global_batch=args["batch"], seq_len=args["seq"])[ctx.rank].activations
+    estimate = estimate_for(cfg, plan, global_batch=args["batch"], seq_len=args["seq"])[ctx.rank].activations
     return {"saved": saved.total, "rss": rss, "ms": 1e3 * statistics.median(times), "loss0": losses[0],
             "estimate": estimate}
 

@@ -24,7 +24,7 @@ import math
 import time
 
 import torch
-from plait.parallel.estimate import estimate_memory
+from plait.models import estimate_for
 from plait.models.gpt import GPT, GPTConfig, lm_loss
 from plait.parallel.plan import ParallelPlan
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -54,7 +54,7 @@ def flops_per_token(cfg: GPTConfig, seq: int) -> float:
 
 def estimate_bytes(cfg: GPTConfig, batch: int, seq: int) -> int:
     """``plait plan estimate``'s per-rank total for this model on one rank, plan dp=1 ddp, bf16 model."""
-    return estimate_memory(cfg, ParallelPlan(dp=1, engine="ddp"), global_batch=batch, seq_len=seq,
+    return estimate_for(cfg, ParallelPlan(dp=1, engine="ddp"), global_batch=batch, seq_len=seq,
                            dtype="bfloat16")[0].total
 
 

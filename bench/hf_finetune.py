@@ -42,8 +42,8 @@ LOSS_TOL = 1e-4
 
 def setup(root: Path, a) -> dict:
     """The model folder and the packed dataset (on the driver, once)."""
-    from plait.models.hf.tiny import make_tiny_llama, write_sample_text
     from plait.lm.text_data import TextDataConfig, ensure_text_dataset
+    from plait.models.hf.tiny import make_tiny_llama, write_sample_text
 
     model = make_tiny_llama(root / "model", hidden=a.hidden, layers=a.layers, heads=a.heads, kv_heads=a.kv_heads)
     text = write_sample_text(root / "text.parquet", max_docs=a.docs)
@@ -78,6 +78,7 @@ def plain_side(args: dict):
 
 def plait_side(args: dict, dp: int, engine: str = "fsdp2"):
     import torch
+    from plait.models import spec_for_config
     from plait.parallel.mesh import build_mesh
     from plait.parallel.parallelize import OptimConfig, parallelize
     from plait.parallel.plan import ParallelPlan
@@ -87,7 +88,8 @@ def plait_side(args: dict, dp: int, engine: str = "fsdp2"):
     cfg = AutoConfig.from_pretrained(args["model"], local_files_only=True)
     optim = OptimConfig(lr=args["lr"], warmup_steps=0, weight_decay=0.1, grad_clip=1.0)
     parts = parallelize(lambda: AutoModelForCausalLM.from_config(cfg, dtype=torch.float32), plan,
-                        build_mesh(plan, "cpu"), torch.device("cpu"), optim, weights=args["model"])
+                        build_mesh(plan, "cpu"), torch.device("cpu"), optim, weights=args["model"],
+                        spec=spec_for_config(cfg))
     return lambda inputs, targets: parts.train_step({**inputs, "use_cache": False}, targets, args["lr"])
 
 

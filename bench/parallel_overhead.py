@@ -87,8 +87,9 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from plait.parallel.mesh import build_mesh
+from plait.models import model_spec
 from plait.models.gpt import GPT, GPTConfig, apply_rope, lm_loss
+from plait.parallel.mesh import build_mesh
 from plait.parallel.parallelize import OptimConfig, parallelize
 from plait.parallel.plan import ParallelPlan
 from torch import nn
@@ -325,7 +326,7 @@ def build_case(case: str, cfg: GPTConfig, optim: OptimConfig, seed: int):
     world = dist.get_world_size()
     plan = ParallelPlan(tp=world, engine="fsdp2") if case == "tp2" else ParallelPlan(dp=world, engine="fsdp2")
     mesh = build_mesh(plan, "cpu")
-    parts = parallelize(lambda: _seeded_gpt(cfg, seed), plan, mesh, torch.device("cpu"), optim)
+    parts = parallelize(lambda: _seeded_gpt(cfg, seed), plan, mesh, torch.device("cpu"), optim, spec=model_spec("gpt"))
     group = dist.group.WORLD
     if case == "tp2":
         model = HandTPGPT(_seeded_gpt(cfg, seed), group)

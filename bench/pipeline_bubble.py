@@ -36,6 +36,7 @@ import time
 
 import torch
 import torch.distributed as dist
+from plait.models import model_spec
 from plait.models.gpt import GPT, GPTConfig, lm_loss
 from plait.parallel.pipeline import SCHEDULES, build_pipeline
 from torch.distributed.device_mesh import init_device_mesh
@@ -78,7 +79,7 @@ def bench_rank(ctx, args: dict) -> dict:
     for name in args["schedules"]:
         acc = [0.0, 0.0]
         torch.manual_seed(0)
-        pipes[name] = build_pipeline(lambda: GPT(cfg), mesh, schedule=name, microbatches=m,
+        pipes[name] = build_pipeline(lambda: GPT(cfg), mesh, model_spec("gpt"), schedule=name, microbatches=m,
                                      virtual_stages=_virtual(name), loss_fn=_timed(lm_loss, acc), device="cpu")
         for stage in pipes[name].stages:
             for method in ("forward_one_chunk", "backward_one_chunk", "backward_weight_one_chunk"):

@@ -70,9 +70,9 @@ def trial(shape: str, method: str, length: int, chunk: int) -> int:
     import gc
 
     import torch
-    from plait.parallel.activation_checkpoint import apply_activation_checkpointing
     from plait.lm.chunkwise import seco_step
     from plait.models.gpt import GPT, GPTConfig, lm_loss
+    from plait.parallel.activation_checkpoint import apply_activation_checkpointing
 
     torch.set_num_threads(1)
     torch.manual_seed(0)

@@ -5,8 +5,9 @@
     optimizer.step()
 
 From "Training Long-Context LLMs Efficiently via Chunk-wise Optimization" (Li et al., ACL Findings 2025).
-``model`` is Plait's GPT, a ``transformers.LlamaForCausalLM`` (through its ``past_key_values`` cache
-interface, transformers unpatched), either one under ``peft`` (LoRA), DDP or FSDP2. ``tokens`` and
+``model`` is any registered family (plait.models: its spec's attention takes a start position and a KV cache,
+``spec.attention.cache_forward``; Plait's GPT directly, a Hugging Face decoder through its ``past_key_values``
+cache interface, transformers unpatched), under ``peft`` (LoRA), DDP or FSDP2. ``tokens`` and
 ``targets`` are (batch, seq); the returned loss is the full sequence's mean loss (detached).
 
 SeCO. Stage 1: every chunk runs forward without grad; each layer's keys/values (after RoPE) are written
@@ -35,12 +36,12 @@ one goes through the DDP wrapper, so gradients are all-reduced once per step; un
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from plait.models.gpt import GPT, upcast
+from plait.parallel.loss import upcast
 from torch import nn
 
 
@@ -114,18 +115,19 @@ class _CarryKV(torch.autograd.Function):
 
 
 def seco_step(model: nn.Module, tokens: torch.Tensor, targets: torch.Tensor, chunk_len: int,
-              loss_fn=None) -> torch.Tensor:
+              loss_fn=None, spec: Any = None) -> torch.Tensor:
     """The exact gradient of the full sequence's mean loss, chunk by chunk (see the module docstring).
 
     ``loss_fn(logits, targets)`` returns the mean over the chunk's targets (weighted here by the chunk's
     share of the tokens); None is next-token cross-entropy, ``ignore_index=-100`` tokens excluded from
     both the sum and the count. Returns the full mean loss (detached); gradients accumulate into .grad."""
     k = _num_chunks(tokens, chunk_len)
-    return _chunkwise(model, tokens, targets, chunk_len, loss_fn, [True] * k, scale=1.0, carry=1.0)
+    return _chunkwise(model, tokens, targets, chunk_len, loss_fn, [True] * k, scale=1.0, carry=1.0, spec=spec)
 
 
 def spaco_step(model: nn.Module, tokens: torch.Tensor, targets: torch.Tensor, chunk_len: int, t: int,
-               cap: float = 0.0, loss_fn=None, generator: torch.Generator | None = None) -> torch.Tensor:
+               cap: float = 0.0, loss_fn=None, generator: torch.Generator | None = None,
+               spec: Any = None) -> torch.Tensor:
     """An unbiased estimate of SeCO's gradient that back-propagates through t of the k chunks on average;
     ``cap`` > 0 clips the per-hop factor (see the module docstring). ``generator`` draws the chunks."""
     k = _num_chunks(tokens, chunk_len)
@@ -135,11 +137,11 @@ def spaco_step(model: nn.Module, tokens: torch.Tensor, targets: torch.Tensor, ch
     if cap and cap < 1:
         raise ValueError(f"spaco cap={cap}: 0 (no cap) or >= 1 (a factor below 1 would shrink SeCO's gradient)")
     if t == k:
-        return _chunkwise(model, tokens, targets, chunk_len, loss_fn, [True] * k, scale=1.0, carry=1.0)
+        return _chunkwise(model, tokens, targets, chunk_len, loss_fn, [True] * k, scale=1.0, carry=1.0, spec=spec)
     picked = (torch.rand(k, generator=generator) < t / k).tolist()
     factor = k / t
     return _chunkwise(model, tokens, targets, chunk_len, loss_fn, picked, scale=factor,
-                      carry=min(factor, cap) if cap else factor)
+                      carry=min(factor, cap) if cap else factor, spec=spec)
 
 
 def _num_chunks(tokens: torch.Tensor, chunk_len: int) -> int:
@@ -150,13 +152,13 @@ def _num_chunks(tokens: torch.Tensor, chunk_len: int) -> int:
     return math.ceil(tokens.shape[1] / chunk_len)
 
 
-def _chunkwise(model, tokens, targets, chunk_len, loss_fn, picked, scale, carry) -> torch.Tensor:
+def _chunkwise(model, tokens, targets, chunk_len, loss_fn, picked, scale, carry, spec=None) -> torch.Tensor:
     seq = tokens.shape[1]
     if targets.shape[:2] != tokens.shape:
         raise ValueError(f"targets {tuple(targets.shape)} must start with the tokens' shape {tuple(tokens.shape)}")
     spans = [(s, min(s + chunk_len, seq)) for s in range(0, seq, chunk_len)]
     chunk_loss = _chunk_loss(loss_fn, targets)
-    cache, call = ChunkCache(seq), _caller(model)
+    cache, call = ChunkCache(seq), _caller(model, spec)
     inner = model.module if _is_ddp(model) else model
     total = torch.zeros((), dtype=torch.float64, device=tokens.device)
     with torch.no_grad():  # stage 1: every chunk's K/V into the cache, and the exact loss
@@ -221,58 +223,19 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
-def _caller(model: nn.Module):
-    """(module, tokens, cache, start) -> logits, for Plait's GPT or a Hugging Face causal LM."""
+def _caller(model: nn.Module, spec: Any = None):
+    """(module, tokens, cache, start) -> logits through the family's KV-cache forward (plait.models spec)."""
     base = _unwrap(model)
-    if isinstance(base, GPT):
-        return lambda module, tokens, cache, start: module(tokens, start_pos=start, cache=cache)
-    try:
-        from transformers import PreTrainedModel
-    except ImportError:  # pragma: no cover - transformers is a pinned dependency
-        PreTrainedModel = ()
-    if not isinstance(base, PreTrainedModel):
-        raise TypeError(f"chunk-wise training runs Plait's GPT or a transformers causal LM, not {type(base).__name__}: "
-                        "give its forward a cache argument (see plait.models.gpt) or use train.mode='full'")
-    num_layers = base.config.get_text_config(decoder=True).num_hidden_layers
-    hf_caches: dict[int, object] = {}
+    if spec is None:
+        from plait.models.registry import spec_for_model
 
-    def call(module, tokens, cache, start):
-        hf = hf_caches.setdefault(id(cache), _hf_cache_class()(cache, num_layers))
-        pos = torch.arange(start, start + tokens.shape[1], device=tokens.device)[None]
-        return module(input_ids=tokens, past_key_values=hf, position_ids=pos, use_cache=True).logits
-
-    return call
-
-
-@functools.cache
-def _hf_cache_class():
-    """A transformers ``Cache`` whose layers read and write a ChunkCache (built on first use)."""
-    from transformers.cache_utils import Cache, CacheLayerMixin
-
-    class _ChunkLayer(CacheLayerMixin):
-        is_sliding = False
-
-        def __init__(self, store: ChunkCache, layer_idx: int):
-            super().__init__()
-            self.store, self.layer_idx, self.is_initialized = store, layer_idx, True
-
-        def lazy_initialization(self, key_states, value_states) -> None:
-            pass
-
-        def update(self, key_states, value_states, *args, **kwargs):
-            return self.store.update(key_states, value_states, self.layer_idx)
-
-        def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-            return self.store.start + query_length, 0
-
-        def get_seq_length(self) -> int:
-            return self.store.start
-
-        def get_max_length(self) -> int:
-            return -1
-
-    class ChunkHFCache(Cache):
-        def __init__(self, store: ChunkCache, num_layers: int):
-            super().__init__(layers=[_ChunkLayer(store, i) for i in range(num_layers)])
-
-    return ChunkHFCache
+        try:
+            spec = spec_for_model(base)
+        except ValueError as e:
+            raise TypeError(f"chunk-wise training runs a model of a registered family (its spec's attention takes a "
+                            f"start position and a KV cache), not {type(base).__name__}: {e}; or use "
+                            "train.mode='full'") from None
+    if spec.attention is None:
+        raise TypeError(f"chunk-wise training needs the attention hooks of family {spec.name!r} (a forward through a "
+                        "KV cache at a start position); it declares none: use train.mode='full'")
+    return lambda module, tokens, cache, start: spec.attention.cache_forward(module, tokens, cache, start)

@@ -20,6 +20,8 @@ batches an uninterrupted run would, and each data-parallel rank takes its contig
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import sysconfig
 from dataclasses import dataclass
@@ -249,3 +251,33 @@ class StepBatches:
         ids = self.row_ids(step)[dp_rank * per_rank : (dp_rank + 1) * per_rank]
         rows = torch.from_numpy(self.shards.read(np.sort(ids)).astype(np.int64))
         return rows[:, :-1], rows[:, 1:]
+
+    def data_state(self, step: int) -> dict:
+        """The data position to store in a checkpoint written after ``step`` steps: the step is the position."""
+        return {"format": self.shards.meta.get("text", TOKENS), "step": int(step), "global_batch": self.global_batch,
+                "seed": self.seed, "rows": len(self.shards), "recipe": recipe_digest(self.shards.meta),
+                "sequences_consumed": int(step) * self.global_batch}
+
+    def check_resume(self, state: dict) -> int:
+        """The step to resume at from a checkpoint's ``data_state``; refuses one this order cannot continue."""
+        mine = self.data_state(int(state.get("step", 0)))
+        if state.get("global_batch") != self.global_batch:
+            raise DatasetError(
+                f"the checkpoint was written with train.global_batch={state.get('global_batch')}, this job asks "
+                f"for {self.global_batch}: the data order is a function of (seed, step, global batch), so resuming "
+                "under another global batch would repeat or skip sequences. Keep train.global_batch="
+                f"{state.get('global_batch')} (the dp degree may change; fit memory with more micro-batches), "
+                "or start a new run.")
+        for key, what in (("seed", "data seed"), ("recipe", "dataset recipe"), ("rows", "dataset size")):
+            if state.get(key) != mine[key]:
+                raise DatasetError(
+                    f"the checkpoint's {what} is {key}={state.get(key)!r}, this job's is {mine[key]!r}: resuming "
+                    "would read another sequence order. Point the job at the dataset and seed the run was "
+                    "started with, or start a new run.")
+        return int(state["step"])
+
+
+def recipe_digest(meta: dict) -> str:
+    """A short fingerprint of what a dataset was made from (its manifest ``meta``, file details aside)."""
+    recipe = {k: v for k, v in sorted(meta.items()) if k not in ("files", "documents", "tokens", "dropped_tokens")}
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]

@@ -1,224 +1,254 @@
-"""The GPT training job: ``job = "plait.lm.lm_job"`` in a spec.
+"""The language-model job for any registered family: ``job = "plait.lm.lm_job"`` in a spec.
 
-Every rank builds the same GPT from the same seed, applies the spec's ParallelPlan on one named
-DeviceMesh, reads its slice of each step's batch from the Parquet token dataset, trains, streams
-metrics (rank 0) and commits checkpoints. On a restart (``ctx.attempt > 0``) or with
-``train.resume = "latest"`` it continues from the newest committed checkpoint.
+Pretraining Plait's GPT from scratch on tokens made offline, or fine-tuning a local Hugging Face folder (any
+family plait.models knows: Llama, Mistral, Qwen2/3, Phi-3, Gemma-3 ...) on your own Parquet / JSONL text; the
+configuration is lm/lm_config.py. Every rank builds the model (on the meta device when it loads weights or
+draws a random init shard by shard), applies the spec's ParallelPlan through the family's spec on one named
+DeviceMesh, reads its slice of each step's batch, and drives the one training loop (runtime/trainer.py: resume,
+cadence, checkpoints, metrics, watchdog, stop requests). Each step's global batch is a pure function of (seed,
+step), so a checkpoint resumes under another dp degree without repeating or skipping a sequence.
 
-``train.mode`` picks the backward: "full" (the plan's train step), "seco" (exact chunk-wise back-propagation
-over ``train.chunk_len``-token chunks, parallel/chunkwise.py: long sequences in the memory of one chunk's
-activations plus the K/V cache) or "spaco" (SeCO through ``train.spaco_t`` of the chunks on average, an
-unbiased estimate; ``train.spaco_cap`` > 0 caps its per-hop factor). Chunk-wise modes run on data
-parallelism only (DDP or FSDP2; gradients reduced once per step). ``[train.lora]`` with rank > 0 wraps the
-GPT in peft LoRA adapters on ``targets``: only the adapters train (and are what the optimizer steps).
+``train.mode`` picks the backward: "full" (the plan's train step), "seco" (exact chunk-wise back-propagation over
+``train.chunk_len``-token chunks, lm/chunkwise.py: long sequences in the memory of one chunk's activations plus
+the K/V cache) or "spaco" (SeCO through ``train.spaco_t`` of the chunks on average, unbiased; ``spaco_cap`` > 0
+caps its per-hop factor). Chunk-wise modes run on data parallelism only (DDP or FSDP2). ``[train.lora]`` with
+rank > 0 wraps the model in peft LoRA adapters: only the adapters train.
+
+At the end the trained model is written as a complete HF folder (weights, config, tokenizer and generation
+files of the source folder), ``<run_dir>/outputs/hf_export`` by default, that ``from_pretrained`` loads
+(``export.hf``: "auto" when the model came from a folder). The loss on a fixed batch (the first step's) is
+measured before the first and after the last step: ``eval_loss_start`` / ``eval_loss_end`` in the summary.
 """
 
 from __future__ import annotations
 
-import math
-import os
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from plait.lm.chunkwise import seco_step, spaco_step
-from plait.lm.data import DataConfig, StepBatches, ensure_token_dataset, open_token_dataset
-from plait.parallel.estimate import estimate_job
+from plait.lm.lm_config import Config, lora_targets, model_config
+from plait.models.spec import ModelSpec, model_params
+from plait.parallel.data_parallel import call_model, to_device
+from plait.parallel.estimate import estimate_report
+from plait.parallel.loss import tp_loss
 from plait.parallel.mesh import build_mesh
-from plait.models.gpt import GPT, GPTConfig
-from plait.parallel.parallelize import OptimConfig, Parallelized, clip_grad_norm, lr_at, parallelize
-from plait.parallel.plan import ParallelPlan
-from plait.runtime.checkpoint import Checkpointer, EngineState, ModelOptimizer
+from plait.parallel.parallelize import Parallelized, clip_grad_norm, lr_at, parallelize
+from plait.runtime.checkpoint import EngineState, ModelOptimizer
 from plait.runtime.context import RankContext
-from plait.runtime.metrics import MetricsLogger
+from plait.runtime.trainer import TrainLoop
 
-MODES = ("full", "seco", "spaco")
-LORA_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3", "output")
-
-
-@dataclass
-class LoraSettings:
-    rank: int = 0  # 0 = no LoRA: every parameter trains
-    alpha: float = 16.0
-    targets: list[str] = field(default_factory=lambda: ["wq", "wk", "wv", "wo"])
-
-    def check(self) -> None:
-        if self.rank < 0:
-            raise ValueError(f"train.lora.rank={self.rank}: 0 (off) or a positive adapter rank")
-        unknown = sorted(set(self.targets) - set(LORA_TARGETS))
-        if unknown or not self.targets:
-            raise ValueError(f"train.lora.targets={self.targets}: choose module names from {', '.join(LORA_TARGETS)}")
-
-
-@dataclass
-class TrainConfig:
-    steps: int = 100
-    global_batch: int = 16  # sequences per optimizer step, over all data-parallel ranks
-    seq_len: int = 128
-    seed: int = 0
-    dtype: str = "float32"  # float32 | float64 (float64 for exact-equality tests)
-    checkpoint_every: int = 50  # 0 = only at the end
-    keep_last: int = 2
-    resume: str = ""  # "" = fresh start, "latest" (continue this run_dir), or a committed checkpoint folder
-    fail_at_step: int = 0  # fault injection: rank world-1 dies at this step on the first attempt
-    mode: str = "full"  # full | seco | spaco (chunk-wise back-propagation, see the module docstring)
-    chunk_len: int = 0  # tokens per chunk under seco / spaco
-    spaco_t: int = 0  # spaco: chunks that back-propagate per step, on average (1 .. seq_len / chunk_len)
-    spaco_cap: float = 0.0  # spaco: cap on the k/t factor per hop between chunks; 0 = none (unbiased)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    lora: LoraSettings = field(default_factory=LoraSettings)
-    meta_init: bool = False  # build on the meta device, each rank drawing only its shards (parallel/meta_init.py)
-
-    def check(self) -> None:
-        if self.dtype not in ("float32", "float64"):
-            raise ValueError(f"train.dtype={self.dtype!r}: choose float32 or float64")
-        if self.steps < 1 or self.global_batch < 1:
-            raise ValueError("train.steps and train.global_batch must be >= 1")
-        if self.mode not in MODES:
-            raise ValueError(f"train.mode={self.mode!r}: choose one of {', '.join(MODES)}")
-        if self.mode != "full" and not 1 <= self.chunk_len <= self.seq_len:
-            raise ValueError(f"train.mode={self.mode!r} needs train.chunk_len in 1..train.seq_len={self.seq_len}, "
-                             f"got {self.chunk_len}")
-        chunks = math.ceil(self.seq_len / self.chunk_len) if self.chunk_len else 0
-        if self.mode == "spaco" and not 1 <= self.spaco_t <= chunks:
-            raise ValueError(f"train.spaco_t={self.spaco_t}: choose 1..{chunks}, the number of {self.chunk_len}-token "
-                             f"chunks in train.seq_len={self.seq_len} ({chunks} is SeCO)")
-        if self.meta_init and self.lora.rank:
-            raise ValueError("train.meta_init with train.lora.rank > 0: LoRA adapters have their own init (B = 0); "
-                             "use train.meta_init=false for LoRA runs")
-        if self.spaco_cap and self.spaco_cap < 1:
-            raise ValueError(f"train.spaco_cap={self.spaco_cap}: 0 (no cap, unbiased) or >= 1")
-
-
-@dataclass
-class Config:
-    model: GPTConfig = field(default_factory=GPTConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    plan: ParallelPlan = field(default_factory=ParallelPlan)
-
-    def check(self) -> None:
-        if self.train.seq_len > self.model.max_seq_len:
-            raise ValueError(f"train.seq_len={self.train.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
-        if self.train.global_batch % self.plan.dp:
-            raise ValueError(f"train.global_batch={self.train.global_batch} must divide evenly over plan.dp="
-                             f"{self.plan.dp} data-parallel ranks")
-        check_chunkwise(self.train.mode, self.plan)
-
-
-def check_chunkwise(mode: str, plan: ParallelPlan) -> None:
-    """Chunk-wise modes run on DDP or FSDP2 data parallelism; refuse what they do not drive."""
-    if mode == "full":
-        return
-    other = {"plan.tp": plan.tp, "plan.pp": plan.pp, "plan.cp": getattr(plan, "cp", 1)}
-    for name, degree in other.items():
-        if degree > 1:
-            raise ValueError(f"train.mode={mode!r} with {name}={degree}: chunk-wise training recomputes whole "
-                             f"chunks on one rank's model; it runs with data parallelism only (DDP or FSDP2). "
-                             f"Set {name}=1, or train.mode='full'")
-    if plan.engine not in ("ddp", "fsdp2"):
-        raise ValueError(f"train.mode={mode!r} with plan.engine={plan.engine!r}: DeepSpeed owns the backward pass; "
-                         "use engine='ddp' or 'fsdp2'")
-    if plan.activation_checkpointing != "off":
-        raise ValueError(f"train.mode={mode!r} with plan.activation_checkpointing="
-                         f"{plan.activation_checkpointing!r}: a chunk's activations are already bounded by "
-                         "train.chunk_len; set activation_checkpointing='off' (or a smaller chunk_len)")
+__all__ = ["Config", "validate", "estimate", "prepare", "train", "summarize"]
 
 
 def validate(cfg: Config, world_size: int) -> None:
-    """On the driver, before anything starts: the plan against the world and the model."""
-    cfg.plan.validate(world_size, cfg.model, cfg.train.global_batch // cfg.plan.dp, world_name="workers.num",
-                      model_dtype=cfg.train.dtype, seq_len=cfg.train.seq_len)
+    """On the driver, before anything starts: the world first, then the config, the plan against the model."""
+    cfg.plan.check()
+    if cfg.plan.world_size != world_size:  # the rank count first: a batch or size message would mislead
+        cfg.plan.validate(world_size, world_name="workers.num")
     cfg.check()
+    spec, model_cfg = model_config(cfg.model)
+    cfg.plan.validate(world_size, spec.shape(model_cfg), cfg.train.global_batch // cfg.plan.dp,
+                      world_name="workers.num", model_dtype=cfg.train.dtype, seq_len=cfg.train.seq_len)
+    limit = getattr(model_cfg, "max_seq_len", None) or getattr(model_cfg, "max_position_embeddings", None)
+    if limit and cfg.train.seq_len > limit:
+        raise ValueError(f"train.seq_len={cfg.train.seq_len} exceeds the model's {limit} positions (model.max_seq_len "
+                         "or max_position_embeddings): shorten the sequences or raise the limit")
+    if cfg.model.path and cfg.model.init == "pretrained" and not cfg.model.make_tiny:
+        check_model_folder(Path(cfg.model.path), needs_tokenizer=bool(cfg.data.files) and not cfg.data.tokenizer)
+
+
+def check_model_folder(folder: Path, needs_tokenizer: bool) -> None:
+    """Weights (and, when the text is tokenised with it, a tokenizer) in the model folder, checked on the driver:
+    a folder with config.json but no weights would otherwise fail on every rank after launch."""
+    from plait.models.hf.weights import weight_files
+
+    try:
+        weight_files(folder)
+    except FileNotFoundError as e:
+        raise ValueError(f"model.path: {e}") from None
+    if needs_tokenizer and not (folder / "tokenizer.json").is_file():
+        raise ValueError(f"model.path={folder} has no tokenizer.json to tokenise data.files with: set "
+                         "data.tokenizer to a tokenizer.json (the tokenizers library's format; "
+                         "AutoTokenizer.save_pretrained writes it)")
 
 
 def estimate(cfg: Config, world_size: int) -> str:
-    """`plait plan estimate`: per-rank memory of this job's model under its plan."""
-    return estimate_job(cfg, world_size)
+    """`plait plan estimate`: per-rank memory of the model under the plan, from its config alone."""
+    validate(cfg, world_size)
+    spec, model_cfg = model_config(cfg.model)
+    where = f" from {cfg.model.path}" if cfg.model.path else ""
+    return estimate_report(model_params(spec, model_cfg), spec.shape(model_cfg), cfg.plan, world_size,
+                           global_batch=cfg.train.global_batch, seq_len=cfg.train.seq_len, dtype=cfg.train.dtype,
+                           title=f"{spec.name}{where}")
 
 
 def prepare(cfg: Config, run_dir: Path) -> None:
-    """On the driver: absolute paths for the ranks, and the dataset built (or checked) once, before launch."""
-    cfg.data.path = str(Path(cfg.data.path).resolve())  # ranks may start in another directory
-    ensure_token_dataset(cfg.data, Path(cfg.data.path), cfg.train.seq_len, cfg.model.vocab_size)
+    """On the driver: absolute paths for the ranks, the tiny model and sample text when asked, the token dataset
+    built (or checked) once, before launch."""
+    from plait.lm.data import ensure_token_dataset
+    from plait.lm.text_data import ensure_text_dataset, recipe_digest
+    from plait.runtime.storage_location import persistent_path
+
+    data, model = cfg.data, cfg.model
+    for key in ("data.path",) + (("model.path",) if model.path and model.make_tiny else ()):
+        section, attr = key.split(".")
+        where, note = persistent_path(getattr(getattr(cfg, section), attr), key)  # under a Ray job's temp copy
+        if note:
+            print(f"[plait] {note}", flush=True)
+        setattr(getattr(cfg, section), attr, str(Path(where).resolve()))
+    if model.path:
+        model.path = str(Path(model.path).resolve())
+    data.files = [str(Path(f).resolve()) for f in data.files]
+    if data.tokenizer:
+        data.tokenizer = str(Path(data.tokenizer).resolve())
+    if model.make_tiny and model.path and not Path(model.path).exists():
+        from plait.models.hf.tiny import make_tiny_llama
+
+        print(f"[plait] model.path={model.path} does not exist: making a tiny random Llama there", flush=True)
+        make_tiny_llama(model.path)
+    if data.make_sample and data.files and not Path(data.files[0]).exists():
+        from plait.models.hf.tiny import write_sample_text
+
+        print(f"[plait] data.files[0]={data.files[0]} does not exist: writing standard-library text there", flush=True)
+        write_sample_text(data.files[0])
+    spec, model_cfg = model_config(model)
+    vocab = spec.shape(model_cfg).vocab_size
+    if not data.files:
+        ensure_token_dataset(token_config(cfg), Path(data.path), cfg.train.seq_len, vocab)
+        return
+    text = text_config(cfg)
+    check_tokenizer_fits(text, vocab)
+    data.built = recipe_digest(ensure_text_dataset(text, Path(data.path)).meta)
 
 
-def train(ctx: RankContext, cfg: Config) -> dict:
-    plan = cfg.plan
-    plan.validate(ctx.world_size, cfg.model, cfg.train.global_batch // plan.dp, seq_len=cfg.train.seq_len)
-    torch.manual_seed(cfg.train.seed)
-    dtype = getattr(torch, cfg.train.dtype)
-    mesh = build_mesh(plan, ctx.device_type)
-    parts = parallelize(lambda: build_model(cfg, dtype), plan, mesh, ctx.device, cfg.train.optim,
-                        global_batch=cfg.train.global_batch, init_seed=cfg.train.seed if cfg.train.meta_init else None)
-    if cfg.train.mode == "full":
-        def train_step(inputs, targets, lr, _step):
-            return parts.train_step(inputs, targets, lr)
-    else:
-        train_step = chunkwise_train_step(parts, cfg, ctx.device)
-    ckpt = Checkpointer(ctx.run_dir / "checkpoints", keep_last=cfg.train.keep_last, run_id=ctx.run_id)
-    state = (EngineState(parts.engine, trusted_root=ctx.run_dir) if parts.engine is not None
-             else ModelOptimizer(parts.modules, parts.optimizers))
-    start = 0
-    if ctx.resume_from is not None:  # decided on the driver (runtime/run_dir.py), the same on every rank
-        start = ckpt.load(ctx.resume_from, state)["step"]
-        ctx.log(f"resumed from {ctx.resume_from} (step {start})")
-    batches = StepBatches(open_token_dataset(cfg.data, cfg.train.seq_len, cfg.model.vocab_size),
-                          cfg.train.global_batch, cfg.train.seed)
-    dp_rank = mesh.get_local_rank("dp")
-    metrics = MetricsLogger(ctx.run_dir, enabled=ctx.is_main, total_steps=cfg.train.steps,
-                            start_step=start, device=ctx.device)
-    losses = []
-    tokens_per_step = cfg.train.global_batch * cfg.train.seq_len
-    ctx.step_done(start)  # the watchdog's rhythm starts here (runtime/watchdog.py)
-    for step in range(start, cfg.train.steps):
-        t0 = time.perf_counter()
-        inputs, targets = batches.batch(step, dp_rank, plan.dp)
-        lr = lr_at(step, cfg.train.steps, cfg.train.optim)
-        loss = train_step(inputs, targets, lr, step)
-        dt = time.perf_counter() - t0
-        losses.append(loss)
-        metrics.log(step + 1, loss=loss, lr=lr, step_time_s=dt, tokens_per_s=tokens_per_step / dt)
-        if cfg.train.fail_at_step == step + 1 and ctx.attempt == 0 and ctx.rank == ctx.world_size - 1:
-            os._exit(17)  # simulate a crashed worker process (no Python cleanup, no exception)
-        every = cfg.train.checkpoint_every
-        if (every and (step + 1) % every == 0) or step + 1 == cfg.train.steps:
-            ckpt.save(step + 1, state, meta={"data_step": step + 1, "plan": plan.describe()})
-        ctx.step_done(step + 1)
-    metrics.close()
-    return {"rank": ctx.rank, "start_step": start, "losses": losses, "checkpoint": str(ckpt.latest())}
+def token_config(cfg: Config):
+    from plait.lm.data import DataConfig
+
+    d = cfg.data
+    return DataConfig(path=d.path, source=d.source, num_tokens=d.num_tokens, seed=d.seed, rebuild=d.rebuild)
 
 
-def build_model(cfg: Config, dtype: torch.dtype) -> torch.nn.Module:
-    """The GPT (seeded by the caller), wrapped in peft LoRA adapters when train.lora.rank > 0."""
-    model = GPT(cfg.model).to(dtype)
+def text_config(cfg: Config):
+    from plait.lm.text_data import TextDataConfig
+
+    return TextDataConfig(files=list(cfg.data.files), text_column=cfg.data.text_column,
+                          tokenizer=cfg.data.tokenizer or cfg.model.path, seq_len=cfg.train.seq_len,
+                          doc_mask=cfg.data.doc_mask, rebuild=cfg.data.rebuild)
+
+
+def check_tokenizer_fits(text, vocab: int) -> None:
+    from plait.lm.text_data import tokenizer_file
+    from tokenizers import Tokenizer
+
+    file = tokenizer_file(text)
+    if (size := Tokenizer.from_file(str(file)).get_vocab_size()) > vocab:
+        raise ValueError(f"the tokenizer {file} has {size} tokens, more than the model's vocab_size={vocab}: use the "
+                         "model's own tokenizer (data.tokenizer)")
+
+
+def build_model(cfg: Config, spec: ModelSpec, model_cfg, dtype: torch.dtype) -> torch.nn.Module:
+    """The family's model in ``dtype``, wrapped in peft LoRA adapters when train.lora.rank > 0."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        model = spec.build(model_cfg)
+    finally:
+        torch.set_default_dtype(previous)
     lora = cfg.train.lora
     if lora.rank:
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(r=lora.rank, lora_alpha=lora.alpha, target_modules=list(lora.targets)))
+        model = get_peft_model(model, LoraConfig(r=lora.rank, lora_alpha=lora.alpha,
+                                                 target_modules=lora_targets(cfg, spec)))
     return model
 
 
-def chunkwise_train_step(parts: Parallelized, cfg: Config, device: torch.device):
+def open_batches(cfg: Config, dtype: torch.dtype):
+    """This job's StepBatches (made-offline tokens) or TextBatches (packed text), as the driver built them."""
+    from plait.lm.data import StepBatches, open_token_dataset
+    from plait.lm.text_data import TextBatches, ensure_text_dataset, open_text_dataset
+
+    t = cfg.train
+    if not cfg.data.files:
+        vocab = model_config(cfg.model)[0].shape(model_config(cfg.model)[1]).vocab_size
+        return StepBatches(open_token_dataset(token_config(cfg), t.seq_len, vocab), t.global_batch, t.seed)
+    shards = (open_text_dataset(cfg.data.path, cfg.data.built, t.seq_len) if cfg.data.built
+              else ensure_text_dataset(text_config(cfg), Path(cfg.data.path)))
+    mask_dtype = torch.bool if cfg.model.attn_implementation != "eager" else dtype  # eager adds a float mask
+    return TextBatches(shards, t.global_batch, t.seed, doc_mask=cfg.data.doc_mask, mask_dtype=mask_dtype)
+
+
+def model_inputs(inputs, cfg: Config):
+    """What the model is called with: token ids for Plait's GPT and for pipeline stages; else the batch's
+    tensors and no KV cache."""
+    if not isinstance(inputs, dict):
+        return inputs
+    if not cfg.model.path or cfg.plan.pp > 1:
+        return inputs["input_ids"]
+    return {**inputs, "use_cache": False}
+
+
+def train(ctx: RankContext, cfg: Config) -> dict:
+    plan, t = cfg.plan, cfg.train
+    spec, model_cfg = model_config(cfg.model)
+    torch.manual_seed(t.seed)
+    dtype = getattr(torch, t.dtype)
+    mesh = build_mesh(plan, ctx.device_type)
+    pretrained = bool(cfg.model.path) and cfg.model.init == "pretrained"
+    parts = parallelize(lambda: build_model(cfg, spec, model_cfg, dtype), plan, mesh, ctx.device, t.optim,
+                        global_batch=t.global_batch, spec=spec, weights=cfg.model.path if pretrained else None,
+                        init_seed=t.seed if t.meta_init and not pretrained else None)
+    state = EngineState(parts.engine, trusted_root=ctx.run_dir) if parts.engine is not None else \
+        ModelOptimizer(parts.modules, parts.optimizers)
+    batches = open_batches(cfg, dtype)
+    loop = TrainLoop(ctx, t, total=t.steps, state=state, meta=lambda done: {"data": batches.data_state(done),
+                                                                           "plan": plan.describe()})
+    if "data" in loop.resumed:
+        batches.check_resume(loop.resumed["data"])
+    step_fn = full_step(parts, cfg) if t.mode == "full" else chunkwise_step(parts, cfg, ctx.device, spec)
+    dp_rank = mesh.get_local_rank("dp")
+    probe = batches.batch(0, dp_rank, plan.dp)
+    eval_start = eval_loss(parts, *probe, cfg, ctx.device)
+    tokens_per_step = t.global_batch * t.seq_len
+    for step in loop:
+        inputs, targets = batches.batch(step, dp_rank, plan.dp)
+        lr = lr_at(step, t.steps, t.optim)
+        loss = step_fn(inputs, targets, lr, step)
+        dt = loop.elapsed()
+        loop.step_done(loss=loss, lr=lr, step_time_s=dt, tokens_per_s=tokens_per_step / dt)
+    result = loop.finish()
+    eval_end = eval_loss(parts, *probe, cfg, ctx.device)
+    export = export_model(cfg, ctx, parts, spec, model_cfg) if not result.stopped else None
+    return {"rank": ctx.rank, **result.as_dict(), "eval_loss_start": eval_start, "eval_loss_end": eval_end,
+            "export": str(export) if export else None, "family": spec.name}
+
+
+def full_step(parts: Parallelized, cfg: Config):
+    def step_fn(inputs, targets, lr, _step):
+        return parts.train_step(model_inputs(inputs, cfg), targets, lr)
+
+    return step_fn
+
+
+def chunkwise_step(parts: Parallelized, cfg: Config, device: torch.device, spec: ModelSpec):
     """(inputs, targets, lr, step) -> the global mean loss, with SeCO or SpaCO instead of one backward."""
     train, model, mesh = cfg.train, parts.modules[0], parts.mesh
     dp_rank = mesh.get_local_rank("dp")
 
-    def step_fn(inputs: torch.Tensor, targets: torch.Tensor, lr: float, step: int) -> float:
+    def step_fn(inputs, targets, lr: float, step: int) -> float:
         for opt in parts.optimizers:
             for group in opt.param_groups:
                 group["lr"] = lr
             opt.zero_grad(set_to_none=True)
+        inputs = inputs["input_ids"] if isinstance(inputs, dict) else inputs
         inputs, targets = inputs.to(device), targets.to(device)
         if train.mode == "seco":
-            loss = seco_step(model, inputs, targets, train.chunk_len)
+            loss = seco_step(model, inputs, targets, train.chunk_len, spec=spec)
         else:  # a fresh, reproducible draw per step and dp rank (resumes draw the same chunks)
             gen = torch.Generator().manual_seed((train.seed * 1_000_003 + step) * 1009 + dp_rank)
             loss = spaco_step(model, inputs, targets, train.chunk_len, train.spaco_t, cap=train.spaco_cap,
-                              generator=gen)
+                              generator=gen, spec=spec)
         if train.optim.grad_clip > 0:
             parts.grad_norm = clip_grad_norm(parts.modules, train.optim.grad_clip, mesh)
         for opt in parts.optimizers:
@@ -231,16 +261,56 @@ def chunkwise_train_step(parts: Parallelized, cfg: Config, device: torch.device)
     return step_fn
 
 
+@torch.no_grad()
+def eval_loss(parts: Parallelized, inputs, targets, cfg: Config, device) -> float | None:
+    """The mean loss over dp of a forward on a fixed batch (None under pp and cp: stages and ring pieces run by
+    schedule; None under ZeRO, whose engine owns the forward)."""
+    if cfg.plan.pp > 1 or cfg.plan.cp > 1 or parts.engine is not None:
+        return None
+    model = parts.modules[0]
+    model.eval()
+    try:
+        out = call_model(model, to_device(model_inputs(inputs, cfg), device))
+        loss = tp_loss(out, to_device(targets, device), cfg.plan.loss_parallel).detach().double().reshape(()).clone()
+    finally:
+        model.train()
+    dp = parts.mesh["dp"]
+    if dp.size() > 1:
+        dist.all_reduce(loss, op=dist.ReduceOp.AVG, group=dp.get_group())
+    return float(loss)
+
+
+def export_model(cfg: Config, ctx: RankContext, parts: Parallelized, spec: ModelSpec, model_cfg) -> Path | None:
+    """The trained model as a complete HF folder (a collective: every rank calls it), when ``export.hf`` asks."""
+    from plait.models.hf.export import export_hf_folder
+
+    wanted = cfg.export.hf == "always" or (cfg.export.hf == "auto" and bool(cfg.model.path))
+    if not wanted:
+        return None
+    if cfg.train.lora.rank:
+        ctx.log("export skipped: a LoRA run's adapters are in its checkpoints (merge them with peft, then export)")
+        return None
+    folder = Path(cfg.export.path) if cfg.export.path else ctx.run_dir / "outputs" / "hf_export"
+    modules = [parts.engine.module] if parts.engine is not None else parts.modules
+    source = cfg.data.tokenizer if cfg.data.tokenizer and Path(cfg.data.tokenizer).is_dir() else cfg.model.path
+    export_hf_folder(modules, folder, model_cfg, spec=spec, source=source or None,
+                     dtype=getattr(torch, cfg.export.dtype) if cfg.export.dtype else None)
+    return folder
+
+
 def summarize(cfg: Config, run_dir: Path, results: list[dict]) -> dict:
+    main, losses = results[0], results[0]["losses"]
+    return {"plan": cfg.plan.describe(), "family": main["family"], "model": cfg.model.path or "gpt",
+            "steps": cfg.train.steps, "start_step": main["start_step"],
+            "first_loss": round(losses[0], 4) if losses else None,
+            "last_loss": round(losses[-1], 4) if losses else None,
+            "eval_loss_start": main["eval_loss_start"],
+            "eval_loss_end": main["eval_loss_end"], "export": main["export"], "checkpoint": main["checkpoint"],
+            "stopped": main["stopped"], "losses": losses, "metrics": str(run_dir / "metrics.jsonl"), **_plot(run_dir)}
+
+
+def _plot(run_dir: Path) -> dict:
     from plait.runtime.plot import plot_run
 
-    main = results[0]
-    losses = main["losses"]
-    out = {"plan": cfg.plan.describe(), "steps": cfg.train.steps, "start_step": main["start_step"],
-           "first_loss": round(losses[0], 4) if losses else None,
-           "last_loss": round(losses[-1], 4) if losses else None,
-           "checkpoint": main["checkpoint"], "tensorboard": str(run_dir / "tensorboard"),
-           "metrics": str(run_dir / "metrics.jsonl")}
-    if (run_dir / "metrics.jsonl").is_file() and (run_dir / "metrics.jsonl").stat().st_size:  # none: no step ran
-        out["plot"] = str(plot_run(run_dir))
-    return out
+    metrics = run_dir / "metrics.jsonl"
+    return {"plot": str(plot_run(run_dir))} if metrics.is_file() and metrics.stat().st_size else {}

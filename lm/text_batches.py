@@ -14,18 +14,15 @@ document. For a step, ``TextBatches.batch`` gives this data-parallel rank's slic
 - targets [B, T]: tokens 1..T, with -100 where the next token starts another document.
 
 Which rows a step takes is StepBatches' pure function of (seed, step, global_batch), so the data position
-of a run is its step: ``data_state(step)`` goes into the checkpoint and ``check_resume(state)`` refuses to
-resume from one written with another dataset, seed or global batch. The dp degree may change on resume.
+of a run is its step: StepBatches' ``data_state(step)`` goes into the checkpoint and ``check_resume(state)``
+refuses to resume from one written with another dataset, seed or global batch. The dp degree may change.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-
 import numpy as np
 import torch
-from plait.lm.data import DatasetError, StepBatches
+from plait.lm.data import DatasetError, StepBatches, recipe_digest  # noqa: F401 (recipe_digest re-exported)
 from plait.storage.row_shards import RowShards
 
 TEXT = "plait-text-v1"  # the row layout above; bump when it changes
@@ -36,12 +33,6 @@ def split_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(tokens, document indices) of packed text rows, each [N, seq_len + 1]."""
     width = rows.shape[1] // 2
     return rows[:, :width], rows[:, width:]
-
-
-def recipe_digest(meta: dict) -> str:
-    """A short fingerprint of what a text dataset was made from (its manifest ``meta``, file details aside)."""
-    recipe = {k: v for k, v in sorted(meta.items()) if k not in ("files", "documents", "tokens", "dropped_tokens")}
-    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def position_ids(docs: torch.Tensor) -> torch.Tensor:
@@ -106,27 +97,3 @@ class TextBatches(StepBatches):
         per_rank = self.global_batch // dp_size
         ids = self.row_ids(step)[dp_rank * per_rank : (dp_rank + 1) * per_rank]
         return text_inputs(self.shards.read(np.sort(ids)), self.doc_mask, self.mask_dtype)
-
-    def data_state(self, step: int) -> dict:
-        """The data position to store in a checkpoint written after ``step`` steps: the step is the position."""
-        return {"format": TEXT, "step": int(step), "global_batch": self.global_batch, "seed": self.seed,
-                "rows": len(self.shards), "recipe": recipe_digest(self.shards.meta),
-                "sequences_consumed": int(step) * self.global_batch}
-
-    def check_resume(self, state: dict) -> int:
-        """The step to resume at from a checkpoint's ``data_state``; refuses one this order cannot continue."""
-        mine = self.data_state(int(state.get("step", 0)))
-        if state.get("global_batch") != self.global_batch:
-            raise DatasetError(
-                f"the checkpoint was written with train.global_batch={state.get('global_batch')}, this job asks "
-                f"for {self.global_batch}: the data order is a function of (seed, step, global batch), so resuming "
-                "under another global batch would repeat or skip sequences. Keep train.global_batch="
-                f"{state.get('global_batch')} (the dp degree may change; fit memory with more micro-batches), "
-                "or start a new run.")
-        for key, what in (("seed", "data seed"), ("recipe", "dataset recipe"), ("rows", "dataset size")):
-            if state.get(key) != mine[key]:
-                raise DatasetError(
-                    f"the checkpoint's {what} is {key}={state.get(key)!r}, this job's is {mine[key]!r}: resuming "
-                    "would read another sequence order. Point the job at the dataset and seed the run was "
-                    "started with, or start a new run.")
-        return int(state["step"])

@@ -35,6 +35,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from plait.parallel.loss import lm_loss, upcast  # noqa: F401 - the GPT's loss, re-exported
+from plait.parallel.shape import DecoderShape
 from torch import nn
 
 
@@ -71,6 +73,12 @@ class GPTConfig:
             raise ValueError(f"model.n_heads={self.n_heads} must be divisible by model.n_kv_heads={self.kv_heads}")
         if self.head_dim % 2:
             raise ValueError(f"head dim {self.head_dim} must be even for RoPE; change d_model or n_heads")
+
+    def decoder_shape(self) -> DecoderShape:
+        """The sizes plan checks and the estimator read (parallel/shape.py)."""
+        return DecoderShape(vocab_size=self.vocab_size, d_model=self.d_model, n_layers=self.n_layers,
+                            n_heads=self.n_heads, n_kv_heads=self.kv_heads, head_dim=self.head_dim,
+                            ffn_hidden=self.hidden, family="gpt", extra_tp_sizes={"model.d_model": self.d_model})
 
     def num_params(self) -> int:
         d, h, v = self.d_model, self.hidden, self.vocab_size
@@ -302,13 +310,3 @@ class KVCache:
         if not self.keys:
             return 0
         return self.keys[min(self.keys) if layer_idx is None else layer_idx].shape[-2]
-
-
-def upcast(logits: torch.Tensor) -> torch.Tensor:
-    """bf16/fp16 logits go to float32 for the softmax; float32 and float64 stay as they are."""
-    return logits.float() if logits.dtype in (torch.bfloat16, torch.float16) else logits
-
-
-def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over every position."""
-    return F.cross_entropy(upcast(logits).flatten(0, 1), targets.flatten(0, 1))

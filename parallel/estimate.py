@@ -1,25 +1,32 @@
-"""Per-rank memory of a Plait GPT under a ParallelPlan, before launch (``plait plan estimate``).
+"""Per-rank memory of a decoder under a ParallelPlan, before launch (``plait plan estimate``).
 
-    rows = estimate_memory(gpt_cfg, plan, global_batch=16, seq_len=128, dtype="float32")
+    params = model_params(spec, config)  # plait.models: every parameter's shape, block, end and tp dim
+    rows = estimate_memory(params, spec.shape(config), plan, global_batch=16, seq_len=128, dtype="float32")
     print(format_table(rows))            # one row per group of ranks with identical numbers
 
-No process group and no real tensors: parameter shapes come from a meta-device GPT, the rest is
-arithmetic. One RankMemory per global rank, its coordinates from ``mesh.Layout`` (dp, pp, cp, tp).
+No process group and no real tensors: parameter shapes come from the family's model built on the meta device
+(``ModelParams``: each parameter's shape, the block it belongs to or the end of the model it sits at, and the dim
+its family's tensor-parallel plan shards), the rest is arithmetic. One RankMemory per global rank, its
+coordinates from ``mesh.Layout`` (dp, pp, cp, tp). The activation terms below are those of a Llama-shaped
+decoder (Plait's GPT: measured exact); for other families they are that shape's estimate from their sizes.
 
 Exact (what the rank holds in ``p.to_local()`` / ``p.grad`` / ``optimizer.state``):
   * stages: stage s of S = pp*virtual_stages owns layers [s*L/S, (s+1)*L/S); stage s sits on rank
     s % pp ("loop" schedules) or ranks r hold stages r and 2*pp-1-r (ZBVZeroBubble, DualPipeV).
     Stage 0 holds tok_embeddings, stage S-1 norm + output.
-  * TP (tensor_parallel.py): wq wk wv w1 w3 output tok_embeddings shard dim 0 (heads, hidden, vocab),
-    wo w2 dim 1; norms replicated. DTensor/torch.chunk semantics: ceil-size chunks, last smaller.
+  * TP: what the family's plan shards (``ParamInfo.tp_dim``: column-parallel projections, the head and the
+    embedding dim 0 (heads, hidden, vocab), row-parallel projections dim 1; norms replicated). kv projections
+    whose heads are replicated (tp a multiple of the kv heads) hold one head per rank. DTensor/torch.chunk
+    semantics: ceil-size chunks, last smaller.
   * fsdp2: dim 0 of every (tp-local) parameter chunked over dp with torch.chunk semantics; grads and
     AdamW state follow. FSDP2 stores each shard padded to the first chunk's size: the padding is
     reported apart (``param_padding``), as is TP's (without FSDP2, an uneven tp shard is a view of a
     storage padded likewise). bf16 mixed precision keeps the sharded parameters, gradients and
     optimizer state in the model dtype; bf16 exists only in transient all-gathered copies.
     Like parallelize.py, FSDP2 shards over dp x cp (shard index dp_rank * cp + cp_rank: the flattened
-    ``dp_cp`` mesh) and is applied (and so bf16) only when dp * cp > 1. Without FSDP2, torch 2.13
-    leaves tok_embeddings.weight.grad a full Replicate (V, d) tensor on every tp rank: counted so.
+    ``dp_cp`` mesh) and is applied (and so bf16) only when dp * cp > 1. (Torch 2.13 leaves a vocab-sharded
+    embedding's gradient a full Replicate (V, d) tensor on every tp rank; parallelize reshards it to the
+    parameter's placement as it is accumulated, tensor_parallel.keep_grads_sharded, so it is counted sharded.)
   * ddp: everything replicated. AdamW (torch 2.13, foreach/fused off): exp_avg and exp_avg_sq like the
     parameter (its dtype and local shape) plus a 0-d float32 ``step`` tensor per parameter.
 Approximate: ZeRO-1/2/3 use DeepSpeed's flat partition, ceil(N/dp) elements per rank (alignment
@@ -66,19 +73,31 @@ buckets, allocator caches, communication buffers) and the tensors of the backwar
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-import torch
 from plait.parallel import pipeline
 from plait.parallel.activation_checkpoint import wrapped_indices
-from plait.models.gpt import GPT, GPTConfig
 from plait.parallel.plan import ParallelPlan
+from plait.parallel.shape import DecoderShape
 
-# parameter-name suffix -> dim that tensor parallelism shards (tensor_parallel.gpt_tp_plan)
-TP_SHARD_DIM = {"attention.wq.weight": 0, "attention.wk.weight": 0, "attention.wv.weight": 0,
-                "feed_forward.w1.weight": 0, "feed_forward.w3.weight": 0, "output.weight": 0,
-                "tok_embeddings.weight": 0, "attention.wo.weight": 1, "feed_forward.w2.weight": 1}
 DTYPE_BYTES = {"float32": 4, "float64": 8, "bfloat16": 2, "float16": 2}
+
+
+@dataclass(frozen=True)
+class ParamInfo:
+    shape: tuple[int, ...]
+    layer: int | None = None  # the block it belongs to; None for the top level
+    end: str = ""  # a top-level parameter's stage: "first" (embeddings) or "last" (final norm, head)
+    tp_dim: int | None = None  # the dim the family's tensor-parallel plan shards (None: replicated)
+    kv_heads: int = 0  # > 0: a projection of this many kv heads (replicated one per rank when tp exceeds them)
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    params: dict[str, ParamInfo]
+    buffer_elems: int = 0  # non-persistent buffers (RoPE tables) of one model copy, float32
+    n_layers: int = 0
+    meta: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -141,36 +160,32 @@ def inflight(plan: ParallelPlan, pp_rank: int) -> list[int]:
     return [min(m, n) for n in counts]
 
 
-def _param_shapes(cfg: GPTConfig) -> tuple[dict[str, tuple[int, ...]], int]:
-    """Parameter shapes by FQN and the RoPE buffer elements of one model copy (meta device)."""
-    with torch.device("meta"):
-        model = GPT(cfg)
-    return ({n: tuple(p.shape) for n, p in model.named_parameters()},
-            sum(b.numel() for b in model.buffers()))
+def _stage_params(model: ModelParams, layers: range, first: bool, last: bool) -> list[str]:
+    def kept(info: ParamInfo) -> bool:
+        if info.layer is not None:
+            return info.layer in layers
+        return (info.end == "first" and first) or (info.end == "last" and last)
+
+    return [name for name, info in model.params.items() if kept(info)]
 
 
-def _stage_params(shapes: dict[str, tuple[int, ...]], layers: range, first: bool, last: bool) -> list[str]:
-    def kept(name: str) -> bool:
-        head, *rest = name.split(".")
-        if head == "layers":
-            return int(rest[0]) in layers
-        return (head == "tok_embeddings" and first) or (head in ("norm", "output") and last)
-
-    return [name for name in shapes if kept(name)]
-
-
-def _tp_local(name: str, shape: tuple[int, ...], tp: int, tp_rank: int) -> tuple[list[int], int]:
+def _tp_local(info: ParamInfo, tp: int, tp_rank: int) -> tuple[list[int], int]:
     """The tp-local shape, and the elements of its storage: distribute_tensor pads uneven shards to the
     first chunk's size and keeps the narrowed view."""
+    shape = info.shape
     local, stored = list(shape), math.prod(shape)
-    for suffix, dim in TP_SHARD_DIM.items():
-        if tp > 1 and name.endswith(suffix):
-            local[dim] = chunk_size(shape[dim], tp, tp_rank)
-            stored = stored // shape[dim] * chunk_size(shape[dim], tp, 0) if shape[dim] else 0
+    if tp == 1 or info.tp_dim is None:
+        return local, stored
+    dim = info.tp_dim
+    if info.kv_heads and tp > info.kv_heads and tp % info.kv_heads == 0:  # one replicated head per rank
+        local[dim] = shape[dim] // info.kv_heads
+        return local, math.prod(local)
+    local[dim] = chunk_size(shape[dim], tp, tp_rank)
+    stored = stored // shape[dim] * chunk_size(shape[dim], tp, 0) if shape[dim] else 0
     return local, stored
 
 
-def _activations(cfg: GPTConfig, plan: ParallelPlan, b_mb: int, seq: int, tp_rank: int, c: int, acc: int,
+def _activations(cfg: DecoderShape, plan: ParallelPlan, b_mb: int, seq: int, tp_rank: int, c: int, acc: int,
                  layers: range, first: bool, last: bool, wrapped: set[int]) -> tuple[int, int]:
     """(bytes saved by one microbatch through this stage, bytes alive once at a time on top of them:
     a recomputed block, or tp_loss's inner cross-entropy graph)."""
@@ -178,9 +193,10 @@ def _activations(cfg: GPTConfig, plan: ParallelPlan, b_mb: int, seq: int, tp_ran
     tok = b_mb * seq
     tok_sp = b_mb * chunk_size(seq, t, tp_rank) if plan.sequence_parallel else tok
     vocab_local = chunk_size(cfg.vocab_size, t, tp_rank) if plan.loss_parallel else cfg.vocab_size
-    qkvo = (2 * cfg.n_heads * cfg.head_dim + 2 * cfg.kv_heads * cfg.head_dim) // t
+    kv = cfg.n_kv_heads if cfg.n_kv_heads % t == 0 else t  # replicated kv heads: one per rank
+    qkvo = (2 * cfg.n_heads * cfg.head_dim + 2 * kv * cfg.head_dim) // t
     block = (2 * (tok_sp * (2 * d + 1) * c + tok * d * c) + tok * qkvo * c
-             + tok * (cfg.n_heads // t) * acc + tok * 4 * (cfg.hidden // t) * c)
+             + tok * (cfg.n_heads // t) * acc + tok * 4 * (cfg.ffn_hidden // t) * c)
     block_input = tok_sp * d * c
     total = sum(block_input if i in wrapped else block for i in layers)
     if first:
@@ -198,8 +214,8 @@ def _activations(cfg: GPTConfig, plan: ParallelPlan, b_mb: int, seq: int, tp_ran
     return total, transient
 
 
-def estimate_memory(model_cfg: GPTConfig, plan: ParallelPlan, *, global_batch: int, seq_len: int,
-                    dtype: str = "float32") -> list[RankMemory]:
+def estimate_memory(model: ModelParams, shape: DecoderShape, plan: ParallelPlan, *, global_batch: int,
+                    seq_len: int, dtype: str = "float32") -> list[RankMemory]:
     """One RankMemory per global rank (see the module docstring for what is exact and what is not)."""
     plan.check()
     layout = plan.layout
@@ -223,8 +239,8 @@ def estimate_memory(model_cfg: GPTConfig, plan: ParallelPlan, *, global_batch: i
         pb = 2  # DeepSpeed's bf16 mode converts the module itself
     c = 2 if bf16 else DTYPE_BYTES[dtype]
     acc = 8 if c == 8 else 4
-    shapes, buffer_elems = _param_shapes(model_cfg)
-    n_stages, n_layers = plan.num_stages, model_cfg.n_layers
+    buffer_elems = model.buffer_elems
+    n_stages, n_layers = plan.num_stages, shape.n_layers
     wrapped = {int(k) for k in wrapped_indices([str(i) for i in range(n_layers)], plan.activation_checkpointing)}
     rows = []
     for rank in range(plan.world_size):
@@ -239,8 +255,9 @@ def estimate_memory(model_cfg: GPTConfig, plan: ParallelPlan, *, global_batch: i
             layers = stage_layers(n_layers, n_stages, sid)
             held.extend(layers)
             first, last = sid == 0, sid == n_stages - 1
-            for name in _stage_params(shapes, layers, first, last):
-                local, stored = _tp_local(name, shapes[name], plan.tp, tp_rank)
+            for name in _stage_params(model, layers, first, last):
+                info = model.params[name]
+                local, stored = _tp_local(info, plan.tp, tp_rank)
                 rest_elems = math.prod(local[1:])
                 if not fsdp:  # FSDP2 copies each shard into its own (padded) storage
                     padding += (stored - math.prod(local)) * pb
@@ -249,10 +266,9 @@ def estimate_memory(model_cfg: GPTConfig, plan: ParallelPlan, *, global_batch: i
                         * rest_elems * pb
                     local[0] = chunk_size(local[0], shards, shard)
                 numel += math.prod(local)
-                replicated_grad = plan.tp > 1 and not fsdp and name == "tok_embeddings.weight"
-                grad_numel += math.prod(shapes[name]) if replicated_grad else math.prod(local)
+                grad_numel += math.prod(local)
                 count += 1
-            per_mb, extra = _activations(model_cfg, plan, b_mb, seq_local, tp_rank, c, acc, layers, first, last,
+            per_mb, extra = _activations(shape, plan, b_mb, seq_local, tp_rank, c, acc, layers, first, last,
                                          wrapped)
             acts += mbs * per_mb
             transient = max(transient, extra)
@@ -313,19 +329,15 @@ def format_table(rows: list[RankMemory]) -> str:
     return "\n".join(text)
 
 
-def estimate_job(cfg, world_size: int) -> str:
-    """The ``plait plan estimate`` hook for gpt_job.Config: validate the plan, then the per-rank table."""
-    plan, train = cfg.plan, cfg.train
-    plan.validate(world_size, cfg.model, train.global_batch // plan.dp if train.global_batch % plan.dp == 0
-                  else None, seq_len=train.seq_len)
-    if hasattr(cfg, "check"):
-        cfg.check()
-    rows = estimate_memory(cfg.model, plan, global_batch=train.global_batch, seq_len=train.seq_len,
-                           dtype=train.dtype)
-    b_mb = train.global_batch // plan.dp // (plan.microbatches if plan.pp > 1 else 1)
-    header = (f"plan {plan.describe()}, {world_size} ranks, GPT {cfg.model.num_params():,} params, "
-              f"{train.dtype} ({plan.mixed_precision}), activation checkpointing {plan.activation_checkpointing}\n"
-              f"global batch {train.global_batch} x seq {train.seq_len}: {b_mb} sequences per microbatch per rank"
-              + (f", {train.seq_len // plan.cp} tokens of each per cp rank" if plan.cp > 1 else "") + "\n")
+def estimate_report(model: ModelParams, shape: DecoderShape, plan: ParallelPlan, world_size: int, *,
+                    global_batch: int, seq_len: int, dtype: str, title: str) -> str:
+    """The ``plait plan estimate`` text: a header, the per-rank table, the peak rank."""
+    rows = estimate_memory(model, shape, plan, global_batch=global_batch, seq_len=seq_len, dtype=dtype)
+    b_mb = global_batch // plan.dp // (plan.microbatches if plan.pp > 1 else 1)
+    n_params = sum(math.prod(p.shape) for p in model.params.values())
+    header = (f"plan {plan.describe()}, {world_size} ranks, {title} {n_params:,} params, "
+              f"{dtype} ({plan.mixed_precision}), activation checkpointing {plan.activation_checkpointing}\n"
+              f"global batch {global_batch} x seq {seq_len}: {b_mb} sequences per microbatch per rank"
+              + (f", {seq_len // plan.cp} tokens of each per cp rank" if plan.cp > 1 else "") + "\n")
     peak = max(rows, key=lambda r: r.total)
     return header + format_table(rows) + f"\npeak: rank {peak.rank}, {human(peak.total)}"

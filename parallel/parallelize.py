@@ -1,6 +1,6 @@
 """Apply a ParallelPlan to an unmodified model, from outside, as a short recipe of steps.
 
-    parts = parallelize(build_model, plan, mesh, device, optim_cfg, global_batch=16, loss_fn=None)
+    parts = parallelize(build_model, plan, mesh, device, optim_cfg, global_batch=16, loss_fn=None, spec=spec)
     loss = parts.train_step(inputs, targets, lr)    # the global mean loss, on every rank
 
 The recipe, in torchtitan's order, each step on its named sub-mesh:
@@ -27,20 +27,20 @@ pipeline schedules call it once per microbatch and divide the summed gradient by
 so a sum-reducing loss would train with a gradient scaled by the batch size.
 
 Any ``nn.Module`` trains with data parallelism (DDP, FSDP2: ``fully_shard`` on the root when it has no
-``layers`` blocks, ZeRO). Tensor parallelism needs an architecture with a registered plan (``hf_plans``:
-Plait's GPT, HF llama / mistral / qwen2 / qwen3, or one added with ``register_tp_plan``), pipeline stages
-Plait's GPT or a HF decoder, context parallelism Plait's GPT; anything else under tp, pp or cp > 1 is
-refused (PlanError naming what is known).
+``layers`` blocks, ZeRO). Tensor, pipeline and context parallelism split a model through its family's spec
+(``plait.models``: ``spec.tensor_parallel``, ``spec.cut_stage``, ``spec.attention``), which the caller hands in
+(``spec=model_spec("gpt")``, ``spec_for_config(hf_config)``); this module imports no family. Without a spec, or
+with a family that lacks the piece, tp, pp or cp > 1 is refused (PlanError naming what is missing).
 
-Pretrained weights (``weights=`` a local HF folder, ``hf_weights``): ``build_model`` then runs under
-``torch.device("meta")``, tensor parallelism, activation checkpointing and FSDP2 are applied to the
-meta model, and only then does each rank allocate its own shards on ``device`` (``materialize``) and read
-its slices of the checkpoint (``load_hf_folder``): no rank ever holds the full model (DDP and ZeRO hold
-a full replica by design; they load before wrapping). When tp exceeds a HF model's kv heads the heads
-are replicated (``hf_plans``) and ``train_step`` sums the copies' gradients (``sync_replicated_kv_grads``)
+Pretrained weights (``weights=`` a local HF folder): ``build_model`` then runs under ``torch.device("meta")``,
+tensor parallelism, activation checkpointing and FSDP2 are applied to the meta model, and only then does each
+rank allocate its own shards on ``device`` (``to_empty``, then ``spec.reset_buffers``) and read its slices of the
+checkpoint (``spec.load_weights``): no rank ever holds the full model (DDP and ZeRO hold a full replica by
+design; they load before wrapping). When tp exceeds a model's kv heads the heads are replicated
+(parallel/kv_replication.py) and ``train_step`` sums the copies' gradients (``sync_replicated_kv_grads``)
 before clipping and the optimizer step. ``init_seed=S`` without ``weights`` takes the same meta path for a
-model trained from scratch: each rank draws only its shards (``meta_init``, per-parameter seeds), so the
-initial model is identical under every plan and no rank allocates the whole of it.
+model trained from scratch: each rank draws only its shards (``meta_init``, per-parameter seeds, the family's
+``spec.init_value`` rule), so the initial model is identical under every plan and no rank allocates the whole.
 
 Mixed precision (``plan.mixed_precision="bf16"``): FSDP2's MixedPrecisionPolicy where FSDP2 is
 applied (engine fsdp2, dp * cp > 1), DeepSpeed's bf16 under ZeRO, and everywhere else (DDP, tp without
@@ -72,15 +72,14 @@ from plait.parallel.data_parallel import (
     to_device,
 )
 from plait.parallel.grad_clip import clip_grad_norm, comm_device
-from plait.models.hf.plans import KV_REPLICAS, architecture, known_architectures, sync_replicated_kv_grads
-from plait.models.hf.weights import hf_name as clean_fqn  # noqa: F401 - re-exported: names as unwrapped
-from plait.models.hf.weights import load_hf_folder, materialize
+from plait.parallel.kv_replication import replicated, sync_replicated_kv_grads
+from plait.parallel.loss import tp_loss
 from plait.parallel.mesh import data_mesh
 from plait.parallel.meta_init import init_shards
-from plait.models.gpt import GPT
-from plait.parallel.pipeline import build_pipeline, is_hf_decoder
+from plait.parallel.names import clean_fqn
+from plait.parallel.pipeline import build_pipeline
 from plait.parallel.plan import ParallelPlan, PlanError, engine_violations
-from plait.parallel.tensor_parallel import apply_tensor_parallel, tp_loss
+from plait.parallel.tensor_parallel import apply_tensor_parallel, keep_grads_sharded
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
@@ -155,22 +154,17 @@ class under_autocast:  # noqa: N801 - used like a function decorator
             return self.fn(*args, **kwargs)
 
 
-def check_model(model: nn.Module, plan: ParallelPlan) -> nn.Module:
+def check_model(model: nn.Module, plan: ParallelPlan, spec: Any = None) -> nn.Module:
     """Refuse, on the rank, what this model cannot do under the plan (see the module docstring)."""
-    if plan.tp > 1 and architecture(model) not in known_architectures():
-        arch = architecture(model)
-        raise PlanError(f"plan.tp={plan.tp}: tensor parallelism has plans for Plait's GPT and the Hugging Face "
-                        f"architectures registered in hf_plans ({', '.join(known_architectures())}), not "
-                        f"{type(model).__name__} (architecture {arch!r}): register one with "
-                        "plait.models.hf.plans.register_tp_plan (a decoder with Llama's module names: "
-                        f"register_tp_plan({arch!r}, parallelize_decoder)), or use tp=1 (data parallelism only)")
-    if plan.pp > 1 and not (isinstance(model, GPT) or is_hf_decoder(model)):
-        raise PlanError(f"plan.pp={plan.pp}: pipeline stages are cut by decoder layers from Plait's GPT or a Hugging "
-                        f"Face decoder (model.model.layers), not from {type(model).__name__}: use pp=1 (data "
-                        "parallelism only)")
-    if plan.cp > 1 and not isinstance(model, GPT):
-        raise PlanError(f"plan.cp={plan.cp}: context parallelism replaces the attention core of Plait's GPT with "
-                        f"ring attention, not of {type(model).__name__}: use cp=1 (data parallelism only)")
+    name = getattr(spec, "name", None)
+    family = f"family {name!r}" if name else f"{type(model).__name__} (no model spec given)"
+    needs = (("tp", "tensor_parallel", "a tensor-parallel plan"), ("pp", "cut_stage", "a pipeline stage cut"),
+             ("cp", "attention", "an attention hook for ring attention"))
+    for dim, attr, what in needs:
+        if getattr(plan, dim) > 1 and getattr(spec, attr, None) is None:
+            raise PlanError(f"plan.{dim}={getattr(plan, dim)}: splitting a model over {dim} needs {what} from its "
+                            f"family's spec (plait.models), and {family} has none: pass spec=model_spec(...) / "
+                            f"spec_for_config(config), or use {dim}=1 (data parallelism only)")
     if plan.mixed_precision == "bf16":
         other = {str(p.dtype) for p in model.parameters() if p.is_floating_point() and p.dtype != torch.float32}
         if other:
@@ -180,39 +174,44 @@ def check_model(model: nn.Module, plan: ParallelPlan) -> nn.Module:
     return model
 
 
-def _loader(weights: str | Path | None, device: torch.device,
-            init_seed: int | None = None) -> Callable[[nn.Module], None] | None:
+def _loader(weights: str | Path | None, device: torch.device, init_seed: int | None = None,
+            spec: Any = None) -> Callable[[nn.Module], None] | None:
     """Allocate a meta-built (sharded) part on ``device`` and read its slices of ``weights`` (or, with
     ``init_seed``, draw them: meta_init.py); None for an ordinary eager build."""
     if weights is None and init_seed is None:
         return None
+    if weights is not None and getattr(spec, "load_weights", None) is None:
+        raise ValueError(f"parallelize(weights={weights!r}) needs the model's family spec to name the checkpoint's "
+                         "tensors: pass spec=spec_for_config(config) (plait.models)")
 
     def fill(part: nn.Module) -> None:
-        materialize(part, device)
+        part.to_empty(device=device)
+        if spec is not None:
+            spec.reset_buffers(part)
         if weights is not None:
-            load_hf_folder(part, weights)
+            spec.load_weights(part, weights)
         else:
-            init_shards(part, init_seed)
+            init_shards(part, init_seed, getattr(spec, "init_value", None))
 
     return fill
 
 
-def _build(build_model: Callable[[], nn.Module], plan: ParallelPlan, on_meta: bool) -> nn.Module:
+def _build(build_model: Callable[[], nn.Module], plan: ParallelPlan, on_meta: bool, spec: Any) -> nn.Module:
     if not on_meta:
-        return check_model(build_model(), plan)
+        return check_model(build_model(), plan, spec)
     with torch.device("meta"):
-        return check_model(build_model(), plan)
+        return check_model(build_model(), plan, spec)
 
 
 def _shard_part(part: nn.Module, plan: ParallelPlan, mesh: DeviceMesh, device: torch.device,
-                fill: Callable[[nn.Module], None] | None = None) -> nn.Module:
+                fill: Callable[[nn.Module], None] | None = None, spec: Any = None) -> nn.Module:
     """Steps 2-5 on one model part (a whole model or one pipeline stage). ``fill`` (a meta-built part)
     allocates and loads it once sharded: after FSDP2 (each rank its shards), before DDP (a replica)."""
     if plan.tp > 1:
-        apply_tensor_parallel(part, mesh["tp"], sequence_parallel=plan.sequence_parallel,
+        apply_tensor_parallel(part, mesh["tp"], spec, sequence_parallel=plan.sequence_parallel,
                               loss_parallel=plan.loss_parallel)
     if plan.cp > 1:
-        apply_context_parallel(part, mesh["cp"])
+        apply_context_parallel(part, mesh["cp"], spec.attention)
     apply_activation_checkpointing(part, plan.activation_checkpointing)
     if _autocast_bf16(plan):  # an instance attribute: DDP and PipelineStage call part(...), which finds it
         part.forward = under_autocast(part.forward, device.type)
@@ -224,6 +223,8 @@ def _shard_part(part: nn.Module, plan: ParallelPlan, mesh: DeviceMesh, device: t
         return part
     if fill is not None:
         fill(part)
+    if plan.tp > 1:  # after fill: to_empty may swap the parameter objects
+        keep_grads_sharded(part)
     if plan.engine == "ddp" and plan.dp * plan.cp > 1:
         part = apply_ddp(part, data_mesh(mesh), device)
     return part
@@ -232,16 +233,17 @@ def _shard_part(part: nn.Module, plan: ParallelPlan, mesh: DeviceMesh, device: t
 def parallelize(build_model: Callable[[], nn.Module], plan: ParallelPlan, mesh: DeviceMesh,
                 device: torch.device, optim: OptimConfig, global_batch: int | None = None,
                 loss_fn: LossFn | None = None, weights: str | Path | None = None,
-                init_seed: int | None = None) -> Parallelized:
+                init_seed: int | None = None, spec: Any = None) -> Parallelized:
     """This rank's parts of ``build_model()`` under ``plan`` and a ``train_step(inputs, targets, lr)``.
 
     ``loss_fn(output, targets)`` must return the mean loss over the batch it is given (see the module
     docstring); None is next-token cross-entropy. ``global_batch`` (sequences or samples per optimizer
-    step over all dp ranks) is needed by the DeepSpeed engines only. ``weights``: a local Hugging Face
+    step over all dp ranks) is needed by the DeepSpeed engines only. ``spec``: the model's family
+    (plait.models), needed for tp, pp, cp, ``weights`` and ``init_seed``. ``weights``: a local Hugging Face
     folder; the model is then built on the meta device and each rank loads only its shards from it
-    (``build_model`` must make the folder's architecture, e.g. ``AutoModelForCausalLM.from_config``).
+    (``build_model`` must make the folder's architecture, e.g. ``spec.build(config)``).
     ``init_seed`` (no ``weights``): built on meta too, each rank's shards drawn per parameter from
-    (seed, name) by the model's ``init_value`` rule (meta_init.py): the same model under every plan."""
+    (seed, name) by the family's ``init_value`` rule (meta_init.py): the same model under every plan."""
     plan.check()
     if plan.cp > 1:  # the rest is checked by plan.validate; these would fail deep inside an engine
         for msg in engine_violations(plan):
@@ -253,24 +255,24 @@ def parallelize(build_model: Callable[[], nn.Module], plan: ParallelPlan, mesh: 
         loss_fn = functools.partial(tp_loss, loss_parallel=plan.loss_parallel)
     if plan.engine in ZERO_STAGES:
         return _parallelize_deepspeed(build_model, plan, mesh, device, optim, global_batch, loss_fn, weights,
-                                      init_seed)
+                                      init_seed, spec)
     if _autocast_bf16(plan):
         loss_fn = under_autocast(loss_fn, device.type)
-    fill = _loader(weights, device, init_seed)
+    fill = _loader(weights, device, init_seed, spec)
     if plan.pp > 1:
-        pipe = build_pipeline(lambda: _build(build_model, plan, fill is not None), mesh["pp"],
+        pipe = build_pipeline(lambda: _build(build_model, plan, fill is not None, spec), mesh["pp"], spec,
                               schedule=plan.schedule, microbatches=plan.microbatches,
                               virtual_stages=plan.virtual_stages, loss_fn=loss_fn, device=device,
-                              parallelize_stage=lambda part: _shard_part(part, plan, mesh, device, fill),
+                              parallelize_stage=lambda part: _shard_part(part, plan, mesh, device, fill, spec),
                               materialize=fill is None)
         modules = pipe.modules
     else:
         pipe = None
-        model = _build(build_model, plan, fill is not None)
-        modules = [_shard_part(model if fill is not None else model.to(device), plan, mesh, device, fill)]
+        model = _build(build_model, plan, fill is not None, spec)
+        modules = [_shard_part(model if fill is not None else model.to(device), plan, mesh, device, fill, spec)]
     optimizers = [make_optimizer(m.parameters(), optim) for m in modules]
     cp_rank = mesh.get_local_rank("cp") if plan.cp > 1 else 0
-    replicated_kv = plan.tp > 1 and any(getattr(sub, KV_REPLICAS, 0) > 1 for m in modules for sub in m.modules())
+    replicated_kv = plan.tp > 1 and any(replicated(m) for m in modules)
 
     def train_step(inputs: Any, targets: Any, lr: float) -> float:
         _set_lr(optimizers, lr)
@@ -304,11 +306,11 @@ def _broadcast_from_last_stage(loss: torch.Tensor | None, mesh: DeviceMesh, has_
 
 
 def _parallelize_deepspeed(build_model, plan, mesh, device, optim, global_batch, loss_fn, weights,
-                           init_seed=None) -> Parallelized:
+                           init_seed=None, spec=None) -> Parallelized:
     if global_batch is None:
         raise ValueError("DeepSpeed engines need the global batch size (parallelize(..., global_batch=N))")
-    fill = _loader(weights, device, init_seed)
-    model = _build(build_model, plan, fill is not None)
+    fill = _loader(weights, device, init_seed, spec)
+    model = _build(build_model, plan, fill is not None, spec)
     if fill is not None:
         fill(model)  # ZeRO partitions a full replica that the engine receives
     model = model.to(device)

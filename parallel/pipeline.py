@@ -1,6 +1,6 @@
-"""Pipeline parallelism for Plait's GPT and HF decoder causal LMs through ``torch.distributed.pipelining``.
+"""Pipeline parallelism for any model family with a stage cut, through ``torch.distributed.pipelining``.
 
-    pipe = build_pipeline(lambda: GPT(cfg), mesh["pp"], schedule="Interleaved1F1B", microbatches=8,
+    pipe = build_pipeline(lambda: GPT(cfg), mesh["pp"], spec, schedule="Interleaved1F1B", microbatches=8,
                           virtual_stages=2, loss_fn=lm_loss, device=ctx.device)
     opt = torch.optim.AdamW(pipe.parameters())
     loss = pipe.step(inputs, targets)      # mean loss on the rank holding the last stage, else None
@@ -8,14 +8,12 @@
 
 Design:
 
-* Stages are cut by layer ranges from one full GPT built (same seed) on every rank: a stage keeps the
-  layers it owns and sets ``tok_embeddings`` / ``norm`` / ``output`` to None when it is not the first /
-  last stage, which makes ``GPT.forward`` pass hidden states through. Layers sit in a ModuleDict keyed
-  by global index, so parameter FQNs (``layers.5.attention.wq.weight``) are the same as in the unsplit
-  model: checkpoints, optimizers and tests line up across plans without any renaming.
-* A HF decoder (Llama, Mistral, Qwen2/3: ``model.model.layers``) is cut the same way by decoder
-  layers into an ``HFDecoderStage`` whose names are unchanged (``model.layers.3...``, ``lm_head.weight``);
-  the HF model's own forward runs each stage, so rotary tables and masks are recomputed per stage.
+* Stages are cut by layer ranges from one full model built (same seed) on every rank, by its family's
+  ``spec.cut_stage(model, (start, stop), is_first, is_last)`` (plait.models): a stage keeps the blocks it owns,
+  the first one the embeddings, the last one the final norm and head, and parameter FQNs are the same as in the
+  unsplit model (Plait's GPT keeps ``layers.5...`` in a ModuleDict keyed by global index; a HF decoder stage
+  keeps ``model.layers.5...``, its other layers pass hidden states through): checkpoints, optimizers and tests
+  line up across plans without any renaming. ``spec.num_layers(model)`` is what the stages divide.
 * Which stages a rank holds follows the schedule: "loop" placement (stage s on rank s % pp) for GPipe,
   1F1B, Interleaved1F1B, LoopedBFS and InterleavedZeroBubble; "v" placement (rank r holds stages r and
   2*pp-1-r) for ZBVZeroBubble and DualPipeV. Torch computes the same mappings internally; we have to
@@ -42,7 +40,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -145,112 +143,6 @@ def check_schedule(schedule: str, pp_size: int, virtual_stages: int, microbatche
     return name
 
 
-def cut_stage(model: nn.Module, layers: tuple[int, int], is_first: bool, is_last: bool) -> nn.Module:
-    """Keep layers [start, stop) of a GPT (in place) and drop the embedding / head it does not own.
-    A HF decoder causal LM (``model.model.layers``) is cut by ``cut_hf_stage`` instead."""
-    if is_hf_decoder(model):
-        return cut_hf_stage(model, layers, is_first, is_last)
-    start, stop = layers
-    for key in list(model.layers.keys()):
-        if not start <= int(key) < stop:
-            del model.layers[key]
-    if not is_first:
-        model.tok_embeddings = None
-    if not is_last:
-        model.norm = None
-        model.output = None
-    return model
-
-
-def is_hf_decoder(model: nn.Module) -> bool:
-    """A Hugging Face decoder causal LM (Llama, Mistral, Qwen2/3 ...): ``model.layers`` under ``model``."""
-    inner = getattr(model, "model", None)
-    return (hasattr(model, "config") and isinstance(inner, nn.Module)
-            and isinstance(getattr(inner, "layers", None), nn.ModuleList))
-
-
-def num_layers(model: nn.Module) -> int:
-    return len(model.model.layers) if is_hf_decoder(model) else len(model.layers)
-
-
-class PassThrough(nn.Module):
-    """Stands in for a decoder layer that another stage owns: returns the hidden states it is given."""
-
-    def forward(self, hidden_states, *args, **kwargs):
-        return hidden_states
-
-
-class HFDecoderStage(nn.Module):
-    """A pipeline stage of a HF decoder causal LM, parameter names unchanged (``model.layers.5...``,
-    ``model.embed_tokens.weight`` on the first stage, ``model.norm.weight`` and ``lm_head.weight`` on
-    the last). The HF model's own forward runs it: layers owned elsewhere are ``PassThrough``, a
-    non-first stage takes hidden states as ``inputs_embeds`` (the model recomputes position ids, the
-    rotary tables and the causal or sliding-window mask from them), a non-last stage has an identity
-    norm and no head. Input: token ids (first stage) or (batch, seq, d) hidden states; output: logits
-    (last stage) or hidden states."""
-
-    def __init__(self, causal_lm: nn.Module):
-        super().__init__()
-        self.model = causal_lm.model
-        self.lm_head = causal_lm.lm_head
-        self.config = causal_lm.config
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_floating_point():
-            out = self.model(inputs_embeds=x, use_cache=False)
-        else:
-            out = self.model(input_ids=x, use_cache=False)
-        hidden = out.last_hidden_state
-        return self.lm_head(hidden) if self.lm_head is not None else hidden
-
-    @torch.no_grad()
-    def init_weights(self) -> None:
-        """HF's default init (normal(0, initializer_range) for linear and embedding weights, ones for norms,
-        zeros for biases) and the rotary tables: what a meta-built stage needs before a checkpoint loads."""
-        std = getattr(self.config, "initializer_range", 0.02) or 0.02
-        for module in self.modules():
-            for name, p in module.named_parameters(recurse=False):
-                if name == "bias":
-                    p.zero_()
-                elif isinstance(module, (nn.Linear, nn.Embedding)):
-                    p.normal_(0.0, std)
-                else:
-                    p.fill_(1.0)
-        reset_rotary_buffers(self)
-
-
-def reset_rotary_buffers(model: nn.Module) -> None:
-    """Recompute HF rotary embeddings' non-persistent ``inv_freq`` buffers (lost by ``to_empty``)."""
-    for module in model.modules():
-        if not (hasattr(module, "inv_freq") and hasattr(module, "rope_type") and hasattr(module, "config")):
-            continue
-        if module.rope_type == "default":
-            fn = module.compute_default_rope_parameters
-        else:
-            from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
-            fn = ROPE_INIT_FUNCTIONS[module.rope_type]
-        inv_freq, module.attention_scaling = fn(module.config)
-        module.inv_freq = inv_freq.to(module.inv_freq.device)
-        if hasattr(module, "original_inv_freq"):
-            module.original_inv_freq = module.inv_freq.clone()
-
-
-def cut_hf_stage(model: nn.Module, layers: tuple[int, int], is_first: bool, is_last: bool) -> HFDecoderStage:
-    """Keep decoder layers [start, stop) of a HF causal LM (in place) and wrap them as a stage."""
-    start, stop = layers
-    inner = model.model
-    for i in range(len(inner.layers)):
-        if not start <= i < stop:
-            inner.layers[i] = PassThrough()
-    if not is_first:
-        inner.embed_tokens = None
-    if not is_last:
-        inner.norm = nn.Identity()
-        model.lm_head = None
-    return HFDecoderStage(model)
-
-
 @dataclass
 class Pipeline:
     """This rank's part of a pipeline: its stages (ascending stage index), their modules, the schedule."""
@@ -312,13 +204,14 @@ class Pipeline:
             )
 
 
-def build_pipeline(model: nn.Module | Callable[[], nn.Module], pp_mesh: DeviceMesh, *, schedule: str,
+def build_pipeline(model: nn.Module | Callable[[], nn.Module], pp_mesh: DeviceMesh, spec: Any, *, schedule: str,
                    microbatches: int, virtual_stages: int = 1, loss_fn: Callable, device: torch.device | str,
                    parallelize_stage: Callable[[nn.Module], nn.Module] | None = None,
                    materialize: bool = True) -> Pipeline:
-    """Cut this rank's stages out of a GPT (or HF decoder) and wire them to a torch pipeline schedule.
+    """Cut this rank's stages out of a model (its family's ``spec.cut_stage``) and wire them to a torch pipeline
+    schedule.
 
-    ``model`` is a full GPT (left whole: stages are cut from deep copies) or a zero-argument factory,
+    ``model`` is a full model (left whole: stages are cut from deep copies) or a zero-argument factory,
     called once - calling it per stage would draw each stage's init from a different RNG state. Every
     rank must produce identical weights (same seed before the call, or seed inside the factory). A
     factory may build on the meta device: each cut stage is then materialised on ``device`` and filled
@@ -340,11 +233,14 @@ def build_pipeline(model: nn.Module | Callable[[], nn.Module], pp_mesh: DeviceMe
     stages, modules = [], []
     owned = not isinstance(model, nn.Module)
     full = model() if owned else model
-    ranges = layer_ranges(num_layers(full), num_stages)
+    if getattr(spec, "cut_stage", None) is None:
+        raise TypeError(f"pipeline stages need a model family with a stage cut (plait.models); "
+                        f"{type(full).__name__} ({getattr(spec, 'name', 'no spec')}) has none: use pp=1")
+    ranges = layer_ranges(spec.num_layers(full), num_stages)
     ids = stage_ids(pp_rank, pp_size, virtual_stages, schedule_style(name))
     for i, sid in enumerate(ids):
         source = full if owned and i == len(ids) - 1 else copy.deepcopy(full)  # a factory's model is ours to cut
-        part = cut_stage(source, ranges[sid], sid == 0, sid == num_stages - 1)
+        part = spec.cut_stage(source, ranges[sid], sid == 0, sid == num_stages - 1)
         meta = any(p.is_meta for p in part.parameters())
         if meta and materialize:
             part = part.to_empty(device=device)

@@ -2,15 +2,15 @@
 
     plan = ParallelPlan(dp=2, tp=2, pp=2, engine="fsdp2", schedule="Interleaved1F1B",
                         microbatches=4, virtual_stages=2, sequence_parallel=True)
-    plan.validate(world_size=8, model_cfg=gpt_cfg, batch_per_dp_rank=8)   # raises PlanError
+    plan.validate(world_size=8, model=gpt_cfg, batch_per_dp_rank=8)   # raises PlanError
     ParallelPlan(dp=2, cp=2, engine="fsdp2").validate(4, gpt_cfg, seq_len=4096)   # context parallelism
 
-Each violation names the constraint, the values, and a plan that would work. ``model_cfg`` is the
-config of Plait's GPT (``GPTConfig``) or of a Hugging Face decoder (a ``PretrainedConfig``: heads,
-kv heads, sizes and layers read from ``num_attention_heads`` etc.; kv heads need not divide tp when tp
-is a multiple of them, as they are replicated); pass None for a model of your own, which can then use
-data parallelism only (tp and pp split a model's heads and blocks). Field types are checked when the plan
-is made: ``ParallelPlan(dp="2")`` raises PlanError("plan.dp must be int, got str '2'").
+Each violation names the constraint, the values, and a plan that would work. ``model`` is the model's sizes,
+a ``DecoderShape`` (parallel/shape.py) that its family's spec gives (``plait.models``: ``spec.shape(config)``;
+a Plait ``GPTConfig`` is accepted as it is). kv heads need not divide tp when the family replicates them and tp
+is a multiple of them. Pass None for a model of your own, which can then use data parallelism only (tp and pp
+split a model's heads and blocks). Field types are checked when the plan is made: ``ParallelPlan(dp="2")``
+raises PlanError("plan.dp must be int, got str '2'").
 
 ``mixed_precision="bf16"`` is honoured by every plan: FSDP2 (engine fsdp2 with dp > 1) through its
 MixedPrecisionPolicy, ZeRO through DeepSpeed's bf16 mode, everything else (DDP, tensor parallelism
@@ -21,7 +21,8 @@ needs a float32 model (``model_dtype``): autocast leaves float64 operations in f
 ``cp`` (context parallelism, context_parallel.py): each of cp ranks holds a zigzag piece of every
 sequence and attention runs as ring attention. The ranks are laid out by ``mesh.Layout`` as
 ``arange(world).view(dp, pp, cp, tp)``; gradients are reduced, FSDP2 shards and the loss is averaged
-over dp x cp. It needs Plait's GPT, ``seq_len % (2*cp) == 0``, pp == 1 and engine ddp or fsdp2.
+over dp x cp. It needs a family with a ring-attention hook (its spec), ``seq_len % (2*cp) == 0``, pp == 1 and engine ddp
+or fsdp2.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from plait.parallel.activation_checkpoint import MODES as CHECKPOINTING
 from plait.parallel.data_parallel import ENGINES, PRECISIONS, check_engine_combination
 from plait.parallel.mesh import Layout
 from plait.parallel.pipeline import check_schedule
+from plait.parallel.shape import decoder_shape
 
 # Every schedule torch.distributed.pipelining ships (pipeline.SCHEDULES holds their placement rules).
 SCHEDULES = ("GPipe", "1F1B", "Interleaved1F1B", "LoopedBFS", "InterleavedZeroBubble", "ZBVZeroBubble", "DualPipeV")
@@ -47,7 +49,7 @@ class ParallelPlan:
     dp: int = 1
     tp: int = 1
     pp: int = 1
-    cp: int = 1  # context parallelism: ranks sharing each sequence (ring attention; Plait's GPT, pp == 1)
+    cp: int = 1  # context parallelism: ranks sharing each sequence (ring attention; pp == 1)
     sequence_parallel: bool = False  # shard norms/residual activations along the sequence (needs tp > 1)
     loss_parallel: bool = False  # keep logits vocab-sharded into the cross-entropy (needs tp > 1)
     engine: str = "ddp"  # data-parallel engine: ddp | fsdp2 | zero1 | zero2 | zero3 (DeepSpeed)
@@ -84,14 +86,14 @@ class ParallelPlan:
         _one_of("activation_checkpointing", self.activation_checkpointing, CHECKPOINTING)
         _one_of("mixed_precision", self.mixed_precision, PRECISIONS)
 
-    def validate(self, world_size: int, model_cfg: Any = None, batch_per_dp_rank: int | None = None, *,
+    def validate(self, world_size: int, model: Any = None, batch_per_dp_rank: int | None = None, *,
                  world_name: str = "world_size", model_dtype: Any = None, seq_len: int | None = None) -> None:
         """Raise PlanError unless the plan runs on ``world_size`` ranks with this model. ``world_name`` is
         what the world size is called in the message (a job spec passes "workers.num"); ``model_dtype``
         (a torch dtype or its name) is the parameters' dtype, checked against mixed_precision; ``seq_len``
         (tokens per training sequence) is checked against cp."""
         self.check()
-        good = suggest_plan(world_size, model_cfg, self)
+        good = suggest_plan(world_size, model, self)
         fix = f"; a plan that works: {good}" if good else ""
         if self.world_size != world_size:
             raise PlanError(f"{self.layout.product()} but the job has {world_size} ranks: make the product equal "
@@ -99,9 +101,9 @@ class ParallelPlan:
         if model_dtype is not None:
             for msg in precision_violations(self, model_dtype):
                 raise PlanError(msg)
-        for msg in model_violations(self, model_cfg):
+        for msg in model_violations(self, model):
             raise PlanError(msg + fix)
-        for msg in context_violations(self, model_cfg, seq_len):
+        for msg in context_violations(self, model, seq_len):
             raise PlanError(msg)
         for msg in schedule_violations(self):
             raise PlanError(msg)
@@ -136,29 +138,34 @@ def _one_of(name: str, value: str, valid: tuple[str, ...]) -> None:
         raise PlanError(f"plan.{name}={value!r} is not one of: {', '.join(valid)}")
 
 
-def model_violations(plan: ParallelPlan, cfg: Any) -> list[str]:
-    """What the model's sizes forbid; ``cfg`` None is a model Plait cannot split (dp only)."""
-    if cfg is None:
+def model_violations(plan: ParallelPlan, model: Any) -> list[str]:
+    """What the model's sizes forbid; ``model`` is a DecoderShape (or a GPTConfig), None for a model Plait cannot
+    split (dp only)."""
+    shape = decoder_shape(model)
+    if shape is None:
         if plan.tp > 1 or plan.pp > 1:
-            return [f"plan.tp={plan.tp}, plan.pp={plan.pp}: tensor and pipeline parallelism split Plait's GPT "
-                    "or a HF decoder by its heads and blocks, and no model config was given (a model of your "
-                    "own): use data parallelism only (tp=1, pp=1, engine ddp, fsdp2 or zero*), or pass model_cfg"]
+            return [f"plan.tp={plan.tp}, plan.pp={plan.pp}: tensor and pipeline parallelism split a model by its heads "
+                    "and blocks, and no model shape was given (a model of your own): use data parallelism only (tp=1, "
+                    "pp=1, engine ddp, fsdp2 or zero*), or pass the family's shape (plait.models)"]
         return []
     out = []
-    sizes = model_sizes(cfg)
+    who = f" ({shape.family})" if shape.family else ""
+    for dim in ("tp", "pp"):
+        if getattr(plan, dim) > 1 and dim not in shape.supports:
+            out.append(f"plan.{dim}={getattr(plan, dim)}: the model family{who} has no {dim} plan: use {dim}=1")
+    sizes = shape.tp_sizes()
     if plan.loss_parallel:
-        sizes["model.vocab_size"] = cfg.vocab_size
-    replicated_kv = _is_hf(cfg) and plan.tp % sizes["model.n_kv_heads"] == 0  # hf_plans replicates kv heads
+        sizes["model.vocab_size"] = shape.vocab_size
+    replicated_kv = shape.kv_replication and plan.tp % shape.n_kv_heads == 0
     for name, size in sizes.items():
         if size % plan.tp and not (name == "model.n_kv_heads" and replicated_kv):
             also = " nor a multiple of it (kv heads are replicated when tp is)" if name == "model.n_kv_heads" and \
-                _is_hf(cfg) else ""
+                shape.kv_replication else ""
             out.append(f"{name}={size} is not divisible by plan.tp={plan.tp}{also} (tensor parallelism splits it)")
     stages = plan.num_stages
-    n_layers = cfg.num_hidden_layers if _is_hf(cfg) else cfg.n_layers
-    if plan.pp > 1 and n_layers % stages:
+    if plan.pp > 1 and shape.n_layers % stages:
         out.append(
-            f"model.n_layers={n_layers} does not divide into pp*virtual_stages = {plan.pp}*"
+            f"model.n_layers={shape.n_layers} does not divide into pp*virtual_stages = {plan.pp}*"
             f"{plan.virtual_stages} = {stages} equal pipeline stages"
         )
     if plan.tp == 1 and (plan.sequence_parallel or plan.loss_parallel):
@@ -166,29 +173,17 @@ def model_violations(plan: ParallelPlan, cfg: Any) -> list[str]:
     return out
 
 
-def _is_hf(cfg: Any) -> bool:
-    return hasattr(cfg, "num_attention_heads") and not hasattr(cfg, "n_heads")
-
-
-def model_sizes(cfg: Any) -> dict[str, int]:
-    """The sizes tensor parallelism splits, by Plait's names, from a GPTConfig or a HF decoder config."""
-    if _is_hf(cfg):
-        heads = cfg.num_attention_heads
-        return {"model.n_heads": heads, "model.n_kv_heads": getattr(cfg, "num_key_value_heads", None) or heads,
-                "ffn hidden size": cfg.intermediate_size}
-    heads = cfg.n_heads
-    return {"model.n_heads": heads, "model.n_kv_heads": getattr(cfg, "kv_heads", heads), "model.d_model": cfg.d_model,
-            "ffn hidden size": getattr(cfg, "hidden", cfg.d_model)}
-
-
-def context_violations(plan: ParallelPlan, cfg: Any = None, seq_len: int | None = None) -> list[str]:
+def context_violations(plan: ParallelPlan, model: Any = None, seq_len: int | None = None) -> list[str]:
     """What context parallelism (cp > 1) cannot run with: see context_parallel.py."""
     if plan.cp == 1:
         return []
     out = []
-    if cfg is None:
-        out.append(f"plan.cp={plan.cp}: context parallelism replaces the attention of Plait's GPT with ring "
-                   "attention, and no model config was given (a model of your own): use cp=1, or pass model_cfg")
+    shape = decoder_shape(model)
+    if shape is None:
+        out.append(f"plan.cp={plan.cp}: context parallelism replaces a decoder's attention with ring attention, and "
+                   "no model shape was given (a model of your own): use cp=1, or pass the family's shape")
+    elif "cp" not in shape.supports:
+        out.append(f"plan.cp={plan.cp}: the model family ({shape.family}) has no ring-attention hook: use cp=1")
     if plan.pp > 1:
         out.append(f"plan.cp={plan.cp} with plan.pp={plan.pp}: context parallelism does not combine with pipeline "
                    f"stages in Plait (stages would need the zigzag positions of hidden states): use pp=1, e.g. "
@@ -233,7 +228,7 @@ def precision_violations(plan: ParallelPlan, model_dtype: Any) -> list[str]:
     return []
 
 
-def suggest_plan(world_size: int, cfg: Any, like: ParallelPlan) -> str:
+def suggest_plan(world_size: int, model: Any, like: ParallelPlan) -> str:
     """The closest valid degrees for ``world_size``: keep tp, pp and cp where possible, fill with dp."""
     candidates = []
     for tp, pp, cp in _factorisations(world_size):
@@ -245,7 +240,7 @@ def suggest_plan(world_size: int, cfg: Any, like: ParallelPlan) -> str:
                         microbatches=max(like.microbatches, pp))
         if trial.engine != "fsdp2" and dp * cp > 1 and (tp > 1 or pp > 1 or (cp > 1 and trial.engine != "ddp")):
             trial = replace(trial, engine="fsdp2")
-        if (model_violations(trial, cfg) or context_violations(trial, cfg) or schedule_violations(trial)
+        if (model_violations(trial, model) or context_violations(trial, model) or schedule_violations(trial)
                 or engine_violations(trial)):
             continue
         distance = abs(tp - like.tp) + abs(pp - like.pp) + abs(cp - like.cp)

@@ -78,21 +78,28 @@ def _visible(rank: int, src: int, half: int, causal: bool) -> tuple[slice, slice
     return slice(half, None), slice(None), False
 
 
-def _math_forward(q, k, v, causal, scale):
+def _math_forward(q, k, v, causal, scale, allowed=None):
+    """``allowed``: an explicit (n, kv) mask of visible keys (a sliding window), instead of ``causal``. A row that
+    sees no key of this block gets output 0 and lse -inf (it adds nothing when merged)."""
     acc = torch.promote_types(q.dtype, torch.float32)
     s = (q.to(acc) @ k.to(acc).transpose(-1, -2)) * scale
-    if causal:  # a block-sized mask, never one for the whole sequence
-        s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1), -math.inf)
+    if causal and allowed is None:  # a block-sized mask, never one for the whole sequence
+        allowed = ~torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1)
+    if allowed is not None:
+        s = s.masked_fill(~allowed, -math.inf)
     lse = s.logsumexp(-1)
-    return (torch.exp(s - lse.unsqueeze(-1)) @ v.to(acc)).to(q.dtype), lse
+    p = torch.exp(s - lse.unsqueeze(-1)).nan_to_num(0.0)  # fully masked rows: exp(-inf - -inf)
+    return (p @ v.to(acc)).to(q.dtype), lse
 
 
-def _math_backward(do, q, k, v, out, lse, causal, scale):
+def _math_backward(do, q, k, v, out, lse, causal, scale, allowed=None):
     acc = lse.dtype
     q, k, v, do, out = (t.to(acc) for t in (q, k, v, do, out))
     p = torch.exp((q @ k.transpose(-1, -2)) * scale - lse.unsqueeze(-1))
-    if causal:
-        p = p.masked_fill(torch.ones(p.shape[-2:], dtype=torch.bool, device=p.device).triu(1), 0.0)
+    if causal and allowed is None:
+        allowed = ~torch.ones(p.shape[-2:], dtype=torch.bool, device=p.device).triu(1)
+    if allowed is not None:
+        p = p.masked_fill(~allowed, 0.0)
     ds = p * (do @ v.transpose(-1, -2) - (do * out).sum(-1, keepdim=True))
     return scale * ds @ k, scale * ds.transpose(-1, -2) @ q, p.transpose(-1, -2) @ do
 
@@ -165,18 +172,42 @@ def _ring(group) -> tuple[int, int]:
     return (0, 1) if group is None else (dist.get_rank(group), dist.get_world_size(group))
 
 
+def _window_mask(rank: int, src: int, n: int, cp: int, window: int, device) -> torch.Tensor:
+    """(n, n) keys of ``src``'s block that ``rank``'s queries see: earlier or equal positions, less than ``window``
+    back (global zigzag positions)."""
+    q_pos = shard_positions(n * cp, rank, cp, device)[:, None]
+    k_pos = shard_positions(n * cp, src, cp, device)[None, :]
+    return (k_pos <= q_pos) & (q_pos - k_pos < window)
+
+
+def _block(rank: int, src: int, n: int, cp: int, causal: bool, window: int | None, device):
+    """(query rows, key cols, causal diagonal, explicit mask or None), or None when nothing is visible."""
+    if window is None:
+        return (*_visible(rank, src, n // 2, causal), None)
+    allowed = _window_mask(rank, src, n, cp, window, device)
+    if not bool(allowed.any()):
+        return None
+    return slice(None), slice(None), False, allowed
+
+
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, group, causal, scale):
+    def forward(ctx, q, k, v, group, causal, scale, window=None):
         rank, cp = _ring(group)
-        groups, half, acc = q.size(1) // k.size(1), q.size(2) // 2, torch.promote_types(q.dtype, torch.float32)
+        groups, acc = q.size(1) // k.size(1), torch.promote_types(q.dtype, torch.float32)
         out = lse = None
         kv = (k, v)
         for step in range(cp):
             pending = _ring_pass(kv, group, 0) if step < cp - 1 else None  # overlaps with this block's compute
-            rows, cols, diag = _visible(rank, (rank - step) % cp, half, causal)
-            o, l_b = _block_forward(q[:, :, rows], _expand(kv[0][:, :, cols], groups),
-                                    _expand(kv[1][:, :, cols], groups), diag, scale)
+            block = _block(rank, (rank - step) % cp, q.size(2), cp, causal, window, q.device)
+            if block is None:  # a sliding window that reaches no key of this block
+                if pending is not None:
+                    kv = tuple(_arrived(pending))
+                continue
+            rows, cols, diag, allowed = block
+            qb, kb, vb = q[:, :, rows], _expand(kv[0][:, :, cols], groups), _expand(kv[1][:, :, cols], groups)
+            o, l_b = (_block_forward(qb, kb, vb, diag, scale) if allowed is None
+                      else _math_forward(qb, kb, vb, False, scale, allowed))
             if out is None:  # step 0 (own block) covers every query row
                 out, lse = o.to(acc), l_b.to(acc)
             else:
@@ -188,40 +219,45 @@ class _RingAttention(torch.autograd.Function):
                 kv = tuple(_arrived(pending))
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.group, ctx.causal, ctx.scale = group, causal, scale
+        ctx.group, ctx.causal, ctx.scale, ctx.window = group, causal, scale, window
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
-        group, causal, scale = ctx.group, ctx.causal, ctx.scale
+        group, causal, scale, window = ctx.group, ctx.causal, ctx.scale, ctx.window
         rank, cp = _ring(group)
-        groups, half, acc = q.size(1) // k.size(1), q.size(2) // 2, lse.dtype
+        groups, acc = q.size(1) // k.size(1), lse.dtype
         dq = torch.zeros_like(q, dtype=acc)
         kv, grads_pending, dkv = (k, v), None, None
         for step in range(cp):
             pending = _ring_pass(kv, group, 0) if step < cp - 1 else None
-            rows, cols, diag = _visible(rank, (rank - step) % cp, half, causal)
-            dq_b, dk_b, dv_b = _block_backward(
-                dout[:, :, rows], q[:, :, rows], _expand(kv[0][:, :, cols], groups),
-                _expand(kv[1][:, :, cols], groups), out[:, :, rows], lse[..., rows], diag, scale)
-            dq[:, :, rows] += dq_b
             # this block's dK/dV accumulator: fresh at step 0, else what the previous rank sent on
             dkv = (torch.zeros_like(k, dtype=acc), torch.zeros_like(v, dtype=acc)) if step == 0 else \
                 _arrived(grads_pending)
-            dkv[0][:, :, cols] += _reduce(dk_b, groups)
-            dkv[1][:, :, cols] += _reduce(dv_b, groups)
+            block = _block(rank, (rank - step) % cp, q.size(2), cp, causal, window, q.device)
+            if block is not None:
+                rows, cols, diag, allowed = block
+                args = (dout[:, :, rows], q[:, :, rows], _expand(kv[0][:, :, cols], groups),
+                        _expand(kv[1][:, :, cols], groups), out[:, :, rows], lse[..., rows])
+                dq_b, dk_b, dv_b = (_block_backward(*args, diag, scale) if allowed is None
+                                    else _math_backward(*args, False, scale, allowed))
+                dq[:, :, rows] += dq_b
+                dkv[0][:, :, cols] += _reduce(dk_b, groups)
+                dkv[1][:, :, cols] += _reduce(dv_b, groups)
             if cp > 1:  # on to the next rank; after the last step it reaches the block's owner
                 grads_pending = _ring_pass(dkv, group, 2)
             if pending is not None:
                 kv = tuple(_arrived(pending))
         dk, dv = _arrived(grads_pending) if cp > 1 else dkv
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
 
 
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cp_group: dist.ProcessGroup | None, *,
-                   causal: bool = True, scale: float | None = None) -> torch.Tensor:
-    """Attention of the local queries over the whole sharded sequence, in the zigzag layout.
+                   causal: bool = True, scale: float | None = None, window: int | None = None) -> torch.Tensor:
+    """Attention of the local queries over the whole sharded sequence, in the zigzag layout. ``window``: a
+    sliding window (a query sees the keys less than ``window`` positions back, itself included; causal), computed
+    block by block with an explicit mask from the global positions, blocks the window cannot reach skipped.
 
     q: (batch, heads, local_seq, head_dim); k, v: (batch, kv_heads, local_seq, head_dim) with kv_heads
     dividing heads (GQA). ``cp_group``: the context-parallel process group (None: a single cp rank).
@@ -238,4 +274,6 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cp_group: 
         raise ValueError(f"local sequence length {q.size(2)} is odd: each cp rank holds two equal chunks "
                          f"(see shard_sequence); make the global length a multiple of 2*cp")
     scale = 1.0 / math.sqrt(q.size(-1)) if scale is None else scale
-    return _RingAttention.apply(q, k, v, cp_group, causal, scale)
+    if window is not None and not causal:
+        raise ValueError("ring_attention(window=...) is a causal sliding window: pass causal=True")
+    return _RingAttention.apply(q, k, v, cp_group, causal, scale, window)

@@ -1,58 +1,41 @@
-"""Tensor parallelism (Megatron style), with optional sequence parallelism and loss parallelism.
+"""Tensor parallelism (Megatron style), with optional sequence parallelism and loss parallelism: the styles.
 
-    apply_tensor_parallel(model, mesh["tp"], sequence_parallel=True, loss_parallel=True)
-    loss = tp_loss(model(tokens), targets, loss_parallel=True)   # a plain scalar; backward anywhere
+    apply_tensor_parallel(model, mesh["tp"], spec, sequence_parallel=True, loss_parallel=True)
+    loss = tp_loss(model(tokens), targets, loss_parallel=True)   # parallel/loss.py; backward anywhere
 
-Which plan a model gets is looked up by architecture in ``hf_plans`` (``register_tp_plan`` adds one);
-this module holds the styles, Plait GPT's plan and the loss. The plans are FQN -> ParallelStyle dicts
-for ``parallelize_module`` on a 1-D tp mesh, as torchtitan writes them.
-``act`` is the layout of the residual stream between blocks: ``Replicate()`` (every tp rank holds the
-full ``(batch, seq, d)``) or, with sequence parallelism, ``Shard(1)`` (each holds ``seq / tp``
-positions); it travels as a plain local tensor. A norm hands its output to attention /
-feed-forward as a DTensor, so the backward reduces once per norm, not once per projection.
+Which plan a model gets is its family's (``plait.models``: ``spec.tensor_parallel``, an FQN -> ParallelStyle
+plan per block and for the top level, applied with ``parallelize_module`` on a 1-D tp mesh as torchtitan writes
+them). This module holds what those plans are made of, knowing no family:
 
-    per block (Plait GPT name / HF Llama name)
-      attention_norm, ffn_norm / input_layernorm, post_attention_layernorm
-                              SequenceParallel under SP, else Replicated (weights -> Replicate DTensors)
-      attention / self_attn   PrepareModuleInput: act -> Replicate (all-gathers the sequence under SP)
-      wq wk wv / q,k,v_proj   ColwiseParallel: each rank keeps n_heads/tp query and kv heads
-      wo / o_proj             RowwiseParallel -> act (all-reduce, or reduce-scatter under SP)
-      feed_forward / mlp      PrepareModuleInput: act -> Replicate
-      w1 w3 / gate,up_proj    ColwiseParallel;  w2 / down_proj: RowwiseParallel -> act
-    top level
-      tok_embeddings / embed_tokens   RowwiseParallel (vocab-sharded table) -> act
-      norm / model.norm               SequenceParallel or Replicated
-      output / lm_head                ColwiseParallel (vocab-sharded) -> Replicate logits, or, with
-                                      loss parallelism, a Shard(-1) DTensor that ``tp_loss`` consumes
+``act_layout(sp)`` is the layout of the residual stream between blocks: ``Replicate()`` (every tp rank holds
+the full ``(batch, seq, d)``) or, with sequence parallelism, ``Shard(1)`` (each holds ``seq / tp`` positions);
+it travels as a plain local tensor. A norm hands its output to attention / feed-forward as a DTensor, so the
+backward reduces once per norm, not once per projection:
 
-Every parameter becomes a DTensor on the tp mesh, so ``clip_grad_norm_``, FSDP2 and DCP see one kind.
-Head counts: both models reshape projections with ``-1`` heads and HF keeps ``num_key_value_groups``
-(a ratio), so the local shard simply holds n_heads/tp heads. Contiguous head shards keep each query
-head with its GQA kv head. (HF decoders with fewer kv heads than tp replicate them: see hf_plans.)
-RoPE: under SP the GPT's embedding output (or a middle stage's hidden input) holds seq/tp positions;
-``model.sequence_shards = tp`` makes the GPT build the tables for the gathered sequence from its start
-position or positions, and a pre-hook on each attention checks the lengths agree. HF Llama derives positions
-and the causal mask from the embedding output, so under SP that output stays full-length (an
-all-reduce where torchtitan's GPT has a reduce-scatter) and the first decoder layer keeps its slice.
-SP needs seq % tp == 0 (checked at forward). Uneven vocab shards work in torch 2.13 and are allowed.
+    norms                      norm_style(sp): SequenceParallel under SP, else Replicated (Replicate weights)
+    attention / feed-forward   PrepareModuleInput: act -> Replicate (all-gathers the sequence under SP)
+    q, k, v / gate, up         ColwiseParallel: each rank keeps n_heads/tp heads (hidden/tp columns)
+    o / down                   RowwiseParallel -> act (all-reduce, or reduce-scatter under SP)
+    embeddings                 RowwiseParallel (a vocab-sharded table) -> act
+    output projection          output_style(sp, lp): ColwiseParallel (vocab-sharded) -> Replicate logits, or,
+                               with loss parallelism, a Shard(-1) DTensor that ``tp_loss`` consumes
+    per-head norms             HeadSharded (Qwen3 / Gemma-3 q_norm, k_norm on the rank's heads)
+
+Every parameter becomes a DTensor on the tp mesh, so ``clip_grad_norm_``, FSDP2 and DCP see one kind. Heads
+are reshaped with ``-1`` heads, so the local shard simply holds n_heads/tp heads; contiguous head shards keep
+each query head with its GQA kv head (replicated when tp exceeds them: parallel/kv_replication.py). SP needs
+seq % tp == 0 (``sequence_check``, at forward). Uneven vocab shards work in torch 2.13 and are allowed.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
-import torch.nn.functional as F
-from plait.models.gpt import GPT, lm_loss, upcast
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module
-from torch.distributed.tensor.parallel import (
-    ColwiseParallel,
-    PrepareModuleInput,
-    RowwiseParallel,
-    SequenceParallel,
-    loss_parallel,
-    parallelize_module,
-)
+from torch.distributed.tensor.parallel import ColwiseParallel, SequenceParallel
 from torch.distributed.tensor.parallel.style import ParallelStyle
 
 
@@ -62,7 +45,12 @@ class Replicated(ParallelStyle):
     The output is re-wrapped (to_local, then from_local as Replicate) so the Partial gradient coming
     back from the column-parallel projections is all-reduced once, before the norm (Megatron's "f"),
     and the norm weight's gradient is a complete Replicate tensor. Without this the weight gradient
-    stays Partial and every optimizer op that reads it would all-reduce it again."""
+    stays Partial and every optimizer op that reads it would all-reduce it again. ``local_output``: the output
+    is a plain tensor, for a norm whose output joins the residual stream itself (Gemma's post-norms)."""
+
+    def __init__(self, local_output: bool = False):
+        super().__init__()
+        self.local_output = local_output
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         def to_dtensor(_mod, inputs, mesh):
@@ -71,73 +59,71 @@ class Replicated(ParallelStyle):
 
         def reduce_grad_here(_mod, output, mesh):
             if isinstance(output, DTensor):
-                return DTensor.from_local(output.to_local(), mesh, [Replicate()], run_check=False)
+                local = output.to_local()
+                return local if self.local_output else DTensor.from_local(local, mesh, [Replicate()], run_check=False)
             return output
 
         return distribute_module(module, device_mesh, input_fn=to_dtensor, output_fn=reduce_grad_here)
 
 
-def _norm(sequence_parallel: bool) -> ParallelStyle:
-    return SequenceParallel() if sequence_parallel else Replicated()
+class HeadSharded(ParallelStyle):
+    """A per-head norm (Qwen3's, Gemma-3's q_norm / k_norm on (batch, seq, heads, head_dim)) after a column-
+    parallel projection: the weight is a Replicate DTensor, the input is this rank's heads (Shard on ``dim``),
+    so the weight's gradient is the sum over all ranks' heads (a Partial DTensor, like SequenceParallel's)."""
+
+    def __init__(self, dim: int = 2):
+        super().__init__()
+        self.dim = dim
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        def replicate_params(_name, mod, mesh):
+            for key, p in list(mod.named_parameters(recurse=False)):
+                if not isinstance(p, DTensor):
+                    mod.register_parameter(key, nn.Parameter(DTensor.from_local(p.data, mesh, [Replicate()],
+                                                                                run_check=False),
+                                                             requires_grad=p.requires_grad))
+
+        def heads_in(_mod, inputs, mesh):
+            return tuple(DTensor.from_local(t, mesh, [Shard(self.dim)], run_check=False)
+                         if isinstance(t, torch.Tensor) and not isinstance(t, DTensor) else t for t in inputs)
+
+        def local_out(_mod, output, _mesh):
+            return output.to_local() if isinstance(output, DTensor) else output
+
+        return distribute_module(module, device_mesh, replicate_params, input_fn=heads_in, output_fn=local_out)
 
 
-def _act(sequence_parallel: bool):
+def norm_style(sequence_parallel: bool, local_output: bool = False) -> ParallelStyle:
+    """A norm's style; ``local_output`` for a norm whose output goes straight into the residual stream."""
+    if sequence_parallel:
+        return SequenceParallel(use_local_output=local_output)
+    return Replicated(local_output)
+
+
+def act_layout(sequence_parallel: bool):
     return Shard(1) if sequence_parallel else Replicate()
 
 
-def _output(sequence_parallel: bool, loss_parallel: bool) -> ParallelStyle:
-    return ColwiseParallel(input_layouts=_act(sequence_parallel),
+def output_style(sequence_parallel: bool, loss_parallel: bool) -> ParallelStyle:
+    return ColwiseParallel(input_layouts=act_layout(sequence_parallel),
                            output_layouts=Shard(-1) if loss_parallel else Replicate(),
                            use_local_output=not loss_parallel)
 
 
-def gpt_tp_plan(sequence_parallel: bool = False, loss_parallel: bool = False
-                ) -> tuple[dict[str, ParallelStyle], dict[str, ParallelStyle]]:
-    """(top-level plan for a GPT, plan for one ``layers.<i>`` block)."""
-    sp, act = sequence_parallel, _act(sequence_parallel)
-    top = {
-        "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=act),
-        "norm": _norm(sp),
-        "output": _output(sp, loss_parallel),
-    }
-    block = {
-        "attention_norm": _norm(sp),
-        "attention": PrepareModuleInput(input_layouts=(act, None, None),
-                                        desired_input_layouts=(Replicate(), None, None)),
-        "attention.wq": ColwiseParallel(),
-        "attention.wk": ColwiseParallel(),
-        "attention.wv": ColwiseParallel(),
-        "attention.wo": RowwiseParallel(output_layouts=act),
-        "ffn_norm": _norm(sp),
-        "feed_forward": PrepareModuleInput(input_layouts=(act,), desired_input_layouts=(Replicate(),)),
-        "feed_forward.w1": ColwiseParallel(),
-        "feed_forward.w2": RowwiseParallel(output_layouts=act),
-        "feed_forward.w3": ColwiseParallel(),
-    }
-    return top, block
+def present(model: nn.Module, plan: dict[str, ParallelStyle]) -> dict[str, ParallelStyle]:
+    """The plan entries whose module exists and is real (a pipeline stage drops some: None or Identity)."""
+    return {fqn: style for fqn, style in plan.items() if has_module(model, fqn)}
 
 
-def _check_divisible(sizes: dict[str, int], tp: int) -> None:
-    for name, size in sizes.items():
-        if size % tp:
-            good = [d for d in range(1, size + 1) if size % d == 0]
-            raise ValueError(f"tensor parallelism splits {name}={size} across tp={tp} ranks, but {size} is not "
-                             f"divisible by {tp}: choose tp from {good} or change {name}")
-
-
-def _present(model: nn.Module, plan: dict[str, ParallelStyle]) -> dict[str, ParallelStyle]:
-    """The plan entries whose module exists (a pipeline stage may have dropped some: set to None)."""
-    return {fqn: style for fqn, style in plan.items() if _has(model, fqn)}
-
-
-def _has(model: nn.Module, fqn: str) -> bool:
+def has_module(model: nn.Module, fqn: str) -> bool:
     try:
-        return model.get_submodule(fqn) is not None
+        module = model.get_submodule(fqn)
     except AttributeError:
         return False
+    return module is not None and not isinstance(module, nn.Identity)
 
 
-def _sequence_check(tp: int):
+def sequence_check(tp: int):
     """Pre-hook on the module that first sees the full sequence: SP needs seq % tp == 0."""
 
     def hook(_module, args):
@@ -148,79 +134,36 @@ def _sequence_check(tp: int):
     return hook
 
 
-def _rope_length_check(_attention, args):
-    """Under SP the GPT builds RoPE tables for the gathered sequence (``model.sequence_shards = tp``, set
-    below), whatever its start position or positions; the attention input is gathered, so lengths match."""
-    x, cos = args[0], args[1]
-    if cos.shape[-2] != x.shape[1]:
-        raise ValueError(f"RoPE tables cover {cos.shape[-2]} positions but the gathered attention input has "
-                         f"{x.shape[1]}: under sequence parallelism call the GPT with the full sequence's tokens "
-                         "or positions (model.sequence_shards says how many shards a hidden input is)")
+def keep_grads_sharded(model: nn.Module) -> int:
+    """Make every DTensor parameter's gradient take its parameter's placements once accumulated. Torch 2.13
+    leaves a vocab-sharded (RowwiseParallel) embedding's gradient a full Replicate tensor on every tp rank: tp
+    times the parameter's bytes, kept until the next step. Replicate -> Shard is a local slice (no
+    communication), so the hook only frees memory. (Under FSDP2 the gradients are FSDP's, reduce-scattered
+    to shards already: not needed there.) Returns how many parameters got the hook."""
+    def reshard(p: torch.Tensor) -> None:
+        if isinstance(p.grad, DTensor) and p.grad.placements != p.placements:
+            p.grad = p.grad.redistribute(p.device_mesh, p.placements)
+
+    count = 0
+    for p in model.parameters():
+        if isinstance(p, DTensor) and p.requires_grad:
+            p.register_post_accumulate_grad_hook(reshard)
+            count += 1
+    return count
 
 
-def parallelize_gpt(model: GPT, mesh: DeviceMesh, sp: bool, lp: bool) -> None:
-    """The registered plan for Plait's GPT (or a pipeline stage of one)."""
-    cfg, tp = model.cfg, mesh.size()
-    _check_divisible({"model.n_heads": cfg.n_heads, "model.n_kv_heads": cfg.kv_heads,
-                      "ffn hidden size": cfg.hidden}, tp)
-    top, block_plan = gpt_tp_plan(sp, lp)
-    if sp and model.tok_embeddings is not None:
-        model.register_forward_pre_hook(_sequence_check(tp))
-    parallelize_module(model, mesh, _present(model, top))
-    if sp:
-        model.sequence_shards = tp
-    for block in model.layers.values():
-        parallelize_module(block, mesh, block_plan)
-        if sp:
-            block.attention.register_forward_pre_hook(_rope_length_check)
-
-
-def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, *, sequence_parallel: bool = False,
+def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, spec: Any, *, sequence_parallel: bool = False,
                           loss_parallel: bool = False) -> nn.Module:
-    """Shard ``model`` in place over the 1-D ``tp_mesh`` with the plan registered for its architecture
-    (``hf_plans``: Plait's GPT, HF llama / mistral / qwen2 / qwen3, or a pipeline stage of one; TypeError
-    naming the known ones otherwise). Build it with the same seed on every rank first (or on the meta
-    device, then materialise and load). Returns the model."""
-    from plait.models.hf.plans import find_tp_plan  # hf_plans builds on this module's styles
-
+    """Shard ``model`` in place over the 1-D ``tp_mesh`` with its family's plan (``spec.tensor_parallel``, a
+    ``plait.models`` spec). Build it with the same seed on every rank first (or on the meta device, then
+    materialise and load). Returns the model."""
     if tp_mesh.ndim != 1:
         raise ValueError(f"tensor parallelism needs a 1-D mesh, got {tp_mesh.ndim}-D {tp_mesh.mesh_dim_names}: "
                          "pass the tp sub-mesh, e.g. mesh['tp']")
-    find_tp_plan(model)(model, tp_mesh, sequence_parallel, loss_parallel)
+    plan_fn = getattr(spec, "tensor_parallel", None)
+    if plan_fn is None:
+        name = getattr(spec, "name", type(model).__name__)
+        raise TypeError(f"tensor parallelism has no plan for {name!r} ({type(model).__name__}): its model spec "
+                        "declares none (plait.models); use tp=1, or give the spec a tensor_parallel plan")
+    plan_fn(model, tp_mesh, sequence_parallel, loss_parallel)
     return model
-
-
-class _VocabParallelCrossEntropy(torch.autograd.Function):
-    """Cross-entropy of vocab-sharded logits under ``loss_parallel()``; the gradient is computed in the
-    same context during forward, so the returned plain loss can be backpropagated anywhere (a pipeline
-    schedule, a caller that never heard of loss_parallel)."""
-
-    @staticmethod
-    def forward(ctx, logits: DTensor, targets: torch.Tensor) -> torch.Tensor:
-        with torch.enable_grad(), loss_parallel():
-            leaf = logits.detach().requires_grad_(ctx.needs_input_grad[0])
-            loss = F.cross_entropy(upcast(leaf).flatten(0, 1), targets.flatten(0, 1))
-            if leaf.requires_grad:
-                (grad,) = torch.autograd.grad(loss, leaf)
-                ctx.save_for_backward(grad)
-        return loss.detach().to_local()
-
-    @staticmethod
-    def backward(ctx, grad_loss: torch.Tensor):
-        (grad,) = ctx.saved_tensors
-        return grad * grad_loss, None
-
-
-def tp_loss(logits: torch.Tensor, targets: torch.Tensor, loss_parallel: bool) -> torch.Tensor:
-    """Mean next-token cross-entropy (like ``lm_loss``), a plain scalar equal on every tp rank.
-    With ``loss_parallel`` the logits are the vocab-sharded DTensor the model returns; the full
-    (batch, seq, vocab) logits are never gathered. A HF model's output (``.logits``) is accepted too."""
-    logits = getattr(logits, "logits", logits)
-    if not loss_parallel:
-        return lm_loss(logits, targets)
-    vocab_sharded = isinstance(logits, DTensor) and any(
-        p.is_shard() and p.dim % logits.ndim == logits.ndim - 1 for p in logits.placements)
-    if not vocab_sharded:
-        raise ValueError("tp_loss(loss_parallel=True) needs vocab-sharded DTensor logits: apply the plan with "
-                         "apply_tensor_parallel(..., loss_parallel=True), or pass loss_parallel=False")
-    return _VocabParallelCrossEntropy.apply(logits, targets)

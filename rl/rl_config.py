@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from plait.parallel.data_parallel import ZERO_STAGES
 from plait.models.gpt import GPTConfig
+from plait.parallel.data_parallel import ZERO_STAGES
 from plait.parallel.plan import ParallelPlan
 from plait.rl.generator import GenerationConfig
 from plait.rl.tasks import make_tasks

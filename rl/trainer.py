@@ -43,9 +43,9 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+from plait.models.gpt import GPT
 from plait.parallel.data_parallel import ZERO_STAGES
 from plait.parallel.mesh import build_mesh
-from plait.models.gpt import GPT
 from plait.parallel.parallelize import OptimConfig, parallelize, unsharded_parameters
 from plait.rl.generate import sequence_logprobs
 from plait.rl.generator import RolloutBatch

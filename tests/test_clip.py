@@ -10,8 +10,9 @@ from collections import Counter
 
 import pytest
 import torch
-from plait.parallel.mesh import build_mesh
+from plait.models import model_spec
 from plait.models.gpt import GPT, GPTConfig, lm_loss
+from plait.parallel.mesh import build_mesh
 from plait.parallel.parallelize import OptimConfig, clip_grad_norm, parallelize
 from plait.parallel.plan import ParallelPlan
 from plait.runtime import run_ranks
@@ -55,7 +56,7 @@ def clip_each_plan(ctx, plans: dict) -> dict:
         plan = ParallelPlan(**kwargs)
         torch.manual_seed(0)
         mesh = build_mesh(plan, "cpu")
-        parts = parallelize(lambda: GPT(CFG).double(), plan, mesh, ctx.device, OPTIM)
+        parts = parallelize(lambda: GPT(CFG).double(), plan, mesh, ctx.device, OPTIM, spec=model_spec("gpt"))
         rows = BATCH // plan.dp
         mine = slice(mesh.get_local_rank("dp") * rows, (mesh.get_local_rank("dp") + 1) * rows)
         parts.train_step(inputs[mine], targets[mine], OPTIM.lr)  # grads stay after the step

@@ -177,8 +177,8 @@ def test_each_context_parallel_violation_names_its_constraint(kwargs, message):
 def test_context_parallel_needs_plaits_gpt_a_divisible_length_and_the_world_it_names():
     from plait.models.gpt import GPTConfig
 
-    with pytest.raises(PlanError, match=r"plan.cp=2: context parallelism replaces the attention of Plait's GPT .*"
-                                        r"no model config was given"):
+    with pytest.raises(PlanError, match=r"plan.cp=2: context parallelism replaces a decoder's attention .*"
+                                        r"no model shape was given"):
         ParallelPlan(cp=2).validate(2)
     with pytest.raises(PlanError, match=r"seq_len=12 is not divisible by 2\*plan.cp = 8: .*use seq_len=8 or 16"):
         ParallelPlan(cp=4).validate(4, GPTConfig(), seq_len=12)

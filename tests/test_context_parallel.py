@@ -8,10 +8,10 @@ differences are reduction orders (log-sum-exp merges, gradient averages over dp 
 import pytest
 import torch
 import torch.distributed as dist
-from plait.parallel.context_parallel import apply_context_parallel, shard_batch
-from plait.parallel.estimate import estimate_memory
-from plait.parallel.mesh import MESH_DIMS, Layout, build_mesh, coordinates, data_mesh, rank_grid
+from plait.models import estimate_for, model_spec
 from plait.models.gpt import GPT, GPTConfig, lm_loss
+from plait.parallel.context_parallel import apply_context_parallel, shard_batch
+from plait.parallel.mesh import MESH_DIMS, Layout, build_mesh, coordinates, data_mesh, rank_grid
 from plait.parallel.plan import ParallelPlan
 from plait.runtime import run_ranks
 from test_clip import clip_each_plan
@@ -33,8 +33,8 @@ def test_layout_is_dp_pp_cp_tp_with_tp_innermost():
 
 
 def test_estimate_splits_tokens_over_cp_and_shards_over_dp_x_cp():
-    one = estimate_memory(CFG, ParallelPlan(engine="fsdp2"), global_batch=BATCH, seq_len=SEQ)[0]
-    rows = estimate_memory(CFG, ParallelPlan(cp=2, engine="fsdp2"), global_batch=BATCH, seq_len=SEQ)
+    one = estimate_for(CFG, ParallelPlan(engine="fsdp2"), global_batch=BATCH, seq_len=SEQ)[0]
+    rows = estimate_for(CFG, ParallelPlan(cp=2, engine="fsdp2"), global_batch=BATCH, seq_len=SEQ)
     assert [r.cp for r in rows] == [0, 1]
     assert sum(r.params for r in rows) == one.params  # FSDP2 over the 2 cp ranks: each holds half
     rope_tables = BATCH * SEQ // 2 * CFG.head_dim * 4  # gathered at the zigzag positions (cp > 1 only)
@@ -54,7 +54,7 @@ def cp_loss_and_grads(cp_mesh):
     """This cp rank's piece through a ring-attention GPT; loss and gradients averaged over the cp group."""
     _, _, tokens = reference_loss_and_grads()
     torch.manual_seed(0)
-    model = apply_context_parallel(GPT(CFG).double(), cp_mesh)
+    model = apply_context_parallel(GPT(CFG).double(), cp_mesh, model_spec("gpt").attention)
     inputs, targets = shard_batch(tokens[:, :-1], tokens[:, 1:], cp_mesh.get_local_rank(), cp_mesh.size())
     loss = lm_loss(model(inputs), targets)
     loss.backward()

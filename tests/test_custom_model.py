@@ -94,8 +94,9 @@ def test_mlp_classifier_trains_like_one_process_under_ddp_fsdp2_and_zero2(ray_cl
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(tp=2, engine="fsdp2"), r"plan.tp=2: tensor parallelism has plans for Plait's GPT .* not Sequential"),
-    (dict(pp=2, microbatches=2), r"plan.pp=2: pipeline stages are cut .* not from Sequential: use pp=1"),
+    (dict(tp=2, engine="fsdp2"), r"plan.tp=2: splitting a model over tp needs a tensor-parallel plan from its "
+                                 r"family's spec .* Sequential \(no model spec given\) has none"),
+    (dict(pp=2, microbatches=2), r"plan.pp=2: .*a pipeline stage cut .* use pp=1"),
     (dict(mixed_precision="bf16"), r"the model has torch.float64 parameters .* build it in float32"),
 ])
 def test_what_a_custom_model_cannot_do_is_refused_by_name(kwargs, message):

@@ -14,6 +14,7 @@ cached in ~/.cache/plait/torch_extensions); afterwards the file takes ~40-80 s o
 import pytest
 import torch
 import torch.distributed as dist
+from plait.models.gpt import GPT, GPTConfig, lm_loss
 from plait.parallel.data_parallel import (
     DS_PIPE_ASSERT,
     apply_ddp,
@@ -24,7 +25,6 @@ from plait.parallel.data_parallel import (
     deepspeed_train_step,
     full_parameters,
 )
-from plait.models.gpt import GPT, GPTConfig, lm_loss
 from plait.runtime import run_ranks
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module

@@ -18,9 +18,10 @@ import copy
 
 import pytest
 import torch
-from plait.parallel.activation_checkpoint import apply_activation_checkpointing, clean_fqn
-from plait.parallel.estimate import estimate_job, estimate_memory, format_table, inflight, stage_ids, stage_layers
+from plait.models import estimate_for
 from plait.models.gpt import GPT, GPTConfig, lm_loss
+from plait.parallel.activation_checkpoint import apply_activation_checkpointing, clean_fqn
+from plait.parallel.estimate import format_table, inflight, stage_ids, stage_layers
 from plait.parallel.plan import ParallelPlan, PlanError
 from plait.parallel.saved_bytes import SavedBytes
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
@@ -106,7 +107,7 @@ def test_exact_param_grad_optimizer_bytes_one_process(dtype):
     x, y = batch()
     lm_loss(model(x), y).backward()
     opt.step()
-    (row,) = estimate_memory(GPTConfig(**CFG), ParallelPlan(), global_batch=B, seq_len=S, dtype=dtype)
+    (row,) = estimate_for(GPTConfig(**CFG), ParallelPlan(), global_batch=B, seq_len=S, dtype=dtype)
     assert held_bytes([model], opt) == expected(row)
 
 
@@ -122,7 +123,7 @@ def cut(model: GPT, layers: range, first: bool, last: bool) -> GPT:
 @pytest.mark.parametrize("schedule,v", [("1F1B", 1), ("ZBVZeroBubble", 2)])
 def test_exact_bytes_of_pipeline_stages(schedule, v):
     plan = ParallelPlan(pp=2, schedule=schedule, virtual_stages=v, microbatches=2)
-    rows = estimate_memory(GPTConfig(**CFG), plan, global_batch=B, seq_len=S)
+    rows = estimate_for(GPTConfig(**CFG), plan, global_batch=B, seq_len=S)
     full, n = make(), plan.num_stages
     try:  # agree with pipeline.py's own placement where it is importable
         from plait.parallel import pipeline
@@ -154,7 +155,7 @@ def test_activation_estimate_matches_saved_tensors(mode):
     measured = saved.total + (recompute_bytes(model, (B, S, CFG["d_model"])) if mode != "off" else 0)
     loss.backward()
     plan = ParallelPlan(activation_checkpointing=mode)
-    (row,) = estimate_memory(GPTConfig(**CFG), plan, global_batch=B, seq_len=S)
+    (row,) = estimate_for(GPTConfig(**CFG), plan, global_batch=B, seq_len=S)
     print(f"AC {mode}: estimate {row.activations} B, measured {measured} B")
     assert abs(row.activations - measured) <= 0.25 * measured
     if mode == "off":
@@ -172,14 +173,14 @@ def test_inflight_microbatches():
 
 def test_sharded_engines_and_table():
     cfg = GPTConfig(**CFG)
-    ddp = estimate_memory(cfg, ParallelPlan(dp=2), global_batch=B, seq_len=S)
-    fsdp = estimate_memory(cfg, ParallelPlan(dp=2, engine="fsdp2"), global_batch=B, seq_len=S)
+    ddp = estimate_for(cfg, ParallelPlan(dp=2), global_batch=B, seq_len=S)
+    fsdp = estimate_for(cfg, ParallelPlan(dp=2, engine="fsdp2"), global_batch=B, seq_len=S)
     assert ddp[0].params == ddp[1].params == cfg.num_params() * 4
     assert fsdp[0].param_padding == 0 and fsdp[1].param_padding == 2 * CFG["d_model"] * 4  # 67 rows -> 34 + 33
     assert fsdp[0].params + fsdp[1].params == ddp[0].params
     full, part = cfg.num_params() * 4, -(-cfg.num_params() // 2) * 4  # DeepSpeed's flat partition
     for engine, params, grads in (("zero1", full, full), ("zero2", full, part), ("zero3", part, part)):
-        row = estimate_memory(cfg, ParallelPlan(dp=2, engine=engine), global_batch=B, seq_len=S)[0]
+        row = estimate_for(cfg, ParallelPlan(dp=2, engine=engine), global_batch=B, seq_len=S)[0]
         assert (row.params, row.grads) == (params, grads), engine
         assert row.optim == 2 * part + 4 + (part if engine != "zero3" else 0)  # + fp32 master partition
     text = format_table(fsdp)
@@ -187,16 +188,17 @@ def test_sharded_engines_and_table():
 
 
 def test_estimate_job_validates_and_prints_the_table():
-    from plait.lm.lm_job import Config, TrainConfig
+    from plait.lm.lm_config import Config, ModelSection, TrainConfig
+    from plait.lm.lm_job import estimate
 
-    cfg = Config(model=GPTConfig(**CFG), train=TrainConfig(global_batch=8, seq_len=S),
+    cfg = Config(model=ModelSection(**CFG), train=TrainConfig(global_batch=8, seq_len=S),
                  plan=ParallelPlan(pp=2, schedule="GPipe", microbatches=2, activation_checkpointing="full"))
-    out = estimate_job(cfg, 2)
+    out = estimate(cfg, 2)
     assert "ranks" in out and "activations" in out and "pp2" in out
     rows = [line.split() for line in out.splitlines() if line[:1].isdigit()]
     assert [r[:3] for r in rows] == [["0", "0", "0"], ["1", "1", "1"]]
     with pytest.raises(PlanError, match="dp\\*tp\\*pp"):
-        estimate_job(cfg, 4)
+        estimate(cfg, 4)
 
 
 TP_RUNS = (("tp", False, False, 67), ("tp-sp", True, False, 67), ("tp-sp-lp", True, True, 68))  # vocab 67: uneven
@@ -204,8 +206,10 @@ TP_RUNS = (("tp", False, False, 67), ("tp-sp", True, False, 67), ("tp-sp-lp", Tr
 
 def two_rank_memory(ctx):
     """FSDP2 over dp=2 (fp32, bf16), then TP over tp=2 (plain, +SP, +SP+LP): held bytes and saved activations."""
+    from plait.models import model_spec
     from plait.parallel.data_parallel import apply_fsdp2
-    from plait.parallel.tensor_parallel import apply_tensor_parallel, tp_loss
+    from plait.parallel.loss import tp_loss
+    from plait.parallel.tensor_parallel import apply_tensor_parallel, keep_grads_sharded
     from torch.distributed.device_mesh import init_device_mesh
 
     x, y = batch()
@@ -222,7 +226,9 @@ def two_rank_memory(ctx):
     for name, sp, lp, vocab in TP_RUNS:
         xv, yv = batch(vocab=vocab)
         # As parallelize runs dp=1 plans: TP only (no FSDP2, nothing to shard over).
-        model = apply_tensor_parallel(make(vocab_size=vocab), tp, sequence_parallel=sp, loss_parallel=lp)
+        model = apply_tensor_parallel(make(vocab_size=vocab), tp, model_spec("gpt"), sequence_parallel=sp,
+                                      loss_parallel=lp)
+        keep_grads_sharded(model)  # as parallelize does: the embedding's gradient sharded like the embedding
         opt = adamw(model.parameters())
         with SavedBytes(model) as saved:
             loss = tp_loss(model(xv), yv, loss_parallel=lp)
@@ -239,12 +245,12 @@ def test_exact_bytes_fsdp2_and_tp_on_two_ranks(ray_cluster, tmp_path):
     results = run_ranks(two_rank_memory, 2, run_dir=tmp_path)
     for precision in ("fp32", "bf16"):
         plan = ParallelPlan(dp=2, engine="fsdp2", mixed_precision=precision)
-        rows = estimate_memory(GPTConfig(**CFG), plan, global_batch=B, seq_len=S)
+        rows = estimate_for(GPTConfig(**CFG), plan, global_batch=B, seq_len=S)
         for rank, row in enumerate(rows):
             assert results[rank][f"fsdp2-{precision}"] == expected(row), (precision, rank)
     for name, sp, lp, vocab in TP_RUNS:
         plan = ParallelPlan(tp=2, engine="fsdp2", sequence_parallel=sp, loss_parallel=lp)
-        rows = estimate_memory(GPTConfig(**{**CFG, "vocab_size": vocab}), plan, global_batch=B, seq_len=S)
+        rows = estimate_for(GPTConfig(**{**CFG, "vocab_size": vocab}), plan, global_batch=B, seq_len=S)
         for rank, row in enumerate(rows):
             got = dict(results[rank][name])
             measured = got.pop("activations")

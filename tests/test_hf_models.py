@@ -7,12 +7,15 @@ test is a user's fine-tune round trip (save_pretrained -> Plait -> export -> fro
 
 import pytest
 import torch
-from plait.models.hf.export import export_hf_folder
-from plait.models.hf.plans import find_tp_plan, known_architectures, register_tp_plan, sync_replicated_kv_grads
-from plait.models.hf.weights import hf_name, load_hf_folder, materialize, weight_files
+from plait.models import model_spec, spec_for_config, spec_for_model
 from plait.models.gpt import GPT, GPTConfig
+from plait.models.hf.export import export_hf_folder
+from plait.models.hf.weights import load_hf_folder, materialize, weight_files
+from plait.parallel.kv_replication import sync_replicated_kv_grads
+from plait.parallel.loss import tp_loss
+from plait.parallel.names import clean_fqn
 from plait.parallel.pipeline import build_pipeline
-from plait.parallel.tensor_parallel import apply_tensor_parallel, tp_loss
+from plait.parallel.tensor_parallel import apply_tensor_parallel
 from plait.runtime import run_ranks
 from plait.storage.folders import ForeignFolderError
 from torch import nn
@@ -21,6 +24,7 @@ from torch.distributed.tensor import DTensor
 
 VOCAB, BATCH, SEQ = 128, 4, 16
 GPT_CFG = GPTConfig(vocab_size=VOCAB, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=32)
+GPT_SPEC, LLAMA = model_spec("gpt"), model_spec("llama")
 
 
 def hf_config(family: str, kv_heads: int = 2, heads: int = 4, attn: str = "sdpa", tied: bool = False):
@@ -73,7 +77,8 @@ def tp_rank(ctx) -> dict:
     mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("tp",))
     out = {}
     for family, kv, sp, lp, attn in TP_CASES:
-        model = apply_tensor_parallel(build(family, kv, attn=attn), mesh, sequence_parallel=sp, loss_parallel=lp)
+        model = apply_tensor_parallel(build(family, kv, attn=attn), mesh, LLAMA, sequence_parallel=sp,
+                                      loss_parallel=lp)
         logits, loss = forward_backward(model, lp)
         sync_replicated_kv_grads(model)
         attn0 = model.model.layers[0].self_attn
@@ -95,10 +100,10 @@ def pipeline_run(mesh, family: str, src) -> dict:
             return AutoModelForCausalLM.from_config(hf_config(family), dtype=torch.float64)
 
     def load(stage):
-        load_hf_folder(materialize(stage, "cpu"), src)
+        load_hf_folder(materialize(stage, "cpu", LLAMA), src, LLAMA)
         return stage
 
-    pipe = build_pipeline(on_meta if src else lambda: build(family), mesh, schedule="GPipe", microbatches=2,
+    pipe = build_pipeline(on_meta if src else lambda: build(family), mesh, LLAMA, schedule="GPipe", microbatches=2,
                           loss_fn=lambda out, tgt: tp_loss(out, tgt, False), device="cpu",
                           parallelize_stage=load if src else None, materialize=not src)
     inputs, targets = tokens()
@@ -113,7 +118,7 @@ def pipeline_rank(ctx, src, dst) -> dict:
     out = {}
     pipe, out["llama"] = pipeline_run(mesh, "llama", src)
     torch.optim.SGD(pipe.parameters(), lr=0.1).step()
-    export_hf_folder(pipe.modules, dst, pipe.modules[0].config)  # each stage writes its own names
+    export_hf_folder(pipe.modules, dst, pipe.modules[0].config)  # each stage writes its own names; family found
     _, out["qwen3"] = pipeline_run(mesh, "qwen3", None)
     return out
 
@@ -184,19 +189,17 @@ class Mystery(nn.Module):
     pass
 
 
-def test_unknown_architecture_is_refused_with_the_known_ones():
-    with pytest.raises(TypeError) as err:
-        find_tp_plan(Mystery())
+def test_unknown_family_is_refused_with_the_known_ones():
+    import transformers
+
+    with pytest.raises(ValueError) as err:
+        spec_for_config(transformers.GPT2Config())
     msg = str(err.value)
-    assert "no plan for architecture 'Mystery'" in msg and "register_tp_plan('Mystery', parallelize_decoder)" in msg
-    assert all(arch in msg for arch in ("GPT", "llama", "mistral", "qwen2", "qwen3"))
-    register_tp_plan("Mystery", lambda model, mesh, sp, lp: None)
-    try:
-        assert "Mystery" in known_architectures() and find_tp_plan(Mystery()) is not None
-        with pytest.raises(ValueError, match="already registered"):
-            register_tp_plan("Mystery", lambda model, mesh, sp, lp: None)
-    finally:
-        register_tp_plan("Mystery", lambda *a: None, replace=True)
+    assert "model_type 'gpt2' (GPT2Config) has no Plait model spec" in msg and "plait/models" in msg
+    assert all(t in msg for t in ("llama", "mistral", "qwen2", "qwen3"))
+    with pytest.raises(ValueError, match="not a model of a registered family"):
+        spec_for_model(Mystery())
+    assert spec_for_model(build("qwen3", 2)) is LLAMA and spec_for_model(GPT(GPT_CFG)) is GPT_SPEC
 
 
 def meta_tp_model(family: str, kv: int, mesh, dtype):
@@ -205,16 +208,16 @@ def meta_tp_model(family: str, kv: int, mesh, dtype):
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(hf_config(family, kv), dtype=dtype)
-    apply_tensor_parallel(model, mesh)
+    apply_tensor_parallel(model, mesh, LLAMA)
     return model
 
 
 def roundtrip_rank(ctx, src, dst) -> dict:
     """Qwen2 (biases, one kv head replicated over tp2): meta build, load, one step, export."""
     mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("tp",))
-    model = materialize(meta_tp_model("qwen2", 1, mesh, torch.float64), "cpu")
+    model = materialize(meta_tp_model("qwen2", 1, mesh, torch.float64), "cpu", LLAMA)
     local_k = model.model.layers[0].self_attn.k_proj.bias.to_local().clone()
-    load_hf_folder(model, src)
+    load_hf_folder(model, src, LLAMA)
     probe, _ = tokens(seed=9)
     before = full(model(input_ids=probe).logits)
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
@@ -227,13 +230,13 @@ def roundtrip_rank(ctx, src, dst) -> dict:
            "garbage_before_load": local_k}
     # Plait's own GPT (tp2) out as a HF Llama folder, and back into a differently initialised GPT
     torch.manual_seed(1)
-    gpt = apply_tensor_parallel(GPT(GPT_CFG), mesh)
+    gpt = apply_tensor_parallel(GPT(GPT_CFG), mesh, GPT_SPEC)
     export_hf_folder(gpt, dst / "gpt", GPT_CFG)
     with torch.device("meta"):
         fresh = GPT(GPT_CFG)
-    materialize(apply_tensor_parallel(fresh, mesh), "cpu")  # garbage shards and fresh RoPE tables
+    materialize(apply_tensor_parallel(fresh, mesh, GPT_SPEC), "cpu", GPT_SPEC)  # garbage shards, fresh RoPE tables
     out["gpt"] = gpt(probe).detach()
-    load_hf_folder(fresh, dst / "gpt")
+    load_hf_folder(fresh, dst / "gpt", GPT_SPEC)
     out["fresh_after"] = fresh(probe).detach()
     return out
 
@@ -282,9 +285,9 @@ def fsdp_tp_rank(ctx, src, dst) -> dict:
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
     model = meta_tp_model("llama", 2, mesh["tp"], torch.float32)
     apply_fsdp2(model, mesh["dp"])
-    materialize(model, "cpu")
+    materialize(model, "cpu", LLAMA)
     mesh_dims = {p.device_mesh.mesh_dim_names for p in model.parameters()}
-    load_hf_folder(model, src)
+    load_hf_folder(model, src, LLAMA)
     probe, _ = tokens(seed=9)
     before = model(input_ids=probe).logits.detach().clone()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
@@ -303,14 +306,15 @@ def fsdp_tp_rank(ctx, src, dst) -> dict:
 def four_rank_tp(ctx) -> dict:
     """tp4 over 2 kv heads (each head replicated twice); then pp2 x tp2 with sequence parallelism."""
     mesh = init_device_mesh("cpu", (4,), mesh_dim_names=("tp",))
-    model = apply_tensor_parallel(build("llama", 2), mesh, sequence_parallel=True)
+    model = apply_tensor_parallel(build("llama", 2), mesh, LLAMA, sequence_parallel=True)
     logits, loss = forward_backward(model)
     sync_replicated_kv_grads(model)
     out = {"logits": logits, "loss": loss, "grads": {n: full(p.grad) for n, p in model.named_parameters()}}
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("pp", "tp"))
-    pipe = build_pipeline(lambda: build("qwen3", 1), mesh["pp"], schedule="1F1B", microbatches=2,
+    pipe = build_pipeline(lambda: build("qwen3", 1), mesh["pp"], LLAMA, schedule="1F1B", microbatches=2,
                           loss_fn=lambda o, t: tp_loss(o, t, True), device="cpu",
-                          parallelize_stage=lambda part: apply_tensor_parallel(part, mesh["tp"], sequence_parallel=True,
+                          parallelize_stage=lambda part: apply_tensor_parallel(part, mesh["tp"], LLAMA,
+                                                                               sequence_parallel=True,
                                                                                loss_parallel=True))
     inputs, targets = tokens()
     pp_loss = pipe.step(inputs, targets)
@@ -368,7 +372,7 @@ def parallelize_rank(ctx, src, family, kv) -> dict:
     mesh = init_device_mesh("cpu", (1, 1, 2), mesh_dim_names=("dp", "pp", "tp"))
     optim = OptimConfig(lr=1e-2, warmup_steps=0, grad_clip=0.0)
     parts = parallelize(lambda: AutoModelForCausalLM.from_config(hf_config(family, kv), dtype=torch.float64), plan,
-                        mesh, torch.device("cpu"), optim, weights=src)
+                        mesh, torch.device("cpu"), optim, weights=src, spec=LLAMA)
     model = parts.modules[0]
     local = sum(p.to_local().numel() for p in model.parameters())
     losses = []
@@ -377,7 +381,7 @@ def parallelize_rank(ctx, src, family, kv) -> dict:
         losses.append(parts.train_step({"input_ids": inputs, "use_cache": False}, targets, optim.lr))
     wrapped = any("_checkpoint_wrapped_module" in n for n, _ in model.named_parameters())
     return {"losses": losses, "local_numel": local, "wrapped": wrapped,
-            "params": {hf_name(n): full(p) for n, p in model.named_parameters()}}
+            "params": {clean_fqn(n): full(p) for n, p in model.named_parameters()}}
 
 
 def test_parallelize_loads_hf_weights_per_shard_and_trains_like_one_process(ray_cluster, tmp_path):
@@ -438,7 +442,7 @@ def test_hf_llama_finetune_example_exports_a_folder_transformers_loads(ray_clust
     assert summary["eval_loss_end"] == pytest.approx(transformers_loss(exported, batches, 2), abs=1e-5)
     assert summary["eval_loss_end"] < summary["eval_loss_start"] - 1e-3  # training moved the model
     resumed = run_job(load_spec("examples/hf_llama_finetune.toml", [
-        "train.steps=4", "train.resume=latest", "plan.dp=4", "plan.tp=1", *paths]))
+        "train.steps=4", "train.resume=latest", "train.reschedule=true", "plan.dp=4", "plan.tp=1", *paths]))
     assert resumed["start_step"] == 3 and resumed["checkpoint"].endswith("step_00000004")
     # Export a saved checkpoint (made under dp4) without training: resume from it with as many steps as it holds,
     # under the example's tp2 x dp2 plan.
@@ -461,5 +465,5 @@ def test_plan_estimate_of_the_hf_example_counts_the_models_parameters(tmp_path, 
         total = sum(p.numel() for p in AutoModelForCausalLM.from_config(tiny_llama_config()).parameters())
     assert main(["plan", "estimate", "examples/hf_llama_finetune.toml", f"model.path={tmp_path / 'none'}"]) == 0
     out = capsys.readouterr().out
-    assert f"({total:,} params as a Llama-shaped decoder)" in out and "plan dp2(fsdp2) tp2 pp1" in out
+    assert f"llama from {tmp_path / 'none'} {total:,} params" in out and "plan dp2(fsdp2) tp2 pp1" in out
     assert "peak: rank" in out

@@ -6,22 +6,25 @@ seeded values (the rule moved into init_value)."""
 
 import pytest
 import torch
-from plait.models.hf.weights import hf_name, materialize
-from plait.parallel.meta_init import init_shards, param_seed
+from plait.models import model_spec
 from plait.models.gpt import GPT, GPTConfig
+from plait.models.hf.weights import materialize
+from plait.parallel.meta_init import init_shards, param_seed
+from plait.parallel.names import clean_fqn
 from plait.runtime import run_ranks
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 
 CFG = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=16)
 SEED = 7
+GPT_SPEC = model_spec("gpt")
 
 
 def one_process() -> GPT:
     with torch.device("meta"):
         model = GPT(GPTConfig(**CFG))
-    materialize(model, "cpu")
-    init_shards(model, SEED)
+    materialize(model, "cpu", GPT_SPEC)
+    init_shards(model, SEED, GPT_SPEC.init_value)
     return model
 
 
@@ -39,9 +42,9 @@ def meta_rank(ctx) -> dict:
                                ("fsdp2", ParallelPlan(dp=2, engine="fsdp2"), (2, 1, 1))]:
         mesh = init_device_mesh("cpu", shape, mesh_dim_names=("dp", "pp", "tp"))
         parts = parallelize(lambda: GPT(GPTConfig(**CFG)), plan, mesh, torch.device("cpu"),
-                            OptimConfig(lr=1e-3, warmup_steps=0), init_seed=SEED)
+                            OptimConfig(lr=1e-3, warmup_steps=0), init_seed=SEED, spec=GPT_SPEC)
         model = parts.modules[0]
-        params = {hf_name(n): (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
+        params = {clean_fqn(n): (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
                   for n, p in model.named_parameters()}
         local = sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in model.parameters())
         inputs, targets = batch()

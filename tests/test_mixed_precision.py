@@ -13,8 +13,9 @@ import math
 
 import pytest
 import torch
-from plait.parallel.mesh import build_mesh
+from plait.models import model_spec
 from plait.models.gpt import GPT, GPTConfig
+from plait.parallel.mesh import build_mesh
 from plait.parallel.parallelize import OptimConfig, parallelize
 from plait.parallel.plan import ParallelPlan
 from plait.runtime import run_ranks
@@ -55,7 +56,7 @@ def train_and_record(ctx, plans: dict) -> dict:
         plan.validate(ctx.world_size, CFG, BATCH // plan.dp, model_dtype=torch.float32)
         torch.manual_seed(0)
         mesh = build_mesh(plan, "cpu")
-        parts = parallelize(lambda: GPT(CFG), plan, mesh, ctx.device, OPTIM, global_batch=BATCH)
+        parts = parallelize(lambda: GPT(CFG), plan, mesh, ctx.device, OPTIM, global_batch=BATCH, spec=model_spec("gpt"))
         activations: list[torch.Tensor] = []
         hooks = [m.register_forward_hook(lambda _m, _args, y, seen=activations: seen.append(y.detach()))
                  for part in parts.modules for m in part.modules() if isinstance(m, nn.Linear)]

@@ -12,6 +12,7 @@ import math
 
 import pytest
 import torch
+from plait.models import model_spec
 from plait.models.gpt import GPT, GPTConfig, lm_loss
 from plait.parallel.pipeline import (
     SCHEDULES,
@@ -24,6 +25,8 @@ from plait.parallel.pipeline import (
 from plait.runtime import run_ranks
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.pipelining._utils import generate_stage_to_rank_mapping
+
+GPT_SPEC = model_spec("gpt")
 
 CFG = GPTConfig(vocab_size=64, d_model=32, n_layers=4, n_heads=4, max_seq_len=16)
 BATCH, SEQ, MICROBATCHES, STEPS, ATOL = 8, 8, 4, 2, 1e-5
@@ -62,7 +65,7 @@ def _reference(kind: str) -> tuple[list[float], dict[str, torch.Tensor]]:
 
 
 def _train(pp_mesh, name: str, kind: str) -> dict:
-    pipe = build_pipeline(_new_gpt, pp_mesh, schedule=name, microbatches=MICROBATCHES,
+    pipe = build_pipeline(_new_gpt, pp_mesh, GPT_SPEC, schedule=name, microbatches=MICROBATCHES,
                           virtual_stages=VIRTUAL[name], loss_fn=lm_loss, device="cpu")
     opt = _optimizer(kind, pipe.parameters())
     losses = []
@@ -92,14 +95,14 @@ def run_all_cases(ctx) -> dict:
     def meta_gpt():
         with torch.device("meta"):
             return GPT(CFG)
-    pipe = build_pipeline(meta_gpt, mesh, schedule="ZBVZeroBubble", microbatches=MICROBATCHES, virtual_stages=2,
-                          loss_fn=lm_loss, device="cpu")
+    pipe = build_pipeline(meta_gpt, mesh, GPT_SPEC, schedule="ZBVZeroBubble", microbatches=MICROBATCHES,
+                          virtual_stages=2, loss_fn=lm_loss, device="cpu")
     x, y = _batches()[0]
     loss = pipe.step(x, y)
     out["meta"] = {"loss": None if loss is None else loss.item(),
                    "on_cpu": all(p.device.type == "cpu" for p in pipe.parameters())}
     # A batch that does not split into equal microbatches is refused before any communication.
-    pipe = build_pipeline(_new_gpt, mesh, schedule="GPipe", microbatches=3, loss_fn=lm_loss, device="cpu")
+    pipe = build_pipeline(_new_gpt, mesh, GPT_SPEC, schedule="GPipe", microbatches=3, loss_fn=lm_loss, device="cpu")
     try:
         pipe.step(x, y)
         out["uneven"] = ""

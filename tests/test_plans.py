@@ -7,9 +7,10 @@ orders: losses and gathered parameters agree to 1e-9 after k optimizer steps (wi
 
 import pytest
 import torch
+from plait.models import model_spec
+from plait.models.gpt import GPT, GPTConfig, lm_loss
 from plait.parallel.activation_checkpoint import clean_fqn
 from plait.parallel.mesh import build_mesh
-from plait.models.gpt import GPT, GPTConfig, lm_loss
 from plait.parallel.parallelize import OptimConfig, make_optimizer, parallelize
 from plait.parallel.plan import ParallelPlan
 from plait.runtime import run_ranks
@@ -63,7 +64,8 @@ def setup(ctx, plan_kwargs):
     plan.validate(ctx.world_size, CFG, BATCH // plan.dp)
     torch.manual_seed(0)
     mesh = build_mesh(plan, "cpu")
-    parts = parallelize(lambda: GPT(CFG).double(), plan, mesh, ctx.device, OPTIM, global_batch=BATCH)
+    parts = parallelize(lambda: GPT(CFG).double(), plan, mesh, ctx.device, OPTIM, global_batch=BATCH,
+                        spec=model_spec("gpt"))
     return plan, mesh, parts
 
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from plait.parallel.activation_checkpoint import apply_activation_checkpointing
 from plait.models.gpt import GPT, GPTConfig
+from plait.parallel.activation_checkpoint import apply_activation_checkpointing
 from plait.parallel.parallelize import clean_fqn, unsharded_parameters
 from plait.rl.generator import RolloutBatch
 from plait.rl.staleness import StalenessQueue

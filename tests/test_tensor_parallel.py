@@ -9,11 +9,15 @@ import warnings
 
 import pytest
 import torch
+from plait.models import model_spec
 from plait.models.gpt import GPT, GPTConfig, lm_loss
-from plait.parallel.tensor_parallel import apply_tensor_parallel, tp_loss
+from plait.parallel.loss import tp_loss
+from plait.parallel.tensor_parallel import apply_tensor_parallel
 from plait.runtime import run_ranks
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
+
+GPT_SPEC, LLAMA = model_spec("gpt"), model_spec("llama")
 
 CFG = GPTConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=16)
 STEPS, BATCH, SEQ, LR = 3, 4, 16, 1e-2
@@ -56,7 +60,7 @@ def gpt_stage_rank(mesh, rank: int) -> dict:
     hidden = torch.randn(BATCH, SEQ, CFG.d_model, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        apply_tensor_parallel(stage, mesh, sequence_parallel=True)
+        apply_tensor_parallel(stage, mesh, GPT_SPEC, sequence_parallel=True)
     half = slice(rank * SEQ // 2, (rank + 1) * SEQ // 2)
     return {"out": stage(hidden[:, half]).detach(), "hidden": hidden, "half": half,
             "warnings": [str(w.message) for w in caught if "could not be resolved" in str(w.message)]}
@@ -76,7 +80,7 @@ def gpt_rank(ctx) -> dict:
     out = {}
     for sp, lp in VARIANTS:
         torch.manual_seed(0)
-        model = apply_tensor_parallel(GPT(CFG).double(), mesh, sequence_parallel=sp, loss_parallel=lp)
+        model = apply_tensor_parallel(GPT(CFG).double(), mesh, GPT_SPEC, sequence_parallel=sp, loss_parallel=lp)
         block_seq = []
         record_input_seq(model.layers["1"], block_seq)
         logits = model(batches(CFG.vocab_size, 1)[0][0])
@@ -92,9 +96,9 @@ def gpt_rank(ctx) -> dict:
         }
     out["stage"] = gpt_stage_rank(mesh, ctx.rank)
     bad = GPTConfig(vocab_size=64, d_model=36, n_layers=1, n_heads=3, max_seq_len=16)
-    sp_model = apply_tensor_parallel(GPT(CFG), mesh, sequence_parallel=True)
+    sp_model = apply_tensor_parallel(GPT(CFG), mesh, GPT_SPEC, sequence_parallel=True)
     out["errors"] = {
-        "heads": error_of(lambda: apply_tensor_parallel(GPT(bad), mesh)),
+        "heads": error_of(lambda: apply_tensor_parallel(GPT(bad), mesh, GPT_SPEC)),
         "seq": error_of(lambda: sp_model(torch.zeros(2, 15, dtype=torch.long))),
         "loss": error_of(lambda: tp_loss(torch.zeros(2, 4, 8), torch.zeros(2, 4, dtype=torch.long), True)),
     }
@@ -212,7 +216,7 @@ def llama_rank(ctx) -> dict:
     for attn, sp, lp, tied in LLAMA_VARIANTS:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            model = apply_tensor_parallel(build_llama(attn, tied), mesh, sequence_parallel=sp, loss_parallel=lp)
+            model = apply_tensor_parallel(build_llama(attn, tied), mesh, LLAMA, sequence_parallel=sp, loss_parallel=lp)
         block_seq = []
         record_input_seq(model.model.layers[1], block_seq)
         logits, loss = llama_step(model, lp)
@@ -224,7 +228,8 @@ def llama_rank(ctx) -> dict:
             "still_tied": model.lm_head.weight is model.model.embed_tokens.weight,
             "unresolved": [str(w.message) for w in caught if "could not be resolved" in str(w.message)],
         }
-    out["error"] = error_of(lambda: apply_tensor_parallel(build_llama("sdpa", heads=6, kv_heads=3, hidden=48), mesh))
+    out["error"] = error_of(lambda: apply_tensor_parallel(build_llama("sdpa", heads=6, kv_heads=3, hidden=48), mesh,
+                                                          LLAMA))
     return out
 
 

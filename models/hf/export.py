@@ -1,16 +1,19 @@
-"""A sharded model (any plan) out to a Hugging Face folder that ``from_pretrained`` loads.
+"""A sharded model (any plan) out to a complete Hugging Face folder that ``from_pretrained`` loads.
 
-    export_hf_folder(model, "/out/llama-1b-tuned", config)   # on every rank (a collective); rank 0 commits
+    export_hf_folder(model, "/out/llama-1b-tuned", config, source="/models/llama-1b")   # every rank; rank 0 commits
 
-Export: DTensors are gathered to full tensors (a collective on their meshes: call it on every rank),
-replicated kv heads are written once (the first copy), a tied ``lm_head`` is left to
-``tie_word_embeddings``. Each name is written by the lowest rank that holds it (pipeline stages write
-their own), into a temporary folder beside ``folder`` (same filesystem: shared storage across hosts);
-rank 0 then names the files ``model-0000i-of-0000n.safetensors`` (one file: ``model.safetensors``),
-writes the index, ``config.json`` and a ``plait_export.json`` marker, and commits the folder with
-``storage.folders.write_folder`` (temp folder, fsync, rename, under a lock). Only an earlier export (the
-marker) or an empty folder is replaced; any other folder is refused (ForeignFolderError), never deleted.
-``transformers``' ``from_pretrained(folder)`` loads the result.
+Export: DTensors are gathered to full tensors (a collective on their meshes: call it on every rank), each
+parameter is written under its family's checkpoint name (``spec.weight_names``: a Plait GPT as a HF Llama with
+q/k rows permuted back; a family whose fused tensors are split into parts writes the fused tensor), replicated
+kv heads once (the first copy), a tied ``lm_head`` is left to ``tie_word_embeddings``. Each name is written by the
+lowest rank that holds it (pipeline stages write their own), into a temporary folder beside ``folder`` (same
+filesystem: shared storage across hosts); rank 0 then names the files ``model-0000i-of-0000n.safetensors`` (one
+file: ``model.safetensors``), writes the index, ``config.json``, ``generation_config.json``, the tokenizer files
+of ``source`` (the folder the model came from: tokenizer.json, tokenizer_config.json, special tokens, chat
+template ...) and a ``plait_export.json`` marker, with ordinary file modes (0644, folders 0755), and commits the
+folder with ``storage.folders.write_folder`` (temp folder, fsync, rename, under a lock). Only an earlier export
+(the marker) or an empty folder is replaced; any other folder is refused (ForeignFolderError), never deleted.
+``AutoModelForCausalLM.from_pretrained(folder)`` and ``AutoTokenizer.from_pretrained(folder)`` load the result.
 """
 
 from __future__ import annotations
@@ -23,70 +26,38 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from plait.models.hf.weights import (
-    INDEX,
-    KV_SUFFIXES,
-    MARKER,
-    ROPE_PERMUTED,
-    SINGLE,
-    _targets,
-    gpt_to_llama_name,
-    hf_name,
-    llama_config,
-    rope_rows,
-)
+from plait.models.hf.weights import INDEX, SINGLE, targets
 from plait.storage.folders import ForeignFolderError, fsync_path
 from torch.distributed.tensor import DTensor
 
-
-def _config_dict(config: Any) -> dict:
-    if isinstance(config, dict):
-        return dict(config)
-    if hasattr(config, "to_dict"):
-        return config.to_dict()
-    raise TypeError(f"export_hf_folder needs the HF config (a PretrainedConfig or its dict), got "
-                    f"{type(config).__name__}")
+MARKER = "plait_export.json"  # an export folder Plait may replace (any other folder is refused)
+# What a tokenizer and generation need beside the weights; copied from the source folder when it has them.
+COMPANIONS = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+              "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
+              "generation_config.json")
 
 
-def _dereplicate(name: str, t: torch.Tensor, cfg: dict) -> torch.Tensor:
-    """The first copy of each kv head when a k/v projection holds replicated heads."""
-    if not name.endswith(KV_SUFFIXES) or "num_key_value_heads" not in cfg:
-        return t
-    kv = cfg["num_key_value_heads"]
-    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
-    if t.shape[0] == kv * head_dim:
-        return t
-    if t.shape[0] % (kv * head_dim):
-        raise ValueError(f"{name} has {t.shape[0]} rows, not a multiple of num_key_value_heads*head_dim = "
-                         f"{kv}*{head_dim}: pass the config the model was built from")
-    return t.unflatten(0, (kv, -1, head_dim))[:, 0].flatten(0, 1)
-
-
-def _gpt_config(config: Any) -> bool:
-    return hasattr(config, "d_model") and hasattr(config, "n_heads")
-
-
-def full_state(model_or_state: Any, config: Any, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """This rank's tensors as the HF checkpoint holds them: full (DTensors gathered: a collective), named
-    without wrappers, kv heads de-replicated, a tied lm_head dropped, on the CPU. With a Plait
-    ``GPTConfig``, GPT names become HF Llama names and q/k rows are permuted to HF's RoPE layout."""
-    gpt = _gpt_config(config)
-    cfg = llama_config(config) if gpt else _config_dict(config)
-    if isinstance(model_or_state, dict):
-        items = [(hf_name(k), v) for k, v in model_or_state.items()]
-    else:
-        items = [(name, spec[0]) for name, spec in _targets(model_or_state).items()]
+def full_state(model: Any, spec: Any, config_dict: dict, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """This rank's tensors as the HF checkpoint holds them: full (DTensors gathered: a collective), under the
+    family's checkpoint names and rows, kv heads de-replicated, a tied lm_head dropped, on the CPU."""
+    rows: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    for _name, t in targets(model, getattr(spec, "weight_names", None)).items():
+        value = t.param.detach()
+        value = value.full_tensor() if isinstance(value, DTensor) else value
+        at = t.rows(torch.arange(value.shape[0])) if t.rows is not None else None
+        rows.setdefault(t.ckpt, []).append((value, at))
     out = {}
-    for name, t in items:
-        t = t.detach()
-        t = t.full_tensor() if isinstance(t, DTensor) else t
-        if gpt:
-            if name.endswith(ROPE_PERMUTED):  # HF row rope_rows(r) holds GPT row r
-                t = t[torch.argsort(rope_rows(torch.arange(t.shape[0]), config.head_dim))]
-            name = gpt_to_llama_name(name)
-        if cfg.get("tie_word_embeddings") and name == "lm_head.weight":
+    for ckpt, pieces in rows.items():
+        if config_dict.get("tie_word_embeddings") and ckpt == "lm_head.weight":
             continue
-        out[name] = _dereplicate(name, t, cfg).to("cpu", dtype or t.dtype).contiguous().clone()
+        if len(pieces) == 1 and pieces[0][1] is None:
+            full = pieces[0][0]
+        else:  # rows permuted, de-replicated, or parts of a fused tensor: place each model row at its row
+            pieces = [(v, at if at is not None else torch.arange(v.shape[0])) for v, at in pieces]
+            full = pieces[0][0].new_empty((1 + max(int(at.max()) for _, at in pieces), *pieces[0][0].shape[1:]))
+            for value, at in pieces:
+                full[at] = value
+        out[ckpt] = full.to("cpu", dtype or full.dtype).contiguous().clone()
     return out
 
 
@@ -124,8 +95,9 @@ def _check_target(folder: Path) -> None:
                                  "never replaced or deleted: move it away or choose another path")
 
 
-def _finish(parts_dir: Path, folder: Path, cfg: dict) -> None:
-    """Rank 0: final file names, the index, config.json, the marker; committed by ``write_folder``."""
+def _finish(parts_dir: Path, folder: Path, cfg: dict, source: Path | None) -> None:
+    """Rank 0: final file names, the index, config.json, generation config and tokenizer files, the marker, file
+    modes; committed by ``write_folder``."""
     from plait.storage.folders import write_folder
     from safetensors import safe_open
 
@@ -146,9 +118,36 @@ def _finish(parts_dir: Path, folder: Path, cfg: dict) -> None:
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
             (tmp / INDEX).write_text(json.dumps(index, indent=2))
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True, default=str))
-        (tmp / MARKER).write_text(json.dumps({"written_by": "plait.models.hf.export.export_hf_folder"}))
+        copied = _copy_companions(source, tmp)
+        if "generation_config.json" not in copied:
+            _write_generation_config(cfg, tmp)
+        (tmp / MARKER).write_text(json.dumps({"written_by": "plait.models.hf.export.export_hf_folder",
+                                              "source": str(source) if source else None, "copied": copied}))
+        os.chmod(tmp, 0o755)
+        for path in tmp.iterdir():
+            os.chmod(path, 0o644)
 
     write_folder(folder, build, _is_ours, "Hugging Face export")
+
+
+def _copy_companions(source: Path | None, tmp: Path) -> list[str]:
+    """The tokenizer and generation files of the folder the model came from (those it has)."""
+    if source is None or not Path(source).is_dir():
+        return []
+    copied = []
+    for name in COMPANIONS:
+        if (Path(source) / name).is_file():
+            shutil.copyfile(Path(source) / name, tmp / name)
+            copied.append(name)
+    return copied
+
+
+def _write_generation_config(cfg: dict, tmp: Path) -> None:
+    """generation_config.json from the model config (its bos/eos/pad ids), as save_pretrained writes one."""
+    keys = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
+    gen = {k: cfg[k] for k in keys if cfg.get(k) is not None}
+    gen["_from_model_config"] = True
+    (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2, sort_keys=True))
 
 
 def _numel(shape) -> int:
@@ -163,16 +162,21 @@ def _itemsize(dtype: str) -> int:
         dtype, 4)
 
 
-def export_hf_folder(model_or_state: Any, folder: str | Path, config: Any, *, dtype: torch.dtype | None = None,
+def export_hf_folder(model: Any, folder: str | Path, config: Any, *, spec: Any = None,
+                     dtype: torch.dtype | None = None, source: str | Path | None = None,
                      max_shard_bytes: int = 2 * 1024**3) -> Path:
-    """Write a HF folder that ``from_pretrained`` loads, from a model (or this rank's pipeline stages, or a
-    state dict) under any plan. Under torch.distributed call it on EVERY rank (DTensors are gathered and
-    the ranks meet at barriers); rank 0 commits the folder atomically. ``config`` is the HF config the
-    model was built from (a PretrainedConfig or dict), or a Plait ``GPTConfig``: a GPT is written as a HF
-    Llama (``LlamaForCausalLM``). Returns ``folder``."""
+    """Write a complete HF folder that ``from_pretrained`` loads, from a model (or this rank's pipeline stages)
+    under any plan. Under torch.distributed call it on EVERY rank (DTensors are gathered and the ranks meet at
+    barriers); rank 0 commits the folder atomically. ``config`` is the config the model was built from (a HF
+    PretrainedConfig, or a Plait ``GPTConfig``: a GPT is written as a HF Llama); ``spec`` its family
+    (default: found from the config); ``source`` the folder whose tokenizer and generation files go with it.
+    Returns ``folder``."""
+    from plait.models.registry import spec_for_config
+
     folder = Path(folder)
-    cfg = llama_config(config) if _gpt_config(config) else _config_dict(config)
-    state = full_state(model_or_state, config, dtype)
+    spec = spec or spec_for_config(config)
+    cfg = spec.export_config(config)
+    state = full_state(model, spec, cfg, dtype)
     floats = [t.dtype for t in state.values() if t.is_floating_point()]
     if floats:  # from_pretrained's default dtype is the config's: say what the files hold
         cfg["dtype"] = str(floats[0]).removeprefix("torch.")
@@ -196,7 +200,7 @@ def export_hf_folder(model_or_state: Any, folder: str | Path, config: Any, *, dt
         dist.barrier()
     if rank == 0:
         try:
-            _finish(parts_dir, folder, cfg)
+            _finish(parts_dir, folder, cfg, Path(source) if source else None)
         finally:
             shutil.rmtree(parts_dir, ignore_errors=True)
     if world:

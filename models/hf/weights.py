@@ -1,123 +1,96 @@
-"""Hugging Face weights into a sharded model (and the naming both directions share): local folders only.
+"""Hugging Face weights into a sharded model, and the naming both directions share: local folders only.
 
-    model = apply_tensor_parallel(build_on_meta(), mesh["tp"]); apply_fsdp2(model, mesh["dp"])
-    materialize(model, device)                       # each rank allocates only its shards
-    load_hf_folder(model, "/models/llama-1b")        # each rank reads only its slices
+    model = apply_tensor_parallel(build_on_meta(), mesh["tp"], spec); apply_fsdp2(model, mesh["dp"])
+    materialize(model, device, spec)                        # each rank allocates only its shards
+    load_hf_folder(model, "/models/llama-1b", spec)         # each rank reads only its slices
     ... train ...
-    export_hf_folder(model, "/out/llama-1b-tuned", config)   # on every rank (a collective); rank 0 commits
+    export_hf_folder(model, "/out/llama-1b-tuned", config)  # models/hf/export.py
 
 A HF folder is ``config.json`` + ``model.safetensors``, or shards ``model-0000i-of-0000n.safetensors``
-listed by ``model.safetensors.index.json``. Names: a HF model's parameter FQNs are the checkpoint's
-names; wrapper segments (activation checkpointing's ``_checkpoint_wrapped_module.``, torch.compile's
-``_orig_mod.``, DDP's ``module.``) are stripped. Pipeline stages keep the unsplit model's names, so a
-rank's stages (pass the list of modules) load and export just their own names.
+listed by ``model.safetensors.index.json``. Which checkpoint tensor a parameter is comes from its family
+(``spec.weight_names(module)``: parameter name -> ``WeightRef(checkpoint name, row map)``; a HF family's names
+are the checkpoint's; Plait's GPT maps to Llama's names and permutes q/k rows to HF's RoPE layout; a family
+whose fused tensors are split into parts (Phi-3) maps each part to its rows of the fused tensor). Wrapper
+segments (parallel/names.py) are stripped. Pipeline stages keep the unsplit model's names, so a rank's stages
+(pass the list of modules) load and export just their own names.
 
 Load: a DTensor parameter (tp, FSDP2, both) reads the box of the checkpoint tensor its local shard
 covers (``safe_open(...).get_slice``), a plain one reads the whole tensor. Replicated kv heads
-(``hf_plans``, tp > kv heads) read the head their copy stands for.
-
-Export: ``export_hf_folder`` in ``hf_export.py``.
+(parallel/kv_replication.py) read the head their copy stands for.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
+from plait.parallel.kv_replication import HEAD_DIM, REPLICAS, replica_rows
+from plait.parallel.names import clean_fqn
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-WRAPPER_SEGMENTS = ("_checkpoint_wrapped_module.", "_orig_mod.")
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
-MARKER = "plait_export.json"  # an export folder Plait may replace (any other folder is refused)
-KV_SUFFIXES = ("self_attn.k_proj.weight", "self_attn.k_proj.bias", "self_attn.v_proj.weight", "self_attn.v_proj.bias")
+RowMap = Callable[[torch.Tensor], torch.Tensor]  # model rows -> checkpoint rows
 
 
-def hf_name(fqn: str) -> str:
-    """A parameter's checkpoint name: wrapper segments and DDP's leading ``module.`` removed."""
-    for segment in WRAPPER_SEGMENTS:
-        fqn = fqn.replace(segment, "")
-    return fqn.removeprefix("module.")
+@dataclass(frozen=True)
+class WeightRef:
+    name: str  # the checkpoint tensor's name
+    rows: RowMap | None = None  # model rows -> its rows in the checkpoint tensor (None: the same rows)
+
+
+@dataclass(frozen=True)
+class Target:
+    param: torch.Tensor
+    ckpt: str
+    rows: RowMap | None  # model rows (replicated copies included) -> checkpoint rows
+    copies: int  # copies of each row in the model (replicated kv heads), 1 otherwise
+
+
+def same_names(module: nn.Module) -> dict[str, WeightRef]:
+    """A HF family's parameter names are its checkpoint's names."""
+    return {clean_fqn(n): WeightRef(clean_fqn(n)) for n, _ in module.named_parameters()}
+
+
+def offset_rows(offset: int) -> RowMap:
+    """The row map of a part that starts ``offset`` rows into a fused checkpoint tensor."""
+    return lambda rows: rows + offset
+
+
+def _compose(first: RowMap | None, then: RowMap | None) -> RowMap | None:
+    if first is None or then is None:
+        return first or then
+    return lambda rows: then(first(rows))
 
 
 def _modules(model: nn.Module | list[nn.Module]) -> list[nn.Module]:
     return list(model) if isinstance(model, (list, tuple)) else [model]
 
 
-def _is_gpt(module: nn.Module) -> bool:
-    from plait.models.gpt import GPT
-
-    return isinstance(module, GPT)
-
-
-# Plait GPT -> HF Llama names (``layers.<i>.`` becomes ``model.layers.<i>.``).
-GPT_TOP = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
-           "output.weight": "lm_head.weight"}
-GPT_BLOCK = {"attention_norm.weight": "input_layernorm.weight", "attention.wq.weight": "self_attn.q_proj.weight",
-             "attention.wk.weight": "self_attn.k_proj.weight", "attention.wv.weight": "self_attn.v_proj.weight",
-             "attention.wo.weight": "self_attn.o_proj.weight", "ffn_norm.weight": "post_attention_layernorm.weight",
-             "feed_forward.w1.weight": "mlp.gate_proj.weight", "feed_forward.w3.weight": "mlp.up_proj.weight",
-             "feed_forward.w2.weight": "mlp.down_proj.weight"}
-ROPE_PERMUTED = ("attention.wq.weight", "attention.wk.weight")
-
-
-def gpt_to_llama_name(name: str) -> str:
-    """The HF Llama checkpoint name of a Plait GPT parameter."""
-    if name in GPT_TOP:
-        return GPT_TOP[name]
-    head, _, rest = name.partition(".")
-    index, _, rest = rest.partition(".")
-    if head != "layers" or rest not in GPT_BLOCK:
-        raise KeyError(f"{name!r} is not a Plait GPT parameter name (expected e.g. layers.0.attention.wq.weight)")
-    return f"model.layers.{index}.{GPT_BLOCK[rest]}"
-
-
-def rope_rows(rows: torch.Tensor, head_dim: int) -> torch.Tensor:
-    """HF rows of GPT q/k rows: the GPT rotates interleaved pairs (2j, 2j+1), HF halves (j, j + head_dim/2)."""
-    i = rows % head_dim
-    return rows - i + i // 2 + (i % 2) * (head_dim // 2)
-
-
-def replica_rows(rows: torch.Tensor, replicas: int, head_dim: int) -> torch.Tensor:
-    """Checkpoint rows of model rows of a k/v projection whose heads are replicated ``replicas`` times."""
-    return (rows // head_dim) // replicas * head_dim + rows % head_dim
-
-
-def llama_config(cfg: Any) -> dict:
-    """A HF ``LlamaConfig`` dict for a Plait ``GPTConfig`` (the same model once q/k rows are permuted)."""
-    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": cfg.vocab_size,
-            "hidden_size": cfg.d_model, "intermediate_size": cfg.hidden, "num_hidden_layers": cfg.n_layers,
-            "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.head_dim,
-            "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps, "hidden_act": "silu",
-            "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta}, "tie_word_embeddings": False,
-            "attention_bias": False, "mlp_bias": False}
-
-
-def _targets(model: nn.Module | list[nn.Module]) -> dict[str, tuple[torch.Tensor, str, Any, int]]:
-    """Model name -> (parameter, checkpoint name, row map model rows -> checkpoint rows or None, copies per row)."""
-    from plait.models.hf.plans import KV_REPLICAS
-
+def targets(model: nn.Module | list[nn.Module], names: Callable[[nn.Module], dict[str, WeightRef]] | None = None
+            ) -> dict[str, Target]:
+    """Model parameter name -> Target, for a model or this rank's pipeline stages."""
+    names = names or same_names
     out = {}
     for module in _modules(model):
-        gpt = _is_gpt(module)
-        kv = {}
+        refs = names(module)
+        copies: dict[str, tuple[RowMap, int]] = {}
         for name, sub in module.named_modules():
-            replicas = getattr(sub, KV_REPLICAS, 0)
-            for key in ("k_proj.weight", "k_proj.bias", "v_proj.weight", "v_proj.bias") if replicas > 1 else ():
-                rows = functools.partial(replica_rows, replicas=replicas, head_dim=sub.head_dim)
-                kv[hf_name(f"{name}.{key}")] = (rows, replicas)
+            replicas = getattr(sub, REPLICAS, 0)
+            for key, _ in sub.named_parameters(recurse=False) if replicas > 1 else ():
+                rows = functools.partial(replica_rows, replicas=replicas, head_dim=getattr(sub, HEAD_DIM))
+                copies[clean_fqn(f"{name}.{key}")] = (rows, replicas)
         for name, p in module.named_parameters():
-            name = hf_name(name)
-            if gpt:
-                permuted = name.endswith(ROPE_PERMUTED)
-                rows = functools.partial(rope_rows, head_dim=module.cfg.head_dim) if permuted else None
-                out[name] = (p, gpt_to_llama_name(name), rows, 1)
-            else:
-                out[name] = (p, name, *kv.get(name, (None, 1)))
+            name = clean_fqn(name)
+            if name not in refs:
+                raise KeyError(f"{name}: the model's family names no checkpoint tensor for it")
+            dedup, n = copies.get(name, (None, 1))
+            out[name] = Target(p, refs[name].name, _compose(dedup, refs[name].rows), n)
     return out
 
 
@@ -149,59 +122,63 @@ def _read_box(f, name: str, offset: tuple[int, ...], shape: tuple[int, ...], row
     return block if torch.equal(rows, torch.arange(lo, hi)) else block[rows - lo]
 
 
-def load_hf_folder(model: nn.Module | list[nn.Module], folder: str | Path) -> list[str]:
+def _ckpt_rows(target: Target, model_rows: int) -> int:
+    """How many rows of the checkpoint tensor this parameter covers."""
+    if target.rows is None:
+        return model_rows // target.copies
+    return len(torch.unique(target.rows(torch.arange(model_rows))))
+
+
+def load_hf_folder(model: nn.Module | list[nn.Module], folder: str | Path, spec: Any = None) -> list[str]:
     """Fill ``model``'s parameters (a model or this rank's pipeline stages; sharded or not) from a local HF
-    folder, each rank reading only the slices it holds. A Plait GPT reads a HF Llama folder (names mapped,
-    q/k rows permuted to its interleaved RoPE). Returns the model names loaded. Raises KeyError for a
-    parameter the folder lacks and ValueError for a shape that differs from the checkpoint's."""
+    folder, each rank reading only the slices it holds. ``spec`` (its family's, plait.models) names the
+    checkpoint tensor of each parameter; None: the names are the checkpoint's. Returns the model names loaded.
+    Raises KeyError for a parameter the folder lacks and ValueError for a shape that differs."""
     from safetensors import safe_open
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
     files = weight_files(folder)
-    targets = _targets(model)
-    missing = sorted(ckpt for _, ckpt, _, _ in targets.values() if ckpt not in files)
+    found = targets(model, getattr(spec, "weight_names", None))
+    missing = sorted(t.ckpt for t in found.values() if t.ckpt not in files)
     if missing:
         raise KeyError(f"{folder} has no tensors for {len(missing)} parameters, e.g. {missing[:4]} (it has e.g. "
                        f"{sorted(files)[:4]}): the model must be the checkpoint's architecture with HF parameter names")
     handles: dict[Path, Any] = {}
     try:
         with torch.no_grad():
-            for name, (p, ckpt, row_map, copies) in targets.items():
-                path = files[ckpt]
+            for name, t in found.items():
+                p, path = t.param, files[t.ckpt]
                 if path not in handles:
                     handles[path] = safe_open(path, framework="pt").__enter__()
                 f = handles[path]
-                ckpt_shape = tuple(f.get_slice(ckpt).get_shape())
-                want = (p.shape[0] // copies, *p.shape[1:])
-                if ckpt_shape != want:
-                    raise ValueError(f"{name}: the checkpoint in {folder} has shape {ckpt_shape} for {ckpt}, the "
-                                     f"model {want}: build the model from the folder's config.json")
+                ckpt_shape = tuple(f.get_slice(t.ckpt).get_shape())
+                covered = _ckpt_rows(t, p.shape[0])
+                if covered > ckpt_shape[0] or tuple(p.shape[1:]) != ckpt_shape[1:] or \
+                        (t.rows is None and covered != ckpt_shape[0]):
+                    raise ValueError(f"{name}: the checkpoint in {folder} has shape {ckpt_shape} for {t.ckpt}, the "
+                                     f"model {(covered, *p.shape[1:])}: build the model from the folder's config.json")
                 if isinstance(p, DTensor):
                     shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
                     local = p.to_local()
                     if local.numel():
-                        local.copy_(_read_box(f, ckpt, tuple(offset), tuple(shape), row_map))
+                        local.copy_(_read_box(f, t.ckpt, tuple(offset), tuple(shape), t.rows))
                 else:
-                    p.copy_(_read_box(f, ckpt, (0,) * p.ndim, tuple(p.shape), row_map))
+                    p.copy_(_read_box(f, t.ckpt, (0,) * p.ndim, tuple(p.shape), t.rows))
     finally:
         for handle in handles.values():
             handle.__exit__(None, None, None)
-    return sorted(targets)
+    return sorted(found)
 
 
-def materialize(model: nn.Module | list[nn.Module], device: torch.device | str) -> nn.Module | list[nn.Module]:
+def materialize(model: nn.Module | list[nn.Module], device: torch.device | str, spec: Any = None
+                ) -> nn.Module | list[nn.Module]:
     """Allocate a meta-built (and possibly sharded) model on ``device``: each rank gets only its shards
-    (``to_empty``); the non-persistent RoPE tables (HF rotary ``inv_freq``, the GPT's ``rope_cos/sin``)
-    are recomputed. The weights are garbage until loaded (``load_hf_folder``) or initialised."""
-    from plait.models.gpt import rope_tables
-    from plait.parallel.pipeline import reset_rotary_buffers
+    (``to_empty``); non-persistent buffers (RoPE tables) are recomputed by the family (``spec.reset_buffers``;
+    None: HF rotary embeddings). The weights are garbage until loaded (``load_hf_folder``) or initialised."""
+    from plait.models.hf.stages import reset_rotary_buffers
 
+    reset = getattr(spec, "reset_buffers", None) or reset_rotary_buffers
     for module in _modules(model):
         module.to_empty(device=device)
-        reset_rotary_buffers(module)
-        for sub in module.modules():
-            if _is_gpt(sub):
-                cos, sin = rope_tables(sub.cfg.head_dim, sub.cfg.max_seq_len, sub.cfg.rope_theta)
-                sub.rope_cos.copy_(cos)
-                sub.rope_sin.copy_(sin)
+        reset(module)
     return model

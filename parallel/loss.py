@@ -1,0 +1,62 @@
+"""The language-model losses the plans offer: next-token cross-entropy, and its vocab-parallel form.
+
+    loss = lm_loss(logits, targets)                       # mean next-token cross-entropy
+    loss = tp_loss(model(tokens), targets, loss_parallel=True)   # vocab-sharded logits, never gathered
+
+``tp_loss`` is parallelize's default loss: plain under ``loss_parallel=False``; with it, the logits are the
+vocab-sharded DTensor a tensor-parallel output projection returns (Shard(-1)) and the cross-entropy runs under
+torch's ``loss_parallel()``. A Hugging Face model's output (``.logits``) is accepted too.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import loss_parallel
+
+
+def upcast(logits: torch.Tensor) -> torch.Tensor:
+    """bf16/fp16 logits go to float32 for the softmax; float32 and float64 stay as they are."""
+    return logits.float() if logits.dtype in (torch.bfloat16, torch.float16) else logits
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over every position."""
+    return F.cross_entropy(upcast(logits).flatten(0, 1), targets.flatten(0, 1))
+
+
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    """Cross-entropy of vocab-sharded logits under ``loss_parallel()``; the gradient is computed in the
+    same context during forward, so the returned plain loss can be backpropagated anywhere (a pipeline
+    schedule, a caller that never heard of loss_parallel)."""
+
+    @staticmethod
+    def forward(ctx, logits: DTensor, targets: torch.Tensor) -> torch.Tensor:
+        with torch.enable_grad(), loss_parallel():
+            leaf = logits.detach().requires_grad_(ctx.needs_input_grad[0])
+            loss = F.cross_entropy(upcast(leaf).flatten(0, 1), targets.flatten(0, 1))
+            if leaf.requires_grad:
+                (grad,) = torch.autograd.grad(loss, leaf)
+                ctx.save_for_backward(grad)
+        return loss.detach().to_local()
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_loss, None
+
+
+def tp_loss(logits: torch.Tensor, targets: torch.Tensor, loss_parallel: bool) -> torch.Tensor:
+    """Mean next-token cross-entropy (like ``lm_loss``), a plain scalar equal on every tp rank.
+    With ``loss_parallel`` the logits are the vocab-sharded DTensor the model returns; the full
+    (batch, seq, vocab) logits are never gathered. A HF model's output (``.logits``) is accepted too."""
+    logits = getattr(logits, "logits", logits)
+    if not loss_parallel:
+        return lm_loss(logits, targets)
+    vocab_sharded = isinstance(logits, DTensor) and any(
+        p.is_shard() and p.dim % logits.ndim == logits.ndim - 1 for p in logits.placements)
+    if not vocab_sharded:
+        raise ValueError("tp_loss(loss_parallel=True) needs vocab-sharded DTensor logits: apply the plan with "
+                         "apply_tensor_parallel(..., loss_parallel=True), or pass loss_parallel=False")
+    return _VocabParallelCrossEntropy.apply(logits, targets)
