@@ -61,7 +61,7 @@ def phi3_weight_names(module: nn.Module) -> dict[str, WeightRef]:
         name = clean_fqn(name)
         parent, part, leaf = name.rsplit(".", 2) if name.count(".") >= 2 else ("", "", name)
         if parent.endswith((".qkv_proj", ".gate_up_proj")) and part in starts:
-            out[name] = WeightRef(f"{parent}.{leaf}", offset_rows(starts[part]) if starts[part] else None)
+            out[name] = WeightRef(f"{parent}.{leaf}", offset_rows(starts[part]))  # its rows of the fused tensor
         else:
             out[name] = WeightRef(name)
     return out

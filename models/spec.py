@@ -22,6 +22,8 @@ ModelSpec and calls ``register``; nothing in ``parallel/`` changes:
                             reading only the slices it holds; export_config(config) the config.json it exports
   weight_names(model)       model parameter name -> HF tensor name and row map (load and export share it)
   reset_buffers(model)      recompute non-persistent buffers (RoPE tables) after ``to_empty``
+  tied_weights(model)       groups of parameter names that are one tensor (a tied embedding and head): pipeline
+                            stages holding copies sum their gradients
   init_value(model, name, shape, generator)   a parameter's initial value (random init shard by shard)
   attention                 how its attention is reached from outside (``AttentionHooks``): the core that ring
                             attention replaces (cp), the keyword that takes explicit positions, and a forward
@@ -80,6 +82,7 @@ class ModelSpec:
     reset_buffers: Callable[[nn.Module], None] = _nothing
     init_value: Callable[[nn.Module, str, tuple[int, ...], torch.Generator | None], torch.Tensor] | None = None
     attention: AttentionHooks | None = None
+    tied_weights: Callable[[nn.Module], list[tuple[str, ...]]] | None = None  # names that are one tensor
     kv_projections: tuple[str, ...] = ()  # module names in a block that hold kv heads (the estimator's replication)
     lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")  # default LoRA modules (peft names)
     generation: bool = True  # a causal LM that KV-cache generation can drive (the RL policy)

@@ -39,7 +39,7 @@ Design:
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -152,6 +152,10 @@ class Pipeline:
     modules: list[nn.Module]  # the stage modules, same order as ``stages``
     name: str  # canonical schedule name
     microbatches: int
+    tied: list[tuple[str, ...]] = field(default_factory=list)  # parameter names that are one tensor unsplit
+    tied_meta: list[tuple] = field(default_factory=list)  # (local shape, dtype) of each tied group's copies
+    group: object = None  # the pp process group (tied gradients are summed over it)
+    device: torch.device | None = None
 
     @property
     def has_first(self) -> bool:
@@ -192,9 +196,30 @@ class Pipeline:
             self._check_batch(targets, "targets")
             kwargs["target"], losses = targets, []
         self.schedule.step(*args, losses=losses, return_outputs=False, **kwargs)
+        self.sync_tied_grads()
         if losses is None:
             return None
         return torch.stack([loss.detach() for loss in losses]).mean()
+
+    def sync_tied_grads(self) -> None:
+        """Weights tied in the unsplit model (an embedding and the head: ``spec.tied_weights``) live on different
+        stages as copies: each copy gets the sum of their gradients (one all-reduce over the pp group per tied
+        group, Megatron's embedding all-reduce), so the copies stay equal, as the one tensor would. A rank holding
+        no copy joins with zeros of the local shape the holders reported when the pipeline was built."""
+        params = self.named_parameters()
+        for names, (shape, dtype) in zip(self.tied, self.tied_meta, strict=True):
+            held = [params[n] for n in names if n in params]
+            if held:
+                grad = torch.zeros_like(held[0].detach())
+                for p in held:
+                    if p.grad is not None:
+                        grad += p.grad
+                local = grad.to_local() if hasattr(grad, "to_local") else grad
+            else:
+                local = torch.zeros(shape, dtype=dtype, device=self.device)
+            torch.distributed.all_reduce(local, group=self.group)
+            for p in held:
+                p.grad = grad.clone()
 
     def _check_batch(self, t: torch.Tensor, what: str) -> None:
         if t.shape[0] % self.microbatches:
@@ -255,4 +280,22 @@ def build_pipeline(model: nn.Module | Callable[[], nn.Module], pp_mesh: DeviceMe
     # Single-stage schedules take one stage, multi-stage ones a list (even of one).
     held = stages[0] if issubclass(cls, PipelineScheduleSingle) else stages
     sched = cls(held, n_microbatches=microbatches, loss_fn=loss_fn, scale_grads=True)
-    return Pipeline(schedule=sched, stages=stages, modules=modules, name=name, microbatches=microbatches)
+    tied = [tuple(g) for g in (spec.tied_weights(full) if getattr(spec, "tied_weights", None) else [])]
+    return Pipeline(schedule=sched, stages=stages, modules=modules, name=name, microbatches=microbatches,
+                    tied=tied, tied_meta=_tied_meta(tied, modules, pp_mesh.get_group()), group=pp_mesh.get_group(),
+                    device=device)
+
+
+def _tied_meta(tied: list[tuple[str, ...]], modules: list[nn.Module], group) -> list[tuple]:
+    """(local shape, dtype) of each tied group, from the ranks that hold a copy (every pp rank learns it)."""
+    if not tied:
+        return []
+    params = {n: p for m in modules for n, p in m.named_parameters()}
+    mine = []
+    for names in tied:
+        p = next((params[n] for n in names if n in params), None)
+        local = p.to_local() if hasattr(p, "to_local") else p
+        mine.append(None if p is None else (tuple(local.shape), local.dtype))
+    everyone: list = [None] * torch.distributed.get_world_size(group)
+    torch.distributed.all_gather_object(everyone, mine, group=group)
+    return [next(m[i] for m in everyone if m[i] is not None) for i in range(len(tied))]

@@ -173,7 +173,7 @@ def roundtrip_rank(ctx, make_config: Callable, src: Path, dst: Path) -> dict:
     return {"logits": logits}
 
 
-def assert_grads(got: dict, ref: dict, what: str, head_dim: int | None = None) -> None:
+def assert_grads(got: dict, ref: dict, what: str, head_dim: int | None = None, tol: float = GRAD_TOL) -> None:
     assert got.keys() == ref.keys(), (what, sorted(set(got) ^ set(ref)))
     for name, r in ref.items():
         g = got[name]
@@ -181,11 +181,14 @@ def assert_grads(got: dict, ref: dict, what: str, head_dim: int | None = None) -
             copies = g.unflatten(0, (r.shape[0] // head_dim, -1, head_dim))
             assert torch.allclose(copies[:, :1].expand_as(copies), copies, rtol=0, atol=1e-12), (what, name)
             g = copies[:, 0].flatten(0, 1)
-        assert torch.allclose(g, r, rtol=1e-6, atol=GRAD_TOL), (what, name, (g - r).abs().max().item())
+        assert torch.allclose(g, r, rtol=1e-6, atol=tol), (what, name, (g - r).abs().max().item())
 
 
-def run_family_checks(make_config: Callable, tmp_path: Path, *, cp: bool = True, seco: bool = True) -> dict:
-    """Every check of the module docstring; returns what ran (for the caller's own extra assertions)."""
+def run_family_checks(make_config: Callable, tmp_path: Path, *, cp: bool = True, seco: bool = True,
+                      grad_tol: float = GRAD_TOL) -> dict:
+    """Every check of the module docstring; returns what ran (for the caller's own extra assertions).
+    ``grad_tol``: the absolute gradient tolerance (a family whose norms round through float32 more often, or
+    scale the embedding, needs a little more than the default)."""
     from plait.models.hf.export import export_hf_folder
     from transformers import AutoModelForCausalLM
 
@@ -199,25 +202,29 @@ def run_family_checks(make_config: Callable, tmp_path: Path, *, cp: bool = True,
             assert got["all_dtensor"], what
             assert torch.allclose(got["logits"], want["logits"], rtol=0, atol=LOGITS_TOL), what
             assert abs(got["loss"] - want["loss"]) < 2e-6, what  # the cross-entropy runs in float32
-            assert_grads(got["grads"], want["grads"], what, head_dim)
+            assert_grads(got["grads"], want["grads"], what, head_dim, grad_tol)
     first, last = run_ranks(pp_rank, 2, make_config, run_dir=tmp_path / "pp")
     assert first["loss"] is None and abs(last["loss"] - ref["loss"]) < 1e-9
     assert not first["grads"].keys() & last["grads"].keys()
-    assert_grads({**first["grads"], **last["grads"]}, ref["grads"], "pp2")
+    merged = {**first["grads"], **last["grads"]}
+    if "lm_head.weight" in merged and "lm_head.weight" not in ref["grads"]:  # a tied head: a copy on the last stage
+        head = merged.pop("lm_head.weight")  # that gets the embedding's whole gradient, as the one tensor does
+        assert torch.allclose(head, merged["model.embed_tokens.weight"], rtol=0, atol=0), "pp2 tied copies"
+    assert_grads(merged, ref["grads"], "pp2", tol=grad_tol)
     for got in run_ranks(fsdp_rank, 2, make_config, run_dir=tmp_path / "fsdp"):
         assert abs(got["loss"] - ref["loss"]) < 1e-9
-        assert_grads(got["grads"], ref["grads"], "fsdp2")
+        assert_grads(got["grads"], ref["grads"], "fsdp2", tol=grad_tol)
     if cp:
         for got in run_ranks(cp_rank, 2, make_config, run_dir=tmp_path / "cp"):
             assert abs(got["loss"] - ref["loss"]) < 1e-9
-            assert_grads(got["grads"], ref["grads"], "cp2")
+            assert_grads(got["grads"], ref["grads"], "cp2", tol=grad_tol)
     if seco:
         from plait.lm.chunkwise import seco_step
 
         model, spec, cfg = build(make_config)
         loss = seco_step(model, *tokens(vocab_of(cfg)), chunk_len=5, spec=spec)  # 4 chunks, the last short
         assert abs(loss.item() - ref["loss"]) < 1e-9
-        assert_grads({n: p.grad for n, p in model.named_parameters()}, ref["grads"], "seco")
+        assert_grads({n: p.grad for n, p in model.named_parameters()}, ref["grads"], "seco", tol=grad_tol)
     # The family's model written as a HF folder (single process), read by transformers' own class: the same model
     original, spec, cfg = build(make_config)
     export_hf_folder(original, tmp_path / "src", cfg, spec=spec, max_shard_bytes=64 * 1024)

@@ -30,4 +30,6 @@ def test_the_tiny_gemma3_uses_its_window_and_soft_cap():
 
 @pytest.mark.slow
 def test_gemma3_under_tp_pp_fsdp_cp_seco_and_a_folder_round_trip(ray_cluster, tmp_path):
-    run_family_checks(tiny_gemma3, tmp_path)
+    # Gemma's RMSNorm computes in float32 even for a float64 model, twice as many norms a layer as Llama's, and the
+    # embedding's gradient comes scaled by sqrt(hidden) = 8: its float64 gradients agree to ~2e-8, not 1e-8.
+    run_family_checks(tiny_gemma3, tmp_path, grad_tol=1e-7)

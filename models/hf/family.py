@@ -12,6 +12,7 @@ tensor-parallel plan, and where its names or modules are not a Llama's, its weig
   cut_stage      models/hf/stages.py (names unchanged; the HF forward runs each stage)
   load_weights   models/hf/weights.py (each rank reads its slices); export_config: the config's dict
   reset_buffers  the rotary ``inv_freq`` buffers, recomputed after ``to_empty``
+  tied_weights   the embedding and the head when ``tie_word_embeddings`` (pipeline stages sum their gradients)
   init_value     HF's default init, parameter by parameter: normal(0, initializer_range) for matrices, zeros for
                  biases, ones for norm weights (zeros where the family's norm scales by 1 + weight)
   attention      models/hf/attention.py: the ``plait_core`` attention (ring attention), ``position_ids``, a
@@ -88,6 +89,13 @@ def hf_init_value(model: nn.Module, name: str, shape: tuple[int, ...], generator
     return torch.randn(shape, generator=generator) * std
 
 
+def tied_embeddings(model: nn.Module) -> list[tuple[str, ...]]:
+    """A HF causal LM whose head is its embedding (``tie_word_embeddings``)."""
+    config = getattr(model, "config", None)
+    tied = getattr(config, "tie_word_embeddings", False) if config is not None else False
+    return [("model.embed_tokens.weight", "lm_head.weight")] if tied else []
+
+
 def hf_spec(name: str, model_types: tuple[str, ...], **fields: Any) -> ModelSpec:
     """A ModelSpec for a HF decoder family with the defaults above; ``fields`` override them."""
     spec_ref: list[ModelSpec] = []
@@ -96,7 +104,7 @@ def hf_spec(name: str, model_types: tuple[str, ...], **fields: Any) -> ModelSpec
         cut_stage=cut_hf_stage, num_layers=lambda model: len(model.model.layers),
         load_weights=lambda model, folder: load_hf_folder(model, folder, spec_ref[0]),
         weight_names=same_names, export_config=export_config, reset_buffers=reset_rotary_buffers,
-        init_value=hf_init_value, attention=HF_ATTENTION,
+        init_value=hf_init_value, attention=HF_ATTENTION, tied_weights=tied_embeddings,
     )
     spec = ModelSpec(name=name, **{**defaults, **fields})
     spec_ref.append(spec)
