@@ -4,14 +4,51 @@ reads feature rows checks their checksums and packs check themselves; a damaged 
 rebuilds it; build locks leave nothing behind; storage and gnn import one way; their data errors are user errors."""
 
 import ast
+import threading
+import time
 from pathlib import Path
 
 import pytest
+from plait.storage.folders import dataset_lock
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = str(ROOT / "examples" / "gnn_sage_ooc.toml")
 SMALL = ["train.batch_size=32", "train.hidden=16", "train.fanouts=[5, 5]", "train.eval_nodes=0", "train.epochs=1"]
 GENERATED = ["data.num_nodes=400", "data.train_frac=0.2", "data.feat_dim=16", "data.num_classes=4"]
+
+
+# --- item 5: build locks ------------------------------------------------------------------------------------------
+
+
+def test_the_build_lock_excludes_other_holders_while_its_file_comes_and_goes(tmp_path):
+    inside, overlaps, errors = [0], [], []
+
+    def hold() -> None:
+        try:
+            for _ in range(40):
+                with dataset_lock(tmp_path / "ds"):
+                    inside[0] += 1
+                    if inside[0] != 1:
+                        overlaps.append(inside[0])
+                    time.sleep(0.0005)
+                    inside[0] -= 1
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=hold) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert errors == [] and overlaps == [] and not any(t.is_alive() for t in threads)
+    assert list(tmp_path.iterdir()) == []  # the lock file went with its last holder
+
+
+def test_a_file_named_like_the_lock_that_is_not_one_is_left_alone(tmp_path):
+    (tmp_path / "ds.lock").write_text("my notes")
+    with dataset_lock(tmp_path / "ds"):
+        pass
+    assert (tmp_path / "ds.lock").read_text() == "my notes"
 
 
 # --- items 6 and 7: imports one way; data errors are user errors --------------------------------------------------
