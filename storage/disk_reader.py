@@ -264,14 +264,15 @@ class DiskStore:
                 continue
             if got == 0:
                 raise FeatureFileError(f"{self.path}: reading byte {offset + done} returned nothing: the file was "
-                                       "truncated after it was opened; rewrite it with write_features")
+                                       "truncated after it was opened", "rewrite it with write_features", self.path)
             done += got
 
     def _raise_bad_block(self, block: int, got: int, want: int) -> None:
         start = self.info.data_offset + block * self.info.block_size
         raise FeatureFileError(f"{self.path}: data block {block} (file bytes {start} to "
                                f"{start + self.info.block_size}) fails its checksum (crc32 {got:08x}, stored "
-                               f"{want:08x}): the file changed after it was written; rewrite it with write_features")
+                               f"{want:08x}): the file changed after it was written", "rewrite it with write_features",
+                               self.path)
 
     def _read_mmap(self, ids: np.ndarray) -> np.ndarray:
         uniq = np.unique(ids)
