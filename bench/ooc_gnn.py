@@ -126,7 +126,7 @@ def worker(a: argparse.Namespace) -> None:
     model.eval()
     val = split.val if len(split.val) <= a.eval_nodes else \
         np.sort(np.random.default_rng(1).choice(split.val, a.eval_nodes, replace=False))
-    reader, correct = DiskStore(ds.features, mode="pread", verify=False), 0
+    reader, correct = DiskStore(ds.features, mode="pread"), 0
     with torch.no_grad():
         for mb in NeighborSampler(ds.load_graph(), fanouts).batches(val, a.batch_size, 0, 0, shuffle=False):
             out = model(torch.from_numpy(reader.read(mb.n_id)), mb.blocks)

@@ -22,57 +22,60 @@ checks the gap on 4k nodes with sampled training). Split: ``train_frac`` / ``val
 
 Everything is made chunk by chunk (edges regenerated for the graph builder's two passes, features a chunk of rows
 at a time), so memory is O(num_nodes) plus one chunk; the folder (graph/, features.bin, labels.npy, split.npz,
-meta.json) is built beside ``out_dir`` and renamed into place; only a folder this module wrote is ever replaced.
-Reproducible: the same arguments give the same bytes.
+meta.json: the layout of gnn/dataset.py) is built beside ``out_dir`` and renamed into place. Reproducible: the same
+arguments give the same bytes.
+
+The recipe (every argument but ``out_dir``) is recorded in meta.json under "generated", with the crc32 of
+labels.npy and split.npz, and its digest in features.bin's header. ``generated_recipe(root)`` returns it only
+while all of these still agree and the folder holds nothing else: a dataset a user assembled (even with a
+meta.json copied from a generated one), or a generated one whose labels or split were swapped, is not the
+generator's, and generate_dataset never replaces it (ForeignFolderError).
 """
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 import json
 import os
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from plait.gnn.dataset import (  # noqa: F401  (re-exported: the dataset API from one import, as before)
+    FILES,
+    FORMAT,
+    VERSION,
+    GraphDataset,
+    Split,
+    extra_files,
+    is_dataset_folder,
+    load_features,
+    load_labels,
+    load_split,
+    open_dataset,
+)
 from plait.gnn.graph import CSCGraph
 from plait.gnn.graph_build import write_graph_files
-from plait.storage.feature_file import FeatureWriter, open_feature_file
+from plait.storage.feature_file import FeatureFileError, FeatureWriter, read_header
 from plait.storage.folders import read_meta, write_folder
 
-FORMAT = "plait-gnn-dataset"
-VERSION = 1
-FILES = ("graph", "features.bin", "labels.npy", "split.npz", "meta.json")
+FINGERPRINTED = ("labels.npy", "split.npz")  # crc32 recorded in meta.json["generated"]["files"]
 EDGE_CHUNK = 1 << 21  # edge pairs drawn at a time
 ROW_CHUNK = 1 << 16  # feature rows drawn at a time
 _MEANS, _EDGES, _FEATURES, _SPLIT, _LAYOUT = range(5)  # random stream tags
-
-
-@dataclass(frozen=True, eq=False)
-class Split:
-    train: np.ndarray
-    val: np.ndarray
-    test: np.ndarray
-
-
-@dataclass(frozen=True, eq=False)
-class GraphDataset:
-    root: Path
-    graph: Path  # graph folder (CSCGraph.load)
-    features: Path  # feature file (plait.storage.feature_file)
-    labels: Path  # labels.npy, int64 (N,)
-    split: Path  # split.npz: train, val, test node ids
-    meta: dict
-
-    def load_graph(self) -> CSCGraph:
-        return CSCGraph.load(self.graph)
 
 
 def generate_dataset(out_dir: str | Path, num_nodes: int, avg_degree: float = 20, num_classes: int = 10,
                      feat_dim: int = 128, train_frac: float = 0.02, seed: int = 0, homophily: float = 0.7,
                      signal: float = 2.0, power_law: float = 2.5, val_frac: float = 0.05,
                      test_frac: float = 0.1) -> GraphDataset:
-    """Write the dataset folder ``out_dir`` (replacing one written here; see the module docstring)."""
+    """Write the dataset folder ``out_dir``: absent, empty, or a dataset generated here (generated_recipe), which
+    is replaced; anything else is refused (ForeignFolderError) and left as it is."""
+    recipe = dict(locals())  # the arguments (this is the first statement): what this dataset is made of
+    del recipe["out_dir"]
     _check_args(num_nodes, avg_degree, num_classes, feat_dim, homophily, power_law, train_frac, val_frac, test_frac)
     out_dir, start = Path(out_dir), time.perf_counter()
     layout = _Layout.draw(num_nodes, avg_degree, num_classes, power_law, seed)
@@ -83,7 +86,7 @@ def generate_dataset(out_dir: str | Path, num_nodes: int, avg_degree: float = 20
         write_graph_files(tmp / "graph", lambda: layout.edges(pairs, homophily, seed), num_nodes,
                           undirected=True, dedupe=True, where="generated edges")
         graph = CSCGraph.load(tmp / "graph")
-        _write_features(tmp / "features.bin", layout.labels, feat_dim, signal, seed)
+        _write_features(tmp / "features.bin", layout.labels, feat_dim, signal, seed, recipe_digest(recipe))
         _save_npy(tmp / "labels.npy", layout.labels)
         split = _draw_split(num_nodes, train_frac, val_frac, test_frac, seed)
         with open(tmp / "split.npz", "wb") as f:
@@ -97,44 +100,61 @@ def generate_dataset(out_dir: str | Path, num_nodes: int, avg_degree: float = 20
                 "edge_homophily": edge_homophily(graph, layout.labels), "max_degree": int(deg.max(initial=0)),
                 "mean_degree": float(deg.mean()) if num_nodes else 0.0,
                 "splits": {"train": len(split.train), "val": len(split.val), "test": len(split.test)},
+                "generated": {"recipe": recipe, "files": {name: file_crc32(tmp / name) for name in FINGERPRINTED}},
                 "seconds": round(time.perf_counter() - start, 2)}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
 
-    write_folder(out_dir, build, is_dataset_folder, "generated dataset")
+    write_folder(out_dir, build, lambda path: generated_recipe(path)[0] is not None, "generated dataset")
     return open_dataset(out_dir)
 
 
-def open_dataset(root: str | Path) -> GraphDataset:
-    """The dataset written by generate_dataset at ``root``."""
+def generation_recipe(**settings) -> dict:
+    """generate_dataset's arguments but out_dir, its defaults filled in: the recipe of a dataset made with them."""
+    bound = inspect.signature(generate_dataset).bind(None, **settings)
+    bound.apply_defaults()
+    return {k: v for k, v in bound.arguments.items() if k != "out_dir"}
+
+
+def generated_recipe(root: str | Path) -> tuple[dict | None, str]:
+    """``(recipe, "")`` when ``root`` holds the dataset generate_dataset wrote with ``recipe``, as it wrote it (see
+    the module docstring); else ``(None, why not)``."""
     root = Path(root)
-    meta = read_meta(root)
-    if not meta or meta.get("format") != FORMAT or meta.get("version") != VERSION:
-        raise FileNotFoundError(f"{root} is not a finished generated dataset ({root / 'meta.json'} missing or of "
-                                f"another format); run generate_dataset({str(root)!r}, ...) first")
-    return GraphDataset(root, root / "graph", root / "features.bin", root / "labels.npy", root / "split.npz", meta)
+    meta = read_meta(root) or {}
+    generated = meta.get("generated")
+    if not isinstance(generated, dict) or not isinstance(generated.get("recipe"), dict) or \
+            not isinstance(generated.get("files"), dict):
+        older = {"homophily", "power_law", "edge_homophily"} <= meta.keys()  # what generate_dataset always wrote
+        return None, "its meta.json records no generation recipe" + (
+            " (an earlier Plait generated it without one: move it away to have it generated anew)" if older else "")
+    try:
+        stamp = read_header(root / "features.bin").get("meta")
+    except (OSError, FeatureFileError):
+        stamp = None
+    if not isinstance(stamp, dict) or stamp.get("recipe") != recipe_digest(generated["recipe"]):
+        return None, "its features.bin is not the one generated with the recipe in meta.json"
+    for name in FINGERPRINTED:
+        if file_crc32(root / name) != generated["files"].get(name):
+            return None, f"its {name} is not the one generated"
+    extra = extra_files(root)
+    if extra:
+        return None, f"it also holds {', '.join(extra[:5])}"
+    return generated["recipe"], ""
 
 
-def load_labels(root: str | Path) -> np.ndarray:
-    """Class of every node, int64 (N,)."""
-    return np.load(open_dataset(root).labels, allow_pickle=False)
+def recipe_digest(recipe: dict) -> str:
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def load_split(root: str | Path) -> Split:
-    """Train / validation / test node ids (sorted, disjoint)."""
-    with np.load(open_dataset(root).split, allow_pickle=False) as z:
-        return Split(z["train"], z["val"], z["test"])
-
-
-def load_features(root: str | Path) -> np.ndarray:
-    """The feature rows as a read-only np.memmap (no checksums verified): for tests and small graphs; training
-    reads them through a plait.storage row store."""
-    info = open_feature_file(open_dataset(root).features)
-    return np.memmap(info.path, dtype=info.dtype, mode="r", offset=info.data_offset, shape=info.shape)
-
-
-def is_dataset_folder(path: Path) -> bool:
-    meta = read_meta(path)
-    return bool(meta) and meta.get("format") == FORMAT and set(os.listdir(path)) <= set(FILES)
+def file_crc32(file: Path, chunk: int = 1 << 22) -> int | None:
+    """crc32 of the file's bytes; None when it cannot be read."""
+    crc = 0
+    try:
+        with open(file, "rb") as f:
+            while block := f.read(chunk):
+                crc = zlib.crc32(block, crc)
+    except OSError:
+        return None
+    return crc
 
 
 def edge_homophily(graph: CSCGraph, labels: np.ndarray, chunk: int = 1 << 22) -> float:
@@ -193,10 +213,10 @@ class _Layout:
         return np.clip(np.searchsorted(self.cum_w, x, side="right"), lo, np.asarray(hi) - 1)
 
 
-def _write_features(path: Path, labels: np.ndarray, dim: int, signal: float, seed: int) -> None:
+def _write_features(path: Path, labels: np.ndarray, dim: int, signal: float, seed: int, digest: str) -> None:
     mu = np.random.default_rng([seed, _MEANS, 0]).standard_normal((int(labels.max(initial=0)) + 1, dim))
     mu = (signal * mu / np.linalg.norm(mu, axis=1, keepdims=True)).astype(np.float32)
-    with FeatureWriter(path, (dim,), np.float32, meta={"what": "generated node features"}) as w:
+    with FeatureWriter(path, (dim,), np.float32, meta={"what": "generated node features", "recipe": digest}) as w:
         for k, a in enumerate(range(0, len(labels), ROW_CHUNK)):
             rng = np.random.default_rng([seed, _FEATURES, k])
             lab = labels[a : a + ROW_CHUNK]

@@ -1,11 +1,14 @@
 """Out-of-core GNN training: ``job = "plait.gnn.gnn_job"`` in a spec (examples/gnn_sage_ooc.toml).
 
-On the driver, ``prepare`` generates the dataset at ``data.path`` if it is missing (a folder that is not a Plait
-dataset is refused, never overwritten) and, for ``train.loader = "packed"``, runs the DiskGNN offline stage once
-for ``workers.num`` ranks: one epoch of batches sampled ahead, the hottest ``train.cache_frac`` of the feature
-rows chosen for the host cache, every batch's other rows packed contiguously on disk. Both live outside the run
-directory (the packs in ``data.packs``, default ``<data.path>.packs/<recipe>``) and are reused while their
-recipe (dataset, fanouts, batch size, seed, cache rows, ranks) is unchanged.
+On the driver, ``prepare`` generates the dataset at ``data.path`` when it holds none, uses the one there, or
+refuses (gnn/data_path.py: a dataset Plait did not generate is never written; one generated with another recipe
+is replaced only with ``data.rebuild=true``) and, for ``train.loader = "packed"``, runs the DiskGNN offline stage
+once for ``workers.num`` ranks: one epoch of batches sampled ahead, the hottest ``train.cache_frac`` of the
+feature rows chosen for the host cache, every batch's other rows packed contiguously on disk. Both live outside
+the run directory (the packs in ``data.packs``, default ``<data.path>.packs/<recipe>``) and are reused while their
+recipe (dataset, fanouts, batch size, seed, cache rows, ranks) is unchanged (``data.rebuild_packs=true`` rebuilds
+them). Every loader checks the feature rows it reads against their checksums; an error about a damaged file ends
+with the command that rebuilds it.
 
 On every rank, ``train`` builds its loader, the model (GraphSAGE or GAT, gnn/models.py) under PyTorch DDP on the
 process group the runtime set up, and trains ``train.epochs`` epochs; each epoch's batches are split over the
@@ -30,9 +33,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from plait.gnn.generate import generate_dataset, is_dataset_folder, load_features, load_labels, load_split, open_dataset
+from plait.gnn.data_path import DataConfig, dataset_action, ensure_dataset, pack_root, rebuild_hints, resolve_paths
+from plait.gnn.dataset import check_dataset, load_labels, load_split, open_dataset, read_features
 from plait.gnn.models import MODELS, build_model
-from plait.gnn.offline import is_pack_folder, prepare_packed
+from plait.gnn.offline import prepare_packed
 from plait.gnn.online_loader import OnlineLoader
 from plait.gnn.packed_loader import PackedLoader
 from plait.gnn.scoring import Scorer, param_digest
@@ -44,26 +48,6 @@ from plait.storage.disk_reader import DiskStore
 from plait.storage.store import ArrayStore
 
 LOADERS = ("packed", "online-mmap", "online-ginex", "memory")
-
-
-@dataclass
-class DataConfig:
-    path: str = "data/gnn"  # the dataset folder (generate_dataset's); generated here when missing
-    generate: bool = True  # False: data.path must already hold a dataset, used as it is
-    num_nodes: int = 20_000  # generate settings (gnn/generate.py); a generated dataset with others is remade
-    avg_degree: float = 20.0
-    num_classes: int = 10
-    feat_dim: int = 128
-    train_frac: float = 0.02
-    seed: int = 0
-    packs: str = ""  # folder of packed batches; "" = "<path>.packs"
-
-    def check(self) -> None:
-        if self.num_nodes < 100 or self.feat_dim < 1 or self.num_classes < 2:
-            raise ValueError(f"data.num_nodes={self.num_nodes}, data.feat_dim={self.feat_dim}, data.num_classes="
-                             f"{self.num_classes}: need >= 100 nodes, >= 1 feature and >= 2 classes")
-        if not 0 < self.train_frac <= 0.85:
-            raise ValueError(f"data.train_frac={self.train_frac}: choose a share in (0, 0.85]")
 
 
 @dataclass
@@ -112,58 +96,36 @@ class Config:
 
 
 def validate(cfg: Config, world_size: int) -> None:
-    """On the driver, before anything starts: the settings, and that data.path is a dataset or free for one."""
+    """On the driver, before anything starts: the settings, and what data.path holds (gnn/data_path.py)."""
     cfg.data.check()
     cfg.train.check()
-    check_data_path(cfg.data)
+    resolve_paths(cfg.data)
+    with rebuild_hints(cfg.data):
+        if dataset_action(cfg.data)[0] == "use":  # a dataset to use as it is: its files agree (cheap checks)
+            check_dataset(open_dataset(cfg.data.path))
     cfg.world_size = world_size
 
 
-def check_data_path(data: DataConfig) -> None:
-    path = Path(data.path)
-    if path.is_symlink() or (path.exists() and not path.is_dir()):
-        raise ValueError(f"data.path={data.path!r} is {'a symbolic link' if path.is_symlink() else 'a file'}, "
-                         "not a dataset folder: choose a folder (it is generated there when missing)")
-    if path.is_dir() and any(path.iterdir()) and not is_dataset_folder(path):
-        names = sorted(p.name for p in path.iterdir())[:5]
-        raise ValueError(f"data.path={data.path!r} is not a Plait GNN dataset (it holds {', '.join(names)}); it is "
-                         "never overwritten: choose an empty or new folder, or a folder generate_dataset wrote")
-    if not data.generate and not is_dataset_folder(path):
-        raise ValueError(f"data.path={data.path!r} holds no dataset and data.generate=false: generate one "
-                         "(data.generate=true) or point data.path at a generated dataset")
-
-
 def prepare(cfg: Config, run_dir: Path) -> None:
-    """On the driver: the dataset (generated when missing or made with other settings) and, for the packed
-    loader, the packs for ``cfg.world_size`` ranks; absolute paths for the ranks."""
+    """On the driver: the dataset (gnn/data_path.py) and, for the packed loader, the packs for ``cfg.world_size``
+    ranks, built unless current ones are there; absolute paths for the ranks."""
     data, t = cfg.data, cfg.train
-    check_data_path(data)
-    data.path = str(Path(data.path).resolve())
-    if data.generate and not _generated_with(Path(data.path), data):
-        print(f"[plait] generating a {data.num_nodes:,}-node graph in {data.path}", flush=True)
-        generate_dataset(data.path, num_nodes=data.num_nodes, avg_degree=data.avg_degree,
-                         num_classes=data.num_classes, feat_dim=data.feat_dim, train_frac=data.train_frac,
-                         seed=data.seed)
-    if t.loader == "packed":
-        out = pack_dir(cfg)
-        if not is_pack_folder(out):
-            ds = open_dataset(data.path)
+    with rebuild_hints(data):
+        ds = ensure_dataset(data)
+        if t.loader == "packed":
+            out = pack_dir(cfg)
+            before = _folder_id(out)
             info = prepare_packed(ds.load_graph(), ds.features, load_split(ds.root).train, t.fanouts, t.batch_size,
                                   t.seed, cache_rows(cfg, ds.meta["num_nodes"]), out,
-                                  world_size=max(cfg.world_size, 1))
-            print(f"[plait] packed batches in {out}: {info.preprocess_s:.1f} s, {info.blowup:.2f}x the feature "
-                  "bytes on disk", flush=True)
-        cfg.pack_path = str(out)
+                                  world_size=max(cfg.world_size, 1), reuse=not (data.rebuild or data.rebuild_packs))
+            if _folder_id(out) != before:
+                print(f"[plait] packed batches in {out}: {info.preprocess_s:.1f} s, {info.blowup:.2f}x the feature "
+                      "bytes on disk", flush=True)
+            cfg.pack_path = str(out)
 
 
-def _generated_with(path: Path, data: DataConfig) -> bool:
-    if not is_dataset_folder(path):
-        return False
-    meta = open_dataset(path).meta
-    want = {"num_nodes": data.num_nodes, "avg_degree": data.avg_degree, "num_classes": data.num_classes,
-            "feat_dim": data.feat_dim, "seed": data.seed}
-    return all(meta.get(k) == v for k, v in want.items()) and \
-        meta.get("splits", {}).get("train") == int(round(data.train_frac * data.num_nodes))
+def _folder_id(path: Path) -> int | None:
+    return path.stat().st_ino if path.is_dir() else None
 
 
 def cache_rows(cfg: Config, num_nodes: int) -> int:
@@ -177,8 +139,7 @@ def pack_dir(cfg: Config) -> Path:
     recipe = {"dataset": meta, "fanouts": list(t.fanouts), "batch_size": t.batch_size, "seed": t.seed,
               "cache_rows": cache_rows(cfg, meta["num_nodes"]), "world_size": max(cfg.world_size, 1)}
     digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
-    root = Path(data.packs) if data.packs else Path(data.path).with_name(Path(data.path).name + ".packs")
-    return root.resolve() / f"recipe-{digest}"
+    return pack_root(data).resolve() / f"recipe-{digest}"
 
 
 def make_loader(cfg: Config, ctx: RankContext, ds, train_ids: np.ndarray):
@@ -190,18 +151,23 @@ def make_loader(cfg: Config, ctx: RankContext, ds, train_ids: np.ndarray):
                              f"{cfg.pack_path or 'none'}); run the job through `plait run` or run_job, whose "
                              "prepare step builds them")
         return PackedLoader(cfg.pack_path, rank=rank, world_size=world, prefetch=t.prefetch)
-    if t.loader == "online-mmap":
-        store = DiskStore(ds.features, mode="mmap", verify=False)
+    if t.loader == "online-mmap":  # each row's 4 KiB blocks checked as it is read, like every other path
+        store = DiskStore(ds.features, mode="mmap")
     elif t.loader == "online-ginex":
         rows = max(cache_rows(cfg, ds.meta["num_nodes"]), 1)
         store = CachedStore(DiskStore(ds.features, mode="direct"), "sieve", rows)
     else:
-        store = ArrayStore(np.array(load_features(ds.root)))
+        store = ArrayStore(read_features(ds.root))
     return OnlineLoader(ds.load_graph(), store, train_ids, t.fanouts, t.batch_size, t.seed, rank=rank,
                         world_size=world, prefetch=t.prefetch)
 
 
 def train(ctx: RankContext, cfg: Config) -> dict:
+    with rebuild_hints(cfg.data):  # a damaged dataset or pack file: its error names the command that rebuilds it
+        return _train(ctx, cfg)
+
+
+def _train(ctx: RankContext, cfg: Config) -> dict:
     t = cfg.train
     ds = open_dataset(cfg.data.path)
     labels, split = torch.from_numpy(load_labels(ds.root)), load_split(ds.root)

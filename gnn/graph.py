@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from plait.storage.errors import ProblemAndFix
 from plait.storage.folders import ForeignFolderError, fsync_path, read_meta, write_folder, write_npy
 
 FORMAT = "plait-csc-graph"
@@ -31,8 +32,8 @@ GRAPH_FILES = ("indptr.npy", "indices.npy", "meta.json")
 NotAGraphError = ForeignFolderError  # a path that is not a graph folder written here
 
 
-class CorruptGraphError(RuntimeError):
-    """A graph folder is incomplete or inconsistent; the message names the file and the fix."""
+class CorruptGraphError(ProblemAndFix, RuntimeError):
+    """A graph folder is incomplete or inconsistent: ``CorruptGraphError(problem, fix, folder)``."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -88,27 +89,30 @@ class CSCGraph:
     def load(cls, path: str | Path, mmap: bool = True) -> CSCGraph:
         """Open the graph folder at ``path``; arrays are memory-mapped read-only unless ``mmap=False``."""
         path = Path(path)
-        fix = f"delete {path} and build the graph again"
+
+        def bad(problem: str) -> CorruptGraphError:
+            return CorruptGraphError(problem, f"delete {path} and build the graph again", path)
+
         meta = read_meta(path)
         if meta is None:
-            raise CorruptGraphError(f"{path / 'meta.json'} not found: {path} is not a finished graph folder; {fix}")
+            raise bad(f"{path / 'meta.json'} not found: {path} is not a finished graph folder")
         if meta.get("format") != FORMAT or meta.get("version") != VERSION:
-            raise CorruptGraphError(f"{path / 'meta.json'}: format {meta.get('format')!r} version "
-                                    f"{meta.get('version')!r}, expected {FORMAT!r} version {VERSION}; {fix}")
+            raise bad(f"{path / 'meta.json'}: format {meta.get('format')!r} version {meta.get('version')!r}, "
+                      f"expected {FORMAT!r} version {VERSION}")
         try:
             indptr = np.load(path / "indptr.npy", mmap_mode="r" if mmap else None, allow_pickle=False)
             indices = np.load(path / "indices.npy", mmap_mode="r" if mmap else None, allow_pickle=False)
         except (OSError, ValueError) as e:
-            raise CorruptGraphError(f"{path}: cannot read its arrays ({e}); {fix}") from None
+            raise bad(f"{path}: cannot read its arrays ({e})") from None
         n, e = meta.get("num_nodes"), meta.get("num_edges")
         if not (isinstance(n, int) and isinstance(e, int) and n >= 0 and e >= 0):
-            raise CorruptGraphError(f"{path / 'meta.json'}: num_nodes={n!r} num_edges={e!r} are not counts; {fix}")
+            raise bad(f"{path / 'meta.json'}: num_nodes={n!r} num_edges={e!r} are not counts")
         if indptr.dtype != np.int64 or indptr.shape != (n + 1,) or indptr[0] != 0 or indptr[-1] != e:
-            raise CorruptGraphError(f"{path / 'indptr.npy'}: dtype {indptr.dtype} shape {indptr.shape} does not "
-                                    f"describe {n} nodes and {e} edges (meta.json); {fix}")
+            raise bad(f"{path / 'indptr.npy'}: dtype {indptr.dtype} shape {indptr.shape} does not describe {n} nodes "
+                      f"and {e} edges (meta.json)")
         if indices.dtype != np.int32 or indices.shape != (e,):
-            raise CorruptGraphError(f"{path / 'indices.npy'}: dtype {indices.dtype} shape {indices.shape}, "
-                                    f"expected int32 ({e},) (meta.json); {fix}")
+            raise bad(f"{path / 'indices.npy'}: dtype {indices.dtype} shape {indices.shape}, expected int32 ({e},) "
+                      "(meta.json)")
         return cls(indptr, indices, path)
 
 

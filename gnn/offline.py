@@ -22,7 +22,9 @@ A pack folder (written beside ``out_dir`` and renamed in; only a pack folder is 
   edges_<l>.npy / edge_ptr.npy       layer l's edge_index (2, E) int32; batch b: [:, edge_ptr[b, l]:edge_ptr[b + 1, l]]
   sizes.npy                          (B, L, 2) int64: each block's (num_src, num_dst)
   pack_page.npy / pack_rows.npy      batch b's pack: pages [pack_page[b], pack_page[b + 1]) holding pack_rows[b] rows
-Arrays are plain .npy files (``np.load(allow_pickle=False)``); the loader memory-maps them.
+  index_crc.npy                      uint32 (B,): crc32 of batch b's seeds, n_id, loc and edges (pack_info.batch_crc)
+Arrays are plain .npy files (``np.load(allow_pickle=False)``); the loader memory-maps them. meta.json's
+``index_crc`` covers the small ones (pack_info.SMALL_INDEX), which the loader holds in RAM.
 """
 
 from __future__ import annotations
@@ -38,14 +40,17 @@ import numpy as np
 from plait.gnn.graph import CSCGraph
 from plait.gnn.pack_info import (  # noqa: F401  (re-exported: the pack API in one import)
     FORMAT,
+    SMALL_INDEX,
     VERSION,
     CorruptPackError,
     NotAPackError,
     PackInfo,
+    batch_crc,
     info_from_meta,
     is_pack_folder,
     load_pack_info,
     pack_info_dict,
+    small_index_crc,
 )
 from plait.gnn.sampler import MiniBatch, NeighborSampler, batch_rng, batch_seeds
 from plait.storage.cache_policy import top_k_ids
@@ -128,7 +133,8 @@ def prepare_packed(graph, features_path, train_ids, fanouts, batch_size: int, se
                 "cache_bytes": len(cache_ids) * finfo.row_bytes,
                 "blowup": pages * PAGE / finfo.data_bytes if finfo.data_bytes else 0.0,
                 "sample_s": t["sample"], "read_s": t["read"], "write_s": t["write"],
-                "preprocess_s": time.perf_counter() - start}
+                "preprocess_s": time.perf_counter() - start,
+                "index_crc": small_index_crc({name: np.load(tmp / f"{name}.npy") for name in SMALL_INDEX})}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
 
     out_dir = Path(out_dir)
@@ -193,6 +199,7 @@ def _write_packs_and_index(tmp: Path, src: DiskStore, sample, seeds, slot_of, n_
           "loc": _open(tmp / "loc.npy", np.int64, (int(n_ptr[-1]),))}
     edges = [_open(tmp / f"edges_{layer}.npy", np.int32, (2, int(e_ptr[-1, layer]))) for layer in range(layers)]
     pack_page, pack_rows = np.zeros(nb + 1, dtype=np.int64), np.zeros(nb, dtype=np.int64)
+    index_crc = np.zeros(nb, dtype=np.uint32)
     row_bytes = src.row_bytes
     groups = _groups(n_len * row_bytes, memory_bytes)
     with FeatureWriter(tmp / "packs.feat", (PAGE,), np.uint8, meta={"what": "per-batch packs"}) as w:
@@ -217,6 +224,9 @@ def _write_packs_and_index(tmp: Path, src: DiskStore, sample, seeds, slot_of, n_
                 mm["loc"][n_ptr[i] : n_ptr[i + 1]] = loc
                 for layer, block in enumerate(mb.blocks):
                     edges[layer][:, e_ptr[i, layer] : e_ptr[i + 1, layer]] = block.edge_index.numpy()
+                s0, s1, n0, n1 = seeds_ptr[i], seeds_ptr[i + 1], n_ptr[i], n_ptr[i + 1]
+                edge_rows = [row for k, e in enumerate(edges) for row in e[:, e_ptr[i, k] : e_ptr[i + 1, k]]]
+                index_crc[i] = batch_crc(mm["seeds"][s0:s1], mm["n_id"][n0:n1], mm["loc"][n0:n1], edge_rows)
                 pages = -(-len(ids) * row_bytes // PAGE)
                 if pages:
                     buf = np.zeros(pages * PAGE, dtype=np.uint8)
@@ -231,6 +241,7 @@ def _write_packs_and_index(tmp: Path, src: DiskStore, sample, seeds, slot_of, n_
     del mm, edges
     _save(tmp / "pack_page.npy", pack_page)
     _save(tmp / "pack_rows.npy", pack_rows)
+    _save(tmp / "index_crc.npy", index_crc)
     t["write"] += time.perf_counter() - t0
     return int(pack_page[-1]), int(pack_rows.sum())
 

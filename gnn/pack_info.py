@@ -4,23 +4,53 @@
     pack_info_dict(info)                 # JSON-ready, for metrics and benchmark lines
 
 prepare_packed (gnn/offline.py) writes pack folders; PackedLoader (gnn/packed_loader.py) reads them.
+
+A pack checks itself: packs.feat and cache.feat are feature files (a crc32 per 4 KiB block, checked as blocks are
+read); index_crc.npy holds a crc32 of each batch's index entries (``batch_crc``: its seeds, n_id, loc and
+edges, checked as the batch is read), and meta.json's ``index_crc`` one of the small index arrays
+(``SMALL_INDEX``, checked when a loader opens the folder).
 """
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
+from plait.storage.errors import ProblemAndFix
 from plait.storage.folders import ForeignFolderError, read_meta
 
 FORMAT = "plait-gnn-pack"
-VERSION = 1
+VERSION = 2  # 2: index checksums (index_crc.npy, meta.json's index_crc)
+REBUILD = "run prepare_packed again to rebuild it"
+SMALL_INDEX = ("seeds_ptr", "n_id_ptr", "edge_ptr", "sizes", "pack_page", "pack_rows", "index_crc")  # held in RAM
 
 NotAPackError = ForeignFolderError  # a path that is not a pack folder written here
 
 
-class CorruptPackError(RuntimeError):
-    """A pack folder is incomplete or inconsistent; the message names the file and the fix."""
+class CorruptPackError(ProblemAndFix, RuntimeError):
+    """A pack folder is incomplete, inconsistent or altered: ``CorruptPackError(problem, fix, folder)``."""
+
+
+def corrupt_pack(folder: Path, problem: str) -> CorruptPackError:
+    return CorruptPackError(problem, REBUILD, folder)
+
+
+def batch_crc(seeds: np.ndarray, n_id: np.ndarray, loc: np.ndarray, edge_rows: list[np.ndarray]) -> int:
+    """crc32 of one batch's index entries, as stored: seeds, n_id, loc, then each layer's source and target row."""
+    crc = 0
+    for a in (seeds, n_id, loc, *edge_rows):
+        crc = zlib.crc32(np.ascontiguousarray(a), crc)
+    return crc
+
+
+def small_index_crc(arrays: dict[str, np.ndarray]) -> int:
+    """crc32 of the SMALL_INDEX arrays, in that order."""
+    crc = 0
+    for name in SMALL_INDEX:
+        crc = zlib.crc32(np.ascontiguousarray(arrays[name]), crc)
+    return crc
 
 
 @dataclass(frozen=True)
@@ -45,6 +75,7 @@ class PackInfo:
     sample_s: float  # of which sampling (both passes)
     read_s: float  # of which reading feature rows
     write_s: float  # of which writing packs, cache and index
+    index_crc: int  # small_index_crc of the folder's SMALL_INDEX arrays
 
     @property
     def cache_hit_rate(self) -> float:
@@ -66,8 +97,8 @@ def load_pack_info(pack_dir) -> PackInfo:
         raise NotAPackError(f"{pack_dir} is not a pack folder written by prepare_packed ({what}); pass the "
                             "out_dir of prepare_packed")
     if meta.get("version") != VERSION:
-        raise CorruptPackError(f"{pack_dir / 'meta.json'}: pack version {meta.get('version')!r}, this code reads "
-                               f"version {VERSION}; run prepare_packed again")
+        raise corrupt_pack(pack_dir, f"{pack_dir / 'meta.json'}: pack version {meta.get('version')!r}, this code "
+                                     f"reads version {VERSION}")
     return info_from_meta(pack_dir, meta)
 
 
@@ -77,7 +108,7 @@ def info_from_meta(path: Path, meta: dict) -> PackInfo:
     try:
         return PackInfo(path=path, **{k: meta[k] for k in names})
     except KeyError as e:
-        raise CorruptPackError(f"{path / 'meta.json'} lacks {e}; run prepare_packed again") from None
+        raise corrupt_pack(path, f"{path / 'meta.json'} lacks {e}") from None
 
 
 def pack_info_dict(info: PackInfo) -> dict:

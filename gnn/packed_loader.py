@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from plait.gnn.epoch_loader import LoaderBase, check_rank, rank_batches
-from plait.gnn.pack_info import CorruptPackError, load_pack_info
+from plait.gnn.pack_info import REBUILD, SMALL_INDEX, batch_crc, corrupt_pack, load_pack_info, small_index_crc
 from plait.gnn.sampler import Block, MiniBatch
 from plait.storage.cache import host_buffer
 from plait.storage.disk_reader import DiskStore
@@ -26,7 +26,6 @@ from plait.storage.feature_file import PAGE, FeatureFileError, open_feature_file
 
 _ORDER = 7  # stream tag of PackedLoader's epoch order
 CACHE_LOAD_ROWS = 1 << 16
-REBUILD = "run prepare_packed again to rebuild it"
 
 
 class PackedLoader(LoaderBase):
@@ -40,22 +39,26 @@ class PackedLoader(LoaderBase):
         self.info = info = load_pack_info(self.path)
         self.rank, self.world_size = int(rank), int(world_size)
         check_rank(self.rank, self.world_size, info.num_batches, f"PackedLoader({self.path})")
-        idx = {name: _load_index(self.path, name) for name in
-               ("seeds", "seeds_ptr", "n_id", "n_id_ptr", "loc", "edge_ptr", "sizes", "pack_page", "pack_rows")}
+        self.verify = verify
+        idx = {name: _load_index(self.path, name) for name in ("seeds", "n_id", "loc", *SMALL_INDEX)}
         idx["edges"] = [_load_index(self.path, f"edges_{layer}") for layer in range(info.num_layers)]
-        for name in ("seeds_ptr", "n_id_ptr", "edge_ptr", "sizes", "pack_page", "pack_rows"):  # small: in RAM
+        for name in SMALL_INDEX:  # small: in RAM
             idx[name] = np.array(idx[name])
+        if verify and small_index_crc(idx) != info.index_crc:
+            raise corrupt_pack(self.path, f"{self.path}: the small index arrays ({', '.join(SMALL_INDEX)}) fail "
+                                          f"their checksum (meta.json's index_crc {info.index_crc:08x}): the pack "
+                                          "folder changed after it was written")
         self._idx = idx
         try:
             self.packs = DiskStore(self.path / "packs.feat", mode="direct", threads=read_threads, verify=verify)
         except FeatureFileError as e:
-            raise FeatureFileError(f"{e}. It is part of the pack folder {self.path}: {REBUILD}") from None
+            raise FeatureFileError(f"{e.problem} (part of the pack folder {self.path})", REBUILD, e.path) from None
         try:
             self._check_index(idx)
             self._load_cache(verify)
         except FeatureFileError as e:
             self.packs.close()
-            raise FeatureFileError(f"{e}. It is part of the pack folder {self.path}: {REBUILD}") from None
+            raise FeatureFileError(f"{e.problem} (part of the pack folder {self.path})", REBUILD, e.path) from None
         except BaseException:
             self.packs.close()
             raise
@@ -77,20 +80,21 @@ class PackedLoader(LoaderBase):
             ("pack_page", idx["pack_page"].shape == (b + 1,) and idx["pack_page"][-1] == self.packs.num_rows
              and self.packs.row_bytes == PAGE),
             ("pack_rows", idx["pack_rows"].shape == (b,) and int(np.sum(idx["pack_rows"])) == info.pack_rows),
+            ("index_crc", idx["index_crc"].shape == (b,)),
         ]
         for name, ok in rules:
             if not ok:
-                raise CorruptPackError(f"{self.path / (name + '.npy')} does not agree with meta.json and the other "
-                                       f"index files ({b} batches, {layers} layers, {info.rows_needed} rows, "
-                                       f"{self.packs.num_rows} pack pages); run prepare_packed again")
+                raise corrupt_pack(self.path, f"{self.path / (name + '.npy')} does not agree with meta.json and the "
+                                              f"other index files ({b} batches, {layers} layers, {info.rows_needed} "
+                                              f"rows, {self.packs.num_rows} pack pages)")
 
     def _load_cache(self, verify: bool) -> None:
         """The cached rows into a host buffer (pinned when CUDA is available), read sequentially once."""
         file = self.path / "cache.feat"
         finfo = open_feature_file(file)
         if finfo.num_rows != self.info.cached_rows or finfo.row_bytes != self.info.row_bytes:
-            raise CorruptPackError(f"{file} holds {finfo.num_rows} rows of {finfo.row_bytes} bytes, meta.json says "
-                                   f"{self.info.cached_rows} of {self.info.row_bytes}; run prepare_packed again")
+            raise corrupt_pack(self.path, f"{file} holds {finfo.num_rows} rows of {finfo.row_bytes} bytes, meta.json "
+                                          f"says {self.info.cached_rows} of {self.info.row_bytes}")
         self._cache_owner, self._cache_rows = host_buffer(finfo.num_rows, finfo.row_shape, finfo.dtype, None)
         t0 = time.perf_counter()
         self.cache_load_bytes = 0
@@ -136,10 +140,11 @@ class PackedLoader(LoaderBase):
         try:
             raw = self.packs.read_range(int(idx["pack_page"][b]) * PAGE, rows * self.row_bytes)
         except FeatureFileError as e:
-            raise FeatureFileError(f"{e}. It holds the pack of batch {b} of {self.path}: {REBUILD}") from None
+            raise FeatureFileError(f"{e.problem} (the pack of batch {b} of the pack folder {self.path})", REBUILD,
+                                   e.path) from None
         t1 = time.perf_counter()
-        mb = self.batch(b)
-        loc = np.asarray(idx["loc"][idx["n_id_ptr"][b] : idx["n_id_ptr"][b + 1]])
+        index = self._index(b)
+        mb, loc = self._minibatch(b, index), index[2]
         x = torch.empty((len(loc), *self.row_shape), dtype=self._torch_dtype, pin_memory=self.pin)
         hit_pos, miss_pos = np.flatnonzero(loc >= 0), np.flatnonzero(loc < 0)
         if hit_pos.size:
@@ -165,15 +170,32 @@ class PackedLoader(LoaderBase):
 
     def batch(self, b: int) -> MiniBatch:
         """Batch ``b`` of the pack (seeds, n_id, blocks), without its features."""
+        return self._minibatch(b, self._index(b))
+
+    def _index(self, b: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[np.ndarray]]:
+        """Batch ``b``'s entries of the memory-mapped index: seeds, n_id, loc and each layer's (2, E) edges; checked
+        against index_crc.npy when verifying."""
         idx = self._idx
         s0, s1 = idx["seeds_ptr"][b], idx["seeds_ptr"][b + 1]
         n0, n1 = idx["n_id_ptr"][b], idx["n_id_ptr"][b + 1]
-        blocks = []
-        for layer, edges in enumerate(idx["edges"]):
-            e0, e1 = idx["edge_ptr"][b, layer], idx["edge_ptr"][b + 1, layer]
-            size = idx["sizes"][b, layer]
-            blocks.append(Block(torch.from_numpy(edges[:, e0:e1].astype(np.int64)), (int(size[0]), int(size[1]))))
-        return MiniBatch(np.array(idx["seeds"][s0:s1]), np.array(idx["n_id"][n0:n1]), blocks)
+        seeds, n_id, loc = (np.asarray(idx[name][a:z]) for name, a, z in (("seeds", s0, s1), ("n_id", n0, n1),
+                                                                          ("loc", n0, n1)))
+        e0, e1 = idx["edge_ptr"][b], idx["edge_ptr"][b + 1]
+        edges = [np.asarray(e[:, e0[k] : e1[k]]) for k, e in enumerate(idx["edges"])]
+        if self.verify:
+            got, want = batch_crc(seeds, n_id, loc, [row for e in edges for row in e]), int(idx["index_crc"][b])
+            if got != want:
+                raise corrupt_pack(self.path, f"{self.path}: the index entries of batch {b} (in seeds.npy, n_id.npy, "
+                                              f"loc.npy, edges_*.npy) fail their checksum (crc32 {got:08x}, stored "
+                                              f"{want:08x} in index_crc.npy): the pack folder changed after it was "
+                                              "written")
+        return seeds, n_id, loc, edges
+
+    def _minibatch(self, b: int, index) -> MiniBatch:
+        seeds, n_id, _, edges = index
+        blocks = [Block(torch.from_numpy(e.astype(np.int64)), (int(size[0]), int(size[1])))
+                  for e, size in zip(edges, self._idx["sizes"][b], strict=True)]
+        return MiniBatch(np.array(seeds), np.array(n_id), blocks)
 
     def stats(self) -> dict:
         with self._lock:
@@ -193,5 +215,4 @@ def _load_index(path: Path, name: str) -> np.ndarray:
     try:
         return np.load(file, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError) as e:
-        raise CorruptPackError(f"{file}: cannot read this index array ({type(e).__name__}: {e}); run "
-                               "prepare_packed again") from None
+        raise corrupt_pack(path, f"{file}: cannot read this index array ({type(e).__name__}: {e})") from None

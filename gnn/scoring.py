@@ -13,7 +13,7 @@ import math
 import numpy as np
 import torch
 import torch.distributed as dist
-from plait.gnn.generate import load_labels
+from plait.gnn.dataset import load_labels
 from plait.gnn.sampler import NeighborSampler
 from plait.runtime.context import RankContext
 from plait.storage.disk_reader import DiskStore
@@ -21,12 +21,13 @@ from plait.storage.disk_reader import DiskStore
 
 class Scorer:
     """Accuracy on up to ``eval_nodes`` nodes of a split, shared over the ranks (each scores its slice; the counts
-    are summed with all_reduce). Features come through buffered reads of the feature file."""
+    are summed with all_reduce). Features come through buffered reads of the feature file, each block checked
+    against its crc32 (a damaged one raises FeatureFileError naming it)."""
 
     def __init__(self, ds, t, ctx: RankContext):
         """``t``: the job's TrainConfig (fanouts, batch_size, eval_nodes, seed)."""
         self.sampler = NeighborSampler(ds.load_graph(), t.fanouts)
-        self.store = DiskStore(ds.features, mode="pread", verify=False)
+        self.store = DiskStore(ds.features, mode="pread")
         self.labels = load_labels(ds.root)
         self.t, self.ctx = t, ctx
 

@@ -27,8 +27,8 @@ import threading
 import numpy as np
 import torch
 
-from .belady import NEVER, Lookahead
-from .cache_policy import make_policy
+from .belady import NEVER, BeladyPolicy, Lookahead
+from .cache_policy import LRUPolicy, SievePolicy, StaticPolicy
 from .store import check_ids
 
 
@@ -102,6 +102,16 @@ class VictimBuffer:
         self.rows[free] = np.asarray(rows)[incoming]
         self.kept += int(incoming.size)
         return int(incoming.size)
+
+
+POLICIES = {"static": StaticPolicy, "sieve": SievePolicy, "lru": LRUPolicy, "belady": BeladyPolicy}
+
+
+def make_policy(name: str, capacity: int, num_rows: int):
+    """A policy by name: static, sieve, lru or belady (cache_policy.py, belady.py)."""
+    if name not in POLICIES:
+        raise ValueError(f"unknown cache policy {name!r}; choose one of {sorted(POLICIES)}")
+    return POLICIES[name](capacity, num_rows)
 
 
 class CachedStore:

@@ -6,8 +6,9 @@
                                               # adm.evicted_ids / adm.evicted_slots: who had to leave
 
 Policies: `StaticPolicy` (a fixed set, e.g. the top-k ids by access count or degree; never evicts),
-`SievePolicy` (SIEVE, NSDI'24), `LRUPolicy`; `BeladyPolicy` (belady.py) evicts the id used farthest in the future
-within a lookahead window of already-sampled batches, as Ginex does over a superbatch.
+`SievePolicy` (SIEVE, NSDI'24), `LRUPolicy`; `BeladyPolicy` (belady.py, built on `SlotTable` here) evicts the id
+used farthest in the future within a lookahead window of already-sampled batches, as Ginex does over a
+superbatch. `make_policy` (cache.py) picks one by name; this module imports no other policy module.
 
 Batch semantics (every policy): `lookup` marks all of a batch's accesses first; `admit` then takes the
 batch's distinct misses in first-access order. With one id per batch this is the textbook policy.
@@ -286,16 +287,3 @@ class LRUPolicy(SlotTable):
         kept = adm.slots >= 0
         self.last_use[adm.slots[kept]] = stamps[kept]
         return adm
-
-
-POLICIES = ("static", "sieve", "lru", "belady")
-
-
-def make_policy(name: str, capacity: int, num_rows: int):
-    """A policy by name: static, sieve, lru or belady."""
-    from plait.storage.belady import BeladyPolicy  # belady.py builds on SlotTable here
-
-    classes = {"static": StaticPolicy, "sieve": SievePolicy, "lru": LRUPolicy, "belady": BeladyPolicy}
-    if name not in classes:
-        raise ValueError(f"unknown cache policy {name!r}; choose one of {sorted(classes)}")
-    return classes[name](capacity, num_rows)

@@ -17,7 +17,8 @@ to "pread" with one warning where the filesystem refuses it (EINVAL); ``self.mod
 "pread" reads through the page cache with readahead off (POSIX_FADV_RANDOM): cached pages cost no disk
 reads. "mmap" maps the file (``advise="random"`` sets MADV_RANDOM) and indexes it like ``np.memmap``; the
 kernel decides what it reads, so its ``bytes_read`` is only the bytes of the distinct rows asked
-(rows x row_bytes), a lower bound of the disk's work.
+(rows x row_bytes), a lower bound of the disk's work; it checks each block the first time a read touches it (the
+mapping is the file: a block checked once stays checked for this store).
 """
 
 from __future__ import annotations
@@ -132,6 +133,7 @@ class DiskStore:
             self._view = memoryview(self._mm)
             self._rows = np.ndarray((self.num_rows,), dtype=np.dtype((np.void, self.row_bytes)), buffer=self._mm,
                                     offset=info.data_offset)
+            self._checked = np.zeros(info.num_blocks if verify else 0, dtype=bool)  # blocks already checked
 
     def __reduce__(self):  # pickles as its arguments; the copy opens the file again
         return DiskStore, (self.path, self.requested_mode, self.threads, self.verify, self.advise,
@@ -264,14 +266,15 @@ class DiskStore:
                 continue
             if got == 0:
                 raise FeatureFileError(f"{self.path}: reading byte {offset + done} returned nothing: the file was "
-                                       "truncated after it was opened; rewrite it with write_features")
+                                       "truncated after it was opened", "rewrite it with write_features", self.path)
             done += got
 
     def _raise_bad_block(self, block: int, got: int, want: int) -> None:
         start = self.info.data_offset + block * self.info.block_size
         raise FeatureFileError(f"{self.path}: data block {block} (file bytes {start} to "
                                f"{start + self.info.block_size}) fails its checksum (crc32 {got:08x}, stored "
-                               f"{want:08x}): the file changed after it was written; rewrite it with write_features")
+                               f"{want:08x}): the file changed after it was written", "rewrite it with write_features",
+                               self.path)
 
     def _read_mmap(self, ids: np.ndarray) -> np.ndarray:
         uniq = np.unique(ids)
@@ -294,12 +297,17 @@ class DiskStore:
             self._verify_blocks(np.arange(first, last + 1))
 
     def _verify_blocks(self, blocks: np.ndarray) -> None:
+        """Mode "mmap": check the blocks not checked before (the mapping is the file, so once is enough)."""
+        blocks = blocks[~self._checked[blocks]]
+        if not blocks.size:
+            return
         b, base, data, crc32 = self.info.block_size, self.info.data_offset, self._view, zlib.crc32
         starts = (base + blocks * b).tolist()
         got, want = [crc32(data[i : i + b]) for i in starts], [self._sums[k] for k in blocks.tolist()]
         if got != want:
             i = next(i for i, (g, w) in enumerate(zip(got, want, strict=True)) if g != w)
             self._raise_bad_block(int(blocks[i]), got[i], want[i])
+        self._checked[blocks] = True
         with self._lock:
             self.blocks_verified += len(blocks)
 

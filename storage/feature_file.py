@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from plait.storage.errors import ProblemAndFix
 from plait.storage.folders import fsync_path
 from plait.storage.row_shards import CorruptDataError
 
@@ -42,8 +43,9 @@ PAGE = 4096  # header size, data alignment and the alignment of every direct rea
 _PREFIX = len(MAGIC) + 8  # magic, u32 json length, u32 json crc32
 
 
-class FeatureFileError(CorruptDataError):
-    """A feature file is truncated, altered or not a feature file; the message names the file and the fix."""
+class FeatureFileError(ProblemAndFix, CorruptDataError):
+    """A feature file is truncated, altered or not a feature file: ``FeatureFileError(problem, fix, path)``, the
+    problem naming the file (storage/errors.py: a caller that knows how the file was made restates the fix)."""
 
 
 @dataclass(frozen=True)
@@ -76,8 +78,13 @@ def _fix(path) -> str:
     return f"rewrite {path} with write_features (or the writer that made it)"
 
 
-def open_feature_file(path: str | Path) -> FeatureFileInfo:
-    """Parse and validate the header of the feature file at ``path``; raise FeatureFileError naming what is wrong."""
+def _error(path, problem: str) -> FeatureFileError:
+    return FeatureFileError(problem, _fix(path), path)
+
+
+def read_header(path: str | Path) -> dict:
+    """The JSON header of the feature file at ``path``, checked against its own crc32 (not against the rest of
+    the file: a file truncated after its header still shows what wrote it)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"feature file {path} not found; write it with write_features first")
@@ -85,31 +92,41 @@ def open_feature_file(path: str | Path) -> FeatureFileInfo:
     with open(path, "rb") as f:
         page = f.read(PAGE)
     if len(page) < len(MAGIC) and MAGIC.startswith(page):
-        raise FeatureFileError(f"{path} holds {size} bytes, less than its {PAGE}-byte header: the file is "
-                               f"truncated; {_fix(path)}")
+        raise _error(path, f"{path} holds {size} bytes, less than its {PAGE}-byte header: the file is truncated")
     if page[: len(MAGIC)] != MAGIC:
-        raise FeatureFileError(f"{path} is not a Plait feature file: it starts with {page[:8]!r}, expected "
-                               f"{MAGIC!r}; {_fix(path)}")
+        raise _error(path, f"{path} is not a Plait feature file: it starts with {page[:8]!r}, expected {MAGIC!r}")
     if len(page) < PAGE:
-        raise FeatureFileError(f"{path} holds {size} bytes, less than its {PAGE}-byte header: the file is "
-                               f"truncated; {_fix(path)}")
+        raise _error(path, f"{path} holds {size} bytes, less than its {PAGE}-byte header: the file is truncated")
     n, crc = int.from_bytes(page[8:12], "little"), int.from_bytes(page[12:16], "little")
     raw = page[_PREFIX : _PREFIX + n]
     if n > PAGE - _PREFIX or zlib.crc32(raw) != crc:
-        raise FeatureFileError(f"{path}: the header fails its checksum (json length {n}, crc32 {crc:08x}): it "
-                               f"was altered after writing; {_fix(path)}")
+        raise _error(path, f"{path}: the header fails its checksum (json length {n}, crc32 {crc:08x}): it was "
+                           "altered after writing")
     try:
-        h = json.loads(raw)
-        if h.get("format") != FORMAT or h.get("version") != VERSION:
-            raise FeatureFileError(f"{path}: format {h.get('format')!r} version {h.get('version')!r}, this "
-                                   f"reader reads {FORMAT!r} version {VERSION}; {_fix(path)}")
+        header = json.loads(raw)
+    except ValueError as e:
+        raise _error(path, f"{path}: the header is not JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise _error(path, f"{path}: the header holds a {type(header).__name__}, not a JSON object")
+    return header
+
+
+def open_feature_file(path: str | Path) -> FeatureFileInfo:
+    """Parse and validate the header of the feature file at ``path``; raise FeatureFileError naming what is wrong."""
+    path = Path(path)
+    h = read_header(path)
+    size = path.stat().st_size
+    if h.get("format") != FORMAT or h.get("version") != VERSION:
+        raise _error(path, f"{path}: format {h.get('format')!r} version {h.get('version')!r}, this reader reads "
+                           f"{FORMAT!r} version {VERSION}")
+    try:
         info = FeatureFileInfo(path=path, dtype=np.dtype(h["dtype"]), shape=tuple(int(s) for s in h["shape"]),
                                row_bytes=int(h["row_bytes"]), data_offset=int(h["data_offset"]),
                                data_bytes=int(h["data_bytes"]), block_size=int(h["block_size"]),
                                num_blocks=int(h["num_blocks"]), checksum_offset=int(h["checksum_offset"]),
                                file_bytes=size, version=int(h["version"]), meta=dict(h.get("meta", {})))
     except (KeyError, TypeError, ValueError) as e:
-        raise FeatureFileError(f"{path}: the header is incomplete ({type(e).__name__}: {e}); {_fix(path)}") from None
+        raise _error(path, f"{path}: the header is incomplete ({type(e).__name__}: {e})") from None
     _check_layout(info, size)
     return info
 
@@ -132,18 +149,17 @@ def _check_layout(info: FeatureFileInfo, size: int) -> None:
     ]
     for ok, what in rules:
         if not ok:
-            raise FeatureFileError(f"{path}: the header is inconsistent ({what}); {_fix(path)}")
+            raise _error(path, f"{path}: the header is inconsistent ({what})")
     expected = info.checksum_offset + 4 * info.num_blocks
     if size < expected:
         where = (f"it ends inside data block {(size - info.data_offset) // b} of {info.num_blocks}"
                  if size < info.checksum_offset else "it ends inside the checksum table")
-        raise FeatureFileError(f"{path}: expected {expected} bytes ({info.data_bytes} data bytes in "
-                               f"{info.num_blocks} blocks of {b} + {4 * info.num_blocks} checksum bytes after the "
-                               f"{info.data_offset}-byte header), file holds {size}: the file is truncated "
-                               f"({where}); {_fix(path)}")
+        raise _error(path, f"{path}: expected {expected} bytes ({info.data_bytes} data bytes in {info.num_blocks} "
+                           f"blocks of {b} + {4 * info.num_blocks} checksum bytes after the {info.data_offset}-byte "
+                           f"header), file holds {size}: the file is truncated ({where})")
     if size > expected:
-        raise FeatureFileError(f"{path}: expected {expected} bytes, file holds {size} ({size - expected} extra): "
-                               f"something was appended to it; {_fix(path)}")
+        raise _error(path, f"{path}: expected {expected} bytes, file holds {size} ({size - expected} extra): "
+                           "something was appended to it")
 
 
 def read_checksums(info: FeatureFileInfo) -> np.ndarray:
@@ -152,8 +168,8 @@ def read_checksums(info: FeatureFileInfo) -> np.ndarray:
         f.seek(info.checksum_offset)
         raw = f.read(4 * info.num_blocks)
     if len(raw) != 4 * info.num_blocks:
-        raise FeatureFileError(f"{info.path}: the checksum table holds {len(raw)} bytes, expected "
-                               f"{4 * info.num_blocks}: the file is truncated; {_fix(info.path)}")
+        raise _error(info.path, f"{info.path}: the checksum table holds {len(raw)} bytes, expected "
+                                f"{4 * info.num_blocks}: the file is truncated")
     return np.frombuffer(raw, dtype="<u4").astype(np.uint32)
 
 

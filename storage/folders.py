@@ -7,7 +7,8 @@
 
 ``path`` must be absent, an empty folder, or a folder ``is_ours(path)`` accepts (a folder this code wrote);
 anything else (a user's folder, a file, a symbolic link) is refused with the reason and left untouched. The
-build runs under ``dataset_lock(path)``; leftovers of a crashed build are removed by the next one.
+build runs under ``dataset_lock(path)`` (whose lock file goes when it is released); leftovers of a crashed build
+are removed by the next one.
 """
 
 from __future__ import annotations
@@ -28,19 +29,83 @@ import numpy as np
 class ForeignFolderError(ValueError):
     """The target path holds something this code did not write: it is never replaced."""
 
+    user_error = True  # the path the user chose is unusable: the CLI prints the message and exits 2
+
+
+LOCK_MARK = b"plait build lock\n"  # what a lock file holds: a file of that name holding anything else is not ours
+
+
+def lock_file(path: str | Path) -> Path:
+    """The file ``dataset_lock(path)`` locks: ``<path>.lock`` beside ``path``."""
+    path = Path(path)
+    return path.with_name(f"{path.name}.lock")
+
+
+def is_lock_file(file: Path) -> bool:
+    """Whether ``file`` is a lock file of dataset_lock (empty, as earlier versions left them, or marked)."""
+    try:
+        if not file.is_file() or file.is_symlink():
+            return False
+        with open(file, "rb") as f:
+            return f.read(len(LOCK_MARK) + 1) in (b"", LOCK_MARK)
+    except OSError:
+        return False
+
 
 @contextlib.contextmanager
 def dataset_lock(path: str | Path) -> Iterator[None]:
-    """Hold the exclusive build lock of ``path`` (blocks until free; not re-entrant). The lock file is left
-    in place: removing it would let two builders lock two different files."""
+    """Hold the exclusive build lock of ``path``: an flock on ``<path>.lock`` (blocks until free; not re-entrant).
+
+    The holder removes the file as it lets go, so a finished build leaves nothing beside (or, for a folder built
+    inside another, nothing inside) that folder. A waiter that wakes on the removed file sees that the name now
+    points to another file or none and locks again: two builders never hold locks on two different files. A
+    builder killed while holding the lock leaves the file behind; the next builder takes it and removes it. A
+    file of that name that is not a lock file (is_lock_file) is locked but never removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(f"{path.name}.lock"), "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+    file = lock_file(path)
+    while True:
+        fd = _open_lock(file)
         try:
-            yield
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if _same_file(fd, file):
+                break
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)  # locked a file another holder had removed: try the one now at the name
+    try:
+        yield
+    finally:
+        try:
+            if is_lock_file(file):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(file)
         finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+            os.close(fd)  # releases the flock; waiters on the removed file will look again
+
+
+def _open_lock(file: Path) -> int:
+    """A descriptor of the lock file, created (and marked) when absent."""
+    while True:
+        try:
+            fd = os.open(file, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            try:
+                return os.open(file, os.O_RDONLY)
+            except FileNotFoundError:
+                continue  # its holder removed it in between: create it
+        os.write(fd, LOCK_MARK)
+        return fd
+
+
+def _same_file(fd: int, file: Path) -> bool:
+    try:
+        now = os.stat(file)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (now.st_ino, now.st_dev) == (held.st_ino, held.st_dev)
 
 
 def new_build_folder(path: Path) -> tuple[Path, str]:

@@ -14,8 +14,8 @@ Replacing: the new dataset is built in ``<path>.tmp-<pid>-<thread>`` beside the 
 renamed aside (``<path>.old-<pid>-<thread>``); the new one is renamed in and the old one removed. A reader
 sees a finished dataset or none, never a half-written one, and a RowShards opened earlier keeps reading
 the old files (it holds them open; POSIX keeps removed files readable). ``dataset_lock(path)`` (flock on
-``<path>.lock``, which stays) serialises builders of one path across processes and threads. Only an absent
-path, an empty folder or a dataset this module wrote, with nothing else in it, is ever replaced.
+``<path>.lock``, removed when released) serialises builders of one path across processes and threads. Only an
+absent path, an empty folder or a dataset this module wrote, with nothing else in it, is ever replaced.
 A row is a row: this module knows nothing of what the integers mean.
 """
 
@@ -44,9 +44,13 @@ _SHARD = re.compile(r"shard_\d{5}\.parquet")
 class CorruptDataError(RuntimeError):
     """A dataset file is missing, truncated or altered; the message names it and the fix."""
 
+    user_error = True  # the user's data, not Plait, is at fault: the CLI prints the message and exits 2
+
 
 class NotRowShardsError(ValueError):
     """A folder holds files this module did not write: it is never replaced or deleted."""
+
+    user_error = True
 
 
 def read_manifest(path: str | Path) -> dict | None:

@@ -123,8 +123,8 @@ class ZarrStore:
             c = None
         which = f"chunk {c} (rows {c * self.chunk_rows} to {(c + 1) * self.chunk_rows})" if c is not None else (
             f"chunks {chunks[:8].tolist()}")
-        raise FeatureFileError(f"{self.path}: reading {which} failed ({type(error).__name__}: {error}); rewrite "
-                               "it with write_zarr_features") from error
+        raise FeatureFileError(f"{self.path}: reading {which} failed ({type(error).__name__}: {error})",
+                               "rewrite it with write_zarr_features", self.path) from error
 
     def stats(self) -> dict[str, int]:
         return {"rows_read": self.rows_read, "bytes_read": self.bytes_read}

@@ -138,6 +138,17 @@ def test_flipped_byte_fails_naming_the_file_block_and_offset(tmp_path, mode):
     assert unchecked.tobytes() != array[[500]].tobytes()  # the damage is real: only the checksum caught it
 
 
+def test_mmap_checks_each_block_once_per_store_however_often_its_rows_are_read(tmp_path):
+    array = features(1000, 128)  # 512 B rows: 8 a block, 125 blocks
+    write_features(tmp_path / "f.feat", array)
+    with DiskStore(tmp_path / "f.feat", mode="mmap") as store:
+        first = store.read(np.arange(0, 1000, 3))
+        checked = store.stats()["blocks_verified"]
+        again = store.read(np.arange(0, 1000, 3))
+        assert checked == 125 and store.stats()["blocks_verified"] == checked  # a second epoch costs no checks
+        assert first.tobytes() == again.tobytes() == array[::3].tobytes()
+
+
 def test_damaged_zarr_chunk_fails_naming_the_array_and_chunk(tmp_path):
     array = features(1000, 100)
     store = open_store(tmp_path, array, "zarr")  # 64-row chunks: row 500 is in chunk 7

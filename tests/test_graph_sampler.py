@@ -66,7 +66,7 @@ def test_an_edge_id_out_of_range_is_named_by_row_and_value(tmp_path):
     pq.write_table(pa.table({"src": src, "dst": dst}), tmp_path / "edges.parquet")
     with pytest.raises(IndexError, match=r"edge row 7 has dst=50; node ids must be in \[0, 20\): fix the edge list"):
         graph_from_parquet(tmp_path / "edges.parquet", out=tmp_path / "g", num_nodes=20, batch_rows=3)
-    assert not (tmp_path / "g").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["edges.parquet", "g.lock"]
+    assert not (tmp_path / "g").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["edges.parquet"]
     with pytest.raises(ValueError, match=r"needs an integer column 'from'"):
         graph_from_parquet(tmp_path / "edges.parquet", out=tmp_path / "g", src="from")
 
@@ -81,7 +81,7 @@ def test_without_num_nodes_the_largest_id_on_either_end_counts(tmp_path):
 def test_graph_write_replaces_a_graph_atomically_and_never_a_foreign_folder(tmp_path):
     first = graph_from_edges(*random_edges(seed=1)).save(tmp_path / "g")
     second = graph_from_edges(*random_edges(seed=2)).save(tmp_path / "g")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["g", "g.lock"]  # no temp or old folder left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g"]  # no lock, temp or old folder left
     np.testing.assert_array_equal(CSCGraph.load(tmp_path / "g").indices, second.indices)
     assert not np.array_equal(first.indptr, second.indptr)
     mine = tmp_path / "mine"
@@ -199,7 +199,7 @@ def test_generated_features_labels_and_split_are_what_training_reads(dataset, tm
     assert (again.features.read_bytes() == dataset.features.read_bytes()
             and (again.graph / "indices.npy").read_bytes() == (dataset.graph / "indices.npy").read_bytes())
     assert generate_dataset(tmp_path / "again", num_nodes=500).meta["num_nodes"] == 500  # replaced whole
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["again", "again.lock"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["again"]
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "data.csv").write_text("1,2")
     with pytest.raises(NotAGraphError, match="never replaced or deleted"):

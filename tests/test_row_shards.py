@@ -34,7 +34,7 @@ def test_rewrite_replaces_whole_dataset_and_leaves_no_temp(tmp_path):
     write_row_shards(tmp_path / "ds", np.zeros((10, 3), dtype=np.int32))
     write_row_shards(tmp_path / "ds", np.ones((20, 3), dtype=np.int32))
     assert len(RowShards(tmp_path / "ds")) == 20
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds", "ds.lock"]  # the lock file stays, nothing else
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]  # no lock file, temp or old folder left
 
 
 def test_a_reader_opened_before_a_replace_keeps_reading_the_old_rows(tmp_path):
@@ -125,7 +125,7 @@ def test_two_threads_writing_one_dataset_leave_one_valid_dataset(tmp_path):
     shards = RowShards(tmp_path / "ds")
     shards.verify()
     np.testing.assert_array_equal(shards.read(np.arange(2000)), rows)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds", "ds.lock"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]
 
 
 def test_step_batches_are_a_function_of_step_and_split_over_dp(tmp_path):

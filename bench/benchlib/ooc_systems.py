@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import json
 import queue
 import sys
 import threading
@@ -56,7 +55,7 @@ def open_system(name: str, ds, pack: str, budget: float, fanouts: list[int], bat
                 ginex_policy: str = "sieve") -> System:
     """System ``name`` over dataset ``ds`` (``open_dataset``), with its budget's host cache filled or allocated
     and its working set (graph, batch index) in RAM."""
-    from plait.gnn.generate import load_features, load_split
+    from plait.gnn.dataset import load_split, read_features
     from plait.gnn.graph import CSCGraph
     from plait.gnn.online_loader import OnlineLoader
     from plait.gnn.packed_loader import PackedLoader
@@ -65,7 +64,7 @@ def open_system(name: str, ds, pack: str, budget: float, fanouts: list[int], bat
     from plait.storage.store import ArrayStore
 
     if name == "memory-presampled":
-        return System(PresampledInMemory(PackedLoader(pack, prefetch=0), np.array(load_features(ds.root))),
+        return System(PresampledInMemory(PackedLoader(pack, prefetch=0), read_features(ds.root)),
                       files=[ds.features])
     if name == "plait":
         loader = PackedLoader(pack, prefetch=2)
@@ -74,7 +73,7 @@ def open_system(name: str, ds, pack: str, budget: float, fanouts: list[int], bat
     g = ds.load_graph()
     graph = CSCGraph(np.array(g.indptr), np.array(g.indices))  # topology in RAM (working memory) for all
     cache_bytes = 0
-    if name in ("mmap", "mmap-random"):
+    if name in ("mmap", "mmap-random"):  # the baseline of np.memmap users: unchecked (the job's online-mmap checks)
         store = DiskStore(ds.features, mode="mmap", verify=False, advise="random" if name == "mmap-random" else None)
     elif name == "ginex":
         cap = int(budget * ds.meta["num_nodes"])
@@ -82,7 +81,7 @@ def open_system(name: str, ds, pack: str, budget: float, fanouts: list[int], bat
         cache_bytes = cap * store.store.row_bytes
         store.buffer.fill(0)  # touch the cache now: its pages are the budget, not working memory to measure
     elif name == "memory":
-        store = ArrayStore(np.array(load_features(ds.root)))
+        store = ArrayStore(read_features(ds.root))
     else:
         raise ValueError(f"unknown system {name!r}; choose one of {', '.join(SYSTEMS)}")
     loader = OnlineLoader(graph, store, load_split(ds.root).train, fanouts, batch_size, seed, prefetch=2)
@@ -135,12 +134,11 @@ class PresampledInMemory:
 
 
 def ensure_dataset(data: str, nodes: int, train_frac: float, seed: int) -> dict:
-    """The meta of the generated dataset at ``data``, generated first unless one of this recipe is there."""
-    from plait.gnn.generate import generate_dataset, is_dataset_folder, open_dataset
+    """The meta of the generated dataset at ``data``, generated first unless one of this recipe is there (a
+    folder generate_dataset did not write is refused, never replaced)."""
+    from plait.gnn.generate import generate_dataset, generated_recipe, generation_recipe, open_dataset
 
-    want = {"num_nodes": nodes, "seed": seed, "feat_dim": 128}
-    if is_dataset_folder(Path(data)) and all(open_dataset(data).meta.get(k) == v for k, v in want.items()) \
-            and open_dataset(data).meta["splits"]["train"] == round(train_frac * nodes):
+    if generated_recipe(data)[0] == generation_recipe(num_nodes=nodes, train_frac=train_frac, seed=seed):
         return open_dataset(data).meta
     t0 = time.perf_counter()
     ds = generate_dataset(data, num_nodes=nodes, train_frac=train_frac, seed=seed)
@@ -151,18 +149,12 @@ def ensure_dataset(data: str, nodes: int, train_frac: float, seed: int) -> dict:
 
 def ensure_packs(data: str, budget: float, fanouts: list[int], batch_size: int, seed: int) -> dict:
     """pack_info_dict of the packs of dataset ``data`` for a host cache of ``budget`` of its rows, in
-    ``<data>.packs/bNNNN``; prepared first unless packs of this recipe are there."""
+    ``<data>.packs/bNNNN``; prepared first unless packs made from the same inputs and settings are there."""
     from plait.gnn.generate import load_split, open_dataset
-    from plait.gnn.offline import is_pack_folder, load_pack_info, pack_info_dict, prepare_packed
+    from plait.gnn.offline import pack_info_dict, prepare_packed
 
     ds = open_dataset(data)
     out = Path(data + ".packs") / f"b{round(budget * 1000):04d}"
-    recipe = {"fanouts": list(fanouts), "batch_size": batch_size, "seed": seed,
-              "cache_rows": int(budget * ds.meta["num_nodes"]), "num_nodes": ds.meta["num_nodes"]}
-    if is_pack_folder(out):
-        meta = json.loads((out / "meta.json").read_text())
-        if all(meta.get(k) == v for k, v in recipe.items()):
-            return pack_info_dict(load_pack_info(out))
     info = prepare_packed(ds.load_graph(), ds.features, load_split(ds.root).train, fanouts, batch_size, seed,
-                          recipe["cache_rows"], out)
+                          int(budget * ds.meta["num_nodes"]), out, reuse=True)
     return pack_info_dict(info)
