@@ -87,7 +87,7 @@ def test_rebuild_replaces_a_plait_dataset_atomically_while_a_reader_keeps_its_co
     assert rebuilt.width == 65 and RowShards(path).meta["seq_len"] == 64
     assert reader.read(np.arange(len(reader))).shape == (len(reader), 129)  # opened before: still the old rows
     assert "data.rebuild=true: building a new dataset there" in capsys.readouterr().out
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["tok", "tok.lock"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tok"]
     again = ensure_token_dataset(synthetic(path, rebuild=True), path, seq_len=64, vocab_size=32)
     assert again.files == rebuilt.files and capsys.readouterr().out == ""  # same recipe, intact: reused
 
@@ -120,7 +120,7 @@ def test_two_builds_at_once_make_one_dataset_and_the_second_reuses_it(tmp_path, 
     assert len(results) == 2 and capsys.readouterr().out.count("building a new dataset") == 1
     everything = np.arange(len(results[0]))
     np.testing.assert_array_equal(results[0].read(everything), results[1].read(everything))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["tok", "tok.lock"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tok"]
 
 
 def test_a_corrupt_shard_is_found_on_the_driver_and_rebuild_repairs_it(tmp_path):

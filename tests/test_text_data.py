@@ -157,7 +157,7 @@ def test_a_failed_build_leaves_nothing_behind(corpus, tmp_path):
     cfg = TextDataConfig(files=[str(bad)], tokenizer=corpus["tokenizer"], seq_len=SEQ)
     with pytest.raises(ConfigError, match=r"bad\.jsonl:31 .*'text'"):
         ensure_text_dataset(cfg, tmp_path / "ds")
-    assert sorted(os.listdir(tmp_path)) == ["bad.jsonl", "ds.lock"]
+    assert sorted(os.listdir(tmp_path)) == ["bad.jsonl"]
 
 
 def test_end_of_text_token_comes_from_the_tokenizer_or_a_clear_error(corpus, tmp_path):
