@@ -40,9 +40,9 @@ from plait.gnn.offline import prepare_packed
 from plait.gnn.online_loader import OnlineLoader
 from plait.gnn.packed_loader import PackedLoader
 from plait.gnn.scoring import Scorer, param_digest
-from plait.runtime.checkpoint import Checkpointer, ModelOptimizer
+from plait.runtime.checkpoint import ModelOptimizer
 from plait.runtime.context import RankContext
-from plait.runtime.metrics import MetricsLogger
+from plait.runtime.trainer import LoopConfig, TrainLoop
 from plait.storage.cache import CachedStore
 from plait.storage.disk_reader import DiskStore
 from plait.storage.store import ArrayStore
@@ -51,7 +51,7 @@ LOADERS = ("packed", "online-mmap", "online-ginex", "memory")
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(LoopConfig):
     model: str = "sage"  # sage | gat
     hidden: int = 128
     heads: int = 4  # gat only
@@ -66,11 +66,10 @@ class TrainConfig:
     prefetch: int = 2  # batches read ahead on a background thread
     seed: int = 0
     eval_nodes: int = 4096  # validation (and test) nodes scored after each epoch; 0 = all
-    checkpoint_every: int = 1  # epochs between checkpoints; 0 = only at the end
-    keep_last: int = 2
-    resume: str = ""  # "" fresh, "latest", or a checkpoint folder
+    checkpoint_every: int = 1  # epochs between checkpoints; 0 = only at the end (keep_last, resume: LoopConfig's)
 
     def check(self) -> None:
+        self.check_loop()
         if self.model not in MODELS:
             raise ValueError(f"train.model={self.model!r}: choose one of {', '.join(MODELS)}")
         if self.loader not in LOADERS:
@@ -176,55 +175,49 @@ def _train(ctx: RankContext, cfg: Config) -> dict:
                         t.dropout).to(ctx.device)
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     opt = torch.optim.Adam(ddp.parameters(), lr=t.lr, weight_decay=t.weight_decay)
-    ckpt = Checkpointer(ctx.run_dir / "checkpoints", keep_last=t.keep_last, run_id=ctx.run_id)
-    state = ModelOptimizer([ddp], [opt])
-    start = 0
-    if ctx.resume_from is not None:
-        start = int(ckpt.load(ctx.resume_from, state)["epoch"])
-        ctx.log(f"resumed from {ctx.resume_from} (epoch {start})")
     loader = make_loader(cfg, ctx, ds, split.train)
     per_epoch = loader.num_batches()
+    # The one training loop (runtime/trainer.py), an epoch of batches a boundary: checkpoints (and a stop request)
+    # land at epoch ends, and a resume starts an epoch (its batches depend on the ranks, so the epoch is stored).
+    loop = TrainLoop(ctx, t, total=t.epochs * per_epoch, state=ModelOptimizer([ddp], [opt]), boundary=per_epoch,
+                     meta=lambda done: {"epoch": done // per_epoch, "loader": t.loader},
+                     resume_step=lambda saved: int(saved["epoch"]) * per_epoch, schedule_follows_total=False)
     scorer = Scorer(ds, t, ctx)
-    metrics = MetricsLogger(ctx.run_dir, enabled=ctx.is_main, total_steps=t.epochs * per_epoch,
-                            start_step=start * per_epoch, device=ctx.device)
-    losses, val_acc, epoch_s = [], [], []
-    ctx.step_done(start * per_epoch)  # the watchdog's rhythm starts here (runtime/watchdog.py)
+    val_acc, epoch_s, batches = [], [], None
     try:
-        for epoch in range(start, t.epochs):
-            ddp.train()
-            t_epoch = time.perf_counter()
-            before = prev = loader.stats()
-            for i, (mb, x) in enumerate(loader.epoch(epoch)):
-                t0 = time.perf_counter()
-                opt.zero_grad(set_to_none=True)
-                out = ddp(x.to(ctx.device, non_blocking=True), mb.blocks)
-                loss = F.cross_entropy(out, labels[mb.seeds].to(ctx.device))
-                loss.backward()
-                opt.step()
-                losses.append(loss.item())
-                now = loader.stats()
-                scalars = {"loss": losses[-1], "epoch": epoch, "compute_s": time.perf_counter() - t0,
-                           **step_stats(prev, now)}
-                prev = now
-                if i + 1 < per_epoch:
-                    metrics.log(epoch * per_epoch + i + 1, **scalars)
-                ctx.step_done(epoch * per_epoch + i + 1)
-            epoch_s.append(time.perf_counter() - t_epoch)
-            val_acc.append(scorer.accuracy(model, split.val, epoch))
-            metrics.log((epoch + 1) * per_epoch, **scalars, val_acc=val_acc[-1], epoch_s=epoch_s[-1])
-            ctx.log(f"epoch {epoch + 1}/{t.epochs}: loss {np.mean(losses[-per_epoch:]):.4f} val_acc "
-                    f"{val_acc[-1]:.4f} ({epoch_s[-1]:.1f} s; {describe(before, loader.stats())})")
-            every = t.checkpoint_every
-            if (every and (epoch + 1) % every == 0) or epoch + 1 == t.epochs:
-                ckpt.save((epoch + 1) * per_epoch, state, meta={"epoch": epoch + 1, "loader": t.loader})
+        for step in loop:
+            epoch, i = divmod(step, per_epoch)
+            if i == 0 or batches is None:
+                ddp.train()
+                t_epoch, batches = time.perf_counter(), iter(loader.epoch(epoch))
+                before = prev = loader.stats()
+            mb, x = next(batches)
+            t0 = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            out = ddp(x.to(ctx.device, non_blocking=True), mb.blocks)
+            loss = F.cross_entropy(out, labels[mb.seeds].to(ctx.device))
+            loss.backward()
+            opt.step()
+            now = loader.stats()
+            scalars = {"loss": loss.item(), "epoch": epoch, "compute_s": time.perf_counter() - t0,
+                       **step_stats(prev, now)}
+            prev = now
+            if i + 1 == per_epoch:  # the epoch's end: score it
+                epoch_s.append(time.perf_counter() - t_epoch)
+                val_acc.append(scorer.accuracy(model, split.val, epoch))
+                scalars.update(val_acc=val_acc[-1], epoch_s=epoch_s[-1])
+                mean = np.mean(loop.losses[len(loop.losses) - i:] + [scalars["loss"]])
+                ctx.log(f"epoch {epoch + 1}/{t.epochs}: loss {mean:.4f} val_acc {val_acc[-1]:.4f} "
+                        f"({epoch_s[-1]:.1f} s; {describe(before, loader.stats())})")
+            loop.step_done(**scalars)
+        result = loop.finish()
         test_acc = scorer.accuracy(model, split.test, t.epochs)
         totals = loader.stats()
     finally:
         loader.close()
-        metrics.close()
-    return {"rank": ctx.rank, "start_epoch": start, "losses": losses, "val_acc": val_acc, "test_acc": test_acc,
-            "epoch_s": epoch_s, "loader_stats": totals, "param_digest": param_digest(model),
-            "checkpoint": str(ckpt.latest())}
+    return {"rank": ctx.rank, "start_epoch": result.start_step // per_epoch if per_epoch else 0, **result.as_dict(),
+            "val_acc": val_acc, "test_acc": test_acc, "epoch_s": epoch_s, "loader_stats": totals,
+            "param_digest": param_digest(model)}
 
 
 def step_stats(prev: dict, now: dict) -> dict:
@@ -254,7 +247,7 @@ def summarize(cfg: Config, run_dir: Path, results: list[dict]) -> dict:
            "epoch_s": [round(s, 2) for s in main["epoch_s"]],
            "bytes_read": int(sum(r["loader_stats"].get("bytes_read", 0) for r in results)),
            "param_digests": [r["param_digest"] for r in results], "checkpoint": main["checkpoint"],
-           "metrics": str(run_dir / "metrics.jsonl")}
+           "stopped": main["stopped"], "metrics": str(run_dir / "metrics.jsonl")}
     if (run_dir / "metrics.jsonl").is_file():
         out["plot"] = str(plot_run(run_dir))
     return out

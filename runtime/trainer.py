@@ -21,7 +21,9 @@ What the loop owns, so that no job restates it:
     loop commits a checkpoint (unless it just did) and ends; ``LoopResult.stopped`` says so.
   * fault injection for tests (runtime/faults.py: ``PLAIT_FAULTS``), after each step and at the start.
 
-``LoopConfig`` holds the fields a job's ``[train]`` table shares: a job's TrainConfig subclasses it.
+``LoopConfig`` holds the fields a job's ``[train]`` table shares: a job's TrainConfig subclasses it. A job whose
+position is not the step alone (a GNN epoch's batches depend on the number of ranks) passes ``resume_step(meta)``;
+one without a schedule over the total (constant learning rate) passes ``schedule_follows_total=False``.
 """
 
 from __future__ import annotations
@@ -86,11 +88,14 @@ class TrainLoop:
 
     def __init__(self, ctx: RankContext, cfg: LoopConfig, *, total: int, state: Any,
                  meta: Callable[[int], dict] | None = None, boundary: int = 1, metrics: bool = True,
-                 desc: str = "train"):
+                 desc: str = "train", resume_step: Callable[[dict], int] | None = None,
+                 schedule_follows_total: bool = True):
         if total < 0 or boundary < 1:
             raise ValueError(f"TrainLoop(total={total}, boundary={boundary}): total >= 0 and boundary >= 1")
         self.ctx, self.cfg, self.total, self.state, self.boundary = ctx, cfg, total, state, boundary
         self._meta = meta or (lambda done: {})
+        self._resume_step = resume_step or (lambda saved: int(saved.get("step", 0)))
+        self._check_total = schedule_follows_total
         self.ckpt = Checkpointer(ctx.run_dir / "checkpoints", keep_last=cfg.keep_last, run_id=ctx.run_id)
         self.faults = active_faults()
         self.resumed: dict = {}
@@ -107,8 +112,9 @@ class TrainLoop:
         if self.ctx.resume_from is None:
             return 0
         self.resumed = self.ckpt.load(self.ctx.resume_from, self.state) or {}
-        start = int(self.resumed.get("step", 0))
-        note = check_reschedule(self.resumed.get("total_steps"), self.total, self.cfg.reschedule)
+        start = self._resume_step(self.resumed)
+        saved_total = self.resumed.get("total_steps") if self._check_total else None
+        note = check_reschedule(saved_total, self.total, self.cfg.reschedule)
         if note:
             self.ctx.log(note)
         if start > self.total:
