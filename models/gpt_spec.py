@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 
 import torch
+import torch.nn.functional as F
 from plait.models.gpt import GPT, Attention, GPTConfig, rope_tables
 from plait.models.hf.weights import WeightRef, load_hf_folder
 from plait.models.spec import AttentionHooks, ModelSpec, register
@@ -182,6 +183,39 @@ def cache_forward(model: nn.Module, tokens: torch.Tensor, cache, start: int) -> 
     return model(tokens, start_pos=start, cache=cache)
 
 
+class KeyPaddingCore:
+    """An attention core that is causal SDPA and also hides padded keys (``key_valid`` (B, kv_len)); a query may
+    always see itself, so a padded query gets a finite, unused output instead of NaN. One mask per forward, shared
+    by the layers."""
+
+    def __init__(self, key_valid: torch.Tensor):
+        self.key_valid, self.mask = key_valid, None
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **_kw) -> torch.Tensor:
+        n, kv_len = q.shape[-2], k.shape[-2]
+        if self.mask is None or self.mask.shape[-2:] != (n, kv_len):
+            query_pos = torch.arange(kv_len - n, kv_len, device=q.device)[:, None]
+            key_pos = torch.arange(kv_len, device=q.device)[None, :]
+            valid = self.key_valid[:, :kv_len].to(q.device)
+            allowed = (key_pos <= query_pos) & (valid[:, None, :] | (key_pos == query_pos))  # (B, n, kv_len)
+            self.mask = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill_(
+                ~allowed, float("-inf"))[:, None]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, enable_gqa=q.shape[1] != k.shape[1])
+
+
+def padded_forward(model: nn.Module, tokens: torch.Tensor, positions: torch.Tensor, cache,
+                   key_valid: torch.Tensor) -> torch.Tensor:
+    """Left-padded rows through a cache: the GPT's attention has no padding mask, so for this call every
+    Attention's core hides the padded keys (rows without padding keep the GPT's own attention)."""
+    if bool(key_valid.all()):
+        return model(tokens, positions=positions, cache=cache)
+    set_attention_core(model, KeyPaddingCore(key_valid))
+    try:
+        return model(tokens, positions=positions, cache=cache)
+    finally:
+        set_attention_core(model, None)
+
+
 def gpt_shape(cfg: GPTConfig) -> DecoderShape:
     return cfg.decoder_shape()
 
@@ -193,6 +227,7 @@ SPEC = register(ModelSpec(
     load_weights=lambda model, folder: load_hf_folder(model, folder, SPEC),
     weight_names=gpt_weight_names, export_config=llama_config, reset_buffers=reset_gpt_buffers,
     init_value=lambda model, name, shape, gen: _gpt(model).init_value(name, shape, gen),
-    attention=AttentionHooks(set_core=set_attention_core, positions_kwarg="positions", cache_forward=cache_forward),
+    attention=AttentionHooks(set_core=set_attention_core, positions_kwarg="positions", cache_forward=cache_forward,
+                             padded_forward=padded_forward),
     kv_projections=("attention.wk", "attention.wv"), lora_targets=("wq", "wk", "wv", "wo"),
 ))

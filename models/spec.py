@@ -63,6 +63,9 @@ class AttentionHooks:
     # (model, tokens, cache, start) -> logits: tokens at positions start.. through a Plait cache
     # (update(k, v, layer_idx) -> keys/values to attend to; get_seq_length())
     cache_forward: Callable[[nn.Module, torch.Tensor, Any, int], torch.Tensor]
+    # (model, tokens (B, n), positions (B, n), cache, key_valid (B, kv_len) bool) -> logits (B, n, V): a batch of
+    # left-padded rows through a cache, padded keys hidden (KV-cache generation of prompts of different lengths)
+    padded_forward: Callable[[nn.Module, torch.Tensor, torch.Tensor, Any, torch.Tensor], torch.Tensor] | None = None
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Sampling from Plait's GPT with a KV cache, and the trainer-side log-probs that match it.
+"""Sampling from a policy of any registered family with a KV cache, and the trainer-side log-probs that match it.
 
     batch = left_pad([tok.encode(t.prompt, bos=True) for t in tasks], tok.pad_id)
     out = generate(model, batch.tokens, 16, temperature=1.0, top_p=1.0, stop_token=tok.eos_id,
@@ -7,12 +7,11 @@
     logp = sequence_logprobs(model, seqs.tokens, seqs.mask, temperature=1.0)  # == seqs.behaviour_logprobs
 
 Generation prefills the cache with the whole (left-padded) prompt batch once, then feeds one token per
-step through the same ``KVCache`` (the GPT's attention API: ``positions`` per row, keys/values appended).
-Left padding is exact: each row's real tokens sit at RoPE positions 0, 1, ... and no query attends to a
-padded key. The GPT's attention has no padding-mask argument, so while ``generate`` runs, each layer's
-``attention.attend`` (the per-module core the GPT lets a caller replace) is set to a masked SDPA, and put
-back afterwards; a batch without padding keeps the GPT's own attention. Rows that have emitted
-``stop_token`` keep being fed ``pad_id`` (masked in the result) until every row stops or the budget ends.
+step through the same ``KVCache`` (Plait's cache protocol), by the family's ``spec.attention.padded_forward``
+(plait.models): per-row positions and a mask of the real keys so far. Left padding is exact: each row's real
+tokens sit at RoPE positions 0, 1, ... and no query attends to a padded key (Plait's GPT replaces its attention
+core with a masked SDPA for the call; a HF decoder takes the mask as its ``attention_mask``). Rows that have
+emitted a stop token keep being fed ``pad_id`` (masked in the result) until every row stops or the budget ends.
 
 Behaviour log-probs: ``log_softmax(logits / temperature)`` at the sampled token, over the FULL vocabulary:
 top-p renormalisation is NOT included (the nucleus changes the sampler, not the reported density), so
@@ -63,13 +62,17 @@ class Sequences:
 def generate(model: nn.Module, prompt_tokens: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
              top_p: float = 1.0, stop_token: int | None = None, generator: torch.Generator | None = None,
              pad_id: int = 0, weight_version: int = 0, prompt_mask: torch.Tensor | None = None,
-             should_interrupt: Callable[[], bool] | None = None) -> Rollout:
+             should_interrupt: Callable[[], bool] | None = None, spec=None, top_k: int = 0,
+             stop_tokens: tuple[int, ...] = ()) -> Rollout:
     """Sample up to ``max_new_tokens`` per row after left-padded ``prompt_tokens`` (B, P).
 
     ``prompt_mask`` (B, P) bool marks real prompt tokens (default: everything after a row's leading
     ``pad_id`` run). ``temperature=0`` is greedy. ``generator`` must live on the prompts' device (None: the
     global RNG). ``should_interrupt`` is polled between steps (e.g. "a newer weight version is out"); when it
-    returns True the rollout so far is returned with ``interrupted=True`` (unfinished rows: finished False)."""
+    returns True the rollout so far is returned with ``interrupted=True`` (unfinished rows: finished False).
+    ``spec``: the model's family (plait.models; default: found from the model), whose attention hooks run the
+    padded batch through the cache. ``stop_tokens``: more ids that end a row (as ``stop_token`` does);
+    ``top_k`` > 0 samples among the k most probable tokens only."""
     if prompt_tokens.ndim != 2 or prompt_tokens.shape[1] == 0:
         raise ValueError(f"prompt_tokens has shape {tuple(prompt_tokens.shape)}: give (batch, prompt_len >= 1)")
     if max_new_tokens < 1:
@@ -79,33 +82,36 @@ def generate(model: nn.Module, prompt_tokens: torch.Tensor, max_new_tokens: int,
     device = prompt_tokens.device
     valid = _prompt_mask(prompt_tokens, pad_id, prompt_mask)
     batch, width = prompt_tokens.shape
-    limit = getattr(getattr(model, "cfg", None), "max_seq_len", None)
+    forward = _padded_forward(model, spec)
+    stops = torch.tensor([t for t in (stop_token, *stop_tokens) if t is not None], dtype=torch.long, device=device)
+    limit = getattr(getattr(model, "cfg", None), "max_seq_len", None) or \
+        getattr(getattr(model, "config", None), "max_position_embeddings", None)
     if limit is not None and width + max_new_tokens > limit:
         raise ValueError(f"prompt width {width} + max_new_tokens {max_new_tokens} exceeds model.max_seq_len={limit}: "
                          "shorten either or build the model with a larger max_seq_len")
     prompt_len = valid.sum(1)
     cache = KVCache()
-    padded = not bool(valid.all())
     tokens, logprobs, masks = [], [], []
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     interrupted = False
-    with _key_padding(model, valid, padded):
-        logits = model(prompt_tokens, positions=(valid.cumsum(1) - 1).clamp(min=0), cache=cache)[:, -1]
-        for step in range(max_new_tokens):
-            token, logp = sample_next(logits, temperature, top_p, generator)
-            live = ~done
-            token = torch.where(live, token, torch.full_like(token, pad_id))
-            tokens.append(token)
-            logprobs.append(torch.where(live, logp, torch.zeros_like(logp)))
-            masks.append(live)
-            if stop_token is not None:
-                done = done | (live & (token == stop_token))
-            if step == max_new_tokens - 1 or bool(done.all()):
-                break
-            if should_interrupt is not None and should_interrupt():
-                interrupted = True
-                break
-            logits = model(token[:, None], positions=(prompt_len + step)[:, None], cache=cache)[:, -1]
+    keys = valid
+    logits = forward(model, prompt_tokens, (valid.cumsum(1) - 1).clamp(min=0), cache, keys)[:, -1]
+    for step in range(max_new_tokens):
+        token, logp = sample_next(logits, temperature, top_p, generator, top_k)
+        live = ~done
+        token = torch.where(live, token, torch.full_like(token, pad_id))
+        tokens.append(token)
+        logprobs.append(torch.where(live, logp, torch.zeros_like(logp)))
+        masks.append(live)
+        if len(stops):
+            done = done | (live & torch.isin(token, stops))
+        if step == max_new_tokens - 1 or bool(done.all()):
+            break
+        if should_interrupt is not None and should_interrupt():
+            interrupted = True
+            break
+        keys = torch.cat([keys, keys.new_ones(batch, 1)], 1)  # generated keys are real
+        logits = forward(model, token[:, None], (prompt_len + step)[:, None], cache, keys)[:, -1]
     mask = torch.stack(masks, 1)
     return Rollout(tokens=torch.stack(tokens, 1), logprobs=torch.stack(logprobs, 1), mask=mask,
                    lengths=mask.sum(1), finished=done, weight_version=weight_version,
@@ -113,14 +119,17 @@ def generate(model: nn.Module, prompt_tokens: torch.Tensor, max_new_tokens: int,
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float = 1.0,
-                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                generator: torch.Generator | None = None, top_k: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, V) logits -> (token (B,) long, its behaviour log-prob (B,)). One uniform per row from ``generator``
-    (none when greedy); top-p keeps the smallest most-probable set whose mass reaches ``top_p``."""
+    (none when greedy); top-k keeps the k most probable tokens, top-p the smallest most-probable set whose mass
+    reaches ``top_p``."""
     if temperature == 0:
         token = logits.argmax(-1)
         return token, token_logprobs(logits, token, 1.0)
     probs = torch.softmax(_upcast(logits) / temperature, dim=-1)
     sorted_probs, order = probs.sort(-1, descending=True)
+    if 0 < top_k < sorted_probs.shape[-1]:
+        sorted_probs[:, top_k:] = 0.0
     if top_p < 1.0:
         before = sorted_probs.cumsum(-1) - sorted_probs  # the mass of the more probable tokens
         sorted_probs = sorted_probs.masked_fill(before >= top_p, 0.0)  # the most probable always stays
@@ -161,7 +170,8 @@ def sequence_logprobs(model: nn.Module, tokens: torch.Tensor, mask: torch.Tensor
         raise ValueError(f"tokens {tuple(tokens.shape)} and mask {tuple(mask.shape)} must both be (batch, seq)")
     if bool(mask[:, 0].any()):
         raise ValueError("mask is True at position 0, which no token predicts: sequences must start with a prompt")
-    logp = token_logprobs(model(tokens[:, :-1]), tokens[:, 1:], temperature)
+    out = model(tokens[:, :-1])
+    logp = token_logprobs(getattr(out, "logits", out), tokens[:, 1:], temperature)
     return F.pad(logp, (1, 0)) * mask
 
 
@@ -186,42 +196,13 @@ def _prompt_mask(prompt_tokens: torch.Tensor, pad_id: int, prompt_mask: torch.Te
     return valid
 
 
-class _key_padding:  # noqa: N801 - a context manager used like a function
-    """While active, every layer's ``attention.attend`` is a causal SDPA that also hides padded prompt keys
-    (a query may always see itself, so padded queries get a finite, unused output instead of NaN)."""
+def _padded_forward(model: nn.Module, spec):
+    """The family's forward of a left-padded batch through a cache (plait.models' attention hooks)."""
+    if spec is None:
+        from plait.models.registry import spec_for_model
 
-    def __init__(self, model: nn.Module, valid: torch.Tensor, active: bool):
-        self.valid, self.saved, self.mask = valid, [], None  # mask: (n, kv_len, tensor) of the last shape
-        layers = getattr(model, "layers", None)
-        if active and layers is None:
-            raise ValueError(f"{type(model).__name__} has no .layers: left-padded generation needs Plait's GPT "
-                             "(or give prompts of equal length)")
-        self.modules = [block.attention for block in layers.values()] if active else []
-
-    def __enter__(self):
-        for module in self.modules:
-            self.saved.append(module.__dict__.get("attend"))
-            module.attend = self.attend
-        return self
-
-    def __exit__(self, *exc):
-        for module, previous in zip(self.modules, self.saved, strict=True):
-            if previous is None:
-                del module.attend
-            else:
-                module.attend = previous
-        return False
-
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        n, kv_len = q.shape[-2], k.shape[-2]
-        if self.mask is None or self.mask[:2] != (n, kv_len):  # built once per forward, shared by the layers
-            self.mask = (n, kv_len, self._build_mask(n, kv_len, q.dtype, q.device))
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask[2], enable_gqa=q.shape[1] != k.shape[1])
-
-    def _build_mask(self, n: int, kv_len: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        batch, width = self.valid.shape
-        key_ok = torch.cat([self.valid, self.valid.new_ones(batch, kv_len - width)], 1)  # generated keys are real
-        query_pos = torch.arange(kv_len - n, kv_len, device=device)[:, None]
-        key_pos = torch.arange(kv_len, device=device)[None, :]
-        allowed = (key_pos <= query_pos) & (key_ok[:, None, :] | (key_pos == query_pos))  # (B, n, kv_len)
-        return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, float("-inf"))[:, None]
+        spec = spec_for_model(model)
+    forward = getattr(spec.attention, "padded_forward", None) if spec.attention is not None else None
+    if forward is None:
+        raise ValueError(f"model family {spec.name!r} declares no padded KV-cache forward: it cannot generate here")
+    return forward

@@ -34,7 +34,6 @@ class RLConfig:
     batch_prompts: int = 8  # prompt groups per training step
     capacity: int = 0  # prompts outstanding at most; 0 = (eta + 1) * batch_prompts
     max_generator_restarts: int = 3  # replacements per generator slot
-    kill_generator_at: int = 0  # fault injection: SIGKILL a busy generator at this version (first attempt)
     wait_timeout_s: float = 600.0  # no generation or step finished for this long: stop and name what hangs
     weight_sync: str = "object_store"  # object_store | broadcast (plait.rl.weight_broadcast)
     weight_sync_host: str = "127.0.0.1"  # where trainer rank 0 hosts the broadcast group's store; "node": its IP

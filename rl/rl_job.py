@@ -48,6 +48,7 @@ from plait.rl.trainer import Trainer, collate
 from plait.rl.weight_broadcast import sync_round
 from plait.rl.weights import WeightStore
 from plait.runtime.actor_pool import ActorLost
+from plait.runtime.faults import active_faults, inject
 from plait.runtime.metrics import MetricsLogger
 
 
@@ -106,6 +107,7 @@ def control(job, cfg: Config) -> dict:
     trained_tasks: list[int] = []  # task ids trained by this attempt, in order
     gen_compute, train_compute = 0.0, 0.0
     broadcast = rl.weight_sync == "broadcast"
+    faults = active_faults()  # tests: PLAIT_FAULTS="kill@version=N,attempt=0" kills a busy generator at version N
     held = [-1] * rl.generators  # broadcast: the version each generator slot holds
     sync = {"round": 0, "epoch": 0, "failed": 0}
 
@@ -179,7 +181,7 @@ def control(job, cfg: Config) -> dict:
             queue.issued(work.uid, work.prompts)
             pool.submit(i, "generate", work, store.latest, tag=work)
             since[i] = time.monotonic()
-        if rl.kill_generator_at and version >= rl.kill_generator_at and not killed and job.attempt == 0:
+        if not killed and inject("version", version, faults=faults, attempt=job.attempt):  # PLAIT_FAULTS="kill@..."
             victim = next((c.index for c in pool.in_flight()), None)
             if victim is not None:
                 os.kill(pool.pids[victim], signal.SIGKILL)  # a real kill of its process, mid-generation

@@ -36,7 +36,6 @@ so with 0 the policy learns the format only and starts at chance (digit_sum: abo
 
 from __future__ import annotations
 
-import os
 import random
 import string
 import time
@@ -55,6 +54,7 @@ from plait.rl.tokenizer import CharTokenizer
 from plait.rl.trust_region import StepGuard
 from plait.rl.weights import Published, publish
 from plait.runtime.checkpoint import Checkpointer, ModelOptimizer
+from plait.runtime.faults import inject
 
 
 @dataclass
@@ -73,11 +73,9 @@ class TrainConfig:
     warm_start_batch: int = 32
     warm_start_lr: float = 3e-3
     warm_start_correct_share: float = 0.0  # 0: format only (chance level); 1: correct answers
-    step_delay_s: float = 0.0  # test knob: a slow trainer (sleeps after each step)
     max_step_kl: float = 0.05  # > 0: a step moving the policy further (KL per token) is backtracked (trust_region)
     max_backtracks: int = 5  # halvings of the step before it is undone
     time_budget_s: float = 0.0  # > 0: stop after this much wall time (benchmarks), whatever steps says
-    pid_file: str = ""  # test knob: rank 0 writes "<attempt> <pid>" to run_dir/<pid_file> (a kill from outside)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4, warmup_steps=0, weight_decay=0.0))
 
     def check(self) -> None:
@@ -169,8 +167,7 @@ class Trainer:
             host = ctx.node_ip if cfg.rl.weight_sync_host == "node" else cfg.rl.weight_sync_host
             self.server = WeightServer(host, torch.device("cpu"), cfg.rl.weight_sync_timeout_s,  # CPU generators
                                        cfg.rl.weight_sync_bucket_mb)
-        if train.pid_file and ctx.is_main:
-            _write_atomic(ctx.run_dir / train.pid_file, f"{ctx.attempt} {os.getpid()}\n")
+        inject("start", 0, run_dir=ctx.run_dir, rank=ctx.rank, attempt=ctx.attempt)  # tests: PLAIT_FAULTS
         if ctx.resume_from is not None:
             self.meta = self.ckpt.load(ctx.resume_from, self.state) or {}
             self.version = int(self.meta["version"])
@@ -247,8 +244,7 @@ class Trainer:
         self.version += 1
         stats = {k: float(v) for k, v in self.loss.stats.items()}
         stats["updated"], stats["step_kl"] = step_scale, step_kl
-        if train.step_delay_s:
-            time.sleep(train.step_delay_s)
+        inject("step", self.version, run_dir=self.ctx.run_dir, rank=self.ctx.rank, attempt=self.ctx.attempt)
         compute_s = time.perf_counter() - t0
         published = self._publish()
         self.ctx.step_done(self.version)  # the watchdog's step rhythm (runtime/watchdog.py)
@@ -261,12 +257,3 @@ class Trainer:
         """A committed checkpoint of the current version (collective); ``meta``: the controller's position."""
         path = self.ckpt.save(self.version, self.state, meta={**meta, "version": self.version})
         return str(path)
-
-
-def _write_atomic(path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

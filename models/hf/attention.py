@@ -93,6 +93,15 @@ def cache_forward(model: nn.Module, tokens: torch.Tensor, cache, start: int, **k
                  **kwargs).logits
 
 
+def padded_forward(model: nn.Module, tokens: torch.Tensor, positions: torch.Tensor, cache, key_valid: torch.Tensor
+                   ) -> torch.Tensor:
+    """Logits of left-padded rows through ``cache``: HF's own padding mask (``attention_mask`` over every key so
+    far) and per-row ``position_ids``."""
+    num_layers = _text_config(model).num_hidden_layers
+    return model(input_ids=tokens, attention_mask=key_valid.long(), position_ids=positions,
+                 past_key_values=hf_cache(cache, num_layers), use_cache=True).logits
+
+
 def _text_config(model: nn.Module):
     """The decoder config of a HF model, under DDP's ``.module`` if need be."""
     for _ in range(4):

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from plait.models.hf.attention import cache_forward, set_core
+from plait.models.hf.attention import cache_forward, padded_forward, set_core
 from plait.models.hf.stages import cut_hf_stage, reset_rotary_buffers
 from plait.models.hf.weights import load_hf_folder, same_names
 from plait.models.spec import AttentionHooks, ModelSpec
@@ -33,7 +33,8 @@ from plait.parallel.names import clean_fqn
 from plait.parallel.shape import DecoderShape
 from torch import nn
 
-HF_ATTENTION = AttentionHooks(set_core=set_core, positions_kwarg="position_ids", cache_forward=cache_forward)
+HF_ATTENTION = AttentionHooks(set_core=set_core, positions_kwarg="position_ids", cache_forward=cache_forward,
+                              padded_forward=padded_forward)
 
 
 def read_config(folder: str | Path, attn_implementation: str | None = None):
