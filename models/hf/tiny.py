@@ -79,6 +79,19 @@ def train_tokenizer(vocab_size: int = 512, max_docs: int = 600):
     return tok
 
 
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}assistant: {% endif %}")
+
+
+def hf_tokenizer(tok):
+    """A transformers fast tokenizer over ``tok`` with ``<s>`` / ``</s>`` as bos / eos (and pad) and a small chat
+    template, so ``AutoTokenizer.from_pretrained`` on the folder knows them, as on a real model's folder."""
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="</s>",
+                                   chat_template=CHAT_TEMPLATE)
+
+
 def tiny_llama_config(vocab_size: int = 512, hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2,
                       max_positions: int = 256):
     from transformers import LlamaConfig
@@ -91,7 +104,8 @@ def tiny_llama_config(vocab_size: int = 512, hidden: int = 64, layers: int = 2, 
 
 def make_tiny_llama(folder: str | Path, vocab_size: int = 512, hidden: int = 64, layers: int = 2, heads: int = 4,
                     kv_heads: int = 2, seed: int = 0) -> Path:
-    """Save a random ``LlamaForCausalLM`` (float32, safetensors) and its tokenizer.json at ``folder``.
+    """Save a random ``LlamaForCausalLM`` (float32, safetensors) and its tokenizer (tokenizer.json,
+    tokenizer_config.json with bos/eos and a chat template) at ``folder``.
     An existing folder is kept as it is (made here or not); returns ``folder``."""
     import torch
     from plait.storage.folders import write_folder
@@ -106,7 +120,7 @@ def make_tiny_llama(folder: str | Path, vocab_size: int = 512, hidden: int = 64,
         cfg = tiny_llama_config(tok.get_vocab_size(), hidden, layers, heads, kv_heads)
         torch.manual_seed(seed)
         LlamaForCausalLM(cfg).save_pretrained(tmp)
-        tok.save(str(tmp / "tokenizer.json"))
+        hf_tokenizer(tok).save_pretrained(tmp)  # tokenizer.json, tokenizer_config.json (specials, chat template)
         (tmp / MARKER).write_text(json.dumps({"written_by": "plait.models.hf.tiny.make_tiny_llama", "seed": seed}))
 
     write_folder(folder, build, lambda p: (Path(p) / MARKER).is_file(), "tiny Llama")

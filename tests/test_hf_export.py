@@ -1,0 +1,70 @@
+"""A model you can use after training: an export is a complete Hugging Face folder, and a model folder that
+cannot be loaded is refused on the driver before anything starts."""
+
+import json
+import stat
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from plait.models.hf.tiny import make_tiny_llama
+
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny") / "llama")
+
+
+def test_an_export_loads_with_its_tokenizer_and_generates_like_the_source(tiny, tmp_path):
+    from plait.models import spec_for_config
+    from plait.models.hf.export import export_hf_folder
+    from plait.models.hf.family import read_config
+    from plait.models.hf.weights import load_hf_folder
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cfg = read_config(tiny)
+    spec = spec_for_config(cfg)
+    model = spec.build(cfg)
+    load_hf_folder(model, tiny, spec)
+    export_hf_folder(model, tmp_path / "out", cfg, spec=spec, source=tiny)
+    out = tmp_path / "out"
+    names = sorted(p.name for p in out.iterdir())
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+                 "generation_config.json"):
+        assert name in names, names
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    assert {stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == {0o644}  # readable by everyone, as save_pretrained
+    tok = AutoTokenizer.from_pretrained(out)
+    assert tok.eos_token == "</s>" and tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+    exported, source = AutoModelForCausalLM.from_pretrained(out), AutoModelForCausalLM.from_pretrained(tiny)
+    ids = tok("def main():", return_tensors="pt")["input_ids"]
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=tok.eos_token_id)
+    assert torch.equal(exported.generate(ids, **kwargs), source.generate(ids, **kwargs))
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == tok.eos_token_id
+
+
+def test_a_model_folder_without_weights_is_refused_on_the_driver_with_exit_2(tiny, tmp_path, capsys):
+    from plait.runtime.cli import main
+
+    folder = tmp_path / "config-only"
+    folder.mkdir()
+    (folder / "config.json").write_bytes((tiny / "config.json").read_bytes())
+    (folder / "tokenizer.json").write_bytes((tiny / "tokenizer.json").read_bytes())
+    code = main(["run", "examples/hf_llama_finetune.toml", f"model.path={folder}", "model.make_tiny=false",
+                 f"run_dir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "model.safetensors" in err and str(folder) in err, err
+    assert not (tmp_path / "run").exists()  # refused before the run directory was touched
+
+
+def test_a_model_folder_without_a_tokenizer_for_the_text_is_refused_on_the_driver(tiny, tmp_path, capsys):
+    from plait.runtime.cli import main
+
+    folder = tmp_path / "no-tokenizer"
+    folder.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (folder / name).write_bytes((tiny / name).read_bytes())
+    code = main(["run", "examples/hf_llama_finetune.toml", f"model.path={folder}", "model.make_tiny=false",
+                 f"run_dir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "no tokenizer.json" in err and "data.tokenizer" in err, err
