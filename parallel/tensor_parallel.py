@@ -104,10 +104,35 @@ def act_layout(sequence_parallel: bool):
     return Shard(1) if sequence_parallel else Replicate()
 
 
+class _Fresh(torch.autograd.Function):
+    """The same values as a tensor of its own for autograd (no copy; the identity backward): ``to_local()``
+    returns a view, and FSDP2 warns that an in-place op on a view returned by a root it wraps could drop its
+    pre-backward hook."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.detach()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad
+
+
+class ColwiseToLocal(ColwiseParallel):
+    """A column-parallel output projection whose output comes back gathered (Replicate) as a plain tensor that is
+    not a view of the gathered buffer (``_Fresh``): what a model wrapped by FSDP2 returns (the logits)."""
+
+    @staticmethod
+    def _prepare_output_fn(output_layouts, use_local_output, mod, outputs, device_mesh):
+        if outputs.placements != output_layouts:
+            outputs = outputs.redistribute(placements=output_layouts, async_op=True)
+        return _Fresh.apply(outputs.to_local()) if use_local_output else outputs
+
+
 def output_style(sequence_parallel: bool, loss_parallel: bool) -> ParallelStyle:
-    return ColwiseParallel(input_layouts=act_layout(sequence_parallel),
-                           output_layouts=Shard(-1) if loss_parallel else Replicate(),
-                           use_local_output=not loss_parallel)
+    cls = ColwiseParallel if loss_parallel else ColwiseToLocal
+    return cls(input_layouts=act_layout(sequence_parallel), output_layouts=Shard(-1) if loss_parallel else Replicate(),
+               use_local_output=not loss_parallel)
 
 
 def present(model: nn.Module, plan: dict[str, ParallelStyle]) -> dict[str, ParallelStyle]:

@@ -68,3 +68,34 @@ def test_a_model_folder_without_a_tokenizer_for_the_text_is_refused_on_the_drive
                  f"run_dir={tmp_path / 'run'}"])
     err = capsys.readouterr().err
     assert code == 2 and "no tokenizer.json" in err and "data.tokenizer" in err, err
+
+
+def tp_fsdp_rank(ctx) -> list[str]:
+    import warnings
+
+    from plait.models import model_spec
+    from plait.parallel.mesh import build_mesh
+    from plait.parallel.parallelize import OptimConfig, parallelize
+    from plait.parallel.plan import ParallelPlan
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    spec, plan = model_spec("llama"), ParallelPlan(dp=2, tp=2, engine="fsdp2")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        parts = parallelize(lambda: spec.build(cfg), plan, build_mesh(plan, "cpu"), ctx.device, OptimConfig(),
+                            spec=spec)
+        x = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(ctx.rank))
+        parts.train_step({"input_ids": x, "use_cache": False}, x, 1e-3)
+    return [str(w.message) for w in caught]
+
+
+@pytest.mark.slow
+def test_tp_under_fsdp2_returns_logits_that_are_not_a_view(ray_cluster, tmp_path):
+    """FSDP2 warned that the wrapped model "returned a view tensor" (the gathered logits, DTensor.to_local()): the
+    output projection now hands back a tensor of its own, so the root's pre-backward hook cannot be dropped."""
+    from plait.runtime import run_ranks
+
+    for caught in run_ranks(tp_fsdp_rank, 4, run_dir=tmp_path):
+        assert not [w for w in caught if "returned a view tensor" in w], caught
