@@ -33,7 +33,7 @@ def test_an_export_loads_with_its_tokenizer_and_generates_like_the_source(tiny, 
                  "generation_config.json"):
         assert name in names, names
     assert stat.S_IMODE(out.stat().st_mode) == 0o755
-    assert {stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == {0o644}  # readable by everyone, as save_pretrained
+    assert {stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == {0o644}  # as save_pretrained writes
     tok = AutoTokenizer.from_pretrained(out)
     assert tok.eos_token == "</s>" and tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
     exported, source = AutoModelForCausalLM.from_pretrained(out), AutoModelForCausalLM.from_pretrained(tiny)
