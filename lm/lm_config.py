@@ -142,18 +142,26 @@ class Config:
         if self.export.hf not in EXPORTS or (self.export.dtype and self.export.dtype not in DTYPES):
             raise ValueError(f"export.hf={self.export.hf!r} (one of {', '.join(EXPORTS)}), export.dtype="
                              f"{self.export.dtype!r} (\"\" or one of {', '.join(DTYPES)})")
-        if self.train.global_batch % self.plan.dp:
-            raise ValueError(f"train.global_batch={self.train.global_batch} must divide evenly over plan.dp="
-                             f"{self.plan.dp} data-parallel ranks")
         if self.data.files and self.data.doc_mask and (self.plan.pp > 1 or self.plan.cp > 1 or not self.model.path):
             why = ("pipeline stages take token ids only" if self.plan.pp > 1 else "ring attention is causal over the "
                    "whole sequence" if self.plan.cp > 1 else "Plait's GPT takes no attention mask")
             raise ValueError(f"data.doc_mask=true: {why}, not a document mask; set data.doc_mask=false (attention "
                              "then crosses packed documents)")
+        if self.train.lora.rank and self.model.path and self.model.init == "pretrained":
+            raise ValueError("train.lora with model.path: LoRA adapters over a Hugging Face folder's weights are not "
+                             "supported by the LM job yet (its loader reads the base model's names); fine-tune every "
+                             "parameter (train.lora.rank=0), or use LoRA with Plait's GPT")
         if self.data.files and not (self.data.tokenizer or self.model.path):
             raise ValueError("data.files needs a tokenizer: data.tokenizer (a tokenizer.json) or model.path (a folder "
                              "holding one)")
         check_chunkwise(self.train.mode, self.plan)
+
+
+def check_batch(cfg: Config) -> None:
+    """After the world check (validate): the global batch splits over the dp ranks."""
+    if cfg.train.global_batch % cfg.plan.dp:
+        raise ValueError(f"train.global_batch={cfg.train.global_batch} must divide evenly over plan.dp="
+                         f"{cfg.plan.dp} data-parallel ranks")
 
 
 def check_chunkwise(mode: str, plan: ParallelPlan) -> None:

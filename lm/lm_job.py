@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from plait.lm.chunkwise import seco_step, spaco_step
-from plait.lm.lm_config import Config, lora_targets, model_config
+from plait.lm.lm_config import Config, check_batch, lora_targets, model_config
 from plait.models.spec import ModelSpec, model_params
 from plait.parallel.data_parallel import call_model, to_device
 from plait.parallel.estimate import estimate_report
@@ -47,6 +47,7 @@ def validate(cfg: Config, world_size: int) -> None:
     if cfg.plan.world_size != world_size:  # the rank count first: a batch or size message would mislead
         cfg.plan.validate(world_size, world_name="workers.num")
     cfg.check()
+    check_batch(cfg)
     spec, model_cfg = model_config(cfg.model)
     cfg.plan.validate(world_size, spec.shape(model_cfg), cfg.train.global_batch // cfg.plan.dp,
                       world_name="workers.num", model_dtype=cfg.train.dtype, seq_len=cfg.train.seq_len)

@@ -1,0 +1,61 @@
+"""The language-model job (lm/lm_job.py) on the driver: what it refuses before anything starts, where it builds."""
+
+from pathlib import Path
+
+import pytest
+from plait.parallel.plan import PlanError
+from plait.runtime.config import ConfigError
+from plait.runtime.spec import load_spec
+
+ROOT = Path(__file__).resolve().parent.parent
+GPT_DP2 = ROOT / "examples" / "gpt_dp2.toml"
+
+
+def test_a_plan_for_another_number_of_ranks_names_the_rank_count_first():
+    """plan.dp=3 on 2 ranks: the rank count is the mistake, not train.global_batch=16 not dividing by 3."""
+    spec = load_spec(GPT_DP2, ["plan.dp=3"])
+    with pytest.raises(PlanError, match=r"dp\*tp\*pp = 3\*1\*1 = 3 but the job has 2 ranks: make the product equal "
+                                        r"workers.num; a plan that works: dp=2"):
+        spec.module.validate(spec.config, spec.workers.num)
+
+
+def test_an_unknown_hf_family_is_refused_with_the_known_ones(tmp_path):
+    import transformers
+
+    transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2).save_pretrained(tmp_path / "gpt2")
+    spec = load_spec(GPT_DP2, [f"model.path={tmp_path / 'gpt2'}"])
+    with pytest.raises(ConfigError, match=r"model_type 'gpt2' .* has no Plait model spec; known Hugging Face model "
+                                          r"types: gemma3_text, llama, mistral, phi3, qwen2, qwen3"):
+        spec.module.validate(spec.config, spec.workers.num)
+
+
+@pytest.fixture
+def inside_a_ray_job(tmp_path, monkeypatch):
+    """The current directory is Ray's temporary copy of the working directory, as under `ray job submit`."""
+    temp = tmp_path / "session" / "runtime_resources" / "working_dir_files" / "_ray_pkg_0123abcd"
+    temp.mkdir(parents=True)
+    monkeypatch.chdir(temp)
+    monkeypatch.setenv("PLAIT_RUN_ROOT", str(tmp_path / "runs-root"))
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")
+    return temp
+
+
+def test_a_relative_data_path_under_a_ray_job_is_built_under_the_run_root_and_said(tmp_path, inside_a_ray_job,
+                                                                                   capsys):
+    spec = load_spec(GPT_DP2, ["data.path=data/tokens", "data.num_tokens=4096", "train.seq_len=32",
+                               "model.max_seq_len=32"])
+    spec.module.prepare(spec.config, tmp_path / "run")
+    out = capsys.readouterr().out
+    assert spec.config.data.path == str(tmp_path / "runs-root" / "data" / "tokens")
+    assert "data.path='data/tokens' is relative" in out and (tmp_path / "runs-root" / "data" / "tokens").is_dir()
+    assert not (inside_a_ray_job / "data").exists()  # nothing inside Ray's copy, which Ray deletes
+
+
+def test_resuming_with_another_number_of_steps_needs_reschedule():
+    from plait.runtime.trainer import check_reschedule
+
+    assert check_reschedule(100, 100, False) == "" and check_reschedule(None, 7, False) == ""
+    with pytest.raises(ValueError, match=r"train.steps=200 but the checkpoint belongs to a run of 100: the "
+                                         r"learning-rate schedule .* add train.reschedule=true"):
+        check_reschedule(100, 200, False)
+    assert "now decays to step 200" in check_reschedule(100, 200, True)
