@@ -82,6 +82,7 @@ from plait.parallel.plan import ParallelPlan, PlanError, engine_violations
 from plait.parallel.tensor_parallel import apply_tensor_parallel, keep_grads_sharded
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor
 
 LossFn = Callable[[Any, Any], torch.Tensor]  # (model output, targets) -> mean loss over the batch
 
@@ -326,6 +327,22 @@ def _parallelize_deepspeed(build_model, plan, mesh, device, optim, global_batch,
         return float(_mean_over(loss.double().reshape(()).clone(), data_mesh(mesh)))
 
     return Parallelized(modules=[engine.module], optimizers=[], train_step=train_step, mesh=mesh, engine=engine)
+
+
+def iter_unsharded_parameters(parts: Parallelized | list[nn.Module]):
+    """``(name, full tensor)`` of this rank's parameters one at a time (each gathered when it is reached: a
+    collective per DTensor parameter, so every rank of its meshes must iterate in step), so a caller that hands
+    each on (a bucket to the object store) never holds the whole model. Names as ``unsharded_parameters``."""
+    if isinstance(parts, Parallelized) and parts.engine is not None:
+        yield from unsharded_parameters(parts).items()  # ZeRO: DeepSpeed gathers a whole module at once
+        return
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    for module in parts.modules if isinstance(parts, Parallelized) else list(parts):
+        module = module.module if isinstance(module, DDP) else module
+        for name, p in module.named_parameters():
+            t = p.detach()
+            yield clean_fqn(name), (t.full_tensor() if isinstance(t, DTensor) else t)
 
 
 def unsharded_parameters(parts: Parallelized | list[nn.Module]) -> dict[str, torch.Tensor]:

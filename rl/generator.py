@@ -1,8 +1,14 @@
-"""The generator actor: a GPT copy that samples completions for work items with the newest published weights.
+"""The generator actor: a copy of the policy that samples completions for work items with the newest weights.
 
-    gen = Generator(model_cfg, GenerationConfig(group_size=8), seed=0, index=0)    # in an ActorPool slot
-    out = gen.generate(Work(uid=5, task_ids=[40, 41], tasks=[...], max_new_tokens=8), published)
+    gen = Generator(policy_cfg, GenerationConfig(group_size=8), seed=0, index=0, reward=RewardConfig("math"))
+    out = gen.generate(Work(uid=5, task_ids=[40, 41], tasks=[prompt, prompt], max_new_tokens=8), published)
     out.tokens, out.mask, out.behaviour_logprobs, out.rewards, out.version    # (P * group_size) rows
+    scores = gen.evaluate(held_out_prompts, published, max_new_tokens=8)      # greedy: pass@1 and mean reward
+
+The policy is any registered family (rl/policy.py: Plait's GPT with the character tokenizer, or a local HF
+folder with its own tokenizer and chat template); a work item's prompts are records with their ground truth
+(rl/prompts.py; a built-in task becomes one), scored by the run's reward (rl/rewards.py) from the completion's
+text (decoded up to the first stop token, cut at the first stop string).
 
 ``generate`` first loads ``published`` (a ``plait.rl.weights.Published``) if it is newer than what the actor
 holds, so weights move between generations, once per version and actor. Each prompt is sampled
@@ -31,11 +37,14 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from plait.models.gpt import GPT, GPTConfig
+from plait.models.gpt import GPTConfig
 from plait.rl.generate import Rollout, generate
-from plait.rl.tasks import Task, reward
-from plait.rl.tokenizer import CharTokenizer, left_pad
-from plait.rl.weights import Published, load_weights
+from plait.rl.policy import Policy, PolicyConfig
+from plait.rl.prompts import Prompt
+from plait.rl.rewards import RewardConfig, RewardRunner
+from plait.rl.tasks import Task
+from plait.rl.tokenizer import left_pad
+from plait.rl.weights import Published, load_published
 
 
 @dataclass
@@ -46,7 +55,8 @@ class GenerationConfig:
     max_new_tokens_min: int = 0  # > 0: each work item's budget drawn in [min, max] (varied generation lengths)
     temperature: float = 1.0
     top_p: float = 1.0
-    format_reward: float = 0.0  # reward of a well-formed wrong answer (rl.tasks.reward)
+    top_k: int = 0  # > 0: sample among the k most probable tokens
+    format_reward: float = 0.0  # built-in tasks: reward of a well-formed wrong answer (rl.tasks.reward)
     unfinished_reward: float = -1.0  # trained-on reward of a completion without the stop token in its budget
     interrupt: bool = False  # stop in-flight generation when a newer version is out, continue with it
 
@@ -62,11 +72,18 @@ class GenerationConfig:
                              f"{self.max_new_tokens}")
 
 
+def as_prompt(task: Task | Prompt) -> Prompt:
+    """A built-in task as a prompt record (its name the data source, its checker's facts in extra)."""
+    if isinstance(task, Prompt):
+        return task
+    return Prompt(task.prompt, task.answer, task.name, {"meta": task.meta, "prompt": task.prompt})
+
+
 @dataclass
 class Work:
     uid: int  # unique over a run; lost work is issued again under the same uid
-    task_ids: list[int]  # positions in the run's task stream
-    tasks: list[Task]
+    task_ids: list[int]  # positions in the run's prompt stream
+    tasks: list[Prompt | Task]  # the prompt records (a built-in task is turned into one)
     max_new_tokens: int
 
     @property
@@ -95,6 +112,8 @@ class RolloutBatch:
     texts: list[str] = field(default_factory=list, repr=False)
     finished: torch.Tensor | None = None  # (R,) bool: the row emitted the stop token within its budget
     train_rewards: torch.Tensor | None = None  # (R,) what advantages use: rewards, or unfinished_reward
+    prompt_texts: list[str] = field(default_factory=list, repr=False)  # one per prompt (what completions answer)
+    reward_failures: list = field(default_factory=list, repr=False)  # rl.rewards.Failure of this item's samples
 
     @property
     def shaped_rewards(self) -> torch.Tensor:
@@ -111,11 +130,14 @@ class RolloutBatch:
 
 
 class Generator:
-    def __init__(self, model_cfg: GPTConfig, gen_cfg: GenerationConfig, seed: int, index: int):
+    def __init__(self, policy: PolicyConfig | GPTConfig, gen_cfg: GenerationConfig, seed: int, index: int,
+                 reward: RewardConfig | None = None, reward_search: list[str] | None = None):
         gen_cfg.check()
         self.cfg, self.seed, self.index = gen_cfg, seed, index
-        self.tok = CharTokenizer()
-        self.model = GPT(model_cfg).eval()
+        self.policy = Policy(policy if isinstance(policy, PolicyConfig) else policy_of(policy))
+        self.tok = self.policy.tokens()
+        self.model = self.policy.build().eval()
+        self.rewards = RewardRunner(reward or RewardConfig(), list(reward_search or []))
         self.version = -1  # nothing loaded yet
         self.newest = -1  # the newest version the driver told us about (notify)
         self._lock = threading.Lock()
@@ -147,14 +169,15 @@ class Generator:
                                f"{published.version}, and weights come by broadcast (rl.weight_sync): the driver "
                                "must run a sync round (sync_weights) before issuing work of a newer version")
         if published.version > self.version:
-            load_weights(self.model, published.fetch())
+            load_published(self.model, published)
             self.version = published.version
         return time.perf_counter() - t0
 
     def generate(self, work: Work, published: Published) -> RolloutBatch:
         load_s = self._load(published)
         g = self.cfg.group_size
-        prompts = [self.tok.encode(t.prompt, bos=True) for t in work.tasks for _ in range(g)]
+        records = [as_prompt(t) for t in work.tasks]
+        prompts = [self.tok.prompt_ids(r.prompt) for r in records for _ in range(g)]
         rng = torch.Generator().manual_seed(self.seed * 1_000_003 + work.uid)
         t0 = time.perf_counter()
         versions, interrupted = [self.version], 0
@@ -165,8 +188,8 @@ class Generator:
         while live and budget > 0:
             batch = left_pad([prompts[i] + completions[i] for i in live], self.tok.pad_id)
             out = generate(self.model, batch.tokens, budget, temperature=self.cfg.temperature, top_p=self.cfg.top_p,
-                           stop_token=self.tok.eos_id, generator=rng, pad_id=self.tok.pad_id,
-                           weight_version=self.version,
+                           top_k=self.cfg.top_k, stop_tokens=self.tok.stop_ids, generator=rng, pad_id=self.tok.pad_id,
+                           weight_version=self.version, spec=self.policy.spec,
                            should_interrupt=self._newer_out if self.cfg.interrupt else None)
             live, budget = self._extend(out, live, completions, logprobs, budget)
             if out.interrupted and live and budget > 0:
@@ -176,7 +199,27 @@ class Generator:
                 t0 += time.perf_counter() - gen_s  # loading is not generation time
                 versions.append(self.version)
         gen_time = time.perf_counter() - t0
-        return self._pack(work, prompts, completions, logprobs, versions, gen_time, load_s, interrupted)
+        return self._pack(work, records, prompts, completions, logprobs, versions, gen_time, load_s, interrupted)
+
+    @torch.no_grad()
+    def evaluate(self, records: list[Prompt], published: Published, max_new_tokens: int) -> dict:
+        """Greedy completions of held-out ``records`` under ``published`` (pass@1 at temperature 0): per record
+        the reward, whether it is correct (reward >= 1) and the completion's text."""
+        self._load(published)
+        records = [as_prompt(r) for r in records]
+        batch = left_pad([self.tok.prompt_ids(r.prompt) for r in records], self.tok.pad_id)
+        out = generate(self.model, batch.tokens, max_new_tokens, temperature=0.0, stop_tokens=self.tok.stop_ids,
+                       pad_id=self.tok.pad_id, weight_version=self.version, spec=self.policy.spec)
+        texts = [self.tok.decode(out.tokens[i, :int(out.lengths[i])].tolist()) for i in range(len(records))]
+        scores, _ = self.rewards.score([self._sample(r, t) for r, t in zip(records, texts, strict=True)])
+        failures, self.rewards.failures = self.rewards.failures, []
+        return {"version": self.version, "rewards": scores, "texts": texts,
+                "finished": out.finished.tolist(), "reward_errors": len(failures)}
+
+    def _sample(self, record: Prompt, text: str) -> tuple:
+        extra = {**record.extra, "format_reward": self.cfg.format_reward}
+        extra.setdefault("prompt", record.prompt if isinstance(record.prompt, str) else "")
+        return record.data_source, text, record.ground_truth, extra
 
     def _newer_out(self) -> bool:
         return self.newest > self.version
@@ -191,30 +234,42 @@ class Generator:
                 still.append(i)
         return still, budget - out.tokens.shape[1]
 
-    def _pack(self, work, prompts, completions, logprobs, versions, gen_time, load_s, interrupted) -> RolloutBatch:
+    def _pack(self, work, records, prompts, completions, logprobs, versions, gen_time, load_s,
+              interrupted) -> RolloutBatch:
         width = max(len(p) + len(c) for p, c in zip(prompts, completions, strict=True))
         rows = len(prompts)
         tokens = torch.full((rows, width), self.tok.pad_id, dtype=torch.long)
         mask = torch.zeros((rows, width), dtype=torch.bool)
         behaviour = torch.zeros((rows, width), dtype=torch.float32)
-        texts, rewards, finished = [], [], []
+        texts, samples, finished = [], [], []
         for i, (p, c, lp) in enumerate(zip(prompts, completions, logprobs, strict=True)):
             tokens[i, :len(p)] = torch.tensor(p)
             tokens[i, len(p):len(p) + len(c)] = torch.tensor(c, dtype=torch.long)
             mask[i, len(p):len(p) + len(c)] = True
             behaviour[i, len(p):len(p) + len(c)] = torch.tensor(lp, dtype=torch.float32)
-            text = self.tok.decode(c) if max(c, default=0) < self.tok.vocab_size else None  # None: an id past the
-            texts.append(text or "")  # tokenizer's vocabulary (a model with a larger vocab_size): reward 0
-            task = work.tasks[i // self.cfg.group_size]
-            rewards.append(0.0 if text is None else reward(task, text, format_reward=self.cfg.format_reward))
-            finished.append(self.tok.eos_id in c)
-        scores, done = torch.tensor(rewards), torch.tensor(finished, dtype=torch.bool)
+            texts.append(self.tok.decode(c))
+            samples.append(self._sample(records[i // self.cfg.group_size], texts[-1]))
+            finished.append(bool(c) and c[-1] in self.tok.stop_ids)
+        rewards, _ = self.rewards.score(samples)
+        failures, self.rewards.failures = self.rewards.failures, []
+        scores, done = torch.tensor(rewards, dtype=torch.float32), torch.tensor(finished, dtype=torch.bool)
         return RolloutBatch(uid=work.uid, task_ids=list(work.task_ids), version=min(versions), versions=versions,
                             tokens=tokens, mask=mask, behaviour_logprobs=behaviour, rewards=scores,
                             group_size=self.cfg.group_size, completion_tokens=int(mask.sum()), gen_time_s=gen_time,
                             load_time_s=load_s, generator=self.index, interrupted=interrupted, texts=texts,
-                            finished=done, train_rewards=torch.where(done, scores, self.cfg.unfinished_reward))
+                            finished=done, train_rewards=torch.where(done, scores, self.cfg.unfinished_reward),
+                            prompt_texts=[_prompt_text(r.prompt) for r in records], reward_failures=failures)
 
     def loaded_version(self) -> int:
         return self.version
 
+
+def policy_of(gpt: GPTConfig) -> PolicyConfig:
+    """A PolicyConfig of Plait's GPT with these sizes (the character tokenizer)."""
+    return PolicyConfig(vocab_size=gpt.vocab_size, d_model=gpt.d_model, n_layers=gpt.n_layers, n_heads=gpt.n_heads,
+                        n_kv_heads=gpt.n_kv_heads, ffn_hidden=gpt.ffn_hidden, max_seq_len=gpt.max_seq_len,
+                        rope_theta=gpt.rope_theta, norm_eps=gpt.norm_eps)
+
+
+def _prompt_text(prompt) -> str:
+    return prompt if isinstance(prompt, str) else "\n".join(f"{m['role']}: {m['content']}" for m in prompt)

@@ -143,15 +143,24 @@ class PolicyLoss:
             batch = unpack_batch(batch)
         logprobs = token_logprobs(logits, batch["targets"], self.temperature)
         args = (logprobs, batch["behaviour_logprobs"])
+        options = dict(self.options)
+        beta = options.pop("kl_beta", 0.0)
         if self.name == "decoupled_ppo":
             prox = batch.get("proximal_logprobs")
             if prox is None or bool(torch.isnan(prox).any()):  # a packed batch marks it missing with NaN
                 raise ValueError("decoupled_ppo needs batch['proximal_logprobs']: compute them with "
                                  "sequence_logprobs(model, tokens, mask) under no_grad before the step")
             args += (batch["proximal_logprobs"],)
-            loss, self.stats = decoupled_ppo_loss(*args, batch["advantages"], batch["mask"], **self.options)
+            loss, self.stats = decoupled_ppo_loss(*args, batch["advantages"], batch["mask"], **options)
         else:
-            loss, self.stats = tis_loss(*args, batch["advantages"], batch["mask"], **self.options)
+            loss, self.stats = tis_loss(*args, batch["advantages"], batch["mask"], **options)
+        if beta:
+            if "ref_logprobs" not in batch:
+                raise ValueError("train.kl_beta > 0 needs batch['ref_logprobs']: the reference model's log-probs")
+            penalty = k3_kl(logprobs, batch["ref_logprobs"], batch["mask"], options.get("normalize", "token"),
+                            options.get("denominator"))
+            loss = loss + beta * penalty
+            self.stats = {**self.stats, "kl_ref": penalty.detach()}
         return loss
 
 
@@ -200,6 +209,14 @@ def _check(logprobs, behaviour_logprobs, advantages, mask) -> tuple[torch.Tensor
         raise ValueError(f"advantages {tuple(advantages.shape)} must be (batch,) or (batch, seq) for logprobs "
                          f"{tuple(logprobs.shape)}")
     return mask > 0, advantages.to(logprobs.dtype).expand_as(logprobs)
+
+
+def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor, normalize: str = "token",
+          denominator: float | None = None) -> torch.Tensor:
+    """GRPO's KL penalty to a reference policy, the k3 estimator per token (Schulman): exp(ref - pi) - (ref - pi) - 1,
+    non-negative and unbiased for KL(pi || ref) under samples of pi; reduced like the policy loss."""
+    diff = torch.where(mask > 0, ref_logprobs.detach() - logprobs, 0.0)
+    return _reduce(diff.exp() - diff - 1.0, mask, normalize, denominator)
 
 
 def _reduce(per_token: torch.Tensor, mask: torch.Tensor, normalize: str, denominator: float | None) -> torch.Tensor:

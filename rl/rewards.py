@@ -147,17 +147,20 @@ def load_reward(name: str, search: list[str] | None = None) -> Callable:
     return fn
 
 
-def reward_code(name: str, search: list[str]) -> dict[str, tuple[str, str]]:
-    """``{module: (path, source)}`` of a reward module found as a single .py file in ``search``: shipped to the
-    generator actors with the job's code, so cluster nodes need not have the file."""
+def reward_code(name: str) -> dict[str, tuple[str, str]]:
+    """``{module: (path, source)}`` of a reward module that is a single local .py file (found where the driver
+    imports it: beside the spec or in the directory `plait run` starts in), shipped to the generator actors with
+    the job's code, so cluster nodes need not have the file; {} for a built-in or an installed package."""
+    import importlib.util
+
     if name in BUILTINS:
         return {}
     module_name = name.partition(":")[0]
-    for folder in search:
-        path = Path(folder) / f"{module_name}.py"
-        if path.is_file():
-            return {module_name: (str(path), path.read_text())}
-    return {}
+    found = importlib.util.find_spec(module_name)
+    origin = Path(found.origin) if found is not None and found.origin else None
+    if origin is None or origin.name == "__init__.py" or "site-packages" in origin.parts or "." in module_name:
+        return {}
+    return {module_name: (str(origin), origin.read_text())}
 
 
 def _call(name: str, search: list[str], args: tuple) -> Any:

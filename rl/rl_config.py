@@ -1,19 +1,20 @@
-"""The RL job's configuration: the spec's ``[task]``, ``[generation]``, ``[rl]``, ``[train]``, ``[model]`` and
-``[plan]`` tables (``plait.rl.rl_job`` re-exports ``Config`` and ``validate``), and the driver-side check that
-the pieces fit together before any actor starts.
+"""The RL job's configuration: the spec's ``[model]`` (the policy: rl/policy.py), ``[prompts]`` (your files, or the
+built-in ``[task]``: rl/prompts.py), ``[reward]`` (rl/rewards.py), ``[generation]``, ``[rl]``, ``[train]`` and
+``[plan]`` tables (``plait.rl.rl_job`` re-exports ``Config`` and ``validate``), and the driver-side check that the
+pieces fit together before any actor starts.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from plait.models.gpt import GPTConfig
-from plait.parallel.data_parallel import ZERO_STAGES
 from plait.parallel.plan import ParallelPlan
-from plait.rl.generator import GenerationConfig
+from plait.rl.generator import GenerationConfig, as_prompt
+from plait.rl.policy import Policy, PolicyConfig
+from plait.rl.prompts import PromptConfig, load_prompt_set
+from plait.rl.rewards import RewardConfig, load_reward
 from plait.rl.tasks import make_tasks
-from plait.rl.tokenizer import CharTokenizer
-from plait.rl.trainer import TrainConfig
+from plait.rl.trainer import TrainConfig, check_trainer_plan
 
 
 @dataclass
@@ -40,6 +41,9 @@ class RLConfig:
     weight_sync_timeout_s: float = 60.0  # a broadcast round not done by then fails; the group is rebuilt
     weight_sync_bucket_mb: float = 64.0  # broadcast in pieces of this size: a generator holds one besides its model
     trainer_queue: int = 2  # steps handed to the trainer at once: the next batch waits there while one trains
+    log_completions_every: int = 10  # versions between sample completions logged (completions.jsonl, TensorBoard)
+    log_completions: int = 4  # completions logged each time
+    collapse_window: int = 20  # versions of one answer (answer entropy ~0) before the run warns of a collapse
 
     def check(self) -> None:
         if self.weight_sync not in WEIGHT_SYNC:
@@ -53,34 +57,59 @@ class RLConfig:
 
 @dataclass
 class Config:
-    model: GPTConfig = field(default_factory=lambda: GPTConfig(vocab_size=54, d_model=64, n_layers=2, n_heads=4,
-                                                               max_seq_len=32))
+    model: PolicyConfig = field(default_factory=PolicyConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
+    prompts: PromptConfig = field(default_factory=PromptConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     rl: RLConfig = field(default_factory=RLConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     plan: ParallelPlan = field(default_factory=ParallelPlan)
 
 
+def stream_sample(cfg: Config, n: int = 256) -> list:
+    """The first ``n`` prompt records of the run: the built-in task's, or (files) every record checked."""
+    if cfg.prompts.files:
+        prompts = load_prompt_set(cfg.prompts)
+        return prompts.train[:n] + prompts.held_out[:n]
+    return [as_prompt(t) for t in make_tasks(cfg.task.name, n, cfg.task.seed, **cfg.task.options)]
+
+
 def validate(cfg: Config, world_size: int) -> None:
-    """On the driver: the pieces fit together (vocabulary, lengths, batch shapes, trainer ranks)."""
+    """On the driver: the pieces fit together (policy, prompts, reward, lengths, batch shapes, trainer ranks)."""
     gen, rl = cfg.generation, cfg.rl
-    if cfg.model.vocab_size < CharTokenizer().vocab_size:
-        raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
-                         f"{CharTokenizer().vocab_size}: raise it")
     if rl.batch_prompts % gen.prompts_per_call:
         raise ValueError(f"rl.batch_prompts={rl.batch_prompts} must be a multiple of generation.prompts_per_call="
                          f"{gen.prompts_per_call} (a step takes whole work items)")
     if rl.weight_sync == "broadcast" and gen.interrupt:
         raise ValueError("rl.weight_sync='broadcast' syncs idle generators only: set generation.interrupt=false, or "
                          "use rl.weight_sync='object_store' to interrupt generation with new weights")
-    if cfg.plan.dp != world_size or cfg.plan.tp * cfg.plan.pp * cfg.plan.cp != 1 or cfg.plan.engine in ZERO_STAGES:
-        raise ValueError(f"plan {cfg.plan.describe()}, engine {cfg.plan.engine}: the RL trainer is data-parallel only "
-                         f"(DDP or FSDP2), with plan.dp = workers.num = {world_size}")
-    if (rl.batch_prompts * gen.group_size) % world_size:
+    check_trainer_plan(cfg.plan, world_size)
+    if (rl.batch_prompts * gen.group_size) % cfg.plan.dp:
         raise ValueError(f"rl.batch_prompts * generation.group_size = {rl.batch_prompts * gen.group_size} rows must "
-                         f"split evenly over workers.num={world_size} trainer ranks")
-    longest = max(len(t.prompt) for t in make_tasks(cfg.task.name, 256, cfg.task.seed, **cfg.task.options)) + 1
-    if longest + gen.max_new_tokens > cfg.model.max_seq_len:
+                         f"split evenly over plan.dp={cfg.plan.dp} trainer ranks")
+    if cfg.prompts.files and cfg.train.warm_start_steps:
+        raise ValueError("train.warm_start_steps with prompts.files: the warm start writes the built-in tasks' "
+                         "answers; fine-tune on your own answers with the LM job first (examples/rl_sft_addition.toml) "
+                         "and point model.path at its export")
+    if cfg.reward.function == "task" and cfg.prompts.files:
+        raise ValueError("reward.function='task' checks the built-in tasks' answers: with prompts.files choose "
+                         "'exact_match', 'math', 'format' or your own 'module:function'")
+    load_reward(cfg.reward.function)  # importable here, where the spec's folder is on the path
+    policy = Policy(cfg.model)
+    tok = policy.tokens()
+    if tok.vocab_size > policy.vocab_size:
+        raise ValueError(f"the tokenizer has {tok.vocab_size} tokens, the model's vocab_size is {policy.vocab_size}: "
+                         "raise model.vocab_size, or use the model's own tokenizer")
+    records = stream_sample(cfg)
+    longest = max(len(tok.prompt_ids(r.prompt)) for r in records)
+    if longest + gen.max_new_tokens > policy.max_positions:
         raise ValueError(f"prompts of up to {longest} tokens + generation.max_new_tokens={gen.max_new_tokens} exceed "
-                         f"model.max_seq_len={cfg.model.max_seq_len}: raise it or lower max_new_tokens")
+                         f"the model's {policy.max_positions} positions: raise model.max_seq_len or lower "
+                         "max_new_tokens")
+    if cfg.reward.function in ("task", "exact_match"):  # the answer itself must be what the completion says
+        need = max(len(tok.answer_ids(r.ground_truth)) for r in records)
+        if need > gen.max_new_tokens:
+            raise ValueError(f"answers need up to {need} tokens with their stop token, more than "
+                             f"generation.max_new_tokens={gen.max_new_tokens}: no completion could be right; raise "
+                             f"it to at least {need}")

@@ -40,7 +40,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import ray
-from plait.rl.generator import Generator, RolloutBatch, Work
+from plait.parallel.mesh import Layout
+from plait.rl.generator import Generator, RolloutBatch, Work, as_prompt
+from plait.rl.observe import RunWatch
+from plait.rl.prompts import PromptSet, PromptStream, load_prompt_set
+from plait.rl.rewards import reward_code
 from plait.rl.rl_config import WEIGHT_SYNC, Config, RLConfig, TaskConfig, validate  # noqa: F401 (the job's spec)
 from plait.rl.staleness import StalenessQueue
 from plait.rl.tasks import make_tasks
@@ -53,7 +57,7 @@ from plait.runtime.metrics import MetricsLogger
 
 
 class TaskStream:
-    """Task i of the run's stream (rl.tasks: task i depends only on name, seed and i)."""
+    """Task i of the run's stream as a prompt record (rl.tasks: task i depends only on name, seed and i)."""
 
     def __init__(self, cfg: TaskConfig):
         self.cfg, self.tasks = cfg, []
@@ -62,7 +66,29 @@ class TaskStream:
         if i >= len(self.tasks):
             self.tasks = make_tasks(self.cfg.name, max(2 * len(self.tasks), i + 1024), self.cfg.seed,
                                     **self.cfg.options)
-        return self.tasks[i]
+        return as_prompt(self.tasks[i])
+
+
+def prompt_source(cfg: Config) -> tuple[object, list, str]:
+    """(the training stream, the held-out records, a digest of what the stream is): your files, or the task."""
+    if cfg.prompts.files:
+        prompts: PromptSet = load_prompt_set(cfg.prompts)
+        return PromptStream(prompts.train, cfg.prompts.seed), prompts.held_out, prompts.digest
+    held = [as_prompt(t) for t in make_tasks(cfg.task.name, cfg.prompts.eval_size, cfg.task.seed + 104729,
+                                             **cfg.task.options)]  # another seed: prompts the stream rarely repeats
+    task = cfg.task
+    return TaskStream(task), held, f"task:{task.name}:{task.seed}:{sorted(task.options.items())}"
+
+
+def rank_args(per_dp: list, plan) -> list:
+    """The per-rank arguments of a step: each rank gets its data-parallel coordinate's rows (tp ranks share)."""
+    layout = Layout.of(plan)
+    return [per_dp[layout.coordinates(r)["dp"]] for r in range(layout.world_size)]
+
+
+@dataclass(frozen=True)
+class EvalTag:
+    version: int
 
 
 @dataclass
@@ -82,23 +108,31 @@ class Position:
 def control(job, cfg: Config) -> dict:
     gen, rl, train = cfg.generation, cfg.rl, cfg.train
     started = time.monotonic()
+    stream, held_out, digest = prompt_source(cfg)
     trainer = job.worker_group()
     trainer.start(Trainer, cfg)
     hello = trainer.call("hello")[0]
+    if hello["meta"].get("prompts_digest", digest) != digest:
+        raise ValueError(f"the checkpoint {job.resume_from} was trained on other prompts (digest "
+                         f"{hello['meta']['prompts_digest']}, these are {digest}): its stream position would mean "
+                         "other prompts. Resume with the prompts it was started with, or start a new run")
     store = WeightStore()
     store.update(hello["published"])
     start_version = version = hello["version"]
     pos = Position.of(hello["meta"])
     retry: deque[Work] = deque()  # lost work, issued again first
     pending = deque(pos.pending)  # a resumed run's untrained work, issued first under new uids
-    stream = TaskStream(cfg.task)
+    job.code.update(reward_code(cfg.reward.function))  # your reward module goes to the generators with the job
     pool = job.actor_pool(Generator, rl.generators, args=(cfg.model, gen, train.seed),
-                          per_actor_args=[(i,) for i in range(rl.generators)], cpus=rl.generator_cpus,
+                          per_actor_args=[(i, cfg.reward) for i in range(rl.generators)], cpus=rl.generator_cpus,
                           name="generator", max_restarts=rl.max_generator_restarts,
                           max_concurrency=2 if gen.interrupt else 1)
     queue = StalenessQueue(rl.eta, rl.batch_prompts, rl.capacity)
     metrics = MetricsLogger(job.run_dir, enabled=True, total_steps=train.steps, start_step=version,
                             progress="lines", desc="rl")
+    watch = RunWatch(job.run_dir, metrics, rl)
+    held_prompts = held_out[:cfg.prompts.eval_size]
+    evals, eval_due = [], {version} if cfg.prompts.eval_every and held_prompts else set()  # versions to score
     t0 = time.monotonic()  # the loop's clock: shares and rates are over the loop, not the start-up
     busy, since = [0.0] * rl.generators, [0.0] * rl.generators
     steps: deque[tuple[list, object, float]] = deque()  # (refs, batch, submitted at) at the trainer, oldest first
@@ -155,6 +189,8 @@ def control(job, cfg: Config) -> dict:
         reward = sum(float(it.rewards.sum()) for it in batch.items) / samples
         wall = now - t0
         record = {"reward": reward, "dropped": sum(r.prompts for r in queue.dropped), "wall_s": wall,
+                  **watch.step(version, batch.items),
+                  "reward_errors": sum(len(it.reward_failures) for it in batch.items),
                   "samples_per_s": (pos.samples_trained - hello["meta"].get("samples_trained", 0)) / wall,
                   "gen_idle_share": 1 - _busy_share(busy, since, pool, now) / (rl.generators * wall),
                   "trainer_idle_share": 1 - trainer_busy / wall,
@@ -165,13 +201,26 @@ def control(job, cfg: Config) -> dict:
                                            "behaviour_kl", "grad_norm", "updated", "step_kl")}}
         metrics.log(version, **record)
         history.append({"version": version, **record})
+        for it in batch.items:
+            for failure in it.reward_failures[:3]:
+                print(f"[plait] reward.function failed on a sample ({failure.error}); it scored "
+                      f"reward.on_error={cfg.reward.on_error}: {failure.sample}", flush=True)
+        if cfg.prompts.eval_every and held_prompts and version % cfg.prompts.eval_every == 0:
+            eval_due.add(version)
         if checkpoint_due(version):
-            trainer.call("save", _meta(pos, pool, queue, retry, pending))
+            trainer.call("save", {**_meta(pos, pool, queue, retry, pending), "prompts_digest": digest})
 
     while version < train.steps and not out_of_time():
         if broadcast and not pool.in_flight() and min(held) < store.latest.version:
             sync_round(pool, hello["sync_address"], store.latest.version, held, sync, rl.weight_sync_timeout_s)
             continue
+        for i in range(rl.generators):  # held-out scoring first, on a free generator
+            if eval_due and pool.actors[i] is not None and not pool.in_flight(i) and \
+                    (not broadcast or held[i] >= store.latest.version):
+                at = max(eval_due)
+                eval_due.clear()
+                pool.submit(i, "evaluate", held_prompts, store.latest, gen.max_new_tokens, tag=EvalTag(at))
+                since[i] = time.monotonic()
         for i in range(rl.generators):  # keep every generator busy, within the staleness budget
             if pool.actors[i] is None or pool.in_flight(i) or not queue.may_issue(gen.prompts_per_call):
                 continue
@@ -191,7 +240,8 @@ def control(job, cfg: Config) -> dict:
             batch = queue.take(version + len(steps))
             if batch is None:
                 break
-            refs = trainer.submit("train_step", per_rank_args=collate(batch.items, cfg.plan.dp, train.normalize))
+            refs = trainer.submit("train_step", per_rank_args=rank_args(
+                collate(batch.items, cfg.plan.dp, train.normalize, pad_id=hello["pad_id"]), cfg.plan))
             steps.append((refs, batch, time.monotonic()))
             most_queued = max(most_queued, len(steps))
         # wait on the head step's ranks still running: one that returned early must not wake the loop again and
@@ -220,6 +270,9 @@ def control(job, cfg: Config) -> dict:
             except ActorLost as e:
                 busy[e.index] += time.monotonic() - since[e.index]
                 for call in e.lost:
+                    if isinstance(call.tag, EvalTag):
+                        eval_due.add(call.tag.version)  # scored again on another generator
+                        continue
                     queue.lost(call.tag.uid)
                     retry.append(call.tag)
                     lost_works += 1
@@ -229,6 +282,9 @@ def control(job, cfg: Config) -> dict:
             if done is None:
                 break
             busy[done.index] += time.monotonic() - since[done.index]
+            if isinstance(done.tag, EvalTag):
+                evals.append(record_eval(metrics, done.tag.version, done.value))
+                continue
             out: RolloutBatch = done.value
             gen_compute += out.gen_time_s
             made += out.samples if queue.put(out) else 0
@@ -236,7 +292,11 @@ def control(job, cfg: Config) -> dict:
         finish_step()
     wall = time.monotonic() - t0
     end_busy = _busy_share(busy, since, pool, time.monotonic())
-    checkpoint = trainer.call("save", _meta(pos, pool, queue, retry, pending))[0]
+    checkpoint = trainer.call("save", {**_meta(pos, pool, queue, retry, pending), "prompts_digest": digest})[0]
+    if held_prompts and cfg.prompts.eval_every and (not evals or evals[-1]["version"] != version):
+        if broadcast and min(held) < store.latest.version:  # the final weights reach the generators first
+            sync_round(pool, hello["sync_address"], store.latest.version, held, sync, rl.weight_sync_timeout_s)
+        evals.append(final_eval(pool, held_prompts, store, gen.max_new_tokens, metrics, version))
     metrics.close()
     staleness = Counter()
     for _, made_by, at in trained:
@@ -260,7 +320,29 @@ def control(job, cfg: Config) -> dict:
         "warm_losses": hello["warm_losses"], "weights_published": store.published,
         "losses": [h["loss"] for h in history], "weight_sync": rl.weight_sync, "sync_rounds": sync["round"],
         "sync_rounds_failed": sync["failed"], "most_steps_queued": most_queued,
+        "evals": evals, "answer_entropy": [h["answer_entropy"] for h in history],
+        "distinct_answers": [h["distinct_answers"] for h in history], "collapsed": watch.warned,
     }
+
+
+def record_eval(metrics, version: int, result: dict) -> dict:
+    """A held-out scoring's figures into the metrics (at the version it scored) and the run's history."""
+    rewards = result["rewards"]
+    n = max(1, len(rewards))
+    row = {"version": version, "eval_pass_at_1": sum(r >= 1.0 for r in rewards) / n, "eval_reward": sum(rewards) / n,
+           "eval_finished": sum(result["finished"]) / n}
+    metrics.log(version, **{k: v for k, v in row.items() if k != "version"})
+    return {**row, "samples": list(zip(result["texts"][:8], rewards[:8], strict=False))}
+
+
+def final_eval(pool, held: list, store, max_new_tokens: int, metrics, version: int) -> dict:
+    """The held-out score of the final weights, on the first free generator (object store) or generator 0."""
+    index = next((i for i in range(len(pool.actors)) if pool.actors[i] is not None and not pool.in_flight(i)), 0)
+    while pool.in_flight():
+        pool.next_done(timeout_s=None)
+    pool.submit(index, "evaluate", held, store.latest, max_new_tokens, tag=EvalTag(version))
+    done = pool.next_done(timeout_s=None)
+    return record_eval(metrics, version, done.value)
 
 
 def _finished(item: RolloutBatch) -> int:
@@ -292,6 +374,9 @@ def summarize(cfg: Config, run_dir: Path, result: dict) -> dict:
     out.update(first_reward=sum(head) / len(head) if head else None,
                last_reward=sum(tail) / len(tail) if tail else None, trained_items=len(result["trained"]),
                dropped_items=len(result["dropped"]))
+    if result["evals"]:
+        out.update(eval_pass_at_1_start=result["evals"][0]["eval_pass_at_1"],
+                   eval_pass_at_1_end=result["evals"][-1]["eval_pass_at_1"])
     if (Path(run_dir) / "metrics.jsonl").is_file():
         out["plot"] = str(plot_run(run_dir))
     return out

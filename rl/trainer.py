@@ -42,15 +42,14 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from plait.models.gpt import GPT
 from plait.parallel.data_parallel import ZERO_STAGES
 from plait.parallel.mesh import build_mesh
-from plait.parallel.parallelize import OptimConfig, parallelize, unsharded_parameters
+from plait.parallel.parallelize import OptimConfig, iter_unsharded_parameters, parallelize
 from plait.rl.generate import sequence_logprobs
-from plait.rl.generator import RolloutBatch
+from plait.rl.generator import RolloutBatch, policy_of
 from plait.rl.losses import LOSSES, NORMALIZE, PolicyLoss, group_advantages, token_logprobs, train_batch
+from plait.rl.policy import Policy, PolicyConfig
 from plait.rl.tasks import make_tasks
-from plait.rl.tokenizer import CharTokenizer
 from plait.rl.trust_region import StepGuard
 from plait.rl.weights import Published, publish
 from plait.runtime.checkpoint import Checkpointer, ModelOptimizer
@@ -76,6 +75,7 @@ class TrainConfig:
     max_step_kl: float = 0.05  # > 0: a step moving the policy further (KL per token) is backtracked (trust_region)
     max_backtracks: int = 5  # halvings of the step before it is undone
     time_budget_s: float = 0.0  # > 0: stop after this much wall time (benchmarks), whatever steps says
+    kl_beta: float = 0.0  # > 0: GRPO's KL penalty to a frozen reference (the initial policy), k3 estimator
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4, warmup_steps=0, weight_decay=0.0))
 
     def check(self) -> None:
@@ -88,12 +88,14 @@ class TrainConfig:
         if not 0 <= self.warm_start_correct_share <= 1:
             raise ValueError(f"train.warm_start_correct_share={self.warm_start_correct_share}: a share in [0, 1]")
         StepGuard(self.max_step_kl, self.max_backtracks)  # its own range check, with the spec
+        if self.kl_beta < 0:
+            raise ValueError(f"train.kl_beta={self.kl_beta}: 0 (no reference model) or > 0")
 
     def loss_options(self) -> dict:
         rho = self.rho or None
         if self.loss == "tis":
-            return {"rho": rho, "normalize": self.normalize}
-        return {"rho": rho, "clip_eps": self.clip_eps, "normalize": self.normalize}
+            return {"rho": rho, "normalize": self.normalize, "kl_beta": self.kl_beta}
+        return {"rho": rho, "clip_eps": self.clip_eps, "normalize": self.normalize, "kl_beta": self.kl_beta}
 
 
 class RLLoss:
@@ -102,7 +104,8 @@ class RLLoss:
     def __init__(self, policy: PolicyLoss, keep_logits: bool = False):
         self.policy, self.stats, self.keep_logits, self.logits = policy, {}, keep_logits, None
 
-    def __call__(self, logits: torch.Tensor, batch: dict) -> torch.Tensor:
+    def __call__(self, logits, batch: dict) -> torch.Tensor:
+        logits = getattr(logits, "logits", logits)  # a HF causal LM's output object
         if "sft_mask" in batch:
             logp = token_logprobs(logits, batch["targets"])
             mask = batch["sft_mask"].to(logp.dtype)
@@ -144,19 +147,33 @@ def scramble(answer: str, rng: random.Random) -> str:
                    else c for c in answer)
 
 
+def check_trainer_plan(plan, world_size: int) -> None:
+    """What the RL trainer runs: data parallelism (DDP or FSDP2) and tensor parallelism; not pp, cp or ZeRO."""
+    if plan.pp > 1 or plan.cp > 1 or plan.world_size != world_size or plan.engine in ZERO_STAGES:
+        raise ValueError(f"the RL trainer runs data (DDP or FSDP2) and tensor parallelism: plan.dp * plan.tp must "
+                         f"equal workers.num={world_size}, pp = cp = 1, engine ddp or fsdp2 (got {plan.describe()}, "
+                         f"engine {plan.engine})")
+
+
 class Trainer:
     def __init__(self, ctx, cfg):
         plan, train = cfg.plan, cfg.train
-        if plan.tp > 1 or plan.pp > 1 or plan.cp > 1 or plan.dp != ctx.world_size or plan.engine in ZERO_STAGES:
-            raise ValueError(f"the RL trainer runs data parallelism only (DDP or FSDP2): plan.dp must equal "
-                             f"workers.num={ctx.world_size}, tp = pp = cp = 1 and plan.engine ddp or fsdp2 "
-                             f"(got {plan.describe()}, engine {plan.engine})")
-        self.ctx, self.cfg, self.tok = ctx, cfg, CharTokenizer()
+        check_trainer_plan(plan, ctx.world_size)
+        self.ctx, self.cfg = ctx, cfg
+        self.policy = Policy(cfg.model if isinstance(cfg.model, PolicyConfig) else policy_of(cfg.model))
+        self.tok = self.policy.tokens()
         torch.manual_seed(train.seed)
         self.mesh = build_mesh(plan, ctx.device_type)
         self.guard = StepGuard(train.max_step_kl, train.max_backtracks, train.temperature)
         self.loss = RLLoss(PolicyLoss(train.loss, train.temperature, train.loss_options()), self.guard.enabled)
-        self.parts = parallelize(lambda: GPT(cfg.model), plan, self.mesh, ctx.device, train.optim, loss_fn=self.loss)
+        self.parts = parallelize(self.policy.build, plan, self.mesh, ctx.device, train.optim, loss_fn=self.loss,
+                                 spec=self.policy.spec, weights=self.policy.weights)
+        self.reference = None  # the frozen initial policy of the KL penalty
+        if train.kl_beta > 0:
+            torch.manual_seed(train.seed)  # Plait's GPT: the same initial weights as the policy
+            ref = parallelize(self.policy.build, plan, self.mesh, ctx.device, train.optim, spec=self.policy.spec,
+                              weights=self.policy.weights)
+            self.reference = ref.modules[0].eval().requires_grad_(False)
         self.ckpt = Checkpointer(ctx.run_dir / "checkpoints", keep_last=train.keep_last, run_id=ctx.run_id)
         self.state = ModelOptimizer(self.parts.modules, self.parts.optimizers)
         self.version, self.meta, self.warm_losses = 0, {}, []
@@ -187,11 +204,11 @@ class Trainer:
             seqs, starts = [], []
             for t in chunk:
                 answer = t.answer if rng.random() < train.warm_start_correct_share else scramble(t.answer, rng)
-                prompt = self.tok.encode(t.prompt, bos=True)
-                seqs.append(prompt + self.tok.encode(answer, eos=True))
+                prompt = self.tok.prompt_ids(t.prompt)
+                seqs.append(prompt + self.tok.answer_ids(answer))
                 starts.append(len(prompt))
             width = max(map(len, seqs))
-            tokens = torch.zeros(len(seqs), width, dtype=torch.long)
+            tokens = torch.full((len(seqs), width), self.tok.pad_id, dtype=torch.long)
             mask = torch.zeros(len(seqs), width, dtype=torch.bool)
             for i, (s, p) in enumerate(zip(seqs, starts, strict=True)):
                 tokens[i, :len(s)] = torch.tensor(s)
@@ -207,15 +224,20 @@ class Trainer:
         if not self.ctx.is_main:
             return None
         return {"version": self.version, "published": published, "meta": self.meta, "warm_losses": self.warm_losses,
-                "sync_address": self.server.address if self.server is not None else None}
+                "sync_address": self.server.address if self.server is not None else None,
+                "pad_id": self.tok.pad_id}
 
     def _publish(self):
-        params = unsharded_parameters(self.parts)  # a collective under FSDP2
+        """Every rank takes part (gathering a sharded parameter is a collective); rank 0 puts the version into the
+        object store bucket by bucket, holding one bucket at a time (or hands it to the broadcast server)."""
+        params = iter_unsharded_parameters(self.parts)
         if not self.ctx.is_main:
+            for _ in params:  # the other ranks' share of each gather
+                pass
             return None
         if self.server is not None:  # the generators get it by broadcast: only the version crosses Ray
-            return Published(self.version, [], self.server.update(params, self.version))
-        return publish(params, self.version)
+            return Published(self.version, [], self.server.update(dict(params), self.version))
+        return publish(params, self.version, self.cfg.rl.weight_sync_bucket_mb * 2**20)
 
     def train_step(self, batch: dict) -> dict | None:
         t0 = time.perf_counter()
@@ -227,6 +249,9 @@ class Trainer:
                 prox = sequence_logprobs(model, tokens, mask, train.temperature)
         inputs, b = train_batch(tokens, mask, batch["behaviour_logprobs"].to(self.ctx.device),
                                 batch["advantages"].to(self.ctx.device), prox)
+        if self.reference is not None:
+            with torch.no_grad():
+                b["ref_logprobs"] = sequence_logprobs(self.reference, tokens, mask, train.temperature)[:, 1:]
         self.loss.policy.options["denominator"] = batch["denominator"]
         step_kl, step_scale = 0.0, float(batch.get("signal", True))
         if batch.get("signal", True):

@@ -73,13 +73,13 @@ class StepGuard:
 
     @torch.no_grad()
     def snapshot(self, model: nn.Module, inputs: torch.Tensor, valid: torch.Tensor) -> Snapshot:
-        return self.before(model(inputs), valid, self.parameters(model))
+        return self.before(_logits(model(inputs)), valid, self.parameters(model))
 
     @torch.no_grad()
     def kl(self, model: nn.Module, inputs: torch.Tensor, valid: torch.Tensor, before: Snapshot,
            group=None) -> float:
         """Mean KL(pi_old || pi_now) over the valid positions of every rank of ``group``."""
-        after = self.log_softmax(model(inputs), valid)
+        after = self.log_softmax(_logits(model(inputs)), valid)
         p = before.logp.exp()
         per_pos = torch.where(p > 0, p * (before.logp - after), 0.0).sum(-1)  # 0 log 0 = 0
         total = torch.stack([per_pos.sum(), per_pos.new_tensor(float(per_pos.shape[0]))])  # on its device
@@ -117,3 +117,8 @@ def _sharded_parameters(model: nn.Module) -> list[torch.Tensor]:
         if isinstance(m, FSDPModule):
             m.reshard()
     return list(model.parameters())
+
+
+def _logits(out):
+    """A model's logits: Plait's GPT returns them, a HF causal LM an output object holding them."""
+    return getattr(out, "logits", out)

@@ -33,13 +33,19 @@ from torch import nn
 @dataclass(frozen=True)
 class Published:
     version: int
-    ref: list = field(repr=False)  # [ObjectRef] of {name: CPU tensor}: a list, so Ray passes it unresolved
+    ref: list = field(repr=False)  # ObjectRefs of {name: CPU tensor} buckets: a list, so Ray passes them unresolved
     num_bytes: int = 0
 
     def fetch(self) -> dict[str, torch.Tensor]:
+        """The whole version (every bucket); ``buckets()`` reads one at a time."""
+        return {name: t for bucket in self.buckets() for name, t in bucket.items()}
+
+    def buckets(self):
+        """The version's buckets in order, fetched one at a time (a generator holds one besides its model)."""
         import ray
 
-        return ray.get(self.ref[0])
+        for ref in self.ref:
+            yield ray.get(ref)
 
 
 def cpu_state_dict(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -47,26 +53,54 @@ def cpu_state_dict(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {name: t.detach().to("cpu", copy=True).contiguous() for name, t in params.items()}
 
 
-def publish(params: dict[str, torch.Tensor], version: int) -> Published:
-    """Put ``params`` (clean names -> full tensors) into the object store once, as version ``version``."""
+def publish(params, version: int, bucket_bytes: float = float("inf")) -> Published:
+    """Put ``params`` (clean names -> full tensors, or an iterator of such pairs produced one at a time, e.g.
+    ``plait.parallel.parallelize.iter_unsharded_parameters``) into the object store once, as version ``version``,
+    in buckets of about ``bucket_bytes``: the caller's process holds one bucket at a time, never the whole model."""
     import ray
 
     if version < 0:
         raise ValueError(f"weight version {version}: versions count optimizer steps from 0")
-    state = cpu_state_dict(params)
-    return Published(version, [ray.put(state)], sum(t.numel() * t.element_size() for t in state.values()))
+    refs, bucket, size, total = [], {}, 0, 0
+    for name, t in (params.items() if isinstance(params, dict) else params):
+        t = t.detach().to("cpu", copy=True).contiguous()
+        bucket[name], size = t, size + t.numel() * t.element_size()
+        if size >= bucket_bytes:
+            refs.append(ray.put(bucket))
+            bucket, total, size = {}, total + size, 0
+    if bucket or not refs:
+        refs.append(ray.put(bucket))
+        total += size
+    return Published(version, refs, total)
 
 
-def load_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Copy ``state`` into ``model``'s parameters; every parameter must be there, nothing else may be."""
+def load_published(model: nn.Module, published: Published) -> None:
+    """Load a published version bucket by bucket (one bucket in memory besides the model); every parameter must
+    be covered once, nothing else may come."""
+    own, seen = dict(model.named_parameters()), set()
+    for bucket in published.buckets():
+        load_weights(model, bucket, partial=True)
+        seen.update(bucket)
+    missing = sorted(set(own) - seen)
+    if missing:
+        raise ValueError(f"published weights do not match the generator's model: missing {missing[:5]}. Build the "
+                         "generators' model with the trainer's [model] settings")
+
+
+def load_weights(model: nn.Module, state: dict[str, torch.Tensor], partial: bool = False) -> None:
+    """Copy ``state`` into ``model``'s parameters; every parameter must be there (unless ``partial``), nothing
+    else may be."""
     own = dict(model.named_parameters())
-    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    missing = [] if partial else sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
     if missing or unexpected:
         raise ValueError(f"published weights do not match the generator's model: missing {missing[:5]}, unexpected "
                          f"{unexpected[:5]}. Build the generators' GPT with the trainer's [model] settings; names must "
                          "be the unwrapped model's (plait.parallel.parallelize.unsharded_parameters)")
     with torch.no_grad():
         for name, param in own.items():
+            if name not in state:
+                continue
             src = state[name]
             if src.shape != param.shape:
                 raise ValueError(f"published weight {name} has shape {tuple(src.shape)}, the generator's model "
