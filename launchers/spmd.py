@@ -62,7 +62,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def start_run(spec: Any, placement: Placement) -> tuple[Any, Path | None]:
     """Rank 0, before any rank trains: the Ray driver's steps (runtime/job.py), in its order. Returns the RunDir
     and the checkpoint to start from."""
-    from plait.runtime.job import _start_outputs, resume_request, validate_job
+    from plait.runtime.job import start_outputs, resume_request, validate_job
     from plait.runtime.metrics import progress_mode
     from plait.runtime.run_dir import RunDir
 
@@ -72,7 +72,7 @@ def start_run(spec: Any, placement: Placement) -> tuple[Any, Path | None]:
     os.environ.setdefault("PLAIT_PROGRESS", progress_mode())
     if hasattr(spec.module, "prepare") and placement.attempt == 0:
         spec.module.prepare(spec.config, run.path)
-    _start_outputs(spec, run)
+    start_outputs(spec, run)
     resume_from = run.restart_point() if placement.attempt > 0 else run.resume_from
     if placement.attempt > 0:
         print(f"[plait] torchrun restart {placement.attempt}: continuing {run.path} from "

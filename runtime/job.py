@@ -104,7 +104,7 @@ def run_job(spec: JobSpec) -> dict[str, Any]:
             handler.close()
 
 
-def _start_outputs(spec: JobSpec, run: RunDir) -> None:
+def start_outputs(spec: JobSpec, run: RunDir) -> None:
     """The ranks are placed (or, for a control job, control is about to start): now the run directory
     changes (earlier run aside, this run recorded)."""
     run.start(spec.job)
@@ -181,7 +181,7 @@ def _attempt(spec: JobSpec, run: RunDir, attempt: int, resume_from: Path | None,
     control = getattr(spec.module, "control", None)
     if control is not None:
         if attempt == 0:
-            _start_outputs(spec, run)
+            start_outputs(spec, run)
         job = Job(run.path, run.run_id, resume_from, attempt, spec.workers, dict(spec.code), env,
                   watchdog=spec.watchdog, avoid_nodes=avoid)
         try:
@@ -195,7 +195,7 @@ def _attempt(spec: JobSpec, run: RunDir, attempt: int, resume_from: Path | None,
     with WorkerGroup(spec.workers, run.path, attempt=attempt, env=env, context=context, code=spec.code,
                      watchdog=spec.watchdog, avoid_nodes=avoid) as group:
         if attempt == 0:
-            _start_outputs(spec, run)
+            start_outputs(spec, run)
         return group.run(spec.module.train, spec.config)
 
 
