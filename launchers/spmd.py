@@ -27,10 +27,9 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from plait.runtime.config import is_user_error
 from plait.runtime.rank_setup import LaunchError, Placement, launcher_placement, setup_rank, wants_gpu
 
-INPUT_ERRORS = ("ConfigError", "PlanError", "DatasetError", "CorruptDataError", "CorruptDatasetError",
-                "CorruptCheckpointError", "CheckpointNotFound", "LaunchError", "ClusterError")
 RANK_VARS = ("RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK")
 
 
@@ -152,12 +151,13 @@ def run_spmd(spec: Any, placement: Placement, rendezvous: Any) -> dict | None:
     return summary
 
 
-def report(e: BaseException, rank: int, world: int | None) -> int:
-    """One line naming the rank (after the traceback for an unexpected error); the exit code."""
+def report(e: BaseException, rank: int, world: int | None, driver_work: bool = False) -> int:
+    """One line naming the rank (after the traceback for an unexpected error); the exit code: 2 for an error in
+    the user's input (its class's ``user_error``; also a ValueError from the driver's work: validate, resume)."""
     kind = type(e).__name__
     who = f"rank {rank}" + (f" of {world}" if world else "")
-    if kind in INPUT_ERRORS or isinstance(e, (FileNotFoundError, LaunchError)):
-        if rank == 0 or kind == "LaunchError":
+    if is_user_error(e, on_driver=driver_work):
+        if rank == 0 or isinstance(e, LaunchError):
             print(f"plait: {who}: {kind}: {e}", file=sys.stderr, flush=True)
         return 2
     traceback.print_exception(e, file=sys.stderr)
@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(summary, indent=1, default=str), flush=True)
         return 0
     except AgreedStop as stop:
-        return report(stop.error, 0, placement.world_size) if stop.error is not None else 2
+        return report(stop.error, 0, placement.world_size, driver_work=True) if stop.error is not None else 2
     except BaseException as e:  # noqa: BLE001 - reported as one line, then every process ends
         code = report(e, placement.rank if placement else env_rank(), placement.world_size if placement else None)
         if placement is not None and placement.launcher == "mpi" and not isinstance(e, KeyboardInterrupt):

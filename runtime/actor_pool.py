@@ -71,6 +71,7 @@ class ActorCallError(RuntimeError):
     def __init__(self, name: str, index: int, method: str, f: Failure):
         self.name, self.index, self.method = name, index, method
         self.kind, self.message, self.transient, self.remote_traceback = f.kind, f.message, f.transient, f.detail
+        self.user_error = f.user_error
         super().__init__(f"{name} actor {index}: {method} raised {f.kind}: {f.message}\n{f.detail}")
 
 

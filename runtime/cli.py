@@ -11,8 +11,8 @@ import argparse
 import json
 import sys
 
-from plait.runtime.config import ConfigError
-from plait.runtime.worker_group import PlacementError, RankError
+from plait.runtime.config import ConfigError, is_user_error
+from plait.runtime.worker_group import RankError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -49,11 +49,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-# Errors whose message names the bad input and the fix: printed as one line, not a traceback.
-PLAIT_INPUT_ERRORS = ("ConfigError", "PlanError", "DatasetError", "CorruptDataError", "CorruptDatasetError",
-                      "CorruptCheckpointError", "CheckpointNotFound")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -79,18 +74,17 @@ def main(argv: list[str] | None = None) -> int:
             if estimate is None:
                 raise ConfigError(f"job {spec.job!r} has no memory estimator")
             print(estimate(spec.config, spec.workers.num))
-    except ConfigError as e:
-        print(f"plait: config error: {e}", file=sys.stderr)
-        return 2
-    except (FileNotFoundError, ValueError, PlacementError) as e:
-        print(f"plait: error: {e}", file=sys.stderr)
-        return 2
     except RankError as e:
-        if e.kind in PLAIT_INPUT_ERRORS:  # the message says it all; the traceback is in plait.log
+        if e.user_error:  # the message says it all; the traceback is in plait.log
             print(f"plait: job failed on rank {e.rank}: {e.message}", file=sys.stderr)
             return 2
         print(f"plait: job failed: {e}", file=sys.stderr)
         return 1
+    except Exception as e:
+        if not is_user_error(e):
+            raise
+        print(f"plait: {'config error' if isinstance(e, ConfigError) else 'error'}: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

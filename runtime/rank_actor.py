@@ -29,32 +29,37 @@ from plait.runtime.watchdog import Heartbeat
 _PEER_GONE = re.compile(r"(closed|reset) by peer|broken pipe", re.IGNORECASE)
 
 
-def classify(exc: BaseException) -> tuple[str, str, bool]:
-    """``(kind, message, transient)`` of an exception raised on a rank.
+def classify(exc: BaseException) -> tuple[str, str, bool, bool]:
+    """``(kind, message, transient, user_error)`` of an exception raised on a rank.
 
     Transient (a restart can fix it): communication and timeout errors (torch.distributed.DistError
     and subclasses, ConnectionError, TimeoutError, a RuntimeError saying a peer closed or reset the
     connection) and anything carrying ``transient = True``. Anything else would fail the same way
     again (bad input, a corrupt file, an import or config error, a bug), and so does an exception
-    carrying ``transient = False``.
+    carrying ``transient = False``. ``user_error``: the exception's class says its message names the
+    bad input and the fix (``user_error = True``): the CLI prints that one line and exits 2. Such an
+    error is never transient unless the class says so.
     """
     import torch.distributed as dist
 
     kind, message = type(exc).__name__, str(exc)
+    user_error = getattr(exc, "user_error", False) is True
     flag = getattr(exc, "transient", None)
     if isinstance(flag, bool):
-        return kind, message, flag
+        return kind, message, flag, user_error
+    if user_error:
+        return kind, message, False, True
     if isinstance(exc, (dist.DistError, ConnectionError, TimeoutError)):
-        return kind, message, True
-    return kind, message, isinstance(exc, RuntimeError) and bool(_PEER_GONE.search(message))
+        return kind, message, True, False
+    return kind, message, isinstance(exc, RuntimeError) and bool(_PEER_GONE.search(message)), False
 
 
 class RemoteFailure(Exception):
     """An exception raised on a rank, reduced to plain strings so it always reaches the driver."""
 
-    def __init__(self, kind: str, message: str, transient: bool, tb: str):
-        super().__init__(kind, message, transient, tb)
-        self.kind, self.message, self.transient, self.tb = kind, message, transient, tb
+    def __init__(self, kind: str, message: str, transient: bool, user_error: bool, tb: str):
+        super().__init__(kind, message, transient, user_error, tb)
+        self.kind, self.message, self.transient, self.user_error, self.tb = kind, message, transient, user_error, tb
 
     @classmethod
     def of(cls, exc: BaseException) -> "RemoteFailure":
@@ -71,6 +76,7 @@ class Failure:
     kind: str
     message: str
     transient: bool
+    user_error: bool  # the message names the bad input and the fix (the exception class's ``user_error``)
     detail: str  # what the user reads: the remote traceback, or what happened to the process
     cause: BaseException | None
     died: bool = False  # the actor's process (or node) is gone
@@ -85,14 +91,14 @@ class Failure:
         if isinstance(e, ray.exceptions.RayTaskError):
             cause = e.cause
             if isinstance(cause, RemoteFailure):
-                return cls(cause.kind, cause.message, cause.transient, cause.tb, cause)
+                return cls(cause.kind, cause.message, cause.transient, cause.user_error, cause.tb, cause)
             inner = getattr(cause, "client_exc", None)  # e.g. the actor could not unpickle (import) the function
             return cls(*classify(inner if isinstance(inner, BaseException) else cause or e), str(e), cause)
         if isinstance(e, ray.exceptions.RuntimeEnvSetupError):  # the actor's environment cannot be built
-            return cls(type(e).__name__, str(e), False, str(e), e)
+            return cls(type(e).__name__, str(e), False, False, str(e), e)
         died = isinstance(e, ray.exceptions.RayActorError)
         detail = f"the actor's process died: {e}" if died else str(e)
-        return cls(type(e).__name__, detail, True, detail, e, died=died)
+        return cls(type(e).__name__, detail, True, False, detail, e, died=died)
 
 
 def resolve_factory(factory: Callable | str) -> Callable:

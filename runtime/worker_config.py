@@ -35,7 +35,9 @@ class WorkerConfig:
 
 
 class PlacementError(RuntimeError):
-    """The cluster cannot place the requested ranks."""
+    """The cluster cannot place the requested ranks; the message says what to lower or free."""
+
+    user_error = True
 
 
 def gpus_per_rank(requested: float, cluster_gpus: float, num: int) -> float:

@@ -50,14 +50,17 @@ class RankError(RuntimeError):
     """A rank failed. ``rank`` says which (``ranks``: all of them, for a call timeout), ``kind`` the
     exception's class name, ``message`` its one-line cause, ``remote_traceback`` its traceback, and
     ``transient`` whether a restart can fix it (a dead process, a lost node, a communication error,
-    a timeout, a hang) or not (any other exception: it would fail the same way again). ``node_ids``:
-    the Ray node ids of ``ranks`` (what a restart keeps its new placement off, when it can)."""
+    a timeout, a hang) or not (any other exception: it would fail the same way again). ``user_error``:
+    the rank's exception class marks its message as naming the bad input and the fix (``user_error =
+    True``): the CLI prints it in one line and exits 2. ``node_ids``: the Ray node ids of ``ranks`` (what
+    a restart keeps its new placement off, when it can)."""
 
     def __init__(self, rank: int, world_size: int, node_ip: str, detail: str, cause: BaseException | None = None,
-                 *, kind: str = "", message: str = "", transient: bool = False, ranks: list[int] | None = None,
-                 node_ips: list[str] | None = None, node_ids: list[str] | None = None):
+                 *, kind: str = "", message: str = "", transient: bool = False, user_error: bool = False,
+                 ranks: list[int] | None = None, node_ips: list[str] | None = None,
+                 node_ids: list[str] | None = None):
         self.rank, self.node_ip, self.remote_traceback, self.cause = rank, node_ip, detail, cause
-        self.kind, self.message, self.transient = kind, message, transient
+        self.kind, self.message, self.transient, self.user_error = kind, message, transient, user_error
         self.ranks, self.node_ips, self.node_ids = ranks or [rank], node_ips or [node_ip], node_ids or []
         who = (f"rank {rank} of {world_size} (node {node_ip})" if len(self.ranks) == 1 else
                f"ranks {', '.join(map(str, self.ranks))} of {world_size} (nodes {', '.join(self.node_ips)})")
@@ -284,7 +287,7 @@ class WorkerGroup:
         ip = self.node_ips[rank] if self.node_ips else "?"
         self.shutdown(graceful=False)
         raise RankError(rank, self.world_size, ip, f.detail, f.cause, kind=f.kind, message=f.message,
-                        transient=f.transient, node_ids=self.node_ids[rank:rank + 1])
+                        transient=f.transient, user_error=f.user_error, node_ids=self.node_ids[rank:rank + 1])
 
     def _silent_ranks(self) -> list[int]:
         """Ranks whose heartbeat stopped (their process or node is gone), given a few beats to show it."""

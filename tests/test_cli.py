@@ -171,3 +171,14 @@ def test_a_terminal_without_a_size_gets_lines_and_the_job_ends(tiny_job):
     rc, out = run_in_terminal(cmd, 0, env, timeout_s=240)
     assert rc == 0, out[-3000:]
     assert "[plait] step 20/20" in out and '"last_loss"' in out
+
+
+def test_an_error_marked_user_error_on_a_rank_is_one_line_exit_2_and_no_restart(ray_cluster, tmp_path, capsys):
+    spec = tmp_path / "toy.toml"
+    spec.write_text(f'job = "toy_job"\nrun_dir = "{tmp_path / "run"}"\n[workers]\nnum = 2\nmax_restarts = 2\n')
+    assert main(["run", str(spec), "train.steps=3", "train.fail='user_error:2'"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["plait: job failed on rank 1: row 2 of the input holds 'x' where a number belongs: "
+                   "fix the input file"]
+    assert {p.read_text() for p in (tmp_path / "run").glob("attempts.rank*")} == {"0\n"}  # no restart
+    assert "BadInput" in (tmp_path / "run" / "plait.log").read_text()  # the traceback is kept there

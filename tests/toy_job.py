@@ -22,6 +22,7 @@ class TrainConfig:
     resume: str = ""
     fail: str = ""  # "", "crash:N" (last rank's process dies after step N, first attempt only),
     #                 "value_error:N" (a ValueError at step N, every attempt), "import_error" (at start),
+    #                 "user_error:N" (the last rank raises BadInput, an error marked user_error, at step N),
     #                 "hang:N" (last rank writes stuck.rankR = its pid, then sleeps inside step N before its all-reduce,
     #                 first attempt only),
     #                 "slow_save:N" (in checkpoint N's save, after the data files are written, every rank
@@ -33,6 +34,12 @@ class TrainConfig:
 @dataclass
 class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
+
+
+class BadInput(Exception):
+    """An error in the user's input raised on a rank: its message names the value and the fix."""
+
+    user_error = True
 
 
 def _batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,6 +114,8 @@ def train(ctx: RankContext, cfg: Config) -> dict:
         metrics.log(step + 1, loss=loss.item())
         if t.fail == f"value_error:{step + 1}":
             raise ValueError(f"bad value at step {step + 1}")
+        if t.fail == f"user_error:{step + 1}" and ctx.rank == ctx.world_size - 1:
+            raise BadInput(f"row {step + 1} of the input holds 'x' where a number belongs: fix the input file")
         if t.fail == f"crash:{step + 1}" and ctx.attempt == 0 and ctx.rank == ctx.world_size - 1:
             os._exit(17)
         if t.checkpoint_every and (step + 1) % t.checkpoint_every == 0:
