@@ -61,7 +61,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def start_run(spec: Any, placement: Placement) -> tuple[Any, Path | None]:
     """Rank 0, before any rank trains: the Ray driver's steps (runtime/job.py), in its order. Returns the RunDir
     and the checkpoint to start from."""
-    from plait.runtime.job import start_outputs, resume_request, validate_job
+    from plait.runtime.job import resume_request, start_outputs, validate_job
     from plait.runtime.metrics import progress_mode
     from plait.runtime.run_dir import RunDir
 
