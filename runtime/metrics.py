@@ -1,8 +1,14 @@
 """Per-step metrics: a JSONL file, TensorBoard scalars and a progress bar, written by one rank.
 
-    metrics = MetricsLogger(run_dir, enabled=ctx.is_main, total_steps=cfg.train.steps)
+    metrics = MetricsLogger(run_dir, enabled=ctx.is_main, total_steps=cfg.train.steps, start_step=start)
     metrics.log(step, loss=..., tokens_per_s=..., step_time_s=...)   # memory is added here
     metrics.close()
+
+A run that resumes (``train.resume=latest``, or a restart after a crash) logs the steps after its
+checkpoint again: opening the logger at ``start_step`` first drops the lines of later steps from
+``metrics.jsonl`` (written aside and renamed in, so the file is whole at every moment) and tells
+TensorBoard to purge its events from ``start_step + 1`` on, so both hold each step once, the resumed
+run's values winning.
 """
 
 from __future__ import annotations
@@ -82,10 +88,15 @@ class MetricsLogger:
             return
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
+        dropped = drop_steps_after(run_dir / "metrics.jsonl", start_step)
+        if dropped:
+            print(f"[plait] metrics.jsonl: {dropped} line(s) after step {start_step} dropped; this run, resumed "
+                  f"from step {start_step}, logs those steps again", flush=True)
         self.jsonl = open(run_dir / "metrics.jsonl", "a")
         from torch.utils.tensorboard import SummaryWriter
 
-        self.tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+        # TensorBoard readers drop the events of steps >= purge_step written before this point
+        self.tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=start_step + 1)
         if self.progress == "bar":
             self.bar = _progress_bar(total_steps, desc)
             self.bar.update(start_step)
@@ -122,6 +133,30 @@ class MetricsLogger:
                 upload_run_files(self.run_dir, storage, ("metrics.jsonl", "tensorboard"))
         except Exception as e:  # noqa: BLE001 - the run's end copies them again
             print(f"[plait] copying metrics to the storage location failed ({type(e).__name__}: {e})", flush=True)
+
+
+def drop_steps_after(path: Path, step: int) -> int:
+    """Remove the records of steps after ``step`` (and a torn last line) from the JSONL file ``path``, atomically:
+    the kept lines are written beside it, fsynced and renamed over it. Returns how many lines went."""
+    if not path.is_file():
+        return 0
+    lines = path.read_text().splitlines(keepends=True)
+    kept = []
+    for line in lines:
+        try:
+            if int(json.loads(line)["step"]) <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut short by a crash mid-write
+    if kept == lines:
+        return 0
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        f.writelines(kept)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return len(lines) - len(kept)
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
