@@ -44,12 +44,14 @@ from plait.runtime.checkpoint import (
 )
 from plait.runtime.checkpoint_store import MARKER, check_stored, fetch_checkpoint, latest_stored, upload_run_files
 from plait.runtime.config import ConfigError
+from plait.runtime.run_lock import LOCK
 from plait.runtime.storage_location import StorageLocation, is_uri
 
 EARLIER = "earlier"
 RECORD = "run.json"
 # Files a Plait run writes: a folder holding any of them is a run directory Plait made.
-PLAIT_MARKERS = (RECORD, "spec.json", "plait.log", "metrics.jsonl", "checkpoints", "summary.json", EARLIER)
+PLAIT_MARKERS = (RECORD, "spec.json", "plait.log", "metrics.jsonl", "checkpoints", "summary.json", EARLIER, LOCK)
+STAYS = (EARLIER, LOCK)  # what a fresh start does not move under earlier/: the earlier runs, the running one's lock
 
 
 def new_run_id() -> str:
@@ -71,10 +73,10 @@ def check_run_dir(run_dir: Path) -> None:
 
 
 def earlier_outputs(run_dir: Path) -> list[Path]:
-    """What a fresh start moves under earlier/: everything of the last run (not earlier/ itself)."""
+    """What a fresh start moves under earlier/: everything of the last run (not earlier/ itself, not the lock)."""
     if not run_dir.is_dir():
         return []
-    return sorted(p for p in run_dir.iterdir() if p.name != EARLIER)
+    return sorted(p for p in run_dir.iterdir() if p.name not in STAYS)
 
 
 def archive_folder(run_dir: Path) -> Path:
@@ -203,7 +205,7 @@ class RunDir:
         was copied (nothing without storage, or before ``start``)."""
         if self.storage is None or not self.started:
             return []
-        _draw_plot(self.path)  # the plot lands in storage with the metrics, no `plait plot` needed
+        draw_plot(self.path)  # the plot lands in storage with the metrics, no `plait plot` needed
         return upload_run_files(self.path, self.storage)
 
     def restart_point(self) -> Path | None:
@@ -217,8 +219,9 @@ class RunDir:
         return self.resume_from
 
 
-def _draw_plot(path: Path) -> None:
-    """metrics.png from metrics.jsonl, when the run logged steps; a plotting failure never fails the run."""
+def draw_plot(path: Path) -> None:
+    """metrics.png from metrics.jsonl, when the run logged steps (the end of every run, on Ray, torchrun and
+    mpirun alike); a plotting failure never fails the run."""
     metrics, png = path / "metrics.jsonl", path / "metrics.png"
     if not metrics.is_file() or metrics.stat().st_size == 0:
         return
@@ -268,7 +271,7 @@ def _check_storage(loc: StorageLocation) -> None:
 
 def _storage_archive(loc: StorageLocation) -> str | None:
     """Where a fresh start moves the storage side's earlier run: earlier/<its id> (None: nothing there)."""
-    if not [name for name in loc.entries() if name != EARLIER]:
+    if not [name for name in loc.entries() if name not in STAYS]:
         return None
     try:
         name = json.loads(loc.read_bytes(RECORD)).get("run_id") or ""
@@ -285,7 +288,7 @@ def _storage_archive(loc: StorageLocation) -> str | None:
 def _move_stored_run(loc: StorageLocation, dest: str) -> None:
     """Move every entry but earlier/ to ``dest``: copy (commit markers last), then delete (markers first),
     so a checkpoint is whole, committed, in one place or the other at every moment."""
-    for name in [n for n in loc.entries() if n != EARLIER]:
+    for name in [n for n in loc.entries() if n not in STAYS]:
         if loc.is_local:
             loc.fs.create_dir(loc.path(dest), recursive=True)
             loc.fs.move(loc.path(name), loc.path(f"{dest}/{name}"))

@@ -111,7 +111,8 @@ def test_a_torchrun_restart_continues_the_run_from_its_checkpoint_to_the_uninter
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     assert "torchrun restart 1: continuing" in done.stdout
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["restarts"] == 1 and summary["start_step"] == 1  # the newest committed checkpoint: step 1
+    assert summary["restarts"] == 1 and summary["start_step"] == 0  # the run began at step 0 ...
+    assert summary["restart_log"][0]["resumed_step"] == 1  # ... the restart resumed the newest checkpoint: step 1
     assert summary["losses"] == pytest.approx(whole["losses"][1:], rel=1e-12)
     assert summary["weight"] == str(whole["weight"])
     assert not (tmp_path / "run" / "earlier").exists()  # the same run continued, nothing moved aside

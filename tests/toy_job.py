@@ -28,6 +28,7 @@ class TrainConfig:
     #                 "slow_save:N" (in checkpoint N's save, after the data files are written, every rank
     #                 writes saving.rankR holding its pid and the last rank sleeps: first attempt only)
     step_sleep_s: float = 0.0  # every step also sleeps this long (a run slow enough to interrupt from outside)
+    honor_stop: bool = True  # False: the loop never asks ctx.stop_requested() (a job that ignores Ctrl-C/SIGTERM)
     record_nodes: bool = False  # each rank writes node.attemptA.rankR: its Ray node id and whether it is the head
 
 
@@ -95,7 +96,7 @@ def train(ctx: RankContext, cfg: Config) -> dict:
     start = ckpt.load(ctx.resume_from, state)["step"] if ctx.resume_from is not None else 0
     metrics = MetricsLogger(ctx.run_dir, enabled=ctx.is_main, total_steps=t.steps, start_step=start, progress="off")
     ctx.step_done(start)  # started: the watchdog now watches the first step too (watchdog.first_step_s)
-    losses = []
+    losses, stopped_at = [], None
     for step in range(start, t.steps):
         x, y = _batch(step)
         loss = ((model(x).squeeze(-1) - y) ** 2).mean()
@@ -118,12 +119,18 @@ def train(ctx: RankContext, cfg: Config) -> dict:
             raise BadInput(f"row {step + 1} of the input holds 'x' where a number belongs: fix the input file")
         if t.fail == f"crash:{step + 1}" and ctx.attempt == 0 and ctx.rank == ctx.world_size - 1:
             os._exit(17)
-        if t.checkpoint_every and (step + 1) % t.checkpoint_every == 0:
+        saved = bool(t.checkpoint_every) and (step + 1) % t.checkpoint_every == 0
+        if saved:
             ckpt.save(step + 1, state)
         ctx.step_done(step + 1)
+        if t.honor_stop and ctx.stop_requested():  # Ctrl-C or SIGTERM: commit this step and return (all agree)
+            if not saved:
+                ckpt.save(step + 1, state)
+            stopped_at = step + 1
+            break
     metrics.close()
     return {"start_step": start, "losses": losses, "weight": model.weight.detach().clone(),
-            "resume_from": str(ctx.resume_from) if ctx.resume_from else None}
+            "resume_from": str(ctx.resume_from) if ctx.resume_from else None, "stopped_at": stopped_at}
 
 
 def summarize(cfg: Config, run_dir, results: list[dict]) -> dict:
