@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -115,4 +116,5 @@ class CheckpointWatcher:
             except (OSError, ValueError):
                 continue
             if meta.get("run_id") == self.run_id:
-                log.info("checkpoint committed: %s (step %s)", path, meta.get("step"))
+                at = time.strftime("%H:%M:%S", time.localtime((path / "meta.json").stat().st_mtime))
+                log.info("checkpoint committed: %s (step %s, at %s)", path, meta.get("step"), at)

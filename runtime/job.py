@@ -260,12 +260,13 @@ def _run(spec: JobSpec, run: RunDir, driver_log: DriverLog, stop: StopOnSignal, 
     failed_nodes: set[str] = set()  # Ray node ids where ranks died or hung
     avoid: list[str] = []
     restarts: list[dict] = []
-    with CheckpointWatcher(run.path / "checkpoints", run.run_id):
+    with CheckpointWatcher(run.path / "checkpoints", run.run_id) as checkpoints:
         while True:
             try:
                 results = _attempt(spec, run, attempt, resume_from, avoid, driver_log, stop)
                 break
             except RankError as e:
+                checkpoints.look()  # what the attempt committed is logged before its failure
                 log.error("attempt %d failed: %s", attempt, e)
                 if stop.requested is not None:
                     raise RunStopped(stop.requested, f"a rank failed while stopping ({e.kind}: {e.message})") from e
