@@ -50,7 +50,7 @@ from typing import Any, Callable
 from plait.runtime.actor_pool import ActorPool
 from plait.runtime.cluster import connect, link_ray_logs
 from plait.runtime.driver_log import CheckpointWatcher, DriverLog, say
-from plait.runtime.metrics import progress_mode
+from plait.runtime.metrics import progress_mode, show_whole_steps_in_ray_bars
 from plait.runtime.placement import nodes_to_avoid
 from plait.runtime.run_dir import RunDir, draw_plot
 from plait.runtime.run_lock import RunLock
@@ -105,6 +105,7 @@ def run_job(spec: JobSpec, driver_log: DriverLog | None = None) -> dict[str, Any
         for note in locks.notes:
             say(note)
         cluster = connect(spec.cluster)  # a wrong address fails here, in seconds, before any data is built
+        show_whole_steps_in_ray_bars()  # the ranks' progress bar, drawn here, counts whole steps
         if hasattr(spec.module, "control"):
             log.info("cluster: %s; control job %s (its groups and pools are placed by control)", cluster, spec.job)
         else:

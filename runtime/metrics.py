@@ -63,6 +63,29 @@ def terminal_columns(stream: TextIO) -> int:
         return 0
 
 
+def show_whole_steps_in_ray_bars() -> None:
+    """On the driver: draw the ranks' bars with whole step counts. A rank's ``tqdm_ray`` bar is drawn by Ray on the
+    driver with a real tqdm made with ``unit_scale=True``, which writes counts below 1000 with SI formatting and a
+    decimal ("14.0/20.0"); Ray offers no option, so its driver-side bar class is given ``unit_scale=False``."""
+    try:
+        from ray.experimental import tqdm_ray
+    except ImportError:
+        return
+    base = getattr(tqdm_ray, "_Bar", None)
+    if base is None or getattr(base, "plait_whole_steps", False):
+        return
+
+    class WholeStepBar(base):
+        plait_whole_steps = True
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.bar.unit_scale = False
+            self.bar.refresh()
+
+    tqdm_ray._Bar = WholeStepBar
+
+
 def _progress_bar(total: int, desc: str):
     import ray
 

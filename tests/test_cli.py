@@ -209,3 +209,15 @@ def test_a_clean_run_prints_no_traceback_and_no_rank_is_sent_sigterm(tmp_path, j
     # the cause, seen every time (the traceback only when the signal lands during the actor's own exit): an actor
     # still exiting when its placement group was removed (or Ray shut down) got SIGTERM from its raylet
     assert "DisconnectClient: sending SIGTERM" not in raylet
+
+
+def test_the_progress_bar_on_a_terminal_counts_whole_steps(tmp_path):
+    ray_tmp = tempfile.mkdtemp(prefix="plait-bar-", dir="/tmp")
+    try:
+        rc, out = run_in_terminal([PLAIT, "run", "examples/mlp_dp2.toml", "train.steps=20",
+                                   f"run_dir={tmp_path / 'run'}"], 120, driver_env(RAY_TMPDIR=ray_tmp), 300)
+    finally:
+        stop_local_cluster(ray_tmp)
+    assert rc == 0, out[-3000:]
+    assert "100%|" in out and "20/20 [" in out  # tqdm's "n/total [elapsed<remaining, rate]"
+    assert not re.search(r"\d+\.0/20\.0", out)  # not "14.0/20.0"
