@@ -117,20 +117,18 @@ def broadcast(obj: Any) -> Any:
     return box[0]
 
 
-def end_run(spec: Any, run: Any, results: list, started: float, placement: Placement, resume_from: Path | None,
+def end_run(spec: Any, run: Any, results: list, started: float, placement: Placement, restarts: list[dict],
             stop: StopFlag) -> dict:
     """Rank 0, after every rank returned: summary.json (the run's facts over the job's summary), metrics.png,
     the storage copy; a run stopped by a signal says so and how to continue."""
     from plait.runtime.driver_log import say
     from plait.runtime.run_dir import draw_plot
-    from plait.runtime.run_summary import restart_record, run_summary, write_summary
+    from plait.runtime.run_summary import run_summary, screen_summary, write_summary
     from plait.runtime.stop import StopRequest, resume_command, stop_line
 
     module = spec.module
     job_summary = module.summarize(spec.config, run.path, results) if hasattr(module, "summarize") else \
         {"results": results}
-    restarts = [{**restart_record(placement.attempt, None, resume_from), "kind": "torchrun restart",
-                 "reason": "torchrun started the ranks again (--max-restarts)"}] if placement.attempt > 0 else []
     stopped = None
     if stop.is_set():
         request = StopRequest(stop.reason or "SIGTERM", time.strftime("%Y-%m-%dT%H:%M:%S"))
@@ -145,6 +143,7 @@ def end_run(spec: Any, run: Any, results: list, started: float, placement: Place
     write_summary(run.path, summary)
     draw_plot(run.path)
     run.publish()  # outputs to the storage location, when the spec names one
+    print(screen_summary(summary), flush=True)
     if stopped is not None:
         say(stop_line(stopped))
     return summary
@@ -167,11 +166,16 @@ def run_spmd(spec: Any, placement: Placement, rendezvous: Any) -> dict | None:
                      timeout_s=workers.pg_timeout_s, run_dir=spec.run_dir.resolve(), stop=stop)
     with contextlib.ExitStack() as rank0:  # rank 0's run lock and plait.log, held to the end, released on any exit
         decision: dict[str, Any] = {}
-        run, error, resume_from = None, None, None
+        run, error, restarts = None, None, []
         if placement.rank == 0:
             try:
                 run, resume_from = start_run(spec, placement, rank0)
                 decision = {"run_id": run.run_id, "resume_from": resume_from}
+                if placement.attempt > 0:  # what this attempt resumed, read now (pruning may remove it later)
+                    from plait.runtime.run_summary import restart_record
+
+                    restarts = [{**restart_record(placement.attempt, None, resume_from), "kind": "torchrun restart",
+                                 "reason": "torchrun started the ranks again (--max-restarts)"}]
             except Exception as e:  # noqa: BLE001 - every rank must stop, rank 0 reports it
                 decision, error = {"failed": True}, e  # the exception itself stays here: plain data crosses
         decision = broadcast(decision if placement.rank == 0 else None)
@@ -181,8 +185,7 @@ def run_spmd(spec: Any, placement: Placement, rendezvous: Any) -> dict | None:
         result = spec.module.train(ctx, spec.config)
         results = [None] * placement.world_size if placement.rank == 0 else None
         dist.gather_object(result, results, dst=0)
-        summary = end_run(spec, run, results, started, placement, resume_from, stop) \
-            if placement.rank == 0 else None
+        summary = end_run(spec, run, results, started, placement, restarts, stop) if placement.rank == 0 else None
         dist.barrier()
         dist.destroy_process_group()
     return summary
@@ -212,12 +215,8 @@ def main(argv: list[str] | None = None) -> int:
         placement, rendezvous = launcher_placement(spec.workers.pg_timeout_s)
         spec.command = [*LAUNCHER_COMMANDS[placement.launcher], args.spec, *args.overrides]
         summary = run_spmd(spec, placement, rendezvous)
-        if summary is not None:
-            from plait.runtime.run_summary import screen_summary
-
-            print(screen_summary(summary), flush=True)
-            if summary.get("stopped"):
-                return int(summary["stopped"]["exit_code"])
+        if summary is not None and summary.get("stopped"):
+            return int(summary["stopped"]["exit_code"])
         return 0
     except AgreedStop as stop:
         return report(stop.error, 0, placement.world_size, driver_work=True) if stop.error is not None else 2
