@@ -133,11 +133,12 @@ def run_job(spec: JobSpec, driver_log: DriverLog | None = None) -> dict[str, Any
 
 
 def _stopped(spec: JobSpec, run: RunDir, request: StopRequest, how: str) -> dict:
-    """``summary["stopped"]``: the signal, what happened, the last committed checkpoint, the command to continue."""
-    checkpoint = run.restart_point() if run.started else run.resume_from
+    """``summary["stopped"]``: the signal, what happened, the last committed checkpoint, the command to continue
+    (before the run directory started, nothing of this run exists: the same command starts it again)."""
+    checkpoint = run.restart_point() if run.started else None
+    again = resume_command(command_line(spec)) if run.started else shlex.join(command_line(spec))
     return {"signal": request.signal, "at": request.at, "how": how, "exit_code": request.exit_code,
-            "checkpoint": str(checkpoint) if checkpoint else None,
-            "continue_with": resume_command(command_line(spec))}
+            "checkpoint": str(checkpoint) if checkpoint else None, "continue_with": again}
 
 
 def start_outputs(spec: JobSpec, run: RunDir, driver_log: DriverLog | None = None) -> None:

@@ -70,7 +70,7 @@ def resume_command(command: list[str]) -> str:
 def stop_line(stopped: dict) -> str:
     """The one line a stopped run ends with: why, its last committed checkpoint, the command that continues it."""
     checkpoint = stopped.get("checkpoint")
-    where = f"last committed checkpoint {checkpoint}" if checkpoint else "no checkpoint committed yet (it starts over)"
+    where = f"last committed checkpoint {checkpoint}" if checkpoint else "no checkpoint committed yet"
     label = "Ctrl-C (SIGINT)" if stopped["signal"] == "SIGINT" else stopped["signal"]
     return f"stopped by {label}: {stopped['how']}; {where}; continue with: {stopped['continue_with']}"
 
@@ -177,15 +177,23 @@ class _Running:
         self.stop._returned.set()
 
 
+ECHO_S = 5.0  # under torchrun/mpirun a signal to the whole job reaches a rank twice: directly and from its launcher
+
+
 def stop_on_signal_in_rank(flag: StopFlag) -> None:
-    """Under torchrun or mpirun: SIGTERM and SIGINT set ``flag`` (what ``ctx.stop_requested()`` reads); a second
-    signal ends the process at once (KeyboardInterrupt / SystemExit 143)."""
+    """Under torchrun or mpirun: SIGTERM and SIGINT set ``flag`` (what ``ctx.stop_requested()`` reads). A signal
+    within ``ECHO_S`` of the first is the same request (Ctrl-C reaches the ranks and torchrun, which then sends
+    them SIGTERM); a later one ends the process at once (KeyboardInterrupt / SystemExit 143)."""
+    first: list[float] = []
 
     def handler(signum: int, frame: Any) -> None:
         if not flag.is_set():
             flag.set(signal.Signals(signum).name)
+            first.append(time.monotonic())
             print(f"[plait] {signal.Signals(signum).name}: this rank commits a checkpoint at its next step and "
                   "stops (a second signal stops it at once)", flush=True)
+            return
+        if first and time.monotonic() - first[0] < ECHO_S:
             return
         if signum == signal.SIGINT:
             raise KeyboardInterrupt

@@ -160,7 +160,7 @@ def test_ranks_that_do_not_stop_within_the_grace_period_are_torn_down(driver, tm
     output = run.output()
     assert not [noise for noise in NOISE if noise in output], output[-3000:]
     assert ("stopped by SIGTERM: the ranks did not stop within workers.stop_grace_s=3s and were torn down; no "
-            "checkpoint committed yet (it starts over)") in last_line(output)
+            "checkpoint committed yet; continue with: ") in last_line(output)
 
 
 def test_a_control_job_sees_the_stop_and_its_groups_and_pools_are_closed(driver, tmp_path):
