@@ -176,3 +176,19 @@ def test_a_control_job_sees_the_stop_and_its_groups_and_pools_are_closed(driver,
     assert not [noise for noise in NOISE if noise in output], output[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["stopped"]["how"] == "control returned" and 1 <= summary["stopped_at"] < 400
+
+
+def test_ctrl_c_before_the_ranks_start_stops_at_once_and_leaves_the_earlier_run_in_place(driver, tmp_path):
+    spec = toy_spec(tmp_path, steps=2, step_sleep_s=0.0)
+    first = driver(str(spec))
+    assert first.finish() == 0
+    before = sorted(p.name for p in (tmp_path / "run").iterdir())
+    run = driver(str(spec), "train.prepare_s=120")  # a fresh start, interrupted while it builds its data
+    run.wait_for(lambda: "[toy] preparing" in run.output())
+    run.ctrl_c()
+    assert run.finish(timeout_s=120) == 130
+    output = run.output()
+    assert not [noise for noise in NOISE if noise in output], output[-3000:]
+    assert last_line(output) == (f"[plait] stopped by Ctrl-C (SIGINT): no rank was running yet; no checkpoint "
+                                 f"committed yet; continue with: plait run {spec} train.prepare_s=120")
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == before  # nothing moved, nothing written

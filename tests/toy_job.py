@@ -29,6 +29,7 @@ class TrainConfig:
     #                 writes saving.rankR holding its pid and the last rank sleeps: first attempt only)
     step_sleep_s: float = 0.0  # every step also sleeps this long (a run slow enough to interrupt from outside)
     honor_stop: bool = True  # False: the loop never asks ctx.stop_requested() (a job that ignores Ctrl-C/SIGTERM)
+    prepare_s: float = 0.0  # prepare (on the driver, before the ranks start) says so and takes this long
     record_nodes: bool = False  # each rank writes node.attemptA.rankR: its Ray node id and whether it is the head
 
 
@@ -77,6 +78,12 @@ def _record_node(ctx: RankContext) -> None:
     node = next(n for n in ray.nodes() if n["NodeID"] == node_id)
     record = {"node_id": node_id, "head": "node:__internal_head__" in node["Resources"]}
     (ctx.run_dir / f"node.attempt{ctx.attempt}.rank{ctx.rank}").write_text(json.dumps(record))
+
+
+def prepare(cfg: Config, run_dir) -> None:
+    if cfg.train.prepare_s:
+        print("[toy] preparing", flush=True)
+        time.sleep(cfg.train.prepare_s)
 
 
 def train(ctx: RankContext, cfg: Config) -> dict:
