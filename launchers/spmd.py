@@ -105,7 +105,8 @@ def continued_run(run_dir: Path) -> Any:
         return None
     started_from = Path(record["resume_from"]) if record.get("resume_from") else None
     storage = StorageLocation.parse(record["storage"]) if record.get("storage") else None
-    return RunDir(run_dir.resolve(), record["run_id"], started_from, None, storage=storage, started=True)
+    return RunDir(run_dir.resolve(), record["run_id"], started_from, None, storage=storage, started=True,
+                  start_step=int(record.get("start_step") or 0))
 
 
 def broadcast(obj: Any) -> Any:

@@ -112,17 +112,18 @@ def run_job(spec: JobSpec, driver_log: DriverLog | None = None) -> dict[str, Any
             log.info("cluster: %s; job %s on %d ranks", cluster, spec.job, spec.workers.num)
         # after connect: an embedded Ray cluster installs its own SIGTERM handler when it starts
         stop = stack.enter_context(StopOnSignal(stop_key(run.run_id), spec.workers.stop_grace_s))
+        restarts: list[dict] = []  # restart_log, filled by _run
         try:
             try:
                 if hasattr(spec.module, "prepare"):
                     spec.module.prepare(spec.config, run.path)
-                return _run(spec, run, driver_log, stop, started)
-            except KeyboardInterrupt as interrupt:  # how the signal handler unwinds the driver (runtime/stop.py)
-                raise stop.stopped_by(interrupt) from None
+                return _run(spec, run, driver_log, stop, started, restarts)
+            except KeyboardInterrupt:  # how the signal handler unwinds the driver (runtime/stop.py)
+                raise stop.stopped_by() from None
         except RunStopped as e:
             e.stopped = _stopped(spec, run, e.request, e.how)
             if run.started:
-                write_summary(run.path, run_summary({}, run, started=started, restarts=[], stopped=e.stopped))
+                write_summary(run.path, run_summary({}, run, started=started, restarts=restarts, stopped=e.stopped))
             _publish_after_failure(run)
             raise
         except BaseException as e:
@@ -256,12 +257,13 @@ def _placement_after(spec: JobSpec, failed_nodes: set[str]) -> tuple[list[str], 
         return [], f"could not judge room off the failed node(s) ({type(e).__name__}: {e}); placing anywhere"
 
 
-def _run(spec: JobSpec, run: RunDir, driver_log: DriverLog, stop: StopOnSignal, started: float) -> dict[str, Any]:
+def _run(spec: JobSpec, run: RunDir, driver_log: DriverLog, stop: StopOnSignal, started: float,
+         restarts: list[dict]) -> dict[str, Any]:
+    """The attempts (a restart after each transient failure, recorded in ``restarts``), then the summary."""
     module, cfg = spec.module, spec.config
     attempt, resume_from = 0, run.resume_from
     failed_nodes: set[str] = set()  # Ray node ids where ranks died or hung
     avoid: list[str] = []
-    restarts: list[dict] = []
     with CheckpointWatcher(run.path / "checkpoints", run.run_id) as checkpoints:
         while True:
             try:

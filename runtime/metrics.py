@@ -173,12 +173,9 @@ def drop_steps_after(path: Path, step: int) -> int:
             continue  # a line cut short by a crash mid-write
     if kept == lines:
         return 0
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        f.writelines(kept)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    from plait.runtime.storage_location import StorageLocation
+
+    StorageLocation.parse(path.parent).write_marker(path.name, "".join(kept).encode())  # aside, fsync, rename
     return len(lines) - len(kept)
 
 

@@ -67,7 +67,7 @@ def run_summary(job_summary: dict, run: RunDir, *, started: float, restarts: lis
                 stopped: dict | None = None, **more: Any) -> dict:
     """The job's summary with the run-level facts set over it."""
     summary = dict(job_summary)
-    start_step = checkpoint_step(run.resume_from)
+    start_step = run.start_step
     summary.update(start_step=start_step, **losses_of_run(run.path, start_step))
     summary.update(run_dir=str(run.path), run_id=run.run_id, wall_s=round(time.time() - started, 1),
                    restarts=len(restarts), **more)

@@ -78,8 +78,8 @@ def stop_line(stopped: dict) -> str:
 class StopOnSignal:
     """The driver's SIGINT/SIGTERM handlers for one run (installed from the main thread; elsewhere a no-op).
 
-    ``running()`` marks the spans where ranks run and can stop at a step boundary; a signal outside them
-    raises ``RunStopped`` at once. ``requested`` is the first signal's ``StopRequest`` (None: none came)."""
+    ``running()`` marks the spans where ranks run and can stop at a step boundary; a signal outside them stops
+    the run at once (``RunStopped``). ``requested`` is the first signal's ``StopRequest`` (None: none came)."""
 
     def __init__(self, key: str, grace_s: float):
         self.key, self.grace_s = key, grace_s
@@ -132,7 +132,7 @@ class StopOnSignal:
         self.forced = RunStopped(self.requested, how)
         raise KeyboardInterrupt(str(self.forced))
 
-    def stopped_by(self, interrupt: KeyboardInterrupt) -> RunStopped:
+    def stopped_by(self) -> RunStopped:
         """What a KeyboardInterrupt that unwound the run means: the stop this handler decided (or, had it not
         decided one, a Ctrl-C)."""
         if self.forced is not None:

@@ -87,3 +87,13 @@ def test_the_printed_summary_is_a_screen_of_scalars_and_summary_json_keeps_the_l
     assert shown["per_step"] == "(dict of 400: see summary.json)"
     assert shown["stopped"] == {"signal": "SIGTERM", "exit_code": 143}  # a small table of scalars stays
     assert len(shown["note"]) < 400 and len(screen_summary(summary).splitlines()) < 20
+
+
+def test_a_resumed_run_starts_at_its_checkpoints_step_even_once_that_checkpoint_is_pruned(ray_cluster, tmp_path):
+    table = {"job": "toy_job", "run_dir": str(tmp_path / "run"), "workers": {"num": 2},
+             "train": {"steps": 4, "checkpoint_every": 2, "keep_last": 1}}
+    run_job(spec_from_table(table))
+    table["train"].update(steps=8, resume="latest")
+    resumed = run_job(spec_from_table(table))  # from step 4, whose checkpoint goes when step 6 is committed
+    assert not (tmp_path / "run" / "checkpoints" / "step_00000004").exists()
+    assert resumed["start_step"] == 4 and resumed["first_loss"] == resumed["losses"][0]
