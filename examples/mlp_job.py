@@ -10,7 +10,9 @@ The protocol: a ``Config`` dataclass (one field per TOML table), ``train(ctx, cf
 and optional ``validate(cfg, world_size)``, ``prepare(cfg, run_dir)``, ``summarize(cfg, run_dir,
 results)`` on the driver. The runtime hands each rank a RankContext (rank, device, run_dir, run_id,
 resume_from) and owns the run directory; the job builds the mesh, applies its plan with its own loss,
-and uses the runtime's Checkpointer and MetricsLogger.
+and uses the runtime's Checkpointer and MetricsLogger. After each step it asks ``ctx.stop_requested()``
+(Ctrl-C or SIGTERM): then it commits a checkpoint and returns, and ``plait run ... train.resume=latest``
+continues. The runtime adds the run's start step, first and last loss to the summary.
 """
 
 from __future__ import annotations
@@ -88,7 +90,7 @@ def train(ctx: RankContext, cfg: Config) -> dict:
     per_rank, dp_rank = t.global_batch // plan.dp, mesh.get_local_rank("dp")
     metrics = MetricsLogger(ctx.run_dir, enabled=ctx.is_main, total_steps=t.steps, start_step=start,
                             device=ctx.device)
-    losses = []
+    losses, stopped_at = [], None
     for step in range(start, t.steps):
         t0 = time.perf_counter()
         ids = torch.randperm(len(x), generator=torch.Generator().manual_seed(step))[: t.global_batch]
@@ -96,17 +98,19 @@ def train(ctx: RankContext, cfg: Config) -> dict:
         loss = parts.train_step(x[mine], y[mine], lr_at(step, t.steps, t.optim))
         losses.append(loss)
         metrics.log(step + 1, loss=loss, step_time_s=time.perf_counter() - t0)
-        if (t.checkpoint_every and (step + 1) % t.checkpoint_every == 0) or step + 1 == t.steps:
+        stop = ctx.stop_requested()  # Ctrl-C or SIGTERM on the driver: every rank gets the same answer
+        if (t.checkpoint_every and (step + 1) % t.checkpoint_every == 0) or step + 1 == t.steps or stop:
             ckpt.save(step + 1, state, meta={"plan": plan.describe()})
+        if stop:
+            stopped_at = step + 1
+            break
     metrics.close()
     model = parts.modules[0]
     with torch.no_grad():
         accuracy = (model(x.to(ctx.device)).argmax(-1).cpu() == y).double().mean().item()
-    return {"start_step": start, "losses": losses, "accuracy": accuracy}
+    return {"start_step": start, "losses": losses, "accuracy": accuracy, "stopped_at": stopped_at}
 
 
 def summarize(cfg: Config, run_dir, results: list[dict]) -> dict:
     main = results[0]
-    return {"plan": cfg.plan.describe(), "start_step": main["start_step"], "accuracy": round(main["accuracy"], 4),
-            "first_loss": main["losses"][0] if main["losses"] else None,
-            "last_loss": main["losses"][-1] if main["losses"] else None}
+    return {"plan": cfg.plan.describe(), "accuracy": round(main["accuracy"], 4), "stopped_at": main["stopped_at"]}

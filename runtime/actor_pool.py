@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
 
 import ray
-from plait.runtime.rank_actor import Failure, RankActor
+from plait.runtime.rank_actor import Failure, RankActor, end_actors
 from plait.runtime.worker_group import PlacementError
 
 
@@ -71,6 +71,7 @@ class ActorCallError(RuntimeError):
     def __init__(self, name: str, index: int, method: str, f: Failure):
         self.name, self.index, self.method = name, index, method
         self.kind, self.message, self.transient, self.remote_traceback = f.kind, f.message, f.transient, f.detail
+        self.user_error = f.user_error
         super().__init__(f"{name} actor {index}: {method} raised {f.kind}: {f.message}\n{f.detail}")
 
 
@@ -114,6 +115,7 @@ class ActorPool:
         self._threads, self._code, self._timeout_s = threads, code or {}, placement_timeout_s
         self.actors: list = [None] * num
         self.pids: list[int] = [0] * num  # each actor's process id (its slot's current one)
+        self.node_ids: list[str] = [""] * num  # the Ray node each runs on
         self.restarts = [0] * num  # replacements per slot
         self._calls: dict[ray.ObjectRef, Call] = {}
         try:
@@ -137,7 +139,7 @@ class ActorPool:
         """Start the actors of ``slots``, wait until each runs, then build their objects."""
         for i in slots:
             self.actors[i] = RankActor.options(**self._options).remote(self._threads, self._code)
-        pids = [self.actors[i].pid.remote() for i in slots]
+        pids = [self.actors[i].node_info.remote() for i in slots]
         ready, _ = ray.wait(pids, num_returns=len(pids), timeout=self._timeout_s)
         if len(ready) < len(pids):
             raise PlacementError(
@@ -147,7 +149,7 @@ class ActorPool:
         starts = [self.actors[i].start.remote(self.cls, *self._ctor[i], False) for i in slots]
         for i, pid_ref, start_ref in zip(slots, pids, starts, strict=True):
             try:
-                self.pids[i] = ray.get(pid_ref)
+                _, self.node_ids[i], self.pids[i] = ray.get(pid_ref)
                 ray.get(start_ref)
             except ray.exceptions.RayError as e:  # the constructor (or the job's code) failed: it would again
                 self._kill(i)
@@ -264,14 +266,18 @@ class ActorPool:
             ray.kill(self.actors[i], no_restart=True)
             self.actors[i] = None
 
-    def shutdown(self) -> None:
-        """Kill every actor; calls in flight are dropped."""
+    def shutdown(self, graceful: bool = True) -> None:
+        """End every actor; calls in flight are dropped. ``graceful``: an idle actor exits by itself, one with a
+        call in flight is killed; otherwise all are killed. Either way they are gone when this returns."""
+        busy = {c.index for c in self._calls.values()}
         self._calls.clear()
-        for i in range(len(self.actors)):
-            self._kill(i)
+        live = [i for i, a in enumerate(self.actors) if a is not None]
+        end_actors([self.actors[i] for i in live], [graceful and i not in busy for i in live],
+                   [self.pids[i] for i in live], [self.node_ids[i] for i in live])
+        self.actors = [None] * len(self.actors)
 
     def __enter__(self) -> "ActorPool":
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self.shutdown()
+        self.shutdown(graceful=exc[0] is None)

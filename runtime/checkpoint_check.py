@@ -21,10 +21,14 @@ class CorruptCheckpointError(RuntimeError):
     from instead. Never worth a restart: loading it again fails the same way."""
 
     transient = False
+    user_error = True  # one line, exit 2: the message says which checkpoint to use instead
 
 
 class CheckpointNotFound(FileNotFoundError):
     """A resume path that is not a committed checkpoint; the message lists the committed ones."""
+
+    transient = False
+    user_error = True
 
 
 def saved_plan(path: Path) -> str:

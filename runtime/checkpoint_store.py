@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 
 import torch.distributed as dist
+from plait.runtime.checkpoint_check import STEP_DIR, CheckpointNotFound, CorruptCheckpointError, dcp_files_problem
 from plait.runtime.storage_location import StorageLocation
 
 MARKER = "meta.json"
@@ -31,15 +32,11 @@ log = logging.getLogger("plait")
 
 def stored_checkpoints(loc: StorageLocation) -> list[str]:
     """Names of the checkpoints committed in ``loc`` (its ``meta.json`` exists), oldest first."""
-    from plait.runtime.checkpoint import STEP_DIR
-
     return [name for name in loc.entries() if STEP_DIR.match(name) and loc.is_file(f"{name}/{MARKER}")]
 
 
 def torn_checkpoints(loc: StorageLocation) -> list[str]:
     """``step_*`` folders in ``loc`` without ``meta.json``: an upload that never finished."""
-    from plait.runtime.checkpoint import STEP_DIR
-
     return [name for name in loc.entries() if STEP_DIR.match(name) and not loc.is_file(f"{name}/{MARKER}")]
 
 
@@ -56,8 +53,6 @@ def latest_stored(loc: StorageLocation) -> str | None:
 def check_stored(loc: StorageLocation) -> dict:
     """Check, without downloading tensors, that ``loc`` is a committed readable checkpoint; its meta.json.
     Raises CheckpointNotFound or CorruptCheckpointError as check_committed does for a local folder."""
-    from plait.runtime.checkpoint import CheckpointNotFound, CorruptCheckpointError, dcp_files_problem
-
     parent = loc.parent()
     if not loc.is_file(MARKER):
         what = "does not exist" if not loc.exists() else "is not a committed checkpoint (no meta.json)"

@@ -8,11 +8,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
-from plait.runtime.config import ConfigError
-from plait.runtime.worker_group import PlacementError, RankError
+from plait.runtime.config import ConfigError, is_user_error
+from plait.runtime.worker_group import RankError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -49,23 +48,37 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-# Errors whose message names the bad input and the fix: printed as one line, not a traceback.
-PLAIT_INPUT_ERRORS = ("ConfigError", "PlanError", "DatasetError", "CorruptDataError", "CorruptDatasetError",
-                      "CorruptCheckpointError", "CheckpointNotFound")
+def run_command(args: argparse.Namespace, argv: list[str]) -> int:
+    """``plait run``: the run, then its summary (scalars; everything is in summary.json); a run stopped by Ctrl-C
+    or SIGTERM ends with one line naming its last committed checkpoint and the command that continues it."""
+    from plait.runtime.driver_log import DriverLog, say
+    from plait.runtime.job import run_job
+    from plait.runtime.run_summary import screen_summary
+    from plait.runtime.spec import load_spec
+    from plait.runtime.stop import RunStopped, stop_line
+
+    with DriverLog() as driver_log:  # what is said from here on goes to plait.log too
+        spec = load_spec(args.spec, args.overrides)
+        spec.command = ["plait", *argv]
+        if args.address:
+            spec.cluster.address = args.address
+        try:
+            summary = run_job(spec, driver_log)
+        except RunStopped as e:
+            say(stop_line(e.stopped))
+            return e.request.exit_code
+        print(screen_summary(summary), flush=True)
+        if summary.get("stopped"):
+            say(stop_line(summary["stopped"]))
+            return int(summary["stopped"]["exit_code"])
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         if args.command == "run":
-            from plait.runtime.job import run_job
-            from plait.runtime.spec import load_spec
-
-            spec = load_spec(args.spec, args.overrides)
-            if args.address:
-                spec.cluster.address = args.address
-            summary = run_job(spec)
-            print(json.dumps(summary, indent=1, default=str))
+            return run_command(args, sys.argv[1:] if argv is None else list(argv))
         elif args.command == "plot":
             from plait.runtime.plot import plot_run
 
@@ -79,18 +92,20 @@ def main(argv: list[str] | None = None) -> int:
             if estimate is None:
                 raise ConfigError(f"job {spec.job!r} has no memory estimator")
             print(estimate(spec.config, spec.workers.num))
-    except ConfigError as e:
-        print(f"plait: config error: {e}", file=sys.stderr)
-        return 2
-    except (FileNotFoundError, ValueError, PlacementError) as e:
-        print(f"plait: error: {e}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:  # before the run's own handling of Ctrl-C was in place
+        print("plait: interrupted (Ctrl-C) before the run started; nothing was left to continue", file=sys.stderr)
+        return 130
     except RankError as e:
-        if e.kind in PLAIT_INPUT_ERRORS:  # the message says it all; the traceback is in plait.log
+        if e.user_error:  # the message says it all; the traceback is in plait.log
             print(f"plait: job failed on rank {e.rank}: {e.message}", file=sys.stderr)
             return 2
         print(f"plait: job failed: {e}", file=sys.stderr)
         return 1
+    except Exception as e:
+        if not is_user_error(e):
+            raise
+        print(f"plait: {'config error' if isinstance(e, ConfigError) else 'error'}: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

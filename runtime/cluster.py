@@ -31,6 +31,8 @@ GCS_HINT = "the GCS address host:port that `ray start --head` printed (port 6379
 class ClusterError(ValueError):
     """The Ray cluster named by an address cannot be joined; the message says what to check."""
 
+    user_error = True
+
 
 @dataclass
 class ClusterConfig:

@@ -19,6 +19,17 @@ from typing import Any
 class ConfigError(ValueError):
     """A job spec or override is malformed; the message names the key and the fix."""
 
+    user_error = True  # the CLI prints the message in one line and exits 2 (runtime/cli.py)
+
+
+def is_user_error(e: BaseException, on_driver: bool = True) -> bool:
+    """An error whose message names the bad input and the fix, printed as one line with exit code 2: its class
+    says so (``user_error = True``: ConfigError, PlanError, CorruptCheckpointError ...), or, ``on_driver``, a
+    ValueError or FileNotFoundError (a job's ``validate``, a missing file)."""
+    if getattr(e, "user_error", False) is True:
+        return True
+    return on_driver and isinstance(e, (ValueError, FileNotFoundError))
+
 
 def build(cls: type, table: dict[str, Any], where: str = "") -> Any:
     if not isinstance(table, dict):

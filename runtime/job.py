@@ -14,10 +14,11 @@ A Config with a ``train.resume`` string ("" fresh, "latest", or a checkpoint fol
 runtime's resume handling (runtime/run_dir.py); a module may instead define ``resume_request(cfg)``.
 
 Order, so that a launch that fails changes nothing on disk: validate -> resume path checked ->
-connect -> prepare -> ranks placed -> earlier run moved aside, spec.json and plait.log written ->
-train. A control job places its own groups, so its run directory starts (earlier run moved aside,
-run.json, spec.json, plait.log) after prepare and just before control is called: a placement that
-fails inside control leaves this run recorded (with the error in plait.log).
+run_dir locked (runtime/run_lock.py; a second start is refused) -> connect -> prepare -> ranks placed ->
+earlier run moved aside, spec.json and plait.log written -> train -> summary.json (runtime/run_summary.py)
+-> lock released (on every way out). A control job places its own groups, so its run directory
+starts (earlier run moved aside, run.json, spec.json, plait.log) after prepare and just before control
+is called: a placement that fails inside control leaves this run recorded (with the error in plait.log).
 
 Restarts (``workers.max_restarts``) are for crashes only (a dead process, a lost node, a
 communication error, a timeout, a hung rank the watchdog named); an error that would repeat (bad
@@ -27,13 +28,20 @@ otherwise it reuses them and says so. For a control job, a transient ``RankError
 control (from one of its worker groups) tears down every group and pool it made and calls control
 again with ``job.attempt`` + 1 and ``job.resume_from`` = the restart point; a failed pool actor is
 control's own business (``ActorPool.replace``), and anything else escaping control ends the job.
+
+Ctrl-C and SIGTERM (runtime/stop.py) ask the ranks to commit a checkpoint at their next step boundary
+(``ctx.stop_requested()``; a control job asks ``job.stop_requested()``), wait up to
+``workers.stop_grace_s``, and end the run with its summary saying so; the CLI prints the last committed
+checkpoint and the command that continues the run, and exits 130 (SIGINT) or 143 (SIGTERM).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
+import shlex
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,22 +49,18 @@ from typing import Any, Callable
 
 from plait.runtime.actor_pool import ActorPool
 from plait.runtime.cluster import connect, link_ray_logs
-from plait.runtime.metrics import progress_mode
+from plait.runtime.driver_log import CheckpointWatcher, DriverLog, say
+from plait.runtime.metrics import progress_mode, show_whole_steps_in_ray_bars
 from plait.runtime.placement import nodes_to_avoid
-from plait.runtime.run_dir import RunDir
+from plait.runtime.run_dir import RunDir, draw_plot
+from plait.runtime.run_lock import RunLock
+from plait.runtime.run_summary import restart_record, run_summary, write_summary
 from plait.runtime.spec import JobSpec
+from plait.runtime.stop import RunStopped, StopOnSignal, StopRequest, resume_command, stop_key
 from plait.runtime.watchdog import WatchdogConfig
 from plait.runtime.worker_group import RankError, WorkerConfig, WorkerGroup, gpus_per_rank
 
 log = logging.getLogger("plait")
-
-
-def _log_to_run_dir(run_dir: Path) -> logging.Handler:
-    handler = logging.FileHandler(run_dir / "plait.log")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
-    return handler
 
 
 def write_resolved_spec(spec: JobSpec, run_dir: Path) -> None:
@@ -83,38 +87,73 @@ def resume_request(spec: JobSpec) -> str:
     return getattr(getattr(spec.config, "train", None), "resume", "") or ""
 
 
-def run_job(spec: JobSpec) -> dict[str, Any]:
-    validate_job(spec)
-    run = RunDir.plan(spec.run_dir, resume_request(spec), storage=spec.storage)
-    cluster = connect(spec.cluster)  # a wrong address fails here, in seconds, before any data is built
-    if hasattr(spec.module, "control"):
-        log.info("cluster: %s; control job %s (its groups and pools are placed by control)", cluster, spec.job)
-    else:
-        log.info("cluster: %s; job %s on %d ranks", cluster, spec.job, spec.workers.num)
-    if hasattr(spec.module, "prepare"):
-        spec.module.prepare(spec.config, run.path)
-    try:
-        return _run(spec, run)
-    except BaseException:
-        _publish_after_failure(run)
-        raise
-    finally:
-        for handler in [h for h in log.handlers if getattr(h, "plait_run_dir", None) == run.path]:
-            log.removeHandler(handler)
-            handler.close()
+def command_line(spec: JobSpec) -> list[str]:
+    """The command that started this run (``spec.command``, set by the CLI), else one that would."""
+    return list(spec.command) or ["plait", "run", spec.source]
 
 
-def _start_outputs(spec: JobSpec, run: RunDir) -> None:
+def run_job(spec: JobSpec, driver_log: DriverLog | None = None) -> dict[str, Any]:
+    """Run the job to its end and return its summary (also in RUN_DIR/summary.json). A run stopped by a signal
+    after its ranks returned has ``summary["stopped"]``; one stopped before raises ``RunStopped``."""
+    started = time.time()
+    with contextlib.ExitStack() as stack:
+        driver_log = driver_log or stack.enter_context(DriverLog())
+        validate_job(spec)
+        run = RunDir.plan(spec.run_dir, resume_request(spec), storage=spec.storage)
+        locks = stack.enter_context(RunLock.hold(run.path, run.storage, run_id=run.run_id,
+                                                 command=shlex.join(command_line(spec))))
+        for note in locks.notes:
+            say(note)
+        cluster = connect(spec.cluster)  # a wrong address fails here, in seconds, before any data is built
+        show_whole_steps_in_ray_bars()  # the ranks' progress bar, drawn here, counts whole steps
+        if hasattr(spec.module, "control"):
+            log.info("cluster: %s; control job %s (its groups and pools are placed by control)", cluster, spec.job)
+        else:
+            log.info("cluster: %s; job %s on %d ranks", cluster, spec.job, spec.workers.num)
+        # after connect: an embedded Ray cluster installs its own SIGTERM handler when it starts
+        stop = stack.enter_context(StopOnSignal(stop_key(run.run_id), spec.workers.stop_grace_s))
+        restarts: list[dict] = []  # restart_log, filled by _run
+        try:
+            try:
+                if hasattr(spec.module, "prepare"):
+                    spec.module.prepare(spec.config, run.path)
+                return _run(spec, run, driver_log, stop, started, restarts)
+            except KeyboardInterrupt:  # how the signal handler unwinds the driver (runtime/stop.py)
+                raise stop.stopped_by() from None
+        except RunStopped as e:
+            e.stopped = _stopped(spec, run, e.request, e.how)
+            if run.started:
+                write_summary(run.path, run_summary({}, run, started=started, restarts=restarts, stopped=e.stopped))
+            _publish_after_failure(run)
+            raise
+        except BaseException as e:
+            if run.started:
+                log.error("the run failed: %s: %s", type(e).__name__, e)
+            _publish_after_failure(run)
+            raise
+
+
+def _stopped(spec: JobSpec, run: RunDir, request: StopRequest, how: str) -> dict:
+    """``summary["stopped"]``: the signal, what happened, the last committed checkpoint, the command to continue
+    (before the run directory started, nothing of this run exists: the same command starts it again)."""
+    checkpoint = run.restart_point() if run.started else None
+    again = resume_command(command_line(spec)) if run.started else shlex.join(command_line(spec))
+    return {"signal": request.signal, "at": request.at, "how": how, "exit_code": request.exit_code,
+            "checkpoint": str(checkpoint) if checkpoint else None, "continue_with": again}
+
+
+def start_outputs(spec: JobSpec, run: RunDir, driver_log: DriverLog | None = None) -> None:
     """The ranks are placed (or, for a control job, control is about to start): now the run directory
-    changes (earlier run aside, this run recorded)."""
+    changes (earlier run aside, this run recorded), and plait.log gets what the driver said so far."""
     run.start(spec.job)
-    handler = _log_to_run_dir(run.path)
-    handler.plait_run_dir = run.path
+    if driver_log is not None:
+        driver_log.start(run.path)
     write_resolved_spec(spec, run.path)
     link_ray_logs(run.path)
+    log.info("run %s of %s started in %s: spec resolved in spec.json (%s, %d ranks); resume from %s", run.run_id,
+             spec.job, run.path, spec.source, spec.workers.num, run.resume_from or "step 0")
     for note in run.notes:
-        log.info(note)
-        print(f"[plait] {note}", flush=True)
+        say(note)
 
 
 def _publish_after_failure(run: RunDir) -> None:
@@ -140,6 +179,12 @@ class Job:
     owned: list = field(default_factory=list, repr=False)  # groups and pools to tear down
     watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)  # the spec's [watchdog], for every group
     avoid_nodes: list[str] = field(default_factory=list)  # Ray node ids where earlier attempts failed
+    stop: StopOnSignal | None = field(default=None, repr=False)  # the driver's Ctrl-C / SIGTERM handling
+
+    def stop_requested(self) -> bool:
+        """Whether Ctrl-C or SIGTERM asked the run to stop: then commit a checkpoint and return from control
+        (within workers.stop_grace_s). The trainer groups' ranks see it too (``ctx.stop_requested()``)."""
+        return self.stop is not None and self.stop.requested is not None
 
     def worker_group(self, **overrides: Any) -> WorkerGroup:
         """A WorkerGroup of ``workers`` with ``overrides`` (num=..., cpus_per_worker=...), with the job's
@@ -151,7 +196,8 @@ class Job:
         cfg = dataclasses.replace(self.workers, **overrides)
         context = {"run_id": self.run_id, "resume_from": self.resume_from}
         group = WorkerGroup(cfg, self.run_dir, attempt=self.attempt, env=self.env, context=context, code=self.code,
-                            watchdog=self.watchdog, avoid_nodes=self.avoid_nodes)
+                            watchdog=self.watchdog, avoid_nodes=self.avoid_nodes,
+                            stop_key=self.stop.key if self.stop is not None else None)
         self.owned.append(group)
         return group
 
@@ -166,26 +212,25 @@ class Job:
         while self.owned:
             owned = self.owned.pop()
             try:
-                if isinstance(owned, WorkerGroup):
-                    owned.shutdown(graceful)
-                else:
-                    owned.shutdown()
+                owned.shutdown(graceful)
             except Exception as e:  # noqa: BLE001 - free the others whatever one of them does
                 log.warning("tearing down %s failed: %s", type(owned).__name__, e)
 
 
-def _attempt(spec: JobSpec, run: RunDir, attempt: int, resume_from: Path | None, avoid: list[str]) -> Any:
+def _attempt(spec: JobSpec, run: RunDir, attempt: int, resume_from: Path | None, avoid: list[str],
+             driver_log: DriverLog, stop: StopOnSignal) -> Any:
     """One try at the job: ``control`` on the driver, or ``train`` on every rank of one group."""
     # A live progress bar only when someone watches a terminal; plain lines in logs otherwise.
     env = {"PLAIT_PROGRESS": progress_mode()}
     control = getattr(spec.module, "control", None)
     if control is not None:
         if attempt == 0:
-            _start_outputs(spec, run)
+            start_outputs(spec, run, driver_log)
         job = Job(run.path, run.run_id, resume_from, attempt, spec.workers, dict(spec.code), env,
-                  watchdog=spec.watchdog, avoid_nodes=avoid)
+                  watchdog=spec.watchdog, avoid_nodes=avoid, stop=stop)
         try:
-            result = control(job, spec.config)
+            with stop.running():
+                result = control(job, spec.config)
         except BaseException:
             job.close(graceful=False)
             raise
@@ -193,10 +238,11 @@ def _attempt(spec: JobSpec, run: RunDir, attempt: int, resume_from: Path | None,
         return result
     context = {"run_id": run.run_id, "resume_from": resume_from}
     with WorkerGroup(spec.workers, run.path, attempt=attempt, env=env, context=context, code=spec.code,
-                     watchdog=spec.watchdog, avoid_nodes=avoid) as group:
+                     watchdog=spec.watchdog, avoid_nodes=avoid, stop_key=stop.key) as group:
         if attempt == 0:
-            _start_outputs(spec, run)
-        return group.run(spec.module.train, spec.config)
+            start_outputs(spec, run, driver_log)
+        with stop.running():
+            return group.run(spec.module.train, spec.config)
 
 
 def _placement_after(spec: JobSpec, failed_nodes: set[str]) -> tuple[list[str], str]:
@@ -211,44 +257,54 @@ def _placement_after(spec: JobSpec, failed_nodes: set[str]) -> tuple[list[str], 
         return [], f"could not judge room off the failed node(s) ({type(e).__name__}: {e}); placing anywhere"
 
 
-def _run(spec: JobSpec, run: RunDir) -> dict[str, Any]:
+def _run(spec: JobSpec, run: RunDir, driver_log: DriverLog, stop: StopOnSignal, started: float,
+         restarts: list[dict]) -> dict[str, Any]:
+    """The attempts (a restart after each transient failure, recorded in ``restarts``), then the summary."""
     module, cfg = spec.module, spec.config
-    started = time.time()
     attempt, resume_from = 0, run.resume_from
     failed_nodes: set[str] = set()  # Ray node ids where ranks died or hung
     avoid: list[str] = []
-    while True:
-        try:
-            results = _attempt(spec, run, attempt, resume_from, avoid)
-            break
-        except RankError as e:
-            log.error("attempt %d failed: %s", attempt, e)
-            if not getattr(e, "transient", True):
-                log.error("not restarting: this error would repeat (%s)", getattr(e, "kind", "error"))
+    with CheckpointWatcher(run.path / "checkpoints", run.run_id) as checkpoints:
+        while True:
+            try:
+                results = _attempt(spec, run, attempt, resume_from, avoid, driver_log, stop)
+                break
+            except RankError as e:
+                checkpoints.look()  # what the attempt committed is logged before its failure
+                log.error("attempt %d failed: %s", attempt, e)
+                if stop.requested is not None:
+                    raise RunStopped(stop.requested, f"a rank failed while stopping ({e.kind}: {e.message})") from e
+                if not getattr(e, "transient", True):
+                    log.error("not restarting: this error would repeat (%s)", getattr(e, "kind", "error"))
+                    raise
+                if attempt >= spec.workers.max_restarts:
+                    raise
+                attempt += 1
+                resume_from = run.restart_point()
+                restarts.append(restart_record(attempt, e, resume_from))
+                failed_nodes.update(e.node_ids)
+                avoid, note = _placement_after(spec, failed_nodes)
+                who = ", ".join(f"rank {r} (node {ip})" for r, ip in zip(e.ranks, e.node_ips, strict=False))
+                say(f"{who} failed ({getattr(e, 'kind', 'crash')}); restart {attempt}/{spec.workers.max_restarts} "
+                    f"from {resume_from or 'step 0 (no checkpoint yet)'}")
+                if note:
+                    say(note)
+            except RunStopped:
                 raise
-            if attempt >= spec.workers.max_restarts:
+            except Exception as e:
+                if hasattr(module, "control"):  # into plait.log: control's run directory has started
+                    log.error("control failed: %s: %s", type(e).__name__, e)
                 raise
-            attempt += 1
-            resume_from = run.restart_point()
-            failed_nodes.update(e.node_ids)
-            avoid, note = _placement_after(spec, failed_nodes)
-            who = ", ".join(f"rank {r} (node {ip})" for r, ip in zip(e.ranks, e.node_ips, strict=False))
-            print(f"[plait] {who} failed ({getattr(e, 'kind', 'crash')}); restart {attempt}/"
-                  f"{spec.workers.max_restarts} from {resume_from or 'step 0 (no checkpoint yet)'}", flush=True)
-            if note:
-                log.info(note)
-                print(f"[plait] {note}", flush=True)
-        except Exception as e:
-            if hasattr(module, "control"):  # into plait.log: control's run directory has started
-                log.error("control failed: %s: %s", type(e).__name__, e)
-            raise
-    summary = module.summarize(cfg, run.path, results) if hasattr(module, "summarize") else {"results": results}
-    summary.update(run_dir=str(run.path), run_id=run.run_id, wall_s=round(time.time() - started, 1),
-                   restarts=attempt)
-    if run.storage is not None:
-        summary["storage"] = str(run.storage)
-    (run.path / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    job_summary = module.summarize(cfg, run.path, results) if hasattr(module, "summarize") else {"results": results}
+    stopped = None
+    if stop.requested is not None:
+        stopped = _stopped(spec, run, stop.requested, "the ranks committed a checkpoint at a step boundary and "
+                                                      "returned" if not hasattr(module, "control") else
+                                                      "control returned")
+    summary = run_summary(job_summary, run, started=started, restarts=restarts, stopped=stopped)
+    write_summary(run.path, summary)
     log.info("summary: %s", summary)
+    draw_plot(run.path)
     copied = run.publish()  # the run's files to the storage location (none without one)
     if copied:
         log.info("copied %s to %s", ", ".join(copied), run.storage)

@@ -1,8 +1,14 @@
 """Per-step metrics: a JSONL file, TensorBoard scalars and a progress bar, written by one rank.
 
-    metrics = MetricsLogger(run_dir, enabled=ctx.is_main, total_steps=cfg.train.steps)
+    metrics = MetricsLogger(run_dir, enabled=ctx.is_main, total_steps=cfg.train.steps, start_step=start)
     metrics.log(step, loss=..., tokens_per_s=..., step_time_s=...)   # memory is added here
     metrics.close()
+
+A run that resumes (``train.resume=latest``, or a restart after a crash) logs the steps after its
+checkpoint again: opening the logger at ``start_step`` first drops the lines of later steps from
+``metrics.jsonl`` (written aside and renamed in, so the file is whole at every moment) and tells
+TensorBoard to purge its events from ``start_step + 1`` on, so both hold each step once, the resumed
+run's values winning.
 """
 
 from __future__ import annotations
@@ -57,6 +63,29 @@ def terminal_columns(stream: TextIO) -> int:
         return 0
 
 
+def show_whole_steps_in_ray_bars() -> None:
+    """On the driver: draw the ranks' bars with whole step counts. A rank's ``tqdm_ray`` bar is drawn by Ray on the
+    driver with a real tqdm made with ``unit_scale=True``, which writes counts below 1000 with SI formatting and a
+    decimal ("14.0/20.0"); Ray offers no option, so its driver-side bar class is given ``unit_scale=False``."""
+    try:
+        from ray.experimental import tqdm_ray
+    except ImportError:
+        return
+    base = getattr(tqdm_ray, "_Bar", None)
+    if base is None or getattr(base, "plait_whole_steps", False):
+        return
+
+    class WholeStepBar(base):
+        plait_whole_steps = True
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.bar.unit_scale = False
+            self.bar.refresh()
+
+    tqdm_ray._Bar = WholeStepBar
+
+
 def _progress_bar(total: int, desc: str):
     import ray
 
@@ -82,10 +111,15 @@ class MetricsLogger:
             return
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
+        dropped = drop_steps_after(run_dir / "metrics.jsonl", start_step)
+        if dropped:
+            print(f"[plait] metrics.jsonl: {dropped} line(s) after step {start_step} dropped; this run, resumed "
+                  f"from step {start_step}, logs those steps again", flush=True)
         self.jsonl = open(run_dir / "metrics.jsonl", "a")
         from torch.utils.tensorboard import SummaryWriter
 
-        self.tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+        # TensorBoard readers drop the events of steps >= purge_step written before this point
+        self.tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=start_step + 1)
         if self.progress == "bar":
             self.bar = _progress_bar(total_steps, desc)
             self.bar.update(start_step)
@@ -122,6 +156,27 @@ class MetricsLogger:
                 upload_run_files(self.run_dir, storage, ("metrics.jsonl", "tensorboard"))
         except Exception as e:  # noqa: BLE001 - the run's end copies them again
             print(f"[plait] copying metrics to the storage location failed ({type(e).__name__}: {e})", flush=True)
+
+
+def drop_steps_after(path: Path, step: int) -> int:
+    """Remove the records of steps after ``step`` (and a torn last line) from the JSONL file ``path``, atomically:
+    the kept lines are written beside it, fsynced and renamed over it. Returns how many lines went."""
+    if not path.is_file():
+        return 0
+    lines = path.read_text().splitlines(keepends=True)
+    kept = []
+    for line in lines:
+        try:
+            if int(json.loads(line)["step"]) <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut short by a crash mid-write
+    if kept == lines:
+        return 0
+    from plait.runtime.storage_location import StorageLocation
+
+    StorageLocation.parse(path.parent).write_marker(path.name, "".join(kept).encode())  # aside, fsync, rename
+    return len(lines) - len(kept)
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib
 import os
 import re
+import time
 import traceback
 from dataclasses import dataclass
 from datetime import timedelta
@@ -29,32 +30,37 @@ from plait.runtime.watchdog import Heartbeat
 _PEER_GONE = re.compile(r"(closed|reset) by peer|broken pipe", re.IGNORECASE)
 
 
-def classify(exc: BaseException) -> tuple[str, str, bool]:
-    """``(kind, message, transient)`` of an exception raised on a rank.
+def classify(exc: BaseException) -> tuple[str, str, bool, bool]:
+    """``(kind, message, transient, user_error)`` of an exception raised on a rank.
 
     Transient (a restart can fix it): communication and timeout errors (torch.distributed.DistError
     and subclasses, ConnectionError, TimeoutError, a RuntimeError saying a peer closed or reset the
     connection) and anything carrying ``transient = True``. Anything else would fail the same way
     again (bad input, a corrupt file, an import or config error, a bug), and so does an exception
-    carrying ``transient = False``.
+    carrying ``transient = False``. ``user_error``: the exception's class says its message names the
+    bad input and the fix (``user_error = True``): the CLI prints that one line and exits 2. Such an
+    error is never transient unless the class says so.
     """
     import torch.distributed as dist
 
     kind, message = type(exc).__name__, str(exc)
+    user_error = getattr(exc, "user_error", False) is True
     flag = getattr(exc, "transient", None)
     if isinstance(flag, bool):
-        return kind, message, flag
+        return kind, message, flag, user_error
+    if user_error:
+        return kind, message, False, True
     if isinstance(exc, (dist.DistError, ConnectionError, TimeoutError)):
-        return kind, message, True
-    return kind, message, isinstance(exc, RuntimeError) and bool(_PEER_GONE.search(message))
+        return kind, message, True, False
+    return kind, message, isinstance(exc, RuntimeError) and bool(_PEER_GONE.search(message)), False
 
 
 class RemoteFailure(Exception):
     """An exception raised on a rank, reduced to plain strings so it always reaches the driver."""
 
-    def __init__(self, kind: str, message: str, transient: bool, tb: str):
-        super().__init__(kind, message, transient, tb)
-        self.kind, self.message, self.transient, self.tb = kind, message, transient, tb
+    def __init__(self, kind: str, message: str, transient: bool, user_error: bool, tb: str):
+        super().__init__(kind, message, transient, user_error, tb)
+        self.kind, self.message, self.transient, self.user_error, self.tb = kind, message, transient, user_error, tb
 
     @classmethod
     def of(cls, exc: BaseException) -> "RemoteFailure":
@@ -71,6 +77,7 @@ class Failure:
     kind: str
     message: str
     transient: bool
+    user_error: bool  # the message names the bad input and the fix (the exception class's ``user_error``)
     detail: str  # what the user reads: the remote traceback, or what happened to the process
     cause: BaseException | None
     died: bool = False  # the actor's process (or node) is gone
@@ -85,14 +92,14 @@ class Failure:
         if isinstance(e, ray.exceptions.RayTaskError):
             cause = e.cause
             if isinstance(cause, RemoteFailure):
-                return cls(cause.kind, cause.message, cause.transient, cause.tb, cause)
+                return cls(cause.kind, cause.message, cause.transient, cause.user_error, cause.tb, cause)
             inner = getattr(cause, "client_exc", None)  # e.g. the actor could not unpickle (import) the function
             return cls(*classify(inner if isinstance(inner, BaseException) else cause or e), str(e), cause)
         if isinstance(e, ray.exceptions.RuntimeEnvSetupError):  # the actor's environment cannot be built
-            return cls(type(e).__name__, str(e), False, str(e), e)
+            return cls(type(e).__name__, str(e), False, False, str(e), e)
         died = isinstance(e, ray.exceptions.RayActorError)
         detail = f"the actor's process died: {e}" if died else str(e)
-        return cls(type(e).__name__, detail, True, detail, e, died=died)
+        return cls(type(e).__name__, detail, True, False, detail, e, died=died)
 
 
 def resolve_factory(factory: Callable | str) -> Callable:
@@ -148,9 +155,9 @@ class RankActor:
     def pid(self) -> int:
         return os.getpid()
 
-    def node_info(self) -> tuple[str, str]:
-        """``(node ip, Ray node id)``: the id tells nodes apart even when they share an ip."""
-        return node_ip(), ray.get_runtime_context().get_node_id()
+    def node_info(self) -> tuple[str, str, int]:
+        """``(node ip, Ray node id, pid)``: the id tells nodes apart even when they share an ip."""
+        return node_ip(), ray.get_runtime_context().get_node_id(), os.getpid()
 
     def open_rendezvous(self, loopback: bool, world_size: int, timeout_s: float) -> tuple[str, int]:
         """Start the rendezvous store on a port the OS picks; it stays bound, so no other group can take it."""
@@ -165,15 +172,19 @@ class RankActor:
         return host, self.store.port
 
     def setup(self, fields: dict, master: tuple[str, int], timeout_s: float,
-              heartbeat: tuple[str, float] | None = None) -> str:
-        """Join the process group. ``heartbeat``: ``(key, beat_s)`` to publish step progress under
-        (runtime/watchdog.py), None for none."""
+              heartbeat: tuple[str | None, float, str | None] | None = None) -> str:
+        """Join the process group. ``heartbeat``: ``(key, beat_s, stop_key)``: publish step progress under ``key``
+        (None: not watched) and look for a stop request under ``stop_key`` (None: none can come) every ``beat_s``
+        (runtime/watchdog.py, runtime/stop.py); None for neither."""
         try:
+            stop = None
             if heartbeat is not None:
-                key, beat_s = heartbeat
-                self.heartbeat = Heartbeat(key, fields["rank"], ray.get_runtime_context().get_node_id(), beat_s)
+                key, beat_s, stop_key = heartbeat
+                self.heartbeat = Heartbeat(key, fields["rank"], ray.get_runtime_context().get_node_id(), beat_s,
+                                           stop_key)
                 self.heartbeat.start()
-            return self._setup(dict(fields, heartbeat=self.heartbeat), master, timeout_s)
+                stop = self.heartbeat.stop_flag if stop_key is not None else None
+            return self._setup(dict(fields, heartbeat=self.heartbeat, stop=stop), master, timeout_s)
         except BaseException as e:
             raise RemoteFailure.of(e) from None
 
@@ -231,6 +242,7 @@ class RankActor:
             raise RemoteFailure.of(e) from None
 
     def teardown(self) -> None:
+        """Before the actor exits: stop the heartbeat thread, leave the process group, close the store."""
         import torch.distributed as dist
 
         if self.heartbeat is not None:
@@ -238,3 +250,52 @@ class RankActor:
         if dist.is_initialized():
             dist.destroy_process_group()
         self.store = None
+        self.obj = None
+
+
+EXIT_WAIT_S = 10.0  # how long ending actors may take before they are killed (graceful) or given up on
+
+
+def end_actors(actors: list, graceful: bool | list[bool] = True, pids: list[int] | None = None,
+               node_ids: list[str] | None = None, wait_s: float = EXIT_WAIT_S) -> None:
+    """End actors so that none is still exiting when its resources are taken back (a placement group removed, the
+    Ray cluster shut down): Ray signals a worker it still counts as running, and a SIGTERM that lands while Python
+    finalizes prints "Exception ignored ... SystemExit" or aborts the process. ``graceful`` (for all, or per
+    actor): the actor is idle and exits by itself (Ray's ``__ray_terminate__``), waited for up to ``wait_s``; the
+    rest (busy ones: peers stuck in a collective, calls being dropped) are killed. Then, up to ``wait_s``, until
+    Ray records every one dead and the processes on this node (``pids`` on ``node_ids``) are gone."""
+    if not actors:
+        return
+    polite = graceful if isinstance(graceful, list) else [graceful] * len(actors)
+    exits = {i: a.__ray_terminate__.remote() for i, a in enumerate(actors) if polite[i]}
+    done, _ = ray.wait(list(exits.values()), num_returns=len(exits), timeout=wait_s) if exits else ([], [])
+    left = [i for i in range(len(actors)) if i not in exits or exits[i] not in done]
+    for i in left:
+        ray.kill(actors[i], no_restart=True)
+    deadline = time.monotonic() + wait_s
+    _wait_recorded_dead(actors, deadline)
+    here = ray.get_runtime_context().get_node_id()
+    pids, node_ids = pids or [], node_ids or []
+    _wait_exited([pid for pid, node in zip(pids, node_ids, strict=False) if pid and node == here], deadline)
+
+
+def _wait_recorded_dead(actors: list, deadline: float) -> None:
+    from ray._private import state  # noqa: PLC0415 - the GCS's actor table (no dashboard needed)
+
+    waiting = [a._actor_id.hex() for a in actors]  # noqa: SLF001 - the handle's id, as Ray's own tools read it
+    while waiting and time.monotonic() < deadline:
+        waiting = [i for i in waiting if (state.actors(actor_id=i) or {}).get("State") != "DEAD"]
+        if waiting:
+            time.sleep(0.05)
+
+
+def _wait_exited(pids: list[int], deadline: float) -> None:
+    import psutil
+
+    procs = []
+    for pid in pids:
+        try:
+            procs.append(psutil.Process(pid))
+        except psutil.NoSuchProcess:
+            continue
+    psutil.wait_procs(procs, timeout=max(0.0, deadline - time.monotonic()))

@@ -34,6 +34,8 @@ MPI_VARS = ("OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "PMI_RANK", "PMI_SIZE", "MV2_CO
 class LaunchError(RuntimeError):
     """This process's launcher environment cannot start a rank; the message says what to change."""
 
+    user_error = True
+
 
 @dataclass(frozen=True)
 class Placement:

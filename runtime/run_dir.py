@@ -44,12 +44,14 @@ from plait.runtime.checkpoint import (
 )
 from plait.runtime.checkpoint_store import MARKER, check_stored, fetch_checkpoint, latest_stored, upload_run_files
 from plait.runtime.config import ConfigError
+from plait.runtime.run_lock import LOCK
 from plait.runtime.storage_location import StorageLocation, is_uri
 
 EARLIER = "earlier"
 RECORD = "run.json"
 # Files a Plait run writes: a folder holding any of them is a run directory Plait made.
-PLAIT_MARKERS = (RECORD, "spec.json", "plait.log", "metrics.jsonl", "checkpoints", "summary.json", EARLIER)
+PLAIT_MARKERS = (RECORD, "spec.json", "plait.log", "metrics.jsonl", "checkpoints", "summary.json", EARLIER, LOCK)
+STAYS = (EARLIER, LOCK)  # what a fresh start does not move under earlier/: the earlier runs, the running one's lock
 
 
 def new_run_id() -> str:
@@ -71,10 +73,10 @@ def check_run_dir(run_dir: Path) -> None:
 
 
 def earlier_outputs(run_dir: Path) -> list[Path]:
-    """What a fresh start moves under earlier/: everything of the last run (not earlier/ itself)."""
+    """What a fresh start moves under earlier/: everything of the last run (not earlier/ itself, not the lock)."""
     if not run_dir.is_dir():
         return []
-    return sorted(p for p in run_dir.iterdir() if p.name != EARLIER)
+    return sorted(p for p in run_dir.iterdir() if p.name not in STAYS)
 
 
 def archive_folder(run_dir: Path) -> Path:
@@ -115,6 +117,7 @@ class RunDir:
     fetch_from: StorageLocation | None = None  # the stored checkpoint ``start`` downloads to ``resume_from``
     storage_archive: str | None = None  # where a fresh start moves the storage side's earlier run (relative)
     started: bool = False  # ``start`` has run: the folder holds this run
+    start_step: int = 0  # the step of ``resume_from`` (read when checked: the checkpoint may be pruned later)
 
     @classmethod
     def plan(cls, run_dir: Path, resume: str, storage: str | StorageLocation | None = None) -> "RunDir":
@@ -130,31 +133,30 @@ class RunDir:
         if resume == "latest" and loc is not None:
             name = latest_stored(loc.child("checkpoints"))
             fetch = loc.child(f"checkpoints/{name}") if name else None
-            if fetch is not None:
-                _check_stored_or_config_error(fetch)
+            step = _check_stored_or_config_error(fetch) if fetch is not None else 0
             notes.append(f"continuing {loc} from {fetch}" if fetch else
                          f"train.resume=latest: no committed checkpoint in {loc.child('checkpoints')} yet, "
                          "starting at step 0")
-            return cls(run_dir, run_id, run_dir / "checkpoints" / name if name else None, None, notes, loc, fetch)
+            return cls(run_dir, run_id, run_dir / "checkpoints" / name if name else None, None, notes, loc, fetch,
+                       start_step=step)
         if resume == "latest":
             latest = Checkpointer(run_dir / "checkpoints", storage="").latest()
-            if latest is not None:
-                _check_or_config_error(latest)
+            step = _check_or_config_error(latest) if latest is not None else 0
             notes.append(f"continuing {run_dir} from {latest}" if latest else
                          f"train.resume=latest: no committed checkpoint in {run_dir / 'checkpoints'} yet, "
                          "starting at step 0")
-            return cls(run_dir, run_id, latest, None, notes, loc)
-        start, fetch = None, None
+            return cls(run_dir, run_id, latest, None, notes, loc, start_step=step)
+        start, fetch, step = None, None, 0
         if resume and is_uri(resume) and not resume.startswith("file://"):
             fetch = StorageLocation.parse(resume)
-            _check_stored_or_config_error(fetch)
+            step = _check_stored_or_config_error(fetch)
             if any(name.startswith("zero/") for name in fetch.files()):
                 raise ConfigError(f"train.resume={fetch}: a DeepSpeed ZeRO checkpoint (DeepSpeed unpickles its files): "
                                   "Plait loads them only from the run's own storage (train.resume=\"latest\")")
             start = run_dir / "resumed" / fetch.root.rsplit("/", 1)[-1]
         elif resume:
             start = Path(resume.removeprefix("file://")).expanduser().resolve()
-            _check_or_config_error(start)
+            step = _check_or_config_error(start)
         archive_to = archive_folder(run_dir) if earlier_outputs(run_dir) else None
         if start is not None and fetch is None and archive_to is not None and start.is_relative_to(run_dir) \
                 and not start.is_relative_to(run_dir / EARLIER):
@@ -165,7 +167,7 @@ class RunDir:
         storage_archive = _storage_archive(loc) if loc is not None else None
         if storage_archive is not None:
             notes.append(f"fresh start: the earlier run in {loc} is kept under {loc.child(storage_archive)}")
-        return cls(run_dir, run_id, start, archive_to, notes, loc, fetch, storage_archive)
+        return cls(run_dir, run_id, start, archive_to, notes, loc, fetch, storage_archive, start_step=step)
 
     def start(self, job: str, attempt_note: str = "") -> None:
         """Once the ranks are placed: move the earlier run aside (here and on the storage side), record
@@ -180,7 +182,7 @@ class RunDir:
             self.storage_archive = None
         self.path.mkdir(parents=True, exist_ok=True)
         record = {"run_id": self.run_id, "job": job, "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                  "resume_from": str(self.resume_from) if self.resume_from else None,
+                  "resume_from": str(self.resume_from) if self.resume_from else None, "start_step": self.start_step,
                   "resume_source": str(self.fetch_from) if self.fetch_from else None,  # downloaded from there
                   "storage": self.storage.uri if self.storage is not None else None}
         tmp = self.path / f".{RECORD}.tmp"
@@ -203,7 +205,7 @@ class RunDir:
         was copied (nothing without storage, or before ``start``)."""
         if self.storage is None or not self.started:
             return []
-        _draw_plot(self.path)  # the plot lands in storage with the metrics, no `plait plot` needed
+        draw_plot(self.path)  # the plot lands in storage with the metrics, no `plait plot` needed
         return upload_run_files(self.path, self.storage)
 
     def restart_point(self) -> Path | None:
@@ -217,8 +219,9 @@ class RunDir:
         return self.resume_from
 
 
-def _draw_plot(path: Path) -> None:
-    """metrics.png from metrics.jsonl, when the run logged steps; a plotting failure never fails the run."""
+def draw_plot(path: Path) -> None:
+    """metrics.png from metrics.jsonl, when the run logged steps (the end of every run, on Ray, torchrun and
+    mpirun alike); a plotting failure never fails the run."""
     metrics, png = path / "metrics.jsonl", path / "metrics.png"
     if not metrics.is_file() or metrics.stat().st_size == 0:
         return
@@ -232,16 +235,17 @@ def _draw_plot(path: Path) -> None:
         logging.getLogger("plait").warning("drawing %s/metrics.png failed: %s", path, e)
 
 
-def _check_or_config_error(path: Path) -> None:
+def _check_or_config_error(path: Path) -> int:
+    """The committed checkpoint's step; ConfigError when it is missing or unreadable."""
     try:
-        check_committed(path)
+        return int(check_committed(path)["step"])
     except (FileNotFoundError, CorruptCheckpointError) as e:
         raise ConfigError(f"train.resume: {e}") from None
 
 
-def _check_stored_or_config_error(loc: StorageLocation) -> None:
+def _check_stored_or_config_error(loc: StorageLocation) -> int:
     try:
-        check_stored(loc)
+        return int(check_stored(loc)["step"])
     except (CheckpointNotFound, CorruptCheckpointError) as e:
         raise ConfigError(f"train.resume: {e}") from None
     except OSError as e:
@@ -268,7 +272,7 @@ def _check_storage(loc: StorageLocation) -> None:
 
 def _storage_archive(loc: StorageLocation) -> str | None:
     """Where a fresh start moves the storage side's earlier run: earlier/<its id> (None: nothing there)."""
-    if not [name for name in loc.entries() if name != EARLIER]:
+    if not [name for name in loc.entries() if name not in STAYS]:
         return None
     try:
         name = json.loads(loc.read_bytes(RECORD)).get("run_id") or ""
@@ -285,7 +289,7 @@ def _storage_archive(loc: StorageLocation) -> str | None:
 def _move_stored_run(loc: StorageLocation, dest: str) -> None:
     """Move every entry but earlier/ to ``dest``: copy (commit markers last), then delete (markers first),
     so a checkpoint is whole, committed, in one place or the other at every moment."""
-    for name in [n for n in loc.entries() if n != EARLIER]:
+    for name in [n for n in loc.entries() if n not in STAYS]:
         if loc.is_local:
             loc.fs.create_dir(loc.path(dest), recursive=True)
             loc.fs.move(loc.path(name), loc.path(f"{dest}/{name}"))

@@ -24,6 +24,7 @@ from typing import Any
 
 from plait.runtime.cluster import ClusterConfig
 from plait.runtime.config import ConfigError, apply_overrides, build, unknown_key_message
+from plait.runtime.driver_log import say
 from plait.runtime.storage_location import is_uri, persistent_path
 from plait.runtime.watchdog import WatchdogConfig
 from plait.runtime.worker_group import WorkerConfig
@@ -43,6 +44,7 @@ class JobSpec:
     code: dict[str, tuple[str, str]] = field(default_factory=dict)  # local job module sent to the ranks
     storage: str = ""  # where outputs persist: "" (the run directory only), an absolute path, or a URI
     watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
+    command: list[str] = field(default_factory=list)  # the command line that started the run (set by the CLI)
 
 
 def load_job_module(name: str, search: list[Path] | None = None) -> ModuleType:
@@ -137,5 +139,5 @@ def output_path(path: str, key: str) -> Path:
     (default ~/plait-runs), said in one line, and a path inside that temporary copy is refused."""
     resolved, note = persistent_path(path, key)
     if note:
-        print(f"[plait] {note}", flush=True)
+        say(note)
     return resolved

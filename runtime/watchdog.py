@@ -3,7 +3,8 @@ rhythm and names the rank that stops keeping it.
 
 In a rank (runtime/rank_actor.py), ``Heartbeat`` holds the step counter the train loop bumps through
 ``ctx.step_done(step)`` (a plain attribute write, free) and a daemon thread that, every ``beat_s``,
-writes one small record into Ray's GCS key-value store: the beat count, the last step, the rank's own
+looks whether the driver asked the run to stop (runtime/stop.py) and writes one small record into
+Ray's GCS key-value store: the beat count, the last step, the rank's own
 median step time, and where its training thread is now (``phase``: "compute", "collective" inside a
 torch.distributed call, or "checkpoint" inside plait's Checkpointer). The channel works while the
 rank's actor is busy training, and a dead process or a frozen node simply stops beating.
@@ -28,6 +29,8 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
+
+from plait.runtime.context import StopFlag
 
 NAMESPACE = "plait"
 _COLLECTIVE_FILES = ("torch/distributed/distributed_c10d.py", "torch/distributed/c10d_logger.py",
@@ -84,10 +87,13 @@ def where_is(thread_id: int | None) -> tuple[str, str]:
 
 
 class Heartbeat:
-    """In a rank: the step counter and the thread that publishes it under ``key``."""
+    """In a rank: the step counter and the thread that publishes it under ``key`` (None: the watchdog is off) and,
+    when the job can be stopped (``stop_key``), looks whether the driver asked the ranks to stop (runtime/stop.py):
+    then ``stop_flag`` is set."""
 
-    def __init__(self, key: str, rank: int, node_id: str, beat_s: float):
-        self.key, self.rank, self.node_id, self.beat_s = key, rank, node_id, beat_s
+    def __init__(self, key: str | None, rank: int, node_id: str, beat_s: float, stop_key: str | None = None):
+        self.key, self.rank, self.node_id, self.beat_s, self.stop_key = key, rank, node_id, beat_s, stop_key
+        self.stop_flag = StopFlag()
         self.step: int | None = None
         self.intervals: deque[float] = deque(maxlen=32)
         self._last_at: float | None = None
@@ -119,12 +125,20 @@ class Heartbeat:
         while not self._stop.wait(self.beat_s if beat else 0):
             beat += 1
             try:
-                _kv()._internal_kv_put(self.key, json.dumps(self.record(beat)), overwrite=True, namespace=NAMESPACE)
+                if self.key is not None:
+                    _kv()._internal_kv_put(self.key, json.dumps(self.record(beat)), overwrite=True,
+                                           namespace=NAMESPACE)
+                if self.stop_key is not None and not self.stop_flag.is_set() and \
+                        _kv()._internal_kv_get(self.stop_key, namespace=NAMESPACE) is not None:
+                    self.stop_flag.set("driver")
             except Exception:  # noqa: BLE001 - the GCS is briefly unreachable: the driver sees a missed beat
                 pass
 
     def stop(self) -> None:
+        """End the thread (it finishes its beat first: no KV call is left running)."""
         self._stop.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout=self.beat_s + 10)
 
     def __reduce__(self):  # a RankContext sent elsewhere (returned, pickled) carries no heartbeat
         return type(None), ()

@@ -18,6 +18,7 @@ class WorkerConfig:
     pg_timeout_s: float = 1800.0  # torch.distributed process-group timeout (a collective waiting on a peer)
     call_timeout_s: float = 0.0  # the driver's wait for one group.run call; 0 = no limit
     max_restarts: int = 0  # job-level restarts from the latest checkpoint after a rank crashes
+    stop_grace_s: float = 120.0  # after Ctrl-C / SIGTERM: how long the ranks get to checkpoint and return
 
     def check(self) -> None:
         if self.num < 1:
@@ -32,10 +33,15 @@ class WorkerConfig:
             raise ValueError(f"workers.pg_timeout_s={self.pg_timeout_s}: must be > 0 seconds")
         if self.call_timeout_s < 0:
             raise ValueError(f"workers.call_timeout_s={self.call_timeout_s}: use 0 (no limit) or > 0 seconds")
+        if self.stop_grace_s <= 0:
+            raise ValueError(f"workers.stop_grace_s={self.stop_grace_s}: must be > 0 seconds (how long the ranks get "
+                             "to commit a checkpoint after Ctrl-C or SIGTERM)")
 
 
 class PlacementError(RuntimeError):
-    """The cluster cannot place the requested ranks."""
+    """The cluster cannot place the requested ranks; the message says what to lower or free."""
+
+    user_error = True
 
 
 def gpus_per_rank(requested: float, cluster_gpus: float, num: int) -> float:

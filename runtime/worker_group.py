@@ -22,6 +22,7 @@ after a failure there; runtime/placement.py decides whether the cluster has room
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -29,7 +30,7 @@ from typing import Any, Callable, Sequence
 import ray
 from plait.runtime.context import RankContext
 from plait.runtime.placement import bundle_selectors
-from plait.runtime.rank_actor import Failure, RankActor
+from plait.runtime.rank_actor import Failure, RankActor, end_actors
 from plait.runtime.watchdog import Watchdog, WatchdogConfig
 from plait.runtime.worker_config import (  # noqa: F401  (re-exported: the names users import from here)
     STRATEGIES,
@@ -41,6 +42,7 @@ from plait.runtime.worker_config import (  # noqa: F401  (re-exported: the names
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+log = logging.getLogger("plait")
 PEER_GRACE_S = 2.0  # after a communication error, how long the other ranks get to report the root cause
 POLL_S = 0.5  # the longest single wait on the ranks: between waits, the watchdog looks at their heartbeats
 SETUP_SLACK_S = 120.0  # start-up calls (node info, rendezvous, process group) wait pg_timeout_s plus this
@@ -50,14 +52,17 @@ class RankError(RuntimeError):
     """A rank failed. ``rank`` says which (``ranks``: all of them, for a call timeout), ``kind`` the
     exception's class name, ``message`` its one-line cause, ``remote_traceback`` its traceback, and
     ``transient`` whether a restart can fix it (a dead process, a lost node, a communication error,
-    a timeout, a hang) or not (any other exception: it would fail the same way again). ``node_ids``:
-    the Ray node ids of ``ranks`` (what a restart keeps its new placement off, when it can)."""
+    a timeout, a hang) or not (any other exception: it would fail the same way again). ``user_error``:
+    the rank's exception class marks its message as naming the bad input and the fix (``user_error =
+    True``): the CLI prints it in one line and exits 2. ``node_ids``: the Ray node ids of ``ranks`` (what
+    a restart keeps its new placement off, when it can)."""
 
     def __init__(self, rank: int, world_size: int, node_ip: str, detail: str, cause: BaseException | None = None,
-                 *, kind: str = "", message: str = "", transient: bool = False, ranks: list[int] | None = None,
-                 node_ips: list[str] | None = None, node_ids: list[str] | None = None):
+                 *, kind: str = "", message: str = "", transient: bool = False, user_error: bool = False,
+                 ranks: list[int] | None = None, node_ips: list[str] | None = None,
+                 node_ids: list[str] | None = None):
         self.rank, self.node_ip, self.remote_traceback, self.cause = rank, node_ip, detail, cause
-        self.kind, self.message, self.transient = kind, message, transient
+        self.kind, self.message, self.transient, self.user_error = kind, message, transient, user_error
         self.ranks, self.node_ips, self.node_ids = ranks or [rank], node_ips or [node_ip], node_ids or []
         who = (f"rank {rank} of {world_size} (node {node_ip})" if len(self.ranks) == 1 else
                f"ranks {', '.join(map(str, self.ranks))} of {world_size} (nodes {', '.join(self.node_ips)})")
@@ -68,10 +73,11 @@ class WorkerGroup:
     def __init__(self, cfg: WorkerConfig, run_dir: str | Path, *, attempt: int = 0, env: dict[str, str] | None = None,
                  context: dict[str, Any] | None = None, pg_timeout_s: float | None = None,
                  code: dict[str, tuple[str, str]] | None = None, watchdog: WatchdogConfig | None = None,
-                 avoid_nodes: Sequence[str] = ()):
+                 avoid_nodes: Sequence[str] = (), stop_key: str | None = None):
         """``code``: {module name: (path, source)} of local job modules the ranks must import (sent with
         the actors, so nodes need not have the files). ``watchdog``: hang detection (default: on, with
-        WatchdogConfig's defaults). ``avoid_nodes``: Ray node ids no rank may be placed on."""
+        WatchdogConfig's defaults). ``avoid_nodes``: Ray node ids no rank may be placed on. ``stop_key``: the
+        Ray KV key whose presence asks the ranks to stop (``ctx.stop_requested()``; runtime/stop.py)."""
         cfg.check()
         if not ray.is_initialized():
             raise RuntimeError("Ray is not initialised: call plait.runtime.connect() first")
@@ -80,6 +86,7 @@ class WorkerGroup:
         self.world_size = cfg.num
         self.node_ips: list[str] = []
         self.node_ids: list[str] = []
+        self.pids: list[int] = []
         self.started = False  # start() built an object on every rank
         self.avoid_nodes = list(avoid_nodes)
         gpus = gpus_per_rank(cfg.gpus_per_worker, ray.cluster_resources().get("GPU", 0), cfg.num)
@@ -106,15 +113,20 @@ class WorkerGroup:
             timeout_s = pg_timeout_s or cfg.pg_timeout_s
             bound = timeout_s + SETUP_SLACK_S
             infos = self._gather([a.node_info.remote() for a in self.actors], bound)
-            self.node_ips = [ip for ip, _ in infos]
-            self.node_ids = [node_id for _, node_id in infos]
+            self.node_ips = [ip for ip, _, _ in infos]
+            self.node_ids = [node_id for _, node_id, _ in infos]
+            self.pids = [pid for _, _, pid in infos]
             self.locals = local_ranks(self.node_ids)
             # All ranks on one machine: rendezvous on loopback, never exposed beyond it.
             opened = self.actors[0].open_rendezvous.remote(len(set(self.node_ips)) == 1, cfg.num, timeout_s)
             master = self._gather([opened], bound)[0]
-            beats = [(self.watchdog.key(r), watch.beat_s) if watch.enabled else None for r in range(cfg.num)]
+            beats = [(self.watchdog.key(r) if watch.enabled else None, watch.beat_s, stop_key)
+                     if watch.enabled or stop_key else None for r in range(cfg.num)]
             setups = [a.setup.remote(self._fields(r), master, timeout_s, beats[r]) for r, a in enumerate(self.actors)]
             self.backend = self._gather(setups, bound)[0]
+            log.info("placed %d rank(s), %s: %s", cfg.num, self.backend, "; ".join(
+                f"rank {r} on {ip} (node {nid[:12]}, pid {pid})"
+                for r, (ip, nid, pid) in enumerate(zip(self.node_ips, self.node_ids, self.pids, strict=True))))
         except BaseException:
             self.shutdown()
             raise
@@ -284,7 +296,7 @@ class WorkerGroup:
         ip = self.node_ips[rank] if self.node_ips else "?"
         self.shutdown(graceful=False)
         raise RankError(rank, self.world_size, ip, f.detail, f.cause, kind=f.kind, message=f.message,
-                        transient=f.transient, node_ids=self.node_ids[rank:rank + 1])
+                        transient=f.transient, user_error=f.user_error, node_ids=self.node_ids[rank:rank + 1])
 
     def _silent_ranks(self) -> list[int]:
         """Ranks whose heartbeat stopped (their process or node is gone), given a few beats to show it."""
@@ -315,12 +327,14 @@ class WorkerGroup:
                         node_ids=[self.node_ids[r] for r in ranks] if self.node_ids else [])
 
     def shutdown(self, graceful: bool = True) -> None:
-        """Destroy process groups (when ranks are idle), kill the actors, free the placement group."""
-        if graceful and self.actors:
-            ray.wait([a.teardown.remote() for a in self.actors], num_returns=len(self.actors), timeout=30)
-        for a in self.actors:
-            ray.kill(a, no_restart=True)
-        self.actors = []
+        """End the group, then free its placement group. ``graceful`` (the ranks are idle): each rank stops its
+        heartbeat thread and destroys its process group, then its actor exits by itself; otherwise (a rank failed,
+        peers may be stuck in a collective) the actors are killed. Either way the actors are gone before the
+        placement group is removed (rank_actor.end_actors), so a clean run prints no traceback at its end."""
+        actors, self.actors = self.actors, []
+        if graceful and actors:
+            ray.wait([a.teardown.remote() for a in actors], num_returns=len(actors), timeout=30)
+        end_actors(actors, graceful, self.pids, self.node_ids)
         if self.pg is not None:
             remove_placement_group(self.pg)
             _wait_removed(self.pg)
@@ -335,7 +349,7 @@ class WorkerGroup:
 
 
 _OWN_FIELDS = {"rank", "world_size", "local_rank", "local_world_size", "node_ip", "device", "backend", "run_dir",
-               "attempt", "heartbeat"}
+               "attempt", "heartbeat", "stop"}
 
 
 def _checked_context(context: dict[str, Any]) -> dict[str, Any]:

@@ -5,6 +5,7 @@ the trainer's last rank can be made to die once, to exercise the restart of cont
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -16,6 +17,7 @@ class WorkConfig:
     rounds: int = 3
     generators: int = 2
     crash_round: int = 0  # the trainer's last rank dies in this round (first attempt only); 0 = never
+    round_sleep_s: float = 0.0  # each round also sleeps this long on the driver (a run slow enough to stop)
 
 
 @dataclass
@@ -59,7 +61,7 @@ def control(job, cfg: Config) -> dict:
                           name="generator")
     for i in range(len(pool)):
         pool.submit(i, "generate", 0)
-    stats = []
+    stats, stopped_at = [], None
     for version in range(1, w.rounds + 1):
         batch = [pool.next_done() for _ in range(len(pool))]
         samples = sorted(done.value["sample"] for done in batch)
@@ -67,10 +69,14 @@ def control(job, cfg: Config) -> dict:
         for done in batch:  # the generators make the next samples while the trainer trains
             pool.submit(done.index, "generate", version)
         stats = trainer.gather(refs)
+        time.sleep(w.round_sleep_s)
+        if job.stop_requested():  # Ctrl-C or SIGTERM on the driver: return now (a real job commits a checkpoint)
+            stopped_at = version
+            break
     while pool.in_flight():
         pool.next_done()
     return {"attempt": job.attempt, "version": stats[0]["version"], "seen": stats[0]["seen"],
-            "made": pool.call_all("made_count"), "ranks_agree": stats[0] == stats[1]}
+            "made": pool.call_all("made_count"), "ranks_agree": stats[0] == stats[1], "stopped_at": stopped_at}
 
 
 def summarize(cfg: Config, run_dir, result: dict) -> dict:

@@ -90,7 +90,8 @@ def test_fresh_start_keeps_the_previous_run_under_earlier(uninterrupted):
 def test_killed_rank_restarts_from_latest_checkpoint(uninterrupted):
     tmp, full = uninterrupted
     crashed = tiny_job(tmp, "crash", max_restarts=1, checkpoint_every=2, fail_at_step=3)
-    assert crashed["restarts"] == 1 and crashed["start_step"] == 2  # resumed from the step-2 checkpoint
+    assert crashed["restarts"] == 1 and crashed["start_step"] == 0  # the run began at step 0 ...
+    assert crashed["restart_log"][0]["resumed_step"] == 2  # ... and resumed from the step-2 checkpoint
     assert_same_params(final_params(crashed["checkpoint"]), final_params(full["checkpoint"]))
 
 

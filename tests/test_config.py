@@ -57,6 +57,8 @@ def test_values_checked_when_parsed():
         spec_from_table({**BASE, "plan": {"engine": "zero4"}})
     with pytest.raises(ConfigError, match=r"workers.strategy='PAKC': choose one of PACK"):
         spec_from_table({**BASE, "workers": {"strategy": "PAKC"}})
+    with pytest.raises(ConfigError, match=r"workers.stop_grace_s=0.0: must be > 0 seconds \(how long the ranks get"):
+        spec_from_table({**BASE, "workers": {"stop_grace_s": 0}})
     with pytest.raises(ConfigError, match=r"train.global_batch=15 must divide evenly over plan.dp=2"):
         spec_from_table({**BASE, "train": {"global_batch": 15}, "plan": {"dp": 2}})
 

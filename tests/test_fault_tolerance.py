@@ -82,7 +82,10 @@ def test_a_rank_stuck_inside_a_step_is_named_and_the_job_restarts_to_the_uninter
     run_dir = tmp_path / "run"
     summary = toy(run_dir, max_restarts=1, fail="hang:4")
     out = capsys.readouterr().out
-    assert summary["restarts"] == 1 and summary["start_step"] == 3  # restarted from the step-3 checkpoint
+    assert summary["restarts"] == 1 and summary["start_step"] == 0  # the run began at step 0 ...
+    (restart,) = summary["restart_log"]  # ... and restarted from the step-3 checkpoint
+    assert (restart["kind"], restart["failed_ranks"], restart["resumed_step"]) == ("Hang", [1], 3)
+    assert restart["resumed_from"] == str(run_dir / "checkpoints" / "step_00000003")
     assert torch.equal(summary["weight"], uninterrupted["weight"])
     assert summary["losses"] == uninterrupted["losses"][3:]
     log = (run_dir / "plait.log").read_text()
@@ -123,7 +126,7 @@ def test_a_rank_killed_during_a_checkpoint_write_leaves_the_previous_checkpoint_
         assert not (run_dir / "checkpoints" / "step_00000004").exists()  # mid-write: not committed
 
     outcome = kill_at_marker(run_dir, "saving.rank1", not_committed, fail="slow_save:4")
-    assert outcome["restarts"] == 1 and outcome["start_step"] == 3  # step 3 stayed the latest
+    assert outcome["restarts"] == 1 and outcome["restart_log"][0]["resumed_step"] == 3  # step 3 stayed the latest
     assert torch.equal(outcome["weight"], uninterrupted["weight"])
     assert outcome["losses"] == uninterrupted["losses"][3:]
     meta = json.loads((run_dir / "checkpoints" / "step_00000006" / "meta.json").read_text())
@@ -135,7 +138,7 @@ def test_a_rank_killed_from_outside_in_the_middle_of_a_step_restarts_to_the_unin
     calm = {**FAST_WATCHDOG, "floor_s": 600, "first_step_s": 600}  # the kill, not the watchdog, ends the attempt
     # stuck.rank1 is written inside step 4, between backward and the all-reduce
     outcome = kill_at_marker(tmp_path / "run", "stuck.rank1", watchdog=calm, fail="hang:4")
-    assert outcome["restarts"] == 1 and outcome["start_step"] == 3
+    assert outcome["restarts"] == 1 and outcome["restart_log"][0]["resumed_step"] == 3
     assert torch.equal(outcome["weight"], uninterrupted["weight"])
     assert outcome["losses"] == uninterrupted["losses"][3:]
 
@@ -226,11 +229,10 @@ def test_a_lost_node_is_kept_out_of_the_restarted_placement(ray_cluster, two_nod
     again = [json.loads((run_dir / f"node.attempt1.rank{r}").read_text()) for r in range(2)]
     assert all(p["head"] and p["node_id"] != lost for p in again)
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["restarts"] == 1 and summary["start_step"] > 0
-    logged = {}
-    for line in metrics.read_text().splitlines():  # the restart logs its steps again: keep the last of each
-        row = json.loads(line)
-        logged[row["step"]] = row["loss"]
+    assert summary["restarts"] == 1 and summary["restart_log"][0]["resumed_step"] > 0
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [row["step"] for row in rows] == list(range(1, 15))  # the restart's steps replaced the lost attempt's
+    logged = {row["step"]: row["loss"] for row in rows}
     plain = run_job(spec_from_table({"job": "toy_job", "run_dir": str(tmp_path / "plain"), "workers": {"num": 2},
                                      "train": {"steps": 14}}))
     assert [logged[s] for s in range(1, 15)] == plain["losses"]

@@ -2,11 +2,14 @@
 
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -96,6 +99,10 @@ def test_torchrun_and_mpirun_train_the_mlp_spec_to_the_ray_paths_losses(ray_clus
         assert summary["last_loss"] == pytest.approx(ray_summary["last_loss"], rel=1e-9)
         assert (tmp_path / name / "checkpoints" / "step_00000004" / "meta.json").is_file()
         assert json.loads((tmp_path / name / "run.json").read_text())["run_id"] == summary["run_id"]
+        assert (tmp_path / name / "metrics.png").stat().st_size > 1000  # drawn at the end, as on Ray
+        assert "started in" in (tmp_path / name / "plait.log").read_text()  # rank 0 keeps the driver's log
+        assert not (tmp_path / name / ".plait.lock").exists()  # rank 0 held the run_dir, and let it go
+    assert (tmp_path / "ray" / "metrics.png").stat().st_size > 1000
 
 
 @pytest.mark.slow
@@ -111,10 +118,47 @@ def test_a_torchrun_restart_continues_the_run_from_its_checkpoint_to_the_uninter
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     assert "torchrun restart 1: continuing" in done.stdout
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["restarts"] == 1 and summary["start_step"] == 1  # the newest committed checkpoint: step 1
+    assert summary["restarts"] == 1 and summary["start_step"] == 0  # the run began at step 0 ...
+    assert summary["restart_log"][0]["resumed_step"] == 1  # ... the restart resumed the newest checkpoint: step 1
     assert summary["losses"] == pytest.approx(whole["losses"][1:], rel=1e-12)
     assert summary["weight"] == str(whole["weight"])
     assert not (tmp_path / "run" / "earlier").exists()  # the same run continued, nothing moved aside
+
+
+def test_a_torchrun_run_holds_its_run_dir_and_stops_on_sigterm_with_a_checkpoint(tmp_path):
+    (tmp_path / "toy.toml").write_text('job = "toy_job"\nrun_dir = "run"\n[workers]\nnum = 2\n'
+                                       '[train]\nsteps = 4000\nstep_sleep_s = 0.1\ncheckpoint_every = 0\n')
+    env = clean_env(PYTHONPATH=os.pathsep.join(filter(None, [str(REPO / "tests"), os.environ.get("PYTHONPATH")])))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "plait.launchers.spmd", "toy.toml"]
+    with open(tmp_path / "out.txt", "w") as out:
+        launched = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+    try:
+        metrics, deadline = tmp_path / "run" / "metrics.jsonl", time.monotonic() + 300
+        while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
+            assert launched.poll() is None and time.monotonic() < deadline, (tmp_path / "out.txt").read_text()[-3000:]
+            time.sleep(0.5)
+        refused = subprocess.run([sys.executable, "-m", "plait.runtime", "run", "toy.toml"], env=env, cwd=tmp_path,
+                                 capture_output=True, text=True, timeout=300)
+        assert refused.returncode == 2
+        assert re.search(rf"run_dir {tmp_path / 'run'} is in use by another plait run: host \S+, pid \d+, .*"
+                         r"`torchrun \.\.\. -m plait.launchers.spmd toy.toml`", refused.stderr)
+        os.killpg(launched.pid, signal.SIGTERM)  # as Slurm's scancel: every process of the step
+        launched.wait(timeout=120)
+    finally:
+        if launched.poll() is None:
+            os.killpg(launched.pid, signal.SIGKILL)
+            launched.wait()
+    printed = (tmp_path / "out.txt").read_text()
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    last = len(metrics.read_text().splitlines())
+    assert summary["stopped"]["signal"] == "SIGTERM" and summary["stopped_at"] == last < 4000
+    assert summary["stopped"]["checkpoint"] == str(tmp_path / "run" / "checkpoints" / f"step_{last:08d}")
+    assert f"[plait] stopped by SIGTERM: the ranks committed a checkpoint at a step boundary and returned; last " \
+           f"committed checkpoint {summary['stopped']['checkpoint']}; continue with: torchrun ... -m " \
+           "plait.launchers.spmd toy.toml train.resume=latest" in printed
+    assert not (tmp_path / "run" / ".plait.lock").exists()
 
 
 CTX_JOB = '''

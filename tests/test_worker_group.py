@@ -74,7 +74,8 @@ def rendezvous_view(ctx):
 
 
 def test_ranks_see_world_and_reduce_across_it(ray_cluster, tmp_path):
-    before = ray.available_resources()["CPU"]
+    before = ray.cluster_resources()["CPU"]
+    assert cpus_back_to(before)  # what an earlier test placed has been given back (Ray frees it asynchronously)
     run_dir = tmp_path / "run"
     with WorkerGroup(WorkerConfig(num=3), run_dir) as group:
         out = group.run(identity_and_sum)

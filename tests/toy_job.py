@@ -22,17 +22,26 @@ class TrainConfig:
     resume: str = ""
     fail: str = ""  # "", "crash:N" (last rank's process dies after step N, first attempt only),
     #                 "value_error:N" (a ValueError at step N, every attempt), "import_error" (at start),
+    #                 "user_error:N" (the last rank raises BadInput, an error marked user_error, at step N),
     #                 "hang:N" (last rank writes stuck.rankR = its pid, then sleeps inside step N before its all-reduce,
     #                 first attempt only),
     #                 "slow_save:N" (in checkpoint N's save, after the data files are written, every rank
     #                 writes saving.rankR holding its pid and the last rank sleeps: first attempt only)
     step_sleep_s: float = 0.0  # every step also sleeps this long (a run slow enough to interrupt from outside)
+    honor_stop: bool = True  # False: the loop never asks ctx.stop_requested() (a job that ignores Ctrl-C/SIGTERM)
+    prepare_s: float = 0.0  # prepare (on the driver, before the ranks start) says so and takes this long
     record_nodes: bool = False  # each rank writes node.attemptA.rankR: its Ray node id and whether it is the head
 
 
 @dataclass
 class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
+
+
+class BadInput(Exception):
+    """An error in the user's input raised on a rank: its message names the value and the fix."""
+
+    user_error = True
 
 
 def _batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,6 +80,12 @@ def _record_node(ctx: RankContext) -> None:
     (ctx.run_dir / f"node.attempt{ctx.attempt}.rank{ctx.rank}").write_text(json.dumps(record))
 
 
+def prepare(cfg: Config, run_dir) -> None:
+    if cfg.train.prepare_s:
+        print("[toy] preparing", flush=True)
+        time.sleep(cfg.train.prepare_s)
+
+
 def train(ctx: RankContext, cfg: Config) -> dict:
     t = cfg.train
     with open(ctx.run_dir / f"attempts.rank{ctx.rank}", "a") as f:
@@ -88,7 +103,7 @@ def train(ctx: RankContext, cfg: Config) -> dict:
     start = ckpt.load(ctx.resume_from, state)["step"] if ctx.resume_from is not None else 0
     metrics = MetricsLogger(ctx.run_dir, enabled=ctx.is_main, total_steps=t.steps, start_step=start, progress="off")
     ctx.step_done(start)  # started: the watchdog now watches the first step too (watchdog.first_step_s)
-    losses = []
+    losses, stopped_at = [], None
     for step in range(start, t.steps):
         x, y = _batch(step)
         loss = ((model(x).squeeze(-1) - y) ** 2).mean()
@@ -107,14 +122,22 @@ def train(ctx: RankContext, cfg: Config) -> dict:
         metrics.log(step + 1, loss=loss.item())
         if t.fail == f"value_error:{step + 1}":
             raise ValueError(f"bad value at step {step + 1}")
+        if t.fail == f"user_error:{step + 1}" and ctx.rank == ctx.world_size - 1:
+            raise BadInput(f"row {step + 1} of the input holds 'x' where a number belongs: fix the input file")
         if t.fail == f"crash:{step + 1}" and ctx.attempt == 0 and ctx.rank == ctx.world_size - 1:
             os._exit(17)
-        if t.checkpoint_every and (step + 1) % t.checkpoint_every == 0:
+        saved = bool(t.checkpoint_every) and (step + 1) % t.checkpoint_every == 0
+        if saved:
             ckpt.save(step + 1, state)
         ctx.step_done(step + 1)
+        if t.honor_stop and ctx.stop_requested():  # Ctrl-C or SIGTERM: commit this step and return (all agree)
+            if not saved:
+                ckpt.save(step + 1, state)
+            stopped_at = step + 1
+            break
     metrics.close()
     return {"start_step": start, "losses": losses, "weight": model.weight.detach().clone(),
-            "resume_from": str(ctx.resume_from) if ctx.resume_from else None}
+            "resume_from": str(ctx.resume_from) if ctx.resume_from else None, "stopped_at": stopped_at}
 
 
 def summarize(cfg: Config, run_dir, results: list[dict]) -> dict:
