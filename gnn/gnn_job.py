@@ -236,18 +236,12 @@ def describe(before: dict, after: dict) -> str:
 
 
 def summarize(cfg: Config, run_dir: Path, results: list[dict]) -> dict:
-    from plait.runtime.plot import plot_run
-
-    main = results[0]
-    losses = main["losses"]
+    main = results[0]  # first/last loss, the run's start and the plot: the runtime's (runtime/run_summary.py)
     out = {"model": cfg.train.model, "loader": cfg.train.loader, "epochs": cfg.train.epochs,
-           "start_epoch": main["start_epoch"], "first_loss": round(losses[0], 4) if losses else None,
-           "last_loss": round(losses[-1], 4) if losses else None,
+           "start_epoch": main["start_epoch"],
            "val_acc": [round(a, 4) for a in main["val_acc"]], "test_acc": round(main["test_acc"], 4),
            "epoch_s": [round(s, 2) for s in main["epoch_s"]],
            "bytes_read": int(sum(r["loader_stats"].get("bytes_read", 0) for r in results)),
            "param_digests": [r["param_digest"] for r in results], "checkpoint": main["checkpoint"],
-           "stopped": main["stopped"], "metrics": str(run_dir / "metrics.jsonl")}
-    if (run_dir / "metrics.jsonl").is_file():
-        out["plot"] = str(plot_run(run_dir))
+           "metrics": str(run_dir / "metrics.jsonl")}
     return out

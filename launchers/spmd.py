@@ -138,11 +138,11 @@ def end_run(spec: Any, run: Any, results: list, started: float, placement: Place
                    "how": "the ranks committed a checkpoint at a step boundary and returned",
                    "checkpoint": str(checkpoint) if checkpoint else None,
                    "continue_with": resume_command(spec.command)}
+    plot = draw_plot(run.path)
     summary = run_summary(job_summary, run, started=started, restarts=restarts, stopped=stopped,
-                          launcher=placement.launcher)
+                          launcher=placement.launcher, **({"plot": str(plot)} if plot else {}))
     summary["restarts"] = placement.attempt  # this attempt knows only its own restart, not the earlier ones
     write_summary(run.path, summary)
-    draw_plot(run.path)
     run.publish()  # outputs to the storage location, when the spec names one
     print(screen_summary(summary), flush=True)
     if stopped is not None:

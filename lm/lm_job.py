@@ -300,18 +300,8 @@ def export_model(cfg: Config, ctx: RankContext, parts: Parallelized, spec: Model
 
 
 def summarize(cfg: Config, run_dir: Path, results: list[dict]) -> dict:
-    main, losses = results[0], results[0]["losses"]
+    main = results[0]  # start_step, first/last loss and the plot: the runtime's (runtime/run_summary.py)
     return {"plan": cfg.plan.describe(), "family": main["family"], "model": cfg.model.path or "gpt",
-            "steps": cfg.train.steps, "start_step": main["start_step"],
-            "first_loss": round(losses[0], 4) if losses else None,
-            "last_loss": round(losses[-1], 4) if losses else None,
-            "eval_loss_start": main["eval_loss_start"],
+            "steps": cfg.train.steps, "eval_loss_start": main["eval_loss_start"],
             "eval_loss_end": main["eval_loss_end"], "export": main["export"], "checkpoint": main["checkpoint"],
-            "stopped": main["stopped"], "losses": losses, "metrics": str(run_dir / "metrics.jsonl"), **_plot(run_dir)}
-
-
-def _plot(run_dir: Path) -> dict:
-    from plait.runtime.plot import plot_run
-
-    metrics = run_dir / "metrics.jsonl"
-    return {"plot": str(plot_run(run_dir))} if metrics.is_file() and metrics.stat().st_size else {}
+            "losses": main["losses"], "metrics": str(run_dir / "metrics.jsonl")}

@@ -43,6 +43,8 @@ SCHEDULES = ("GPipe", "1F1B", "Interleaved1F1B", "LoopedBFS", "InterleavedZeroBu
 class PlanError(ValueError):
     """The plan cannot run; the message says which constraint failed and a plan that works."""
 
+    user_error = True  # the CLI prints the message and exits 2 (runtime/cli.py)
+
 
 @dataclass
 class ParallelPlan:

@@ -210,7 +210,11 @@ def control(job, cfg: Config) -> dict:
         if checkpoint_due(version):
             trainer.call("save", {**_meta(pos, pool, queue, retry, pending), "prompts_digest": digest})
 
+    stopped = False
     while version < train.steps and not out_of_time():
+        if job.stop_requested():  # Ctrl-C / SIGTERM: train what is queued, commit a checkpoint below, return
+            stopped = True
+            break
         if broadcast and not pool.in_flight() and min(held) < store.latest.version:
             sync_round(pool, hello["sync_address"], store.latest.version, held, sync, rl.weight_sync_timeout_s)
             continue
@@ -293,7 +297,7 @@ def control(job, cfg: Config) -> dict:
     wall = time.monotonic() - t0
     end_busy = _busy_share(busy, since, pool, time.monotonic())
     checkpoint = trainer.call("save", {**_meta(pos, pool, queue, retry, pending), "prompts_digest": digest})[0]
-    if held_prompts and cfg.prompts.eval_every and (not evals or evals[-1]["version"] != version):
+    if held_prompts and cfg.prompts.eval_every and not stopped and (not evals or evals[-1]["version"] != version):
         if broadcast and min(held) < store.latest.version:  # the final weights reach the generators first
             sync_round(pool, hello["sync_address"], store.latest.version, held, sync, rl.weight_sync_timeout_s)
         evals.append(final_eval(pool, held_prompts, store, gen.max_new_tokens, metrics, version))
@@ -321,7 +325,7 @@ def control(job, cfg: Config) -> dict:
         "losses": [h["loss"] for h in history], "weight_sync": rl.weight_sync, "sync_rounds": sync["round"],
         "sync_rounds_failed": sync["failed"], "most_steps_queued": most_queued,
         "evals": evals, "answer_entropy": [h["answer_entropy"] for h in history],
-        "distinct_answers": [h["distinct_answers"] for h in history], "collapsed": watch.warned,
+        "distinct_answers": [h["distinct_answers"] for h in history], "collapsed": watch.warned, "stopped": stopped,
     }
 
 
@@ -365,8 +369,6 @@ def _meta(pos: Position, pool, queue: StalenessQueue, retry, pending) -> dict:
 
 
 def summarize(cfg: Config, run_dir: Path, result: dict) -> dict:
-    from plait.runtime.plot import plot_run
-
     rewards = result["rewards"]
     head = rewards[: max(1, len(rewards) // 10)]
     tail = rewards[-max(1, len(rewards) // 10):]
@@ -377,6 +379,4 @@ def summarize(cfg: Config, run_dir: Path, result: dict) -> dict:
     if result["evals"]:
         out.update(eval_pass_at_1_start=result["evals"][0]["eval_pass_at_1"],
                    eval_pass_at_1_end=result["evals"][-1]["eval_pass_at_1"])
-    if (Path(run_dir) / "metrics.jsonl").is_file():
-        out["plot"] = str(plot_run(run_dir))
     return out

@@ -50,6 +50,7 @@ from typing import Any, Callable
 from plait.runtime.actor_pool import ActorPool
 from plait.runtime.cluster import connect, link_ray_logs
 from plait.runtime.driver_log import CheckpointWatcher, DriverLog, say
+from plait.runtime.faults import forwarded_env
 from plait.runtime.metrics import progress_mode, show_whole_steps_in_ray_bars
 from plait.runtime.placement import nodes_to_avoid
 from plait.runtime.run_dir import RunDir, draw_plot
@@ -221,7 +222,7 @@ def _attempt(spec: JobSpec, run: RunDir, attempt: int, resume_from: Path | None,
              driver_log: DriverLog, stop: StopOnSignal) -> Any:
     """One try at the job: ``control`` on the driver, or ``train`` on every rank of one group."""
     # A live progress bar only when someone watches a terminal; plain lines in logs otherwise.
-    env = {"PLAIT_PROGRESS": progress_mode()}
+    env = {"PLAIT_PROGRESS": progress_mode(), **forwarded_env()}  # tests' PLAIT_FAULTS reach every rank and actor
     control = getattr(spec.module, "control", None)
     if control is not None:
         if attempt == 0:
@@ -301,10 +302,11 @@ def _run(spec: JobSpec, run: RunDir, driver_log: DriverLog, stop: StopOnSignal, 
         stopped = _stopped(spec, run, stop.requested, "the ranks committed a checkpoint at a step boundary and "
                                                       "returned" if not hasattr(module, "control") else
                                                       "control returned")
-    summary = run_summary(job_summary, run, started=started, restarts=restarts, stopped=stopped)
+    plot = draw_plot(run.path)
+    summary = run_summary(job_summary, run, started=started, restarts=restarts, stopped=stopped,
+                          **({"plot": str(plot)} if plot else {}))
     write_summary(run.path, summary)
     log.info("summary: %s", summary)
-    draw_plot(run.path)
     copied = run.publish()  # the run's files to the storage location (none without one)
     if copied:
         log.info("copied %s to %s", ", ".join(copied), run.storage)

@@ -219,20 +219,21 @@ class RunDir:
         return self.resume_from
 
 
-def draw_plot(path: Path) -> None:
+def draw_plot(path: Path) -> Path | None:
     """metrics.png from metrics.jsonl, when the run logged steps (the end of every run, on Ray, torchrun and
-    mpirun alike); a plotting failure never fails the run."""
+    mpirun alike); a plotting failure never fails the run. Returns the PNG (None: no metrics, or it failed)."""
     metrics, png = path / "metrics.jsonl", path / "metrics.png"
     if not metrics.is_file() or metrics.stat().st_size == 0:
-        return
+        return None
     if png.is_file() and png.stat().st_mtime_ns >= metrics.stat().st_mtime_ns:
-        return  # the job's summarize already drew it from these metrics
+        return png  # drawn already from these metrics
     try:
         from plait.runtime.plot import plot_run
 
-        plot_run(path)
+        return plot_run(path)
     except Exception as e:  # noqa: BLE001 - the metrics themselves are still copied
         logging.getLogger("plait").warning("drawing %s/metrics.png failed: %s", path, e)
+        return None
 
 
 def _check_or_config_error(path: Path) -> int:

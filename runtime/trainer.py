@@ -32,8 +32,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
-import torch
-import torch.distributed as dist
 from plait.runtime.checkpoint import Checkpointer
 from plait.runtime.context import RankContext
 from plait.runtime.faults import active_faults, inject
@@ -159,15 +157,10 @@ class TrainLoop:
             self.ctx.log(f"stop requested: committed the checkpoint at step {n} and stopped")
 
     def _stop_requested(self) -> bool:
-        """Whether any rank was asked to stop: one all-reduce of a flag, so every rank stops at the same step
-        (a checkpoint is a collective); each rank's own flag may arrive a step apart."""
+        """Whether the run was asked to stop (``ctx.stop_requested()``: collective, every rank gets the same answer,
+        so all stop after the same step; a checkpoint is a collective)."""
         ask = getattr(self.ctx, "stop_requested", None)
-        flag = bool(ask()) if ask is not None else False
-        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-            return flag
-        agreed = torch.tensor([float(flag)], device=self.ctx.device)
-        dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
-        return bool(agreed.item())
+        return bool(ask()) if ask is not None else False
 
     def save(self) -> None:
         """Commit a checkpoint of the current step (collective), unless one of this step exists already."""
