@@ -38,7 +38,7 @@ from plait.runtime.checkpoint import EngineState, ModelOptimizer
 from plait.runtime.context import RankContext
 from plait.runtime.trainer import TrainLoop
 
-__all__ = ["Config", "validate", "estimate", "prepare", "train", "summarize"]
+__all__ = ["Config", "validate", "check_resume", "estimate", "prepare", "train", "summarize"]
 
 
 def validate(cfg: Config, world_size: int) -> None:
@@ -57,6 +57,24 @@ def validate(cfg: Config, world_size: int) -> None:
                          "or max_position_embeddings): shorten the sequences or raise the limit")
     if cfg.model.path and cfg.model.init == "pretrained" and not cfg.model.make_tiny:
         check_model_folder(Path(cfg.model.path), needs_tokenizer=bool(cfg.data.files) and not cfg.data.tokenizer)
+
+
+def check_resume(cfg: Config, meta: dict) -> None:
+    """On the driver, before anything starts (runtime/job.py): the checkpoint to resume fits this run. Another
+    train.steps changes the learning-rate schedule: refused unless train.reschedule=true, which says so in one line;
+    another train.global_batch would read another sequence order: refused."""
+    from plait.runtime.driver_log import say
+    from plait.runtime.trainer import check_reschedule
+
+    note = check_reschedule(meta.get("total_steps"), cfg.train.steps, cfg.train.reschedule)
+    if note:
+        say(note)
+    saved = meta.get("data", {}).get("global_batch")
+    if saved is not None and saved != cfg.train.global_batch:
+        raise ValueError(f"the checkpoint was written with train.global_batch={saved}, this run asks for "
+                         f"{cfg.train.global_batch}: the data order is a function of (seed, step, global batch), so "
+                         f"resuming under another global batch would repeat or skip sequences. Keep "
+                         f"train.global_batch={saved} (the dp degree may change), or start a new run")
 
 
 def check_model_folder(folder: Path, needs_tokenizer: bool) -> None:

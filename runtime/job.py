@@ -101,6 +101,9 @@ def run_job(spec: JobSpec, driver_log: DriverLog | None = None) -> dict[str, Any
         driver_log = driver_log or stack.enter_context(DriverLog())
         validate_job(spec)
         run = RunDir.plan(spec.run_dir, resume_request(spec), storage=spec.storage)
+        check_resume = getattr(spec.module, "check_resume", None)
+        if check_resume is not None and run.resume_meta:  # the job's word on continuing this checkpoint
+            check_resume(spec.config, run.resume_meta)
         locks = stack.enter_context(RunLock.hold(run.path, run.storage, run_id=run.run_id,
                                                  command=shlex.join(command_line(spec))))
         for note in locks.notes:

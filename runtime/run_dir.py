@@ -118,6 +118,7 @@ class RunDir:
     storage_archive: str | None = None  # where a fresh start moves the storage side's earlier run (relative)
     started: bool = False  # ``start`` has run: the folder holds this run
     start_step: int = 0  # the step of ``resume_from`` (read when checked: the checkpoint may be pruned later)
+    resume_meta: dict = field(default_factory=dict)  # the meta.json of ``resume_from`` ({}: a fresh start)
 
     @classmethod
     def plan(cls, run_dir: Path, resume: str, storage: str | StorageLocation | None = None) -> "RunDir":
@@ -133,30 +134,31 @@ class RunDir:
         if resume == "latest" and loc is not None:
             name = latest_stored(loc.child("checkpoints"))
             fetch = loc.child(f"checkpoints/{name}") if name else None
-            step = _check_stored_or_config_error(fetch) if fetch is not None else 0
+            meta = _check_stored_or_config_error(fetch) if fetch is not None else {}
             notes.append(f"continuing {loc} from {fetch}" if fetch else
                          f"train.resume=latest: no committed checkpoint in {loc.child('checkpoints')} yet, "
                          "starting at step 0")
             return cls(run_dir, run_id, run_dir / "checkpoints" / name if name else None, None, notes, loc, fetch,
-                       start_step=step)
+                       start_step=int(meta.get("step", 0)), resume_meta=meta)
         if resume == "latest":
             latest = Checkpointer(run_dir / "checkpoints", storage="").latest()
-            step = _check_or_config_error(latest) if latest is not None else 0
+            meta = _check_or_config_error(latest) if latest is not None else {}
             notes.append(f"continuing {run_dir} from {latest}" if latest else
                          f"train.resume=latest: no committed checkpoint in {run_dir / 'checkpoints'} yet, "
                          "starting at step 0")
-            return cls(run_dir, run_id, latest, None, notes, loc, start_step=step)
-        start, fetch, step = None, None, 0
+            return cls(run_dir, run_id, latest, None, notes, loc, start_step=int(meta.get("step", 0)),
+                       resume_meta=meta)
+        start, fetch, meta = None, None, {}
         if resume and is_uri(resume) and not resume.startswith("file://"):
             fetch = StorageLocation.parse(resume)
-            step = _check_stored_or_config_error(fetch)
+            meta = _check_stored_or_config_error(fetch)
             if any(name.startswith("zero/") for name in fetch.files()):
                 raise ConfigError(f"train.resume={fetch}: a DeepSpeed ZeRO checkpoint (DeepSpeed unpickles its files): "
                                   "Plait loads them only from the run's own storage (train.resume=\"latest\")")
             start = run_dir / "resumed" / fetch.root.rsplit("/", 1)[-1]
         elif resume:
             start = Path(resume.removeprefix("file://")).expanduser().resolve()
-            step = _check_or_config_error(start)
+            meta = _check_or_config_error(start)
         archive_to = archive_folder(run_dir) if earlier_outputs(run_dir) else None
         if start is not None and fetch is None and archive_to is not None and start.is_relative_to(run_dir) \
                 and not start.is_relative_to(run_dir / EARLIER):
@@ -167,7 +169,8 @@ class RunDir:
         storage_archive = _storage_archive(loc) if loc is not None else None
         if storage_archive is not None:
             notes.append(f"fresh start: the earlier run in {loc} is kept under {loc.child(storage_archive)}")
-        return cls(run_dir, run_id, start, archive_to, notes, loc, fetch, storage_archive, start_step=step)
+        return cls(run_dir, run_id, start, archive_to, notes, loc, fetch, storage_archive,
+                   start_step=int(meta.get("step", 0)), resume_meta=meta)
 
     def start(self, job: str, attempt_note: str = "") -> None:
         """Once the ranks are placed: move the earlier run aside (here and on the storage side), record
@@ -236,17 +239,17 @@ def draw_plot(path: Path) -> Path | None:
         return None
 
 
-def _check_or_config_error(path: Path) -> int:
-    """The committed checkpoint's step; ConfigError when it is missing or unreadable."""
+def _check_or_config_error(path: Path) -> dict:
+    """The committed checkpoint's meta.json; ConfigError when it is missing or unreadable."""
     try:
-        return int(check_committed(path)["step"])
+        return dict(check_committed(path))
     except (FileNotFoundError, CorruptCheckpointError) as e:
         raise ConfigError(f"train.resume: {e}") from None
 
 
-def _check_stored_or_config_error(loc: StorageLocation) -> int:
+def _check_stored_or_config_error(loc: StorageLocation) -> dict:
     try:
-        return int(check_stored(loc)["step"])
+        return dict(check_stored(loc))
     except (CheckpointNotFound, CorruptCheckpointError) as e:
         raise ConfigError(f"train.resume: {e}") from None
     except OSError as e:

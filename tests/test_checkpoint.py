@@ -1,12 +1,14 @@
 """Checkpoints: resume equals an uninterrupted run, restarts after a killed rank, torn writes ignored."""
 
 import json
+import os
 
 import pytest
 import torch
 from plait.models.gpt import GPT, GPTConfig
 from plait.runtime.checkpoint import Checkpointer
 from plait.runtime.cli import main
+from plait.runtime.faults import ENV
 from plait.runtime.job import run_job
 from plait.runtime.spec import spec_from_table
 from plait.runtime.worker_group import RankError
@@ -14,7 +16,8 @@ from plait.runtime.worker_group import RankError
 MODEL = {"vocab_size": 64, "d_model": 32, "n_layers": 2, "n_heads": 4, "max_seq_len": 16}
 
 
-def tiny_job(tmp_path, run: str, max_restarts: int = 0, **train):
+def tiny_job(tmp_path, run: str, max_restarts: int = 0, faults: str = "", **train):
+    """The job; ``faults``: PLAIT_FAULTS for this run (runtime/faults.py), e.g. rank 1 dies after step 4."""
     table = {
         "job": "plait.lm.lm_job",
         "run_dir": str(tmp_path / run),
@@ -25,7 +28,15 @@ def tiny_job(tmp_path, run: str, max_restarts: int = 0, **train):
                   "optim": {"lr": 1e-2, "warmup_steps": 2}, **train},
         "plan": {"dp": 2},
     }
-    return run_job(spec_from_table(table))
+    previous = os.environ.pop(ENV, None)
+    try:
+        if faults:
+            os.environ[ENV] = faults
+        return run_job(spec_from_table(table))
+    finally:
+        os.environ.pop(ENV, None)
+        if previous is not None:
+            os.environ[ENV] = previous
 
 
 def final_params(checkpoint: str) -> dict:
@@ -69,7 +80,7 @@ def test_resume_from_step_k_matches_uninterrupted_run(uninterrupted):
     tmp, full = uninterrupted
     # The same 6-step job, interrupted: rank 1 dies after step 4, the last checkpoint is step 3.
     with pytest.raises(RankError, match="process died"):
-        tiny_job(tmp, "split", checkpoint_every=3, fail_at_step=4)
+        tiny_job(tmp, "split", checkpoint_every=3, faults="exit@step=4,rank=1,attempt=0")
     rest = tiny_job(tmp, "split", resume="latest")
     assert rest["start_step"] == 3
     assert losses_by_step(tmp / "split") == losses_by_step(tmp / "full")  # bit-identical, step by step
@@ -89,7 +100,7 @@ def test_fresh_start_keeps_the_previous_run_under_earlier(uninterrupted):
 
 def test_killed_rank_restarts_from_latest_checkpoint(uninterrupted):
     tmp, full = uninterrupted
-    crashed = tiny_job(tmp, "crash", max_restarts=1, checkpoint_every=2, fail_at_step=3)
+    crashed = tiny_job(tmp, "crash", max_restarts=1, checkpoint_every=2, faults="exit@step=3,rank=1,attempt=0")
     assert crashed["restarts"] == 1 and crashed["start_step"] == 0  # the run began at step 0 ...
     assert crashed["restart_log"][0]["resumed_step"] == 2  # ... and resumed from the step-2 checkpoint
     assert_same_params(final_params(crashed["checkpoint"]), final_params(full["checkpoint"]))

@@ -59,3 +59,21 @@ def test_resuming_with_another_number_of_steps_needs_reschedule():
                                          r"learning-rate schedule .* add train.reschedule=true"):
         check_reschedule(100, 200, False)
     assert "now decays to step 200" in check_reschedule(100, 200, True)
+
+
+def test_a_checkpoint_of_another_schedule_or_batch_is_refused_on_the_driver(capsys):
+    from plait.runtime.driver_log import DriverLog
+
+    meta = {"step": 4, "total_steps": 4, "data": {"global_batch": 16}}
+    spec = load_spec(GPT_DP2, ["train.steps=8"])
+    with pytest.raises(ValueError, match=r"train.steps=8 but the checkpoint belongs to a run of 4: .*"
+                                         r"train.reschedule=true"):
+        spec.module.check_resume(spec.config, meta)
+    with DriverLog():
+        load_spec(GPT_DP2, ["train.steps=8", "train.reschedule=true"]).module.check_resume(
+            load_spec(GPT_DP2, ["train.steps=8", "train.reschedule=true"]).config, meta)
+    assert "continuing a 4-step run as a 8-step run; the learning-rate schedule now decays to step 8" in \
+        capsys.readouterr().out
+    spec = load_spec(GPT_DP2, ["train.steps=4", "train.global_batch=8"])
+    with pytest.raises(ValueError, match="train.global_batch=16, this run asks for 8"):
+        spec.module.check_resume(spec.config, meta)
