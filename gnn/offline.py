@@ -56,7 +56,7 @@ from plait.gnn.sampler import MiniBatch, NeighborSampler, batch_rng, batch_seeds
 from plait.storage.cache_policy import top_k_ids
 from plait.storage.disk_reader import DiskStore
 from plait.storage.feature_file import PAGE, FeatureWriter, open_feature_file, read_checksums
-from plait.storage.folders import dataset_lock, read_meta, write_folder
+from plait.storage.folders import dataset_lock, read_meta, write_atomic, write_folder
 
 READ_CHUNK_IDS = 1 << 13  # distinct rows per read of the feature file while packing (its buffer: <= 8 KiB a row)
 
@@ -142,12 +142,7 @@ def prepare_packed(graph, features_path, train_ids, fanouts, batch_size: int, se
     with dataset_lock(out_dir):  # preprocess_s with the fsyncs and the rename, committed like the rest
         meta = read_meta(out_dir)
         meta["preprocess_s"] = time.perf_counter() - start
-        tmp = out_dir / f"meta.json.tmp-{os.getpid()}"
-        with open(tmp, "w") as f:
-            f.write(json.dumps(meta, indent=1))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out_dir / "meta.json")
+        write_atomic(out_dir / "meta.json", json.dumps(meta, indent=1))
     return info_from_meta(out_dir, meta)
 
 

@@ -26,6 +26,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from plait.storage.folders import write_atomic
+
 ENV = "PLAIT_FAULTS"
 ACTIONS = ("exit", "raise", "hang", "sleep", "pidfile", "kill")
 FACTS = ("rank", "attempt", "index")  # keys that select where a fault fires; the rest are arguments
@@ -91,10 +93,8 @@ def inject(point: str, value: int | None = None, *, run_dir: str | Path | None =
         elif fault.action in ("sleep", "hang"):
             time.sleep(float(fault.args.get("seconds", 86400 if fault.action == "hang" else 1)))
         elif fault.action == "pidfile":
-            path = Path(run_dir or ".") / fault.args.get("path", "pids.txt")
-            tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_text(f"{facts.get('attempt', 0)} {os.getpid()}\n")
-            os.replace(tmp, path)
+            write_atomic(Path(run_dir or ".") / fault.args.get("path", "pids.txt"),
+                         f"{facts.get('attempt', 0)} {os.getpid()}\n")
         elif fault.action == "kill":
             kills.append(fault)
     return kills

@@ -46,6 +46,7 @@ from plait.runtime.checkpoint_store import MARKER, check_stored, fetch_checkpoin
 from plait.runtime.config import ConfigError
 from plait.runtime.run_lock import LOCK
 from plait.runtime.storage_location import StorageLocation, is_uri
+from plait.storage.folders import write_atomic
 
 EARLIER = "earlier"
 RECORD = "run.json"
@@ -188,9 +189,7 @@ class RunDir:
                   "resume_from": str(self.resume_from) if self.resume_from else None, "start_step": self.start_step,
                   "resume_source": str(self.fetch_from) if self.fetch_from else None,  # downloaded from there
                   "storage": self.storage.uri if self.storage is not None else None}
-        tmp = self.path / f".{RECORD}.tmp"
-        tmp.write_text(json.dumps(record, indent=1))
-        os.replace(tmp, self.path / RECORD)
+        write_atomic(self.path / RECORD, json.dumps(record, indent=1))
         self.started = True
         if self.storage is not None:
             self.storage.upload_file(self.path / RECORD, RECORD)

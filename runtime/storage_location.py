@@ -21,13 +21,13 @@ working directory, which Ray deletes later: a relative run_dir or storage path r
 from __future__ import annotations
 
 import os
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import pyarrow.fs as pafs
 from plait.runtime.config import ConfigError
+from plait.storage.folders import write_atomic
 
 CHUNK = 8 << 20  # bytes per read/write when copying a file
 RUN_ROOT_ENV = "PLAIT_RUN_ROOT"
@@ -131,13 +131,7 @@ class StorageLocation:
         target = self.path(rel)
         self.fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
         if self.is_local:
-            tmp = Path(target).with_name(f".{Path(target).name}.{uuid.uuid4().hex[:8]}.tmp")
-            with open(local, "rb") as src, open(tmp, "wb") as dst:
-                while chunk := src.read(CHUNK):
-                    dst.write(chunk)
-                dst.flush()
-                os.fsync(dst.fileno())
-            os.replace(tmp, target)
+            write_atomic(target, b"", src=local)
             return
         with open(local, "rb") as src, self.fs.open_output_stream(target) as dst:
             while chunk := src.read(CHUNK):
@@ -158,17 +152,7 @@ class StorageLocation:
             with self.fs.open_output_stream(target) as f:
                 f.write(data)
             return
-        tmp = Path(target).with_name(f".{Path(target).name}.{uuid.uuid4().hex[:8]}.tmp")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-        fd = os.open(Path(target).parent, os.O_RDONLY)  # the rename itself is durable before we go on
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        write_atomic(target, data)
 
     def download_tree(self, rel: str, local: str | Path) -> None:
         """Every file under ``rel`` into the local folder ``local`` (created)."""

@@ -183,6 +183,29 @@ def _remove_stale(path: Path, is_ours: Callable[[Path], bool]) -> None:
             shutil.rmtree(entry)
 
 
+def write_atomic(path: str | Path, data: bytes | str, src: str | Path | None = None) -> Path:
+    """The one durable write: ``data`` (or a copy of the file ``src``) into a temporary file beside ``path``,
+    fsynced, renamed over ``path``, the folder fsynced: a reader sees the old file or all of the new one, and after a
+    crash the file is one or the other. Returns ``path``."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_native_id()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            if src is not None:
+                with open(src, "rb") as source:
+                    shutil.copyfileobj(source, f, 1 << 20)
+            else:
+                f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    fsync_path(path.parent)
+    return path
+
+
 def write_npy(file: Path, array: np.ndarray) -> None:
     with open(file, "wb") as f:
         np.save(f, array, allow_pickle=False)

@@ -50,20 +50,15 @@ def write_sample_text(path: str | Path, max_docs: int = 2000) -> Path:
     """A Parquet file with one ``text`` column of stdlib documents at ``path`` (kept if it exists)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
+    from plait.storage.folders import write_atomic
 
     path = Path(path)
     if path.exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        pq.write_table(pa.table({"text": stdlib_documents(max_docs)}), tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.table({"text": stdlib_documents(max_docs)}), sink)
+    return write_atomic(path, sink.getvalue().to_pybytes())
 
 
 def train_tokenizer(vocab_size: int = 512, max_docs: int = 600):
