@@ -26,7 +26,7 @@ from plait.models.gpt import GPTConfig
 from plait.models.registry import model_spec, spec_for_config
 from plait.models.spec import ModelSpec
 from plait.parallel.parallelize import OptimConfig
-from plait.parallel.plan import ParallelPlan
+from plait.parallel.plan import ParallelPlan, batch_violations
 from plait.runtime.config import ConfigError
 from plait.runtime.trainer import LoopConfig
 
@@ -159,9 +159,8 @@ class Config:
 
 def check_batch(cfg: Config) -> None:
     """After the world check (validate): the global batch splits over the dp ranks."""
-    if cfg.train.global_batch % cfg.plan.dp:
-        raise ValueError(f"train.global_batch={cfg.train.global_batch} must divide evenly over plan.dp="
-                         f"{cfg.plan.dp} data-parallel ranks")
+    for msg in batch_violations(cfg.plan, cfg.train.global_batch):
+        raise ValueError(msg)
 
 
 def check_chunkwise(mode: str, plan: ParallelPlan) -> None:

@@ -77,7 +77,7 @@ from dataclasses import dataclass, field
 
 from plait.parallel import pipeline
 from plait.parallel.activation_checkpoint import wrapped_indices
-from plait.parallel.plan import ParallelPlan
+from plait.parallel.plan import ParallelPlan, batch_violations, sequence_violations
 from plait.parallel.shape import DecoderShape
 
 DTYPE_BYTES = {"float32": 4, "float64": 8, "bfloat16": 2, "float16": 2}
@@ -219,10 +219,8 @@ def estimate_memory(model: ModelParams, shape: DecoderShape, plan: ParallelPlan,
     """One RankMemory per global rank (see the module docstring for what is exact and what is not)."""
     plan.check()
     layout = plan.layout
-    if global_batch % plan.dp:
-        raise ValueError(f"global_batch={global_batch} does not split over dp={plan.dp} ranks")
-    if plan.cp > 1 and seq_len % (2 * plan.cp):
-        raise ValueError(f"seq_len={seq_len} does not split into 2*cp = {2 * plan.cp} equal chunks")
+    for msg in batch_violations(plan, global_batch, "global_batch") + sequence_violations(plan, seq_len):
+        raise ValueError(msg)
     if plan.cp > 1 and plan.engine.startswith("zero"):
         raise ValueError(f"engine={plan.engine!r} does not run with cp={plan.cp}: use fsdp2 or ddp")
     m = plan.microbatches if plan.pp > 1 else 1

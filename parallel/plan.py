@@ -33,11 +33,11 @@ from typing import Any
 from plait.parallel.activation_checkpoint import MODES as CHECKPOINTING
 from plait.parallel.data_parallel import ENGINES, PRECISIONS, check_engine_combination
 from plait.parallel.mesh import Layout
-from plait.parallel.pipeline import check_schedule
+from plait.parallel.pipeline import SCHEDULES as PIPELINE_SCHEDULES
+from plait.parallel.pipeline import check_schedule, schedule_name
 from plait.parallel.shape import decoder_shape
 
-# Every schedule torch.distributed.pipelining ships (pipeline.SCHEDULES holds their placement rules).
-SCHEDULES = ("GPipe", "1F1B", "Interleaved1F1B", "LoopedBFS", "InterleavedZeroBubble", "ZBVZeroBubble", "DualPipeV")
+SCHEDULES = tuple(PIPELINE_SCHEDULES)  # every schedule torch's pipelining ships (pipeline.py: placement rules)
 
 
 class PlanError(ValueError):
@@ -84,7 +84,10 @@ class ParallelPlan:
             if getattr(self, name) < 1:
                 raise PlanError(f"plan.{name}={getattr(self, name)}: must be >= 1")
         _one_of("engine", self.engine, ENGINES)
-        _one_of("schedule", self.schedule, SCHEDULES)
+        try:  # the one spelling rule (pipeline.schedule_name: case-insensitive, like torch)
+            self.schedule = schedule_name(self.schedule)
+        except ValueError as e:
+            raise PlanError(f"plan.schedule={self.schedule!r}: {e}") from None
         _one_of("activation_checkpointing", self.activation_checkpointing, CHECKPOINTING)
         _one_of("mixed_precision", self.mixed_precision, PRECISIONS)
 
@@ -190,12 +193,17 @@ def context_violations(plan: ParallelPlan, model: Any = None, seq_len: int | Non
         out.append(f"plan.cp={plan.cp} with plan.pp={plan.pp}: context parallelism does not combine with pipeline "
                    f"stages in Plait (stages would need the zigzag positions of hidden states): use pp=1, e.g. "
                    f"dp={plan.dp * plan.pp},cp={plan.cp},tp={plan.tp}")
-    if seq_len is not None and seq_len % (2 * plan.cp):
-        fit = seq_len - seq_len % (2 * plan.cp)
-        out.append(f"seq_len={seq_len} is not divisible by 2*plan.cp = {2 * plan.cp}: context parallelism cuts each "
-                   f"sequence into 2*cp equal chunks (rank r holds chunks r and 2*cp-1-r); use seq_len={fit} or "
-                   f"{fit + 2 * plan.cp}, or another cp")
-    return out
+    return out + sequence_violations(plan, seq_len)
+
+
+def sequence_violations(plan: ParallelPlan, seq_len: int | None) -> list[str]:
+    """Context parallelism cuts each sequence into 2*cp equal chunks (the one statement of the rule)."""
+    if plan.cp == 1 or seq_len is None or seq_len % (2 * plan.cp) == 0:
+        return []
+    fit = seq_len - seq_len % (2 * plan.cp)
+    return [f"seq_len={seq_len} is not divisible by 2*plan.cp = {2 * plan.cp}: context parallelism cuts each "
+            f"sequence into 2*cp equal chunks (rank r holds chunks r and 2*cp-1-r); use seq_len={fit} or "
+            f"{fit + 2 * plan.cp}, or another cp"]
 
 
 def schedule_violations(plan: ParallelPlan) -> list[str]:
@@ -208,6 +216,13 @@ def schedule_violations(plan: ParallelPlan) -> list[str]:
         check_schedule(plan.schedule, plan.pp, plan.virtual_stages, plan.microbatches)
     except ValueError as e:
         return [str(e)]
+    return []
+
+
+def batch_violations(plan: ParallelPlan, global_batch: int, what: str = "train.global_batch") -> list[str]:
+    """The global batch splits evenly over the data-parallel ranks (the one statement of the rule)."""
+    if global_batch % plan.dp:
+        return [f"{what}={global_batch} must divide evenly over plan.dp={plan.dp} data-parallel ranks"]
     return []
 
 

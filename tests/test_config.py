@@ -59,8 +59,9 @@ def test_values_checked_when_parsed():
         spec_from_table({**BASE, "workers": {"strategy": "PAKC"}})
     with pytest.raises(ConfigError, match=r"workers.stop_grace_s=0.0: must be > 0 seconds \(how long the ranks get"):
         spec_from_table({**BASE, "workers": {"stop_grace_s": 0}})
-    with pytest.raises(ConfigError, match=r"train.global_batch=15 must divide evenly over plan.dp=2"):
-        spec_from_table({**BASE, "train": {"global_batch": 15}, "plan": {"dp": 2}})
+    spec = spec_from_table({**BASE, "train": {"global_batch": 15}, "plan": {"dp": 2}})
+    with pytest.raises(ValueError, match=r"train.global_batch=15 must divide evenly over plan.dp=2"):
+        spec.module.validate(spec.config, 2)  # after the rank count (lm_job.validate): that is checked first
 
 
 def test_plan_world_mismatch_suggests_a_plan_that_works():
