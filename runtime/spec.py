@@ -47,11 +47,19 @@ class JobSpec:
     command: list[str] = field(default_factory=list)  # the command line that started the run (set by the CLI)
 
 
+# Jobs that moved: a spec naming the old module gets the new name, not an import error.
+MOVED_JOBS = {"plait.parallel.gpt_job": "plait.lm.lm_job", "plait.parallel.hf_job": "plait.lm.lm_job"}
+
+
 def load_job_module(name: str, search: list[Path] | None = None) -> ModuleType:
     """Import the job module. ``search`` (default: the current directory) is added to sys.path, so a
     ``my_job.py`` beside the spec or in the directory `plait run` starts in needs no PYTHONPATH; such a
     local single-file module is sent to the ranks (``local_code``), so it runs on a cluster whose nodes
     lack the file (a package must be installed on the nodes)."""
+    if name in MOVED_JOBS:
+        raise ConfigError(f"job = {name!r} is now {MOVED_JOBS[name]!r}, one language-model job for every model family "
+                          "(Plait's GPT from [model] sizes, or a Hugging Face folder as model.path): change the spec's "
+                          f"job line to job = \"{MOVED_JOBS[name]}\"")
     search = [Path(p).resolve() for p in (search if search is not None else [Path.cwd()])]
     for folder in search:
         if str(folder) not in sys.path:

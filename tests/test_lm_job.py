@@ -77,3 +77,11 @@ def test_a_checkpoint_of_another_schedule_or_batch_is_refused_on_the_driver(caps
     spec = load_spec(GPT_DP2, ["train.steps=4", "train.global_batch=8"])
     with pytest.raises(ValueError, match="train.global_batch=16, this run asks for 8"):
         spec.module.check_resume(spec.config, meta)
+
+
+def test_a_spec_naming_the_old_gpt_or_hf_job_is_told_the_new_name():
+    from plait.runtime.spec import spec_from_table
+
+    for old in ("plait.parallel.gpt_job", "plait.parallel.hf_job"):
+        with pytest.raises(ConfigError, match=rf"job = '{old}' is now 'plait.lm.lm_job'.*job = \"plait.lm.lm_job\""):
+            spec_from_table({"job": old})
