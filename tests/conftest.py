@@ -1,4 +1,5 @@
-"""Shared fixtures: one embedded Ray cluster per test session (8 logical CPUs on any machine)."""
+"""Shared fixtures: one embedded Ray cluster per test session (8 logical CPUs on any machine), and after every
+test the end of whatever it left running (``cleanup.py``): one failing test never fails the tests after it."""
 
 import os
 import sys
@@ -11,6 +12,8 @@ TESTS = Path(__file__).resolve().parent
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH", "")]))
 sys.path.insert(0, str(TESTS))
 
+import cleanup  # noqa: E402 - needs the path above
+
 
 @pytest.fixture(scope="session")
 def ray_cluster():
@@ -19,3 +22,29 @@ def ray_cluster():
     info = connect(ClusterConfig(num_cpus=8, num_gpus=0))
     yield info
     shutdown()
+
+
+@pytest.fixture(autouse=True)
+def nothing_left_running():
+    """Set up before and torn down after the test's other function fixtures, so their finalizers run first.
+    Actors, placement groups, child processes and non-daemon threads the test started and left alive are
+    ended here and reported as this test's error at teardown."""
+    before = cleanup.snapshot()
+    yield
+    ended = cleanup.end_leftovers(before)
+    if ended:
+        pytest.fail("the test left these running; they were ended so that the next test starts clean. Tear down "
+                    "what a test starts in a fixture finalizer or try/finally:\n  " + "\n  ".join(ended),
+                    pytrace=False)
+
+
+@pytest.fixture
+def ray_actors(ray_cluster):
+    """A list for the actor handles a test makes with ``ray.remote``: each is killed when the test ends,
+    whatever its outcome."""
+    import ray
+
+    actors = []
+    yield actors
+    for actor in actors:
+        ray.kill(actor, no_restart=True)
