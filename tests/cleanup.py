@@ -1,5 +1,6 @@
 """What a test leaves running: Ray actors and placement groups of the session's cluster, child processes of
-the test process, and non-daemon threads, each started during the test and still alive after it.
+the test process, and non-daemon threads, each started during the test and still alive after it; and the
+cluster's free CPUs, which must be back to what they were before the test.
 
 ``conftest.py`` takes a ``snapshot()`` before every test and calls ``end_leftovers(before)`` after it (after
 the test's own fixtures have torn down): whatever the test started and did not end is ended here, and the
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
@@ -32,6 +34,7 @@ class Snapshot:
     children: set[int] = field(default_factory=set)
     threads: set[int] = field(default_factory=set)
     ray_session: str | None = None
+    free: dict[str, float] = field(default_factory=dict)  # the cluster's available CPU and GPU
 
 
 def _ray_session() -> str | None:
@@ -84,19 +87,47 @@ def live_threads() -> dict[int, threading.Thread]:
             if t.is_alive() and not t.daemon and t is not threading.main_thread() and t.ident is not None}
 
 
+def free_resources() -> dict[str, float]:
+    """The connected cluster's available CPU and GPU (Ray hands back a dead actor's share a little later)."""
+    import ray
+
+    if not ray.is_initialized():
+        return {}
+    free = ray.available_resources()
+    return {res: free.get(res, 0.0) for res in ("CPU", "GPU")}
+
+
 def snapshot() -> Snapshot:
     return Snapshot(set(live_actors()), set(live_placement_groups()), set(live_children()), set(live_threads()),
-                    _ray_session())
+                    _ray_session(), free_resources())
 
 
-def _started_since(before: Snapshot) -> tuple[dict, dict, dict, dict]:
-    same_cluster = before.ray_session is not None and before.ray_session == _ray_session()
-    actors = {k: v for k, v in live_actors().items() if k not in before.actors} if same_cluster else {}
-    groups = {k: v for k, v in live_placement_groups().items() if k not in before.groups} if same_cluster else {}
+def wait_resources_back(before: Snapshot, timeout_s: float) -> dict[str, tuple[float, float]]:
+    """Wait until the cluster has at least as much available as before the test; returns what is still short
+    after ``timeout_s`` (resource -> (before, now))."""
+    if before.ray_session is None or before.ray_session != _ray_session():
+        return {}
+    deadline = time.monotonic() + timeout_s
+    while True:
+        now = free_resources()
+        short = {res: (had, now.get(res, 0.0)) for res, had in before.free.items() if now.get(res, 0.0) < had}
+        if not short or time.monotonic() >= deadline:
+            return short
+        time.sleep(0.25)
+
+
+def _started_since(before: Snapshot, kept: Snapshot | None = None) -> tuple[dict, dict, dict, dict]:
+    """What is alive now and was neither alive at ``before`` nor started by a broader fixture (``kept``)."""
+    kept = kept or Snapshot()
     session = _ray_session()
+    same_cluster = before.ray_session is not None and before.ray_session == session
+    actors = {k: v for k, v in live_actors().items()
+              if k not in before.actors and k not in kept.actors} if same_cluster else {}
+    groups = {k: v for k, v in live_placement_groups().items()
+              if k not in before.groups and k not in kept.groups} if same_cluster else {}
     children = {}
     for pid, proc in live_children().items():
-        if pid in before.children:
+        if pid in before.children or pid in kept.children:
             continue
         try:
             if session and session != "remote" and session in " ".join(proc.cmdline()):
@@ -104,16 +135,27 @@ def _started_since(before: Snapshot) -> tuple[dict, dict, dict, dict]:
         except psutil.NoSuchProcess:
             continue
         children[pid] = proc
-    threads = {k: v for k, v in live_threads().items() if k not in before.threads}
+    threads = {k: v for k, v in live_threads().items() if k not in before.threads and k not in kept.threads}
     return actors, groups, children, threads
 
 
-def leftovers(before: Snapshot, grace_s: float = GRACE_S) -> tuple[dict, dict, dict, dict]:
-    """What was started since ``before`` and is still alive once ``grace_s`` has passed (returns early when
-    nothing is left)."""
+def keep_started_since(before: Snapshot, kept: Snapshot) -> None:
+    """Add what was started since ``before`` to ``kept``: a module or session fixture set up in the middle of
+    a test (``request.getfixturevalue``) owns it, and tears it down after the test."""
+    actors, groups, children, threads = _started_since(before)
+    kept.actors |= set(actors)
+    kept.groups |= set(groups)
+    kept.children |= set(children)
+    kept.threads |= set(threads)
+
+
+def leftovers(before: Snapshot, kept: Snapshot | None = None,
+              grace_s: float = GRACE_S) -> tuple[dict, dict, dict, dict]:
+    """What was started since ``before`` (and is not ``kept``) and is still alive once ``grace_s`` has passed
+    (returns early when nothing is left)."""
     deadline = time.monotonic() + grace_s
     while True:
-        found = _started_since(before)
+        found = _started_since(before, kept)
         if not any(found) or time.monotonic() >= deadline:
             return found
         time.sleep(0.5)
@@ -167,10 +209,10 @@ def kill_tree(proc: psutil.Process) -> None:
     psutil.wait_procs(procs, timeout=30)
 
 
-def end_leftovers(before: Snapshot, grace_s: float = GRACE_S) -> list[str]:
-    """End what the test left running (see the module docstring); returns one line per thing ended, empty
-    when the test left nothing."""
-    actors, groups, children, threads = leftovers(before, grace_s)
+def end_leftovers(before: Snapshot, kept: Snapshot | None = None, grace_s: float = GRACE_S) -> list[str]:
+    """End what the test left running (see the module docstring), except what broader fixtures own
+    (``kept``); returns one line per thing ended, empty when the test left nothing."""
+    actors, groups, children, threads = leftovers(before, kept, grace_s)
     lines = []
     for aid, info in actors.items():
         kill_actor(aid, info)
@@ -187,4 +229,30 @@ def end_leftovers(before: Snapshot, grace_s: float = GRACE_S) -> list[str]:
         deadline = time.monotonic() + grace_s
         while set(actors) & set(live_actors()) and time.monotonic() < deadline:
             time.sleep(0.5)
+    # The next test starts with the cluster's CPUs back (tests compare free CPUs before and after).
+    for res, (had, now) in wait_resources_back(before, grace_s).items():
+        lines.append(f"the cluster's available {res} is {now:g}, {had:g} before the test: something still holds it")
     return lines
+
+
+def run_process_group(cmd: list[str], timeout_s: float, merge_stderr: bool = False,
+                      **popen_kwargs) -> subprocess.CompletedProcess:
+    """``subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)`` in a session of its own whose
+    whole process group is killed if the command times out or the test is interrupted: a timed-out
+    ``plait run`` under bash, or torchrun's ranks, do not outlive it (``subprocess.run`` kills only the process
+    it started). A command that ends by itself may leave daemons on purpose (``ray start``): they are left.
+    ``merge_stderr``: stderr goes into stdout, in order. Raises ``subprocess.TimeoutExpired`` as
+    ``subprocess.run`` does."""
+    stderr = subprocess.STDOUT if merge_stderr else subprocess.PIPE
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True, start_new_session=True,
+                            **popen_kwargs)
+    try:
+        out, err = proc.communicate(timeout=timeout_s)
+    except BaseException:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)

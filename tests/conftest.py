@@ -24,14 +24,30 @@ def ray_cluster():
     shutdown()
 
 
+KEPT = pytest.StashKey[cleanup.Snapshot]()  # what module and session fixtures started: theirs to tear down
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_fixture_setup(fixturedef, request):
+    """A module or session fixture may be set up in the middle of a test (``request.getfixturevalue``): what
+    it starts outlives the test on purpose, so it is not counted as the test's leftovers."""
+    if fixturedef.scope == "function":
+        return (yield)
+    before = cleanup.snapshot()
+    try:
+        return (yield)
+    finally:
+        cleanup.keep_started_since(before, request.config.stash.setdefault(KEPT, cleanup.Snapshot()))
+
+
 @pytest.fixture(autouse=True)
-def nothing_left_running():
+def nothing_left_running(request):
     """Set up before and torn down after the test's other function fixtures, so their finalizers run first.
     Actors, placement groups, child processes and non-daemon threads the test started and left alive are
     ended here and reported as this test's error at teardown."""
     before = cleanup.snapshot()
     yield
-    ended = cleanup.end_leftovers(before)
+    ended = cleanup.end_leftovers(before, request.config.stash.setdefault(KEPT, cleanup.Snapshot()))
     if ended:
         pytest.fail("the test left these running; they were ended so that the next test starts clean. Tear down "
                     "what a test starts in a fixture finalizer or try/finally:\n  " + "\n  ".join(ended),

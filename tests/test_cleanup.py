@@ -1,6 +1,7 @@
 """One failing test never fails the tests after it: whatever a test leaves running (Ray actors, placement
-groups, child processes) is ended after it and reported as that test's error alone. Checked on a test
-session of its own (this folder's conftest.py and cleanup.py, its own embedded Ray cluster)."""
+groups, child processes) is ended after it and reported as that test's error alone, while what a module
+fixture started lives on. Checked on a test session of its own (this folder's conftest.py and cleanup.py, its
+own embedded Ray cluster)."""
 
 import os
 import shutil
@@ -19,6 +20,7 @@ LEAKY = textwrap.dedent('''
     import time
 
     import psutil
+    import pytest
     import ray
 
     kept = []
@@ -51,6 +53,22 @@ LEAKY = textwrap.dedent('''
         while ray.available_resources().get("CPU") != 8 and time.monotonic() < deadline:
             time.sleep(0.5)
         assert ray.available_resources()["CPU"] == 8
+
+
+    @pytest.fixture(scope="module")
+    def server():
+        proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(900)"])
+        yield proc
+        proc.kill()
+        proc.wait()
+
+
+    def test_a_module_fixture_set_up_inside_a_test_is_not_its_leftover(request):
+        assert request.getfixturevalue("server").poll() is None
+
+
+    def test_the_module_fixture_lives_on(server):
+        assert server.poll() is None
     ''')
 
 
@@ -68,7 +86,9 @@ def test_what_a_test_leaves_running_is_ended_and_fails_that_test_alone(tmp_path)
         "ERROR test_leaky.py::test_fails_with_its_actors_alive",
         "ERROR test_leaky.py::test_leaves_a_placement_group_and_a_process",
         "FAILED test_leaky.py::test_fails_with_its_actors_alive",
+        "PASSED test_leaky.py::test_a_module_fixture_set_up_inside_a_test_is_not_its_leftover",
         "PASSED test_leaky.py::test_leaves_a_placement_group_and_a_process",
+        "PASSED test_leaky.py::test_the_module_fixture_lives_on",
         "PASSED test_leaky.py::test_the_next_test_starts_clean",
     ], out[-4000:]
     assert out.count(".Sleeper (pid ") == 2 and "placement group " in out
