@@ -1,6 +1,7 @@
 # Two commands do all the set-up from a fresh clone:
 #   make demo   creates .venv, installs Plait, trains the reference GPT on 2 Ray workers (embedded cluster)
 #   make test   creates/updates .venv, runs the test suite
+# Then `source .venv/bin/activate` once per shell puts plait, ray, torchrun, mpirun on PATH.
 # Re-running is quick: the install step re-runs only when pyproject.toml changes.
 
 PYTHON ?= python3
@@ -25,6 +26,11 @@ setup: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/plait run $(SPEC)
+	@echo
+	@echo "Next: activate the environment (once per shell) so that plait, ray, torchrun and mpirun are on PATH:"
+	@echo "  source $(VENV)/bin/activate"
+	@echo "  plait run examples/gpt_dp2.toml train.steps=50 plan.dp=2 run_dir=runs/short"
+	@echo "(or, without activating, call $(VENV)/bin/plait)"
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
