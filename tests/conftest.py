@@ -13,6 +13,9 @@ os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS), os.environ.
 sys.path.insert(0, str(TESTS))
 
 import cleanup  # noqa: E402 - needs the path above
+import deepspeed_op  # noqa: E402
+
+deepspeed_op.use_own_extensions_dir()  # before Ray starts: its workers inherit it
 
 
 @pytest.fixture(scope="session")

@@ -8,9 +8,11 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
+from deepspeed_op import remove_stale_lock
 
 TESTS = Path(__file__).resolve().parent
 
@@ -94,3 +96,19 @@ def test_what_a_test_leaves_running_is_ended_and_fails_that_test_alone(tmp_path)
     assert out.count(".Sleeper (pid ") == 2 and "placement group " in out
     assert "child process pid " in out and "time.sleep(900)" in out
     assert "they were ended so that the next test starts clean" in out
+
+
+def test_a_build_lock_left_by_a_killed_build_is_removed_and_a_live_builds_is_kept(tmp_path):
+    lock = tmp_path / "lock"  # torch's FileBaton in DeepSpeed's build folder: every other load waits on it
+    lock.touch()
+    old = time.time() - 120
+    os.utime(lock, (old, old))
+    builder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], cwd=tmp_path)
+    try:
+        assert not remove_stale_lock(tmp_path) and lock.exists()  # a process works in the folder: a build runs
+    finally:
+        builder.kill()
+        builder.wait()
+    assert remove_stale_lock(tmp_path) and not lock.exists()
+    lock.touch()
+    assert not remove_stale_lock(tmp_path) and lock.exists()  # just taken: a build may be starting
