@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import ray
+from cleanup import run_process_group
 from plait.runtime.cluster import stop_local_cluster
 
 REPO = Path(__file__).resolve().parents[1]
@@ -94,8 +95,8 @@ def scratch_env(home: Path) -> dict:
 
 
 def shell(command: str, env: dict, timeout: float = 240) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", "-c", command], env=env, cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout)
+    """``command`` in a new bash; whatever it started is killed with it (a timed-out ``plait run`` included)."""
+    return run_process_group(["bash", "-c", command], timeout, env=env, cwd=REPO)
 
 
 @pytest.fixture(scope="module")

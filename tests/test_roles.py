@@ -59,6 +59,13 @@ class Worker:
         self.done += 1
         return f"{self.name}:{x}"
 
+    def work_when(self, x: int, gate: str) -> str:
+        """Returns once the file ``gate`` exists: the test decides the order calls finish in."""
+        while not os.path.exists(gate):
+            time.sleep(0.01)
+        self.done += 1
+        return f"{self.name}:{x}"
+
     def count(self) -> int:
         return self.done
 
@@ -95,10 +102,16 @@ def test_calls_before_start_and_wrong_per_rank_args_are_refused(ray_cluster, tmp
             group.run_each(rank_times, [(1.0,)])
 
 
-def test_pool_results_arrive_as_each_call_finishes(ray_cluster):
+def test_pool_results_arrive_as_each_call_finishes(ray_cluster, tmp_path):
+    gates, finish_order = [tmp_path / f"finish{i}" for i in range(3)], [1, 2, 0]
     with ActorPool(Worker, 3, per_actor_args=[("a",), ("b",), ("c",)], cpus=0.5, name="worker") as pool:
-        refs = [pool.submit(i, "work", i, seconds, tag=f"job{i}") for i, seconds in enumerate([2.5, 0.0, 1.0])]
-        arrived = list(pool.as_completed(refs))
+        refs = [pool.submit(i, "work_when", i, str(gates[i]), tag=f"job{i}") for i in range(3)]
+        gates[finish_order[0]].touch()
+        arrived = []
+        for done in pool.as_completed(refs):  # the next call may finish only once this result has arrived
+            arrived.append(done)
+            if len(arrived) < len(finish_order):
+                gates[finish_order[len(arrived)]].touch()
         assert [(i, tag) for i, tag, _ in arrived] == [(1, "job1"), (2, "job2"), (0, "job0")]
         assert [value for _, _, value in arrived] == ["b:1", "c:2", "a:0"]
         assert pool.call_all("count") == [1, 1, 1] and pool.in_flight() == []
