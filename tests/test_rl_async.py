@@ -19,6 +19,7 @@ from plait.rl.generator import RolloutBatch
 from plait.rl.staleness import StalenessQueue
 from plait.rl.trainer import collate, scramble
 from plait.rl.weights import WeightStore, load_weights
+from plait.runtime.faults import ENV
 from plait.runtime.job import run_job
 from plait.runtime.spec import load_spec
 
@@ -154,19 +155,33 @@ TINY = ["model.d_model=32", "model.n_layers=1", "model.n_heads=2", "generation.g
         "train.warm_start_batch=8"]
 
 
-def run(tmp_path: Path, *overrides: str) -> dict:
-    return run_job(load_spec(ROOT / "examples" / "rl_digit_sum.toml",
-                             [f"run_dir={tmp_path / 'run'}", *TINY, *overrides]))
+def run(tmp_path: Path, *overrides: str, faults: str = "") -> dict:
+    """The example with TINY and ``overrides``; ``faults`` goes to PLAIT_FAULTS (runtime/faults.py), which the
+    driver forwards to the trainer and generators, for this run only."""
+    before = os.environ.get(ENV)
+    os.environ[ENV] = faults
+    try:
+        return run_job(load_spec(ROOT / "examples" / "rl_digit_sum.toml",
+                                 [f"run_dir={tmp_path / 'run'}", *TINY, *overrides]))
+    finally:
+        if before is None:
+            os.environ.pop(ENV, None)
+        else:
+            os.environ[ENV] = before
+
+
+def slow(seconds: float) -> str:
+    return f"sleep@step,seconds={seconds}"  # a slow trainer: every step takes ``seconds`` longer
 
 
 @pytest.mark.slow
 def test_slow_trainer_fast_generators_stay_within_eta_and_eta_zero_is_synchronous(ray_cluster, tmp_path):
-    async_run = run(tmp_path / "a", "rl.eta=1", "train.steps=5", "train.step_delay_s=0.4", "generation.interrupt=true")
+    async_run = run(tmp_path / "a", "rl.eta=1", "train.steps=5", "generation.interrupt=true", faults=slow(0.4))
     stale = [at - made for _, made, at in async_run["trained"]]
     assert max(stale) == 1 and min(stale) >= 0  # the generators ran ahead, never more than eta
     assert async_run["most_steps_queued"] == 2  # rl.trainer_queue: the next batch waited at the trainer
     assert async_run["version"] == 5 and async_run["samples_trained"] == 5 * 4 * 4
-    sync_run = run(tmp_path / "s", "rl.eta=0", "train.steps=4", "train.step_delay_s=0.4")
+    sync_run = run(tmp_path / "s", "rl.eta=0", "train.steps=4", faults=slow(0.4))
     assert [made for _, made, _ in sync_run["trained"]] == [at for _, _, at in sync_run["trained"]]
     assert sorted({at for _, _, at in sync_run["trained"]}) == [0, 1, 2, 3] and not sync_run["dropped"]
     assert sync_run["staleness"] == {0: 8}  # 4 steps x 2 work items, every one made by the trainer's weights
@@ -175,7 +190,7 @@ def test_slow_trainer_fast_generators_stay_within_eta_and_eta_zero_is_synchronou
 
 @pytest.mark.slow
 def test_a_killed_generator_is_replaced_and_a_killed_job_resumes_from_its_weight_version(ray_cluster, tmp_path):
-    first = run(tmp_path, "rl.eta=1", "train.steps=4", "rl.kill_generator_at=1", "train.step_delay_s=0.2")
+    first = run(tmp_path, "rl.eta=1", "train.steps=4", faults="kill@version=1,attempt=0; " + slow(0.2))
     assert sum(first["generator_restarts"]) == 1 and first["lost_works"] >= 1
     uids = [uid for uid, _, _ in first["trained"]]
     assert len(uids) == len(set(uids)) and first["duplicates"] == 0  # nothing trained twice
@@ -210,8 +225,8 @@ def test_a_trainer_killed_mid_run_restarts_from_its_last_checkpoint_and_carries_
     watcher = threading.Thread(target=kill_after_a_checkpoint, daemon=True)
     watcher.start()
     steps, per_step = 8, 4 * 4  # batch_prompts x group_size samples per version
-    summary = run(tmp_path, "rl.eta=1", f"train.steps={steps}", "train.checkpoint_every=2", "train.step_delay_s=0.3",
-                  "workers.max_restarts=1", "train.pid_file=trainer.pid")
+    summary = run(tmp_path, "rl.eta=1", f"train.steps={steps}", "train.checkpoint_every=2", "workers.max_restarts=1",
+                  faults="pidfile@start,rank=0,path=trainer.pid; " + slow(0.3))
     watcher.join(timeout=5)
     assert killed, "the trainer was never killed: no checkpoint committed while it ran"
     assert summary["restarts"] == 1 and summary["attempt"] == 1
@@ -292,7 +307,7 @@ def test_a_two_rank_fsdp2_trainer_publishes_full_weights_the_generators_load(ray
     # The trust region over FSDP2 shards, its KL summed over both ranks: a bound no step can meet undoes every
     # step, so every version is the initial policy and even stale rollouts see no policy change.
     frozen = run(tmp_path / "frozen", "rl.eta=1", "train.steps=4", "workers.num=2", "plan.dp=2", "plan.engine=fsdp2",
-                 "train.max_step_kl=1e-9", "train.max_backtracks=1", "train.step_delay_s=0.3")
+                 "train.max_step_kl=1e-9", "train.max_backtracks=1", faults=slow(0.3))
     rows = [json.loads(line) for line in (tmp_path / "frozen" / "run" / "metrics.jsonl").read_text().splitlines()]
     assert max(frozen["staleness"]) == 1 and [r["updated"] for r in rows] == [0.0] * 4
     assert all(abs(r["behaviour_kl"]) < 1e-5 and abs(r["is_weight"] - 1) < 1e-5 for r in rows), rows
