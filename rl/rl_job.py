@@ -157,8 +157,8 @@ def control(job, cfg: Config) -> dict:
     def out_of_time() -> bool:
         return bool(train.time_budget_s) and time.monotonic() - t0 > train.time_budget_s
 
-    def checkpoint_due(v: int) -> bool:
-        return bool(train.checkpoint_every) and v % train.checkpoint_every == 0 and v < train.steps
+    def checkpoint_due(v: int) -> bool:  # the final version is saved after the loop
+        return train.checkpoint_due(v, train.steps) and v < train.steps
 
     def may_queue_step() -> bool:
         """Another step may be handed to the trainer: below rl.trainer_queue, within train.steps, and not behind a

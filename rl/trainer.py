@@ -52,12 +52,15 @@ from plait.rl.policy import Policy, PolicyConfig
 from plait.rl.tasks import make_tasks
 from plait.rl.trust_region import StepGuard
 from plait.rl.weights import Published, publish
-from plait.runtime.checkpoint import Checkpointer, ModelOptimizer
-from plait.runtime.faults import inject
+from plait.runtime.checkpoint import ModelOptimizer
+from plait.runtime.trainer import LoopConfig, TrainLoop
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(LoopConfig):
+    """The RL trainer's ``[train]``: checkpoint_every (in weight versions), keep_last, resume and reschedule are
+    the one loop's (runtime/trainer.py LoopConfig)."""
+
     steps: int = 100  # optimizer steps (= the final weight version)
     loss: str = "tis"  # tis | decoupled_ppo
     rho: float = 2.0  # truncation of the importance weight (0 = none)
@@ -65,9 +68,6 @@ class TrainConfig:
     normalize: str = "token"  # token | sequence
     temperature: float = 1.0  # of the log-probs (the generators' sampling temperature)
     seed: int = 0
-    checkpoint_every: int = 0  # versions between checkpoints; 0 = only at the end
-    keep_last: int = 2
-    resume: str = ""  # "" fresh, "latest", or a committed checkpoint folder
     warm_start_steps: int = 0  # supervised steps before version 0
     warm_start_batch: int = 32
     warm_start_lr: float = 3e-3
@@ -79,6 +79,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4, warmup_steps=0, weight_decay=0.0))
 
     def check(self) -> None:
+        self.check_loop()
         if self.loss not in LOSSES or self.normalize not in NORMALIZE:
             raise ValueError(f"train.loss={self.loss!r}, train.normalize={self.normalize!r}: choose a loss from "
                              f"{LOSSES} and a normalisation from {NORMALIZE}")
@@ -174,9 +175,8 @@ class Trainer:
             ref = parallelize(self.policy.build, plan, self.mesh, ctx.device, train.optim, spec=self.policy.spec,
                               weights=self.policy.weights)
             self.reference = ref.modules[0].eval().requires_grad_(False)
-        self.ckpt = Checkpointer(ctx.run_dir / "checkpoints", keep_last=train.keep_last, run_id=ctx.run_id)
         self.state = ModelOptimizer(self.parts.modules, self.parts.optimizers)
-        self.version, self.meta, self.warm_losses = 0, {}, []
+        self.warm_losses = []
         self.server = None  # rank 0's WeightServer under rl.weight_sync = "broadcast"
         if getattr(cfg.rl, "weight_sync", "object_store") == "broadcast" and ctx.is_main:
             from plait.rl.weight_broadcast import WeightServer
@@ -184,12 +184,14 @@ class Trainer:
             host = ctx.node_ip if cfg.rl.weight_sync_host == "node" else cfg.rl.weight_sync_host
             self.server = WeightServer(host, torch.device("cpu"), cfg.rl.weight_sync_timeout_s,  # CPU generators
                                        cfg.rl.weight_sync_bucket_mb)
-        inject("start", 0, run_dir=ctx.run_dir, rank=ctx.rank, attempt=ctx.attempt)  # tests: PLAIT_FAULTS
-        if ctx.resume_from is not None:
-            self.meta = self.ckpt.load(ctx.resume_from, self.state) or {}
-            self.version = int(self.meta["version"])
-            ctx.log(f"resumed from {ctx.resume_from} (weight version {self.version})")
-        elif train.warm_start_steps:
+        # The one loop (runtime/trainer.py), driven from outside: the controller hands over each step and says when
+        # to checkpoint (only it knows the rollout position); resume, the watchdog and PLAIT_FAULTS are the loop's.
+        # The learning rate is constant, so another train.steps on resume changes no schedule.
+        self.loop = TrainLoop(ctx, train, total=train.steps, state=self.state, metrics=False, autosave=False,
+                              resume_step=lambda meta: int(meta["version"]), schedule_follows_total=False)
+        self.version, self.meta = self.loop.start, self.loop.resumed
+        self.loop.begin()
+        if ctx.resume_from is None and train.warm_start_steps:
             self.warm_losses = self.warm_start()
 
     def warm_start(self) -> list[float]:
@@ -269,10 +271,9 @@ class Trainer:
         self.version += 1
         stats = {k: float(v) for k, v in self.loss.stats.items()}
         stats["updated"], stats["step_kl"] = step_scale, step_kl
-        inject("step", self.version, run_dir=self.ctx.run_dir, rank=self.ctx.rank, attempt=self.ctx.attempt)
         compute_s = time.perf_counter() - t0
+        self.loop.step_done(loss=float(loss))  # the watchdog's rhythm, PLAIT_FAULTS (metrics are the controller's)
         published = self._publish()
-        self.ctx.step_done(self.version)  # the watchdog's step rhythm (runtime/watchdog.py)
         if not self.ctx.is_main:
             return None
         return {"version": self.version, "published": published, "loss": loss, "compute_s": compute_s,
@@ -280,5 +281,4 @@ class Trainer:
 
     def save(self, meta: dict) -> str:
         """A committed checkpoint of the current version (collective); ``meta``: the controller's position."""
-        path = self.ckpt.save(self.version, self.state, meta={**meta, "version": self.version})
-        return str(path)
+        return self.loop.save({**meta, "version": self.version}) or str(self.loop.ckpt.latest())

@@ -21,6 +21,11 @@ What the loop owns, so that no job restates it:
     loop commits a checkpoint (unless it just did) and ends; ``LoopResult.stopped`` says so.
   * fault injection for tests (runtime/faults.py: ``PLAIT_FAULTS``), after each step and at the start.
 
+A job whose steps are driven from outside (the RL trainer: the controller on the driver hands it one step at a
+time and decides when to checkpoint, as only it knows the rollout position) makes the loop with
+``autosave=False``, calls ``begin()`` once, ``step_done(...)`` after each step and ``save(meta)`` when the
+controller asks; resume, the reschedule check, the watchdog and faults stay the loop's.
+
 ``LoopConfig`` holds the fields a job's ``[train]`` table shares: a job's TrainConfig subclasses it. A job whose
 position is not the step alone (a GNN epoch's batches depend on the number of ranks) passes ``resume_step(meta)``;
 one without a schedule over the total (constant learning rate) passes ``schedule_follows_total=False``.
@@ -44,6 +49,12 @@ class LoopConfig:
     keep_last: int = 2  # committed checkpoints kept
     resume: str = ""  # "" fresh, "latest" (continue this run_dir), or a committed checkpoint folder
     reschedule: bool = False  # resuming with another number of steps: allowed (the lr schedule follows the new total)
+
+    def checkpoint_due(self, n: int, total: int, boundary: int = 1) -> bool:
+        """Whether the step (or weight version) ``n`` of a run of ``total`` is checkpointed: every
+        ``checkpoint_every`` boundaries, and the last."""
+        every = self.checkpoint_every * boundary
+        return n == total or (bool(every) and n % every == 0)
 
     def check_loop(self) -> None:
         if self.checkpoint_every < 0 or self.keep_last < 1:
@@ -87,13 +98,14 @@ class TrainLoop:
     def __init__(self, ctx: RankContext, cfg: LoopConfig, *, total: int, state: Any,
                  meta: Callable[[int], dict] | None = None, boundary: int = 1, metrics: bool = True,
                  desc: str = "train", resume_step: Callable[[dict], int] | None = None,
-                 schedule_follows_total: bool = True):
+                 schedule_follows_total: bool = True, autosave: bool = True):
         if total < 0 or boundary < 1:
             raise ValueError(f"TrainLoop(total={total}, boundary={boundary}): total >= 0 and boundary >= 1")
         self.ctx, self.cfg, self.total, self.state, self.boundary = ctx, cfg, total, state, boundary
         self._meta = meta or (lambda done: {})
         self._resume_step = resume_step or (lambda saved: int(saved.get("step", 0)))
         self._check_total = schedule_follows_total
+        self.autosave = autosave  # False: the caller decides when to save (and handles stop requests)
         self.ckpt = Checkpointer(ctx.run_dir / "checkpoints", keep_last=cfg.keep_last, run_id=ctx.run_id)
         self.faults = active_faults()
         self.resumed: dict = {}
@@ -121,10 +133,14 @@ class TrainLoop:
         self.ctx.log(f"resumed from {self.ctx.resume_from} (step {start})")
         return start
 
-    def __iter__(self) -> Iterator[int]:
-        self.ctx.step_done(self.start)  # the watchdog's rhythm starts here (runtime/watchdog.py)
+    def begin(self) -> None:
+        """Before the first step: the watchdog's rhythm starts here (runtime/watchdog.py); ``start`` faults."""
+        self.ctx.step_done(self.start)
         inject("start", self.start, run_dir=self.ctx.run_dir, faults=self.faults, rank=self.ctx.rank,
                attempt=self.ctx.attempt)
+
+    def __iter__(self) -> Iterator[int]:
+        self.begin()
         while self.done < self.total and not self.stopped:
             step = self.done
             self._t0 = time.perf_counter()
@@ -146,9 +162,8 @@ class TrainLoop:
             self.losses.append(float(scalars["loss"]))
         self.metrics.log(n, **scalars)
         at_boundary = n % self.boundary == 0 or n == self.total
-        every = self.cfg.checkpoint_every * self.boundary
-        stop = at_boundary and n < self.total and self._stop_requested()
-        if (every and n % every == 0) or n == self.total or stop:
+        stop = self.autosave and at_boundary and n < self.total and self._stop_requested()
+        if self.autosave and (self.cfg.checkpoint_due(n, self.total, self.boundary) or stop):
             self.save()
         self.ctx.step_done(n)
         inject("step", n, run_dir=self.ctx.run_dir, faults=self.faults, rank=self.ctx.rank, attempt=self.ctx.attempt)
@@ -162,12 +177,15 @@ class TrainLoop:
         ask = getattr(self.ctx, "stop_requested", None)
         return bool(ask()) if ask is not None else False
 
-    def save(self) -> None:
-        """Commit a checkpoint of the current step (collective), unless one of this step exists already."""
+    def save(self, meta: dict | None = None) -> str | None:
+        """Commit a checkpoint of the current step (collective), unless one of this step exists already; ``meta``
+        adds to the job's own. Returns the committed folder (None when it existed)."""
         if self._saved_at == self.done:
-            return
-        self.ckpt.save(self.done, self.state, meta={"total_steps": self.total, **self._meta(self.done)})
+            return None
+        path = self.ckpt.save(self.done, self.state,
+                              meta={"total_steps": self.total, **self._meta(self.done), **(meta or {})})
         self._saved_at = self.done
+        return str(path)
 
     def finish(self) -> LoopResult:
         self.metrics.close()
