@@ -105,12 +105,16 @@ class Position:
         return cls(**{k: meta[k] for k in ("cursor", "next_uid", "pending", "samples_trained") if k in meta})
 
 
-def control(job, cfg: Config) -> dict:
+def control(job, cfg: Config, generator_cls: type = Generator, trainer_cls: type = Trainer,
+            generator_args: tuple = ()) -> dict:
+    """The controller (module docstring). ``generator_cls`` / ``trainer_cls``: the roles' classes, Generator and
+    Trainer (``generator_args`` go to each generator after its reward config); bench/rl_sim.py passes subclasses
+    whose work is a time model, driven through this same loop."""
     gen, rl, train = cfg.generation, cfg.rl, cfg.train
     started = time.monotonic()
     stream, held_out, digest = prompt_source(cfg)
     trainer = job.worker_group()
-    trainer.start(Trainer, cfg)
+    trainer.start(trainer_cls, cfg)
     hello = trainer.call("hello")[0]
     if hello["meta"].get("prompts_digest", digest) != digest:
         raise ValueError(f"the checkpoint {job.resume_from} was trained on other prompts (digest "
@@ -123,8 +127,8 @@ def control(job, cfg: Config) -> dict:
     retry: deque[Work] = deque()  # lost work, issued again first
     pending = deque(pos.pending)  # a resumed run's untrained work, issued first under new uids
     job.code.update(reward_code(cfg.reward.function))  # your reward module goes to the generators with the job
-    pool = job.actor_pool(Generator, rl.generators, args=(cfg.model, gen, train.seed),
-                          per_actor_args=[(i, cfg.reward) for i in range(rl.generators)], cpus=rl.generator_cpus,
+    pool = job.actor_pool(generator_cls, rl.generators, args=(cfg.model, gen, train.seed),
+                          per_actor_args=[(i, cfg.reward, *generator_args) for i in range(rl.generators)], cpus=rl.generator_cpus,
                           name="generator", max_restarts=rl.max_generator_restarts,
                           max_concurrency=2 if gen.interrupt else 1)
     queue = StalenessQueue(rl.eta, rl.batch_prompts, rl.capacity)
@@ -134,6 +138,7 @@ def control(job, cfg: Config) -> dict:
     held_prompts = held_out[:cfg.prompts.eval_size]
     evals, eval_due = [], {version} if cfg.prompts.eval_every and held_prompts else set()  # versions to score
     t0 = time.monotonic()  # the loop's clock: shares and rates are over the loop, not the start-up
+    cpu0 = time.process_time()  # the driver's own CPU over the loop (all its threads): the controller's cost
     busy, since = [0.0] * rl.generators, [0.0] * rl.generators
     steps: deque[tuple[list, object, float]] = deque()  # (refs, batch, submitted at) at the trainer, oldest first
     trainer_busy, trainer_free_at, most_queued = 0.0, t0, 0
@@ -294,7 +299,7 @@ def control(job, cfg: Config) -> dict:
             made += out.samples if queue.put(out) else 0
     while steps:  # out of time with steps queued: they train, and the checkpoint holds them
         finish_step()
-    wall = time.monotonic() - t0
+    wall, driver_cpu = time.monotonic() - t0, time.process_time() - cpu0
     end_busy = _busy_share(busy, since, pool, time.monotonic())
     checkpoint = trainer.call("save", {**_meta(pos, pool, queue, retry, pending), "prompts_digest": digest})[0]
     if held_prompts and cfg.prompts.eval_every and not stopped and (not evals or evals[-1]["version"] != version):
@@ -321,6 +326,7 @@ def control(job, cfg: Config) -> dict:
         "trainer_busy_share": trainer_busy / wall, "loop_s": wall,
         "train_step_s": train_compute / max(1, version - start_version),
         "gen_s_per_sample": gen_compute / max(1, made), "startup_s": t0 - started,
+        "driver_cpu_s": driver_cpu, "samples_received": made,
         "warm_losses": hello["warm_losses"], "weights_published": store.published,
         "losses": [h["loss"] for h in history], "weight_sync": rl.weight_sync, "sync_rounds": sync["round"],
         "sync_rounds_failed": sync["failed"], "most_steps_queued": most_queued,
