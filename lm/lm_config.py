@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from plait.models.gpt import GPTConfig
+from plait.models.hf.export import EXPORTS, ExportSection  # noqa: F401 (the [export] table; EXPORTS re-exported)
 from plait.models.registry import model_spec, spec_for_config
 from plait.models.spec import ModelSpec
 from plait.parallel.parallelize import OptimConfig
@@ -33,7 +34,6 @@ from plait.runtime.trainer import LoopConfig
 MODES = ("full", "seco", "spaco")
 DTYPES = ("float32", "float64", "bfloat16")
 INITS = ("pretrained", "random")
-EXPORTS = ("auto", "always", "never")
 
 
 @dataclass
@@ -121,13 +121,6 @@ class TrainConfig(LoopConfig):
 
 
 @dataclass
-class ExportSection:
-    hf: str = "auto"  # auto (when the model came from a folder) | always | never
-    path: str = ""  # "" = <run_dir>/outputs/hf_export
-    dtype: str = ""  # "" = the model's dtype
-
-
-@dataclass
 class Config:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
@@ -139,9 +132,7 @@ class Config:
         self.train.check()
         if self.model.init not in INITS:
             raise ValueError(f"model.init={self.model.init!r}: choose one of {', '.join(INITS)}")
-        if self.export.hf not in EXPORTS or (self.export.dtype and self.export.dtype not in DTYPES):
-            raise ValueError(f"export.hf={self.export.hf!r} (one of {', '.join(EXPORTS)}), export.dtype="
-                             f"{self.export.dtype!r} (\"\" or one of {', '.join(DTYPES)})")
+        self.export.check()
         if self.data.files and self.data.doc_mask and (self.plan.pp > 1 or self.plan.cp > 1 or not self.model.path):
             why = ("pipeline stages take token ids only" if self.plan.pp > 1 else "ring attention is causal over the "
                    "whole sequence" if self.plan.cp > 1 else "Plait's GPT takes no attention mask")

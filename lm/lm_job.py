@@ -303,13 +303,12 @@ def export_model(cfg: Config, ctx: RankContext, parts: Parallelized, spec: Model
     """The trained model as a complete HF folder (a collective: every rank calls it), when ``export.hf`` asks."""
     from plait.models.hf.export import export_hf_folder
 
-    wanted = cfg.export.hf == "always" or (cfg.export.hf == "auto" and bool(cfg.model.path))
-    if not wanted:
+    if not cfg.export.wanted(from_folder=bool(cfg.model.path)):
         return None
     if cfg.train.lora.rank:
         ctx.log("export skipped: a LoRA run's adapters are in its checkpoints (merge them with peft, then export)")
         return None
-    folder = Path(cfg.export.path) if cfg.export.path else ctx.run_dir / "outputs" / "hf_export"
+    folder = cfg.export.folder(ctx.run_dir)
     modules = [parts.engine.module] if parts.engine is not None else parts.modules
     source = cfg.data.tokenizer if cfg.data.tokenizer and Path(cfg.data.tokenizer).is_dir() else cfg.model.path
     export_hf_folder(modules, folder, model_cfg, spec=spec, source=source or None,

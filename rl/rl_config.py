@@ -14,6 +14,7 @@ from plait.rl.policy import Policy, PolicyConfig
 from plait.rl.prompts import PromptConfig, load_prompt_set
 from plait.rl.rewards import RewardConfig, load_reward
 from plait.rl.tasks import make_tasks
+from plait.models.hf.export import ExportSection
 from plait.rl.trainer import TrainConfig, check_trainer_plan
 
 
@@ -65,6 +66,7 @@ class Config:
     rl: RLConfig = field(default_factory=RLConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     plan: ParallelPlan = field(default_factory=ParallelPlan)
+    export: ExportSection = field(default_factory=ExportSection)  # the final policy as a HF folder (outputs/hf_export)
 
 
 def stream_sample(cfg: Config, n: int = 256) -> list:

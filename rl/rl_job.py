@@ -302,6 +302,7 @@ def control(job, cfg: Config, generator_cls: type = Generator, trainer_cls: type
     wall, driver_cpu = time.monotonic() - t0, time.process_time() - cpu0
     end_busy = _busy_share(busy, since, pool, time.monotonic())
     checkpoint = trainer.call("save", {**_meta(pos, pool, queue, retry, pending), "prompts_digest": digest})[0]
+    export = None if stopped else trainer.call("export")[0]  # outputs/hf_export when [export] asks (a folder policy)
     if held_prompts and cfg.prompts.eval_every and not stopped and (not evals or evals[-1]["version"] != version):
         if broadcast and min(held) < store.latest.version:  # the final weights reach the generators first
             sync_round(pool, hello["sync_address"], store.latest.version, held, sync, rl.weight_sync_timeout_s)
@@ -312,7 +313,7 @@ def control(job, cfg: Config, generator_cls: type = Generator, trainer_cls: type
         staleness[at - made_by] += 1
     return {
         "start_version": start_version, "version": version, "steps_run": version - start_version,
-        "eta": rl.eta, "loss": train.loss, "checkpoint": checkpoint,
+        "eta": rl.eta, "loss": train.loss, "checkpoint": checkpoint, "export": export,
         "rewards": [h["reward"] for h in history], "walls": [h["wall_s"] for h in history],
         "stop_rates": [h["stop_rate"] for h in history],
         "trained": trained, "trained_tasks": trained_tasks, "attempt": job.attempt,

@@ -279,6 +279,20 @@ class Trainer:
         return {"version": self.version, "published": published, "loss": loss, "compute_s": compute_s,
                 "grad_norm": float(grad_norm) if grad_norm is not None else 0.0, **stats}
 
+    def export(self) -> str | None:
+        """The policy as a complete HF folder (a collective: every rank calls it) when ``[export]`` asks: by default
+        when it came from a folder, whose tokenizer, chat template and generation config go with it."""
+        from plait.models.hf.export import export_hf_folder
+
+        export = self.cfg.export
+        if not export.wanted(from_folder=bool(self.policy.cfg.path)):
+            return None
+        folder = export.folder(self.ctx.run_dir)
+        export_hf_folder(self.parts.modules, folder, self.policy.config, spec=self.policy.spec,
+                         source=self.policy.cfg.path or None,
+                         dtype=getattr(torch, export.dtype) if export.dtype else None)
+        return str(folder)
+
     def save(self, meta: dict) -> str:
         """A committed checkpoint of the current version (collective); ``meta``: the controller's position."""
         return self.loop.save({**meta, "version": self.version}) or str(self.loop.ckpt.latest())

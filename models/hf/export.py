@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,29 @@ import torch.distributed as dist
 from plait.models.hf.weights import INDEX, SINGLE, targets
 from plait.storage.folders import ForeignFolderError, fsync_path
 from torch.distributed.tensor import DTensor
+
+EXPORTS = ("auto", "always", "never")
+EXPORT_DTYPES = ("float32", "float64", "bfloat16")
+
+
+@dataclass
+class ExportSection:
+    """A job's ``[export]`` table (the LM and RL jobs): the trained model as a complete HF folder."""
+
+    hf: str = "auto"  # auto (when the model came from a folder) | always | never
+    path: str = ""  # "" = <run_dir>/outputs/hf_export
+    dtype: str = ""  # "" = the model's dtype
+
+    def check(self) -> None:
+        if self.hf not in EXPORTS or (self.dtype and self.dtype not in EXPORT_DTYPES):
+            raise ValueError(f"export.hf={self.hf!r} (one of {', '.join(EXPORTS)}), export.dtype={self.dtype!r} "
+                             f"(\"\" or one of {', '.join(EXPORT_DTYPES)})")
+
+    def wanted(self, from_folder: bool) -> bool:
+        return self.hf == "always" or (self.hf == "auto" and from_folder)
+
+    def folder(self, run_dir: str | Path) -> Path:
+        return Path(self.path) if self.path else Path(run_dir) / "outputs" / "hf_export"
 
 MARKER = "plait_export.json"  # an export folder Plait may replace (any other folder is refused)
 # What a tokenizer and generation need beside the weights; copied from the source folder when it has them.

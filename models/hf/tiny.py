@@ -74,6 +74,19 @@ def train_tokenizer(vocab_size: int = 512, max_docs: int = 600):
     return tok
 
 
+def char_tokenizer(alphabet: str):
+    """A ``tokenizers.Tokenizer`` with one id per character of ``alphabet`` after ``<s>`` / ``</s>`` (ids 0, 1): a
+    task's own small vocabulary (digits and signs for arithmetic), so every answer is one token per character."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    chars = list(dict.fromkeys(alphabet))
+    vocab = {"<s>": 0, "</s>": 1, **{c: i + 2 for i, c in enumerate(chars)}}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="</s>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return tok
+
+
 CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}assistant: {% endif %}")
 
@@ -98,9 +111,10 @@ def tiny_llama_config(vocab_size: int = 512, hidden: int = 64, layers: int = 2, 
 
 
 def make_tiny_llama(folder: str | Path, vocab_size: int = 512, hidden: int = 64, layers: int = 2, heads: int = 4,
-                    kv_heads: int = 2, seed: int = 0) -> Path:
+                    kv_heads: int = 2, seed: int = 0, chars: str = "", max_positions: int = 256) -> Path:
     """Save a random ``LlamaForCausalLM`` (float32, safetensors) and its tokenizer (tokenizer.json,
-    tokenizer_config.json with bos/eos and a chat template) at ``folder``.
+    tokenizer_config.json with bos/eos and a chat template) at ``folder``: the stdlib BPE of ``vocab_size``, or
+    with ``chars`` a character tokenizer of that alphabet (``char_tokenizer``).
     An existing folder is kept as it is (made here or not); returns ``folder``."""
     import torch
     from plait.storage.folders import write_folder
@@ -111,12 +125,13 @@ def make_tiny_llama(folder: str | Path, vocab_size: int = 512, hidden: int = 64,
         return folder
 
     def build(tmp: Path) -> None:
-        tok = train_tokenizer(vocab_size)
-        cfg = tiny_llama_config(tok.get_vocab_size(), hidden, layers, heads, kv_heads)
+        tok = char_tokenizer(chars) if chars else train_tokenizer(vocab_size)
+        cfg = tiny_llama_config(tok.get_vocab_size(), hidden, layers, heads, kv_heads, max_positions)
         torch.manual_seed(seed)
         LlamaForCausalLM(cfg).save_pretrained(tmp)
         hf_tokenizer(tok).save_pretrained(tmp)  # tokenizer.json, tokenizer_config.json (specials, chat template)
-        (tmp / MARKER).write_text(json.dumps({"written_by": "plait.models.hf.tiny.make_tiny_llama", "seed": seed}))
+        (tmp / MARKER).write_text(json.dumps({"written_by": "plait.models.hf.tiny.make_tiny_llama", "seed": seed,
+                                              "chars": chars}))
 
     write_folder(folder, build, lambda p: (Path(p) / MARKER).is_file(), "tiny Llama")
     return folder
