@@ -15,6 +15,7 @@ the text and eos), ``decode(ids)`` (up to the first eos, specials dropped), ``eo
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -109,7 +110,7 @@ class HFTokens:
             [{"role": "user", "content": prompt}] if self.apply_to_text else None)
         if messages is not None and self.chat and self.tok.chat_template:
             ids = self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-            return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+            return list(ids["input_ids"] if isinstance(ids, Mapping) else ids)  # transformers 5: a BatchEncoding
         if messages is not None:
             prompt = "".join(m["content"] for m in messages)
         return list(self.tok(prompt, add_special_tokens=True)["input_ids"])

@@ -148,10 +148,14 @@ def digest(records: list[Prompt]) -> str:
 class PromptSet:
     train: list[Prompt]
     held_out: list[Prompt]
+    seed: int = 0  # prompts.seed: the stream's order (and the eval_fraction split) follow it
 
     @property
     def digest(self) -> str:
-        return digest(self.train + self.held_out)
+        """The records and the seed: a stream position means the same prompt only under both (seed 0 adds
+        nothing, so digests of runs from before the seed counted stay as they were)."""
+        records = digest(self.train + self.held_out)
+        return hashlib.sha256(f"{records}:{self.seed}".encode()).hexdigest()[:16] if self.seed else records
 
 
 def load_prompt_set(cfg: PromptConfig) -> PromptSet:
@@ -159,18 +163,30 @@ def load_prompt_set(cfg: PromptConfig) -> PromptSet:
     records = read_prompts(cfg, expand(cfg.files, "prompts.files"))
     if cfg.eval_files:
         held = read_prompts(cfg, expand(cfg.eval_files, "prompts.eval_files"))
+        trained = {_key(r) for r in records}
+        both = [r for r in held if _key(r) in trained]
+        if both:
+            raise PromptDataError(f"prompts.eval_files: {len(both)} of the {len(held)} held-out prompts are also in "
+                                  f"prompts.files (the first: {both[0].prompt!r}); a held-out split is never trained: "
+                                  "remove them from one of the two")
     elif cfg.eval_fraction:
         order = list(range(len(records)))
         random.Random(f"held-out:{cfg.seed}").shuffle(order)
         cut = max(1, int(len(records) * cfg.eval_fraction))
         held_ids = set(order[:cut])
         held = [records[i] for i in sorted(held_ids)]
-        records = [r for i, r in enumerate(records) if i not in held_ids]
+        out = {_key(r) for r in held}  # a prompt the files hold twice is held out with all its copies
+        records = [r for i, r in enumerate(records) if i not in held_ids and _key(r) not in out]
     else:
         held = []
     if not records:
         raise PromptDataError("prompts.files: no prompt is left for training after the held-out split")
-    return PromptSet(records, held)
+    return PromptSet(records, held, cfg.seed)
+
+
+def _key(record: Prompt) -> str:
+    """What makes two records the same prompt (whatever their ground truth)."""
+    return json.dumps(record.prompt, sort_keys=True)
 
 
 class PromptStream:

@@ -16,7 +16,8 @@ A dict result carries ``"score"`` (the reward) and anything else (logged as the 
   format        1 when the completion ends with a ``#### <number>`` line (or holds a ``\\boxed{}``), else 0
   task          the built-in tasks' own check (rl/tasks.py: digit_sum, addition, reversal, countdown)
 
-A function you bring runs in a separate process (one per generator, started once): a function that raises, or
+A function you bring runs in a separate process (one per generator, started once, the function imported before
+any sample is timed; a module that is a local file goes there as source): a function that raises, or
 runs past ``timeout_s`` (its process is killed and a fresh one started), scores ``on_error`` for that sample,
 and the failure is counted and kept with its sample (``RewardRunner.failures``) for the logs. When more than
 ``max_error_share`` of a batch fails the job stops with the first error: a broken reward is not training
@@ -28,6 +29,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import importlib
 import multiprocessing
+import numbers
 import re
 import sys
 from dataclasses import dataclass, field
@@ -36,6 +38,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 BUILTIN = ("exact_match", "math", "format", "task")
+START_S = 120.0  # the reward process's start and first import of the function (no sample's time)
 _NUMBER = r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?|-?\.\d+"
 
 
@@ -168,6 +171,26 @@ def _call(name: str, search: list[str], args: tuple) -> Any:
     return load_reward(name, search)(*args)
 
 
+def _load(name: str, search: list[str], code: dict[str, tuple[str, str]]) -> None:
+    """In the reward process, as it starts: install the module's shipped source (``code``, as the generator
+    actor got it with the job's code) and import the function (its import time counts against no sample)."""
+    import importlib.util
+
+    for module_name, (path, source) in code.items():
+        if module_name in sys.modules:
+            continue
+        module = importlib.util.module_from_spec(importlib.util.spec_from_loader(module_name, loader=None,
+                                                                                 origin=path))
+        module.__file__ = path
+        sys.modules[module_name] = module
+        try:
+            exec(compile(source, path, "exec"), module.__dict__)  # noqa: S102 - the user's own reward module
+        except BaseException:
+            del sys.modules[module_name]
+            raise
+    load_reward(name, search)
+
+
 @dataclass
 class Failure:
     sample: dict  # data_source, solution_str, ground_truth
@@ -185,8 +208,13 @@ class RewardRunner:
 
     def __post_init__(self) -> None:
         self.builtin = BUILTINS.get(self.cfg.function)
+        self._code: dict[str, tuple[str, str]] = {}
         if self.builtin is None:
             load_reward(self.cfg.function, self.search)  # fail here, in the generator's start, not per sample
+            try:  # a local module goes to the reward process as source: in a generator actor it was installed
+                self._code = reward_code(self.cfg.function)  # from the job's code, on no path a process imports from
+            except (OSError, ValueError):
+                pass  # its file is not on this node: the reward process imports it from the path, if it can
 
     def score(self, samples: list[tuple[str, str, str, dict]]) -> tuple[list[float], list[dict]]:
         """(scores, extras) of ``(data_source, solution_str, ground_truth, extra_info)`` samples."""
@@ -208,9 +236,24 @@ class RewardRunner:
                                f"{failed[0].error} on {failed[0].sample!r}")
         return scores, extras
 
+    def _start(self) -> None:
+        """A fresh reward process with the function imported: reward.timeout_s is one sample's limit, so the
+        process's start (seconds on a loaded machine) and the module's imports are not charged to a sample."""
+        self._pool = cf.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+        try:
+            self._pool.submit(_load, self.cfg.function, self.search, self._code).result(
+                timeout=max(START_S, self.cfg.timeout_s))
+        except cf.TimeoutError:
+            self.close()
+            raise TimeoutError(f"the reward's process did not start and import {self.cfg.function!r} within "
+                               f"{max(START_S, self.cfg.timeout_s):g} s") from None
+        except BaseException:
+            self.close()
+            raise
+
     def _isolated(self, sample: tuple) -> Any:
         if self._pool is None:
-            self._pool = cf.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+            self._start()
         future = self._pool.submit(_call, self.cfg.function, self.search, sample)
         try:
             return future.result(timeout=self.cfg.timeout_s)
@@ -233,8 +276,8 @@ def _as_score(value: Any) -> tuple[float, dict]:
     if isinstance(value, dict):
         if "score" not in value:
             raise ValueError(f"a reward dict needs a 'score' key, got keys {sorted(value)}")
-        extra = {k: float(v) for k, v in value.items() if k != "score" and isinstance(v, (int, float, bool))}
+        extra = {k: float(v) for k, v in value.items() if k != "score" and isinstance(v, numbers.Real)}
         return float(value["score"]), extra
-    if isinstance(value, bool) or isinstance(value, (int, float)):
+    if isinstance(value, numbers.Real):  # bool, int, float, and numpy's scalars (np.float32 is no float)
         return float(value), {}
     raise TypeError(f"a reward returns a number or a dict with 'score', got {type(value).__name__}: {value!r}")
