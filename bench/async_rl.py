@@ -60,14 +60,16 @@ def cpu_bound(sync: dict, cores: int) -> float:
 
 
 def run_sim(eta: int, generators: int, budget_s: float, run_dir: Path, extra: list[str]) -> tuple[dict, float]:
-    """One run of the real controller over simulated devices (bench/rl_sim.py) and its ideal samples/s. The
-    trainer's time per sample scales with 4 / generators, so generation and training stay balanced as the
-    generators grow and the controller handles proportionally more samples per second."""
+    """One run of the real controller over simulated devices (bench/rl_sim.py) and its ideal samples/s. A step
+    takes 2 prompts per generator (one work item each; the staleness bound then admits (eta + 1) items per
+    generator) and the trainer's time per sample scales with 4 / generators, so generation and training stay
+    balanced as the generators grow and the controller handles proportionally more samples per second."""
     from plait.runtime.job import run_job
     from plait.runtime.spec import load_spec
 
     spec = load_spec(ROOT / "bench" / "rl_sim.toml", [f"run_dir={run_dir}", f"rl.eta={eta}",
                                                       f"rl.generators={generators}", f"train.time_budget_s={budget_s}",
+                                                      f"rl.batch_prompts={2 * generators}",
                                                       *extra])
     cfg = spec.config
     cfg.sim.train_s_per_sample *= 4 / generators

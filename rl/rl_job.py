@@ -105,6 +105,19 @@ class Position:
         return cls(**{k: meta[k] for k in ("cursor", "next_uid", "pending", "samples_trained") if k in meta})
 
 
+def check_resume(cfg: Config, meta: dict) -> None:
+    """On the driver, before anything starts (runtime/job.py): the checkpoint was trained on these prompts (its
+    stream position means other prompts otherwise)."""
+    saved = meta.get("prompts_digest")
+    if saved is None:
+        return
+    digest = prompt_source(cfg)[2]
+    if saved != digest:
+        raise ValueError(f"the checkpoint was trained on other prompts (digest {saved}, these are {digest}): its "
+                         "stream position would mean other prompts. Resume with the prompts (files, columns, "
+                         "held-out split, prompts.seed) it was started with, or start a new run")
+
+
 def control(job, cfg: Config, generator_cls: type = Generator, trainer_cls: type = Trainer,
             generator_args: tuple = ()) -> dict:
     """The controller (module docstring). ``generator_cls`` / ``trainer_cls``: the roles' classes, Generator and
@@ -226,9 +239,9 @@ def control(job, cfg: Config, generator_cls: type = Generator, trainer_cls: type
         for i in range(rl.generators):  # held-out scoring first, on a free generator
             if eval_due and pool.actors[i] is not None and not pool.in_flight(i) and \
                     (not broadcast or held[i] >= store.latest.version):
-                at = max(eval_due)
-                eval_due.clear()
-                pool.submit(i, "evaluate", held_prompts, store.latest, gen.max_new_tokens, tag=EvalTag(at))
+                eval_due.clear()  # scored with the newest weights: the tag is their version, not the one that was due
+                pool.submit(i, "evaluate", held_prompts, store.latest, gen.max_new_tokens,
+                            tag=EvalTag(store.latest.version))
                 since[i] = time.monotonic()
         for i in range(rl.generators):  # keep every generator busy, within the staleness budget
             if pool.actors[i] is None or pool.in_flight(i) or not queue.may_issue(gen.prompts_per_call):
@@ -306,7 +319,7 @@ def control(job, cfg: Config, generator_cls: type = Generator, trainer_cls: type
     if held_prompts and cfg.prompts.eval_every and not stopped and (not evals or evals[-1]["version"] != version):
         if broadcast and min(held) < store.latest.version:  # the final weights reach the generators first
             sync_round(pool, hello["sync_address"], store.latest.version, held, sync, rl.weight_sync_timeout_s)
-        evals.append(final_eval(pool, held_prompts, store, gen.max_new_tokens, metrics, version))
+        evals.extend(final_eval(pool, held_prompts, store, gen.max_new_tokens, metrics, version))
     metrics.close()
     staleness = Counter()
     for _, made_by, at in trained:
@@ -341,19 +354,23 @@ def record_eval(metrics, version: int, result: dict) -> dict:
     rewards = result["rewards"]
     n = max(1, len(rewards))
     row = {"version": version, "eval_pass_at_1": sum(r >= 1.0 for r in rewards) / n, "eval_reward": sum(rewards) / n,
-           "eval_finished": sum(result["finished"]) / n}
+           "eval_finished": sum(result["finished"]) / n, "eval_reward_errors": result.get("reward_errors", 0)}
     metrics.log(version, **{k: v for k, v in row.items() if k != "version"})
     return {**row, "samples": list(zip(result["texts"][:8], rewards[:8], strict=False))}
 
 
-def final_eval(pool, held: list, store, max_new_tokens: int, metrics, version: int) -> dict:
-    """The held-out score of the final weights, on the first free generator (object store) or generator 0."""
+def final_eval(pool, held: list, store, max_new_tokens: int, metrics, version: int) -> list[dict]:
+    """The held-out score of the final weights, on the first free generator (object store) or generator 0, after
+    any scoring still in flight (returned first)."""
     index = next((i for i in range(len(pool.actors)) if pool.actors[i] is not None and not pool.in_flight(i)), 0)
-    while pool.in_flight():
-        pool.next_done(timeout_s=None)
+    earlier = []
+    while pool.in_flight():  # rollouts still running are not trained (the checkpoint holds them as pending)
+        done = pool.next_done(timeout_s=None)
+        if done is not None and isinstance(done.tag, EvalTag) and done.tag.version < version:
+            earlier.append(record_eval(metrics, done.tag.version, done.value))  # a held-out score in flight
     pool.submit(index, "evaluate", held, store.latest, max_new_tokens, tag=EvalTag(version))
     done = pool.next_done(timeout_s=None)
-    return record_eval(metrics, version, done.value)
+    return [*earlier, record_eval(metrics, version, done.value)]
 
 
 def _finished(item: RolloutBatch) -> int:
