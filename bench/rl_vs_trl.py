@@ -47,7 +47,8 @@ Measured for each, the same way: samples/s = completions trained / the training 
 controller's loop, ``loop_s``, from after the trainer and the generator actor are up to the last step's return;
 TRL: from ``on_train_begin`` to the last ``on_step_end``), so start-up (Ray, actors, model loads; TRL's trainer
 construction) is left out of both and reported apart (``startup``). Held-out pass@1: the final weights of each
-(TRL's model in memory; Plait's final checkpoint, loaded from its DCP files into the same HF class) through ONE
+(TRL's model in memory; Plait's HF export of its final policy, ``outputs/hf_export``, or without one its final
+checkpoint loaded from its DCP files into the same HF class) through ONE
 greedy evaluation function (``greedy_pass_at_1``: HF ``generate``, greedy, 5 new tokens, exact_match) on the 200
 held-out prompts; the start figure is the warm-started folder's, the same for both.
 
@@ -381,9 +382,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[bench] TRL: {trl['steps']} steps in {trl['loop_s']:.1f}s, held-out pass@1 {trl_p1:.3f}", flush=True)
 
         plait = run_plait(args, start, root)
-        plait_p1 = greedy_pass_at_1(load_plait_checkpoint(start, plait["checkpoint"]), tok, held, args.max_new_tokens)
-        print(f"[bench] Plait: {plait['steps_run']} steps in {plait['loop_s']:.1f}s, held-out pass@1 {plait_p1:.3f}",
-              flush=True)
+        if plait.get("export"):  # the job's own HF export of its final policy (outputs/hf_export)
+            final, source = LlamaForCausalLM.from_pretrained(plait["export"]), "its HF export"
+        else:  # a job without [export]: its final checkpoint
+            final, source = load_plait_checkpoint(start, plait["checkpoint"]), "its final checkpoint"
+        plait_p1 = greedy_pass_at_1(final, tok, held, args.max_new_tokens)
+        print(f"[bench] Plait: {plait['steps_run']} steps in {plait['loop_s']:.1f}s, held-out pass@1 {plait_p1:.3f} "
+              f"({source})", flush=True)
 
     def reward_trend(rewards: list[float]) -> str:
         return f"{head_mean(rewards):.3f} -> {tail_mean(rewards):.3f}"
