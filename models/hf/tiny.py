@@ -76,14 +76,17 @@ def train_tokenizer(vocab_size: int = 512, max_docs: int = 600):
 
 def char_tokenizer(alphabet: str):
     """A ``tokenizers.Tokenizer`` with one id per character of ``alphabet`` after ``<s>`` / ``</s>`` (ids 0, 1): a
-    task's own small vocabulary (digits and signs for arithmetic), so every answer is one token per character."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    task's own small vocabulary (digits and signs for arithmetic), so every answer is one token per character.
+    Encoding a text starts it with ``<s>``, as Llama's tokenizers do (a document's first token then has a
+    position to attend to besides itself)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 
     chars = list(dict.fromkeys(alphabet))
     vocab = {"<s>": 0, "</s>": 1, **{c: i + 2 for i, c in enumerate(chars)}}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="</s>"))
     tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
     tok.decoder = decoders.Fuse()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", 0)])
     return tok
 
 
