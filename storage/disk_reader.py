@@ -317,6 +317,15 @@ class DiskStore:
         if self._mm is not None:
             self._mm.madvise(mmap.MADV_DONTNEED)
 
+    def __del__(self) -> None:  # a store dropped without close(): its reader threads and descriptors go with it
+        try:
+            pool, self._pool = getattr(self, "_pool", None), None
+            if pool is not None:
+                pool.shutdown(wait=False)  # never join from a finalizer (it may run on any thread)
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown or a half-built store: nothing left to release
+            pass
+
     def close(self) -> None:
         """Release the threads, descriptors and mapping; the store cannot read afterwards."""
         if self._pool is not None:

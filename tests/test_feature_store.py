@@ -129,13 +129,13 @@ def test_flipped_byte_fails_naming_the_file_block_and_offset(tmp_path, mode):
         byte = f.read(1)
         f.seek(4096 + 200_123)
         f.write(bytes([byte[0] ^ 0x10]))
-    store = DiskStore(tmp_path / "f.feat", mode=mode, gap_pages=0)
-    assert store.read(np.array([0, 999, 300])).tobytes() == array[[0, 999, 300]].tobytes()
-    with pytest.raises(FeatureFileError, match=r"f\.feat: data block 48 \(file bytes 200704 to 204800\) fails its "
-                                               r"checksum .* rewrite it"):
-        store.read(np.array([3, 500]))
-    unchecked = DiskStore(tmp_path / "f.feat", mode=mode, verify=False).read(np.array([500]))
-    assert unchecked.tobytes() != array[[500]].tobytes()  # the damage is real: only the checksum caught it
+    with DiskStore(tmp_path / "f.feat", mode=mode, gap_pages=0) as store:  # closed: its reader threads joined
+        assert store.read(np.array([0, 999, 300])).tobytes() == array[[0, 999, 300]].tobytes()
+        with pytest.raises(FeatureFileError, match=r"f\.feat: data block 48 \(file bytes 200704 to 204800\) fails "
+                                                   r"its checksum .* rewrite it"):
+            store.read(np.array([3, 500]))
+    with DiskStore(tmp_path / "f.feat", mode=mode, verify=False) as unchecked:
+        assert unchecked.read(np.array([500])).tobytes() != array[[500]].tobytes()  # only the checksum caught it
 
 
 def test_mmap_checks_each_block_once_per_store_however_often_its_rows_are_read(tmp_path):
