@@ -78,7 +78,8 @@ def run_sim(eta: int, generators: int, budget_s: float, run_dir: Path, extra: li
     from rl_sim import ideal
 
     gen = cfg.generation
-    best = ideal(cfg.sim, generators, gen.prompts_per_call, gen.group_size, cfg.rl.batch_prompts, gen.max_new_tokens, eta)
+    best = ideal(cfg.sim, generators, gen.prompts_per_call, gen.group_size, cfg.rl.batch_prompts, gen.max_new_tokens,
+                 eta)
     return run_job(spec), best
 
 
@@ -117,7 +118,7 @@ def main_sim(args, budget: float) -> int:
         parts.append(f"ideal_ratio_eta{eta}={best / sync_ideal:.2f} of_ideal_eta{eta}={s['samples_per_s'] / best:.3f}"
                      f" gen_idle_eta{eta}={1 - s['gen_busy_share']:.3f}")
     parts.append(f"sync_of_ideal={sync['samples_per_s'] / sync_ideal:.3f}")
-    for kind, eta, n, s, best in rows:
+    for kind, _, n, s, best in rows:
         if kind == "gens":
             parts.append(f"driver_cpu_ms_per_sample_g{n}={1000 * s['driver_cpu_s'] / max(1, s['samples_received']):.3f}"
                          f" of_ideal_g{n}={s['samples_per_s'] / best:.3f}")

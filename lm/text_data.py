@@ -44,9 +44,9 @@ from plait.storage.row_shards import (
     read_manifest,
     replace_row_shards,
 )
+from plait.storage.table_files import JSONL, PARQUET, expand_table_files  # noqa: F401
 from tqdm import tqdm
 
-PARQUET, JSONL = (".parquet", ".pq"), (".jsonl", ".ndjson")
 EOS_NAMES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|eos|>", "<|im_end|>")
 GROUP_BYTES, SHARD_BYTES, CACHE_BYTES = 256 << 10, 64 << 20, 256 << 20  # row group, shard, reader cache sizes
 
@@ -75,20 +75,7 @@ class TextDataConfig:
 
 def input_files(cfg: TextDataConfig) -> list[Path]:
     """The input files, globs expanded (sorted), each checked to exist and to have a known suffix."""
-    out = []
-    for entry in cfg.files:
-        found = sorted(glob.glob(entry)) if glob.has_magic(entry) else [entry]
-        if not found:
-            raise ConfigError(f"data.files: {entry!r} matches no file (relative to {os.getcwd()})")
-        for name in found:
-            path = Path(name).absolute()
-            if not path.is_file():
-                raise ConfigError(f"data.files: {path} is not a file; give local Parquet or JSONL files")
-            if not path.name.endswith(PARQUET + JSONL):
-                raise ConfigError(f"data.files: {path} is neither Parquet ({', '.join(PARQUET)}) nor JSONL "
-                                  f"({', '.join(JSONL)}); rename it or convert it")
-            out.append(path)
-    return out
+    return expand_table_files(cfg.files, "data.files", ConfigError)
 
 
 def tokenizer_file(cfg: TextDataConfig) -> Path:

@@ -21,7 +21,6 @@ skipping a prompt.
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import random
@@ -30,8 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from plait.runtime.config import ConfigError
-
-PARQUET, JSONL = (".parquet", ".pq"), (".jsonl", ".ndjson")
+from plait.storage.table_files import PARQUET, expand_table_files
 
 
 class PromptDataError(ConfigError):
@@ -68,20 +66,7 @@ class Prompt:
 
 
 def expand(patterns: list[str], what: str) -> list[Path]:
-    out = []
-    for entry in patterns:
-        matches = sorted(glob.glob(entry)) if any(c in entry for c in "*?[") else [entry]
-        if not matches:
-            raise PromptDataError(f"{what}: {entry!r} matches no file")
-        for name in matches:
-            path = Path(name)
-            if not path.is_file():
-                raise PromptDataError(f"{what}: {path} is not a file: give Parquet or JSONL files")
-            if not path.name.endswith(PARQUET + JSONL):
-                raise PromptDataError(f"{what}: {path} is neither Parquet ({', '.join(PARQUET)}) nor JSONL "
-                                      f"({', '.join(JSONL)})")
-            out.append(path)
-    return out
+    return expand_table_files(patterns, what, PromptDataError)
 
 
 def read_rows(path: Path) -> list[dict]:

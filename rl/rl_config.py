@@ -8,13 +8,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from plait.models.hf.export import ExportSection
 from plait.parallel.plan import ParallelPlan
 from plait.rl.generator import GenerationConfig, as_prompt
 from plait.rl.policy import Policy, PolicyConfig
 from plait.rl.prompts import PromptConfig, load_prompt_set
 from plait.rl.rewards import RewardConfig, load_reward
 from plait.rl.tasks import make_tasks
-from plait.models.hf.export import ExportSection
 from plait.rl.trainer import TrainConfig, check_trainer_plan
 
 

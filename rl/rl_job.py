@@ -141,7 +141,8 @@ def control(job, cfg: Config, generator_cls: type = Generator, trainer_cls: type
     pending = deque(pos.pending)  # a resumed run's untrained work, issued first under new uids
     job.code.update(reward_code(cfg.reward.function))  # your reward module goes to the generators with the job
     pool = job.actor_pool(generator_cls, rl.generators, args=(cfg.model, gen, train.seed),
-                          per_actor_args=[(i, cfg.reward, *generator_args) for i in range(rl.generators)], cpus=rl.generator_cpus,
+                          per_actor_args=[(i, cfg.reward, *generator_args) for i in range(rl.generators)],
+                          cpus=rl.generator_cpus,
                           name="generator", max_restarts=rl.max_generator_restarts,
                           max_concurrency=2 if gen.interrupt else 1)
     queue = StalenessQueue(rl.eta, rl.batch_prompts, rl.capacity)

@@ -67,3 +67,14 @@ def ray_actors(ray_cluster):
     yield actors
     for actor in actors:
         ray.kill(actor, no_restart=True)
+
+
+@pytest.fixture
+def inside_a_ray_job(tmp_path, monkeypatch):
+    """The current directory is Ray's temporary copy of the working directory, as under `ray job submit`."""
+    temp = tmp_path / "session" / "runtime_resources" / "working_dir_files" / "_ray_pkg_0123abcd"
+    temp.mkdir(parents=True)
+    monkeypatch.chdir(temp)
+    monkeypatch.setenv("PLAIT_RUN_ROOT", str(tmp_path / "runs-root"))
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")
+    return temp

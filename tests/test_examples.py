@@ -42,7 +42,8 @@ def test_composed_example_trains_and_checkpoints(ray_cluster, tmp_path):
     assert summary["plan"] == "dp2(fsdp2) tp2+sp pp1"
     assert summary["checkpoint"].endswith("step_00000004") and summary["last_loss"] < summary["first_loss"]
     resumed = run_job(load_spec("examples/gpt_tp2_dp2.toml", [
-        "train.steps=6", "train.resume=latest", "train.reschedule=true", f"run_dir={tmp_path / 'run'}", "data.source=synthetic",
+        "train.steps=6", "train.resume=latest", "train.reschedule=true", f"run_dir={tmp_path / 'run'}",
+        "data.source=synthetic",
         "data.num_tokens=40000", f"data.path={tmp_path / 'data'}", "plan.tp=1", "plan.dp=4",
         "plan.sequence_parallel=false", "plan.loss_parallel=false",
     ]))

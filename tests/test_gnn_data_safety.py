@@ -199,17 +199,6 @@ def test_a_file_named_like_the_lock_that_is_not_one_is_left_alone(tmp_path):
 # --- item 2: relative data paths under `ray job submit` ------------------------------------------------------------
 
 
-@pytest.fixture
-def inside_a_ray_job(tmp_path, monkeypatch):
-    """The current directory is Ray's temporary copy of the working directory, as under `ray job submit`."""
-    temp = tmp_path / "session" / "runtime_resources" / "working_dir_files" / "_ray_pkg_0123abcd"
-    temp.mkdir(parents=True)
-    monkeypatch.chdir(temp)
-    monkeypatch.setenv("PLAIT_RUN_ROOT", str(tmp_path / "runs-root"))
-    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")
-    return temp
-
-
 def test_relative_data_paths_under_a_ray_job_go_under_the_run_root_and_say_so(tmp_path, inside_a_ray_job, capsys):
     s = load_spec(EXAMPLE, ["data.path=data/gnn-x", "data.packs=packs/x", f"run_dir={tmp_path / 'run'}"])
     s.module.validate(s.config, s.workers.num)

@@ -29,17 +29,6 @@ def test_an_unknown_hf_family_is_refused_with_the_known_ones(tmp_path):
         spec.module.validate(spec.config, spec.workers.num)
 
 
-@pytest.fixture
-def inside_a_ray_job(tmp_path, monkeypatch):
-    """The current directory is Ray's temporary copy of the working directory, as under `ray job submit`."""
-    temp = tmp_path / "session" / "runtime_resources" / "working_dir_files" / "_ray_pkg_0123abcd"
-    temp.mkdir(parents=True)
-    monkeypatch.chdir(temp)
-    monkeypatch.setenv("PLAIT_RUN_ROOT", str(tmp_path / "runs-root"))
-    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")
-    return temp
-
-
 def test_a_relative_data_path_under_a_ray_job_is_built_under_the_run_root_and_said(tmp_path, inside_a_ray_job,
                                                                                    capsys):
     spec = load_spec(GPT_DP2, ["data.path=data/tokens", "data.num_tokens=4096", "train.seq_len=32",
