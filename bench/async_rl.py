@@ -59,73 +59,6 @@ def cpu_bound(sync: dict, cores: int) -> float:
     return (1 / sync["samples_per_s"]) / best
 
 
-def run_sim(eta: int, generators: int, budget_s: float, run_dir: Path, extra: list[str]) -> tuple[dict, float]:
-    """One run of the real controller over simulated devices (bench/rl_sim.py) and its ideal samples/s. A step
-    takes 2 prompts per generator (one work item each; the staleness bound then admits (eta + 1) items per
-    generator) and the trainer's time per sample scales with 4 / generators, so generation and training stay
-    balanced as the generators grow and the controller handles proportionally more samples per second."""
-    from plait.runtime.job import run_job
-    from plait.runtime.spec import load_spec
-
-    spec = load_spec(ROOT / "bench" / "rl_sim.toml", [f"run_dir={run_dir}", f"rl.eta={eta}",
-                                                      f"rl.generators={generators}", f"train.time_budget_s={budget_s}",
-                                                      f"rl.batch_prompts={2 * generators}",
-                                                      *extra])
-    cfg = spec.config
-    cfg.sim.train_s_per_sample *= 4 / generators
-    cfg.sim.train_step_s *= 4 / generators
-    sys.path.insert(0, str(ROOT / "bench"))
-    from rl_sim import ideal
-
-    gen = cfg.generation
-    best = ideal(cfg.sim, generators, gen.prompts_per_call, gen.group_size, cfg.rl.batch_prompts, gen.max_new_tokens,
-                 eta)
-    return run_job(spec), best
-
-
-def main_sim(args, budget: float) -> int:
-    """The simulated-device mode: async/sync at eta 1, 2, 4 against the time model's ideal, generator idle
-    share, and the driver's CPU per sample at 2, 8 and 16 generators."""
-    from plait.runtime import ClusterConfig, connect, shutdown
-
-    connect(ClusterConfig(num_cpus=24, num_gpus=0))
-    rows = []
-    try:
-        with tempfile.TemporaryDirectory(prefix="plait-rl-sim-") as tmp:
-            for eta in (0, 1, 2, 4):
-                s, best = run_sim(eta, 4, budget, Path(tmp) / f"eta{eta}", args.set)
-                rows.append(("eta", eta, 4, s, best))
-            for n in (2, 8, 16):
-                s, best = run_sim(2, n, budget, Path(tmp) / f"g{n}", args.set)
-                rows.append(("gens", 2, n, s, best))
-    finally:
-        shutdown()
-    print(f"{'run':5} {'eta':>3} {'gens':>4} {'steps':>6} {'samples/s':>10} {'ideal':>8} {'of ideal':>8} "
-          f"{'gen idle':>8} {'trainer busy':>12} {'driver cpu ms/sample':>20} staleness")
-    for kind, eta, n, s, best in rows:
-        cpu_ms = 1000 * s["driver_cpu_s"] / max(1, s["samples_received"])
-        print(f"{kind:5} {eta:>3} {n:>4} {s['steps_run']:>6} {s['samples_per_s']:>10.1f} {best:>8.1f} "
-              f"{s['samples_per_s'] / best:>8.3f} {1 - s['gen_busy_share']:>8.3f} {s['trainer_busy_share']:>12.3f} "
-              f"{cpu_ms:>20.3f} {s['staleness']}")
-    by_eta = {eta: (s, best) for kind, eta, n, s, best in rows if kind == "eta"}
-    sync, sync_ideal = by_eta[0]
-    parts = []
-    for eta in (1, 2, 4):
-        s, best = by_eta[eta]
-        parts.append(f"ratio_eta{eta}={s['samples_per_s'] / sync['samples_per_s']:.2f}")
-    for eta in (1, 2, 4):
-        s, best = by_eta[eta]
-        parts.append(f"ideal_ratio_eta{eta}={best / sync_ideal:.2f} of_ideal_eta{eta}={s['samples_per_s'] / best:.3f}"
-                     f" gen_idle_eta{eta}={1 - s['gen_busy_share']:.3f}")
-    parts.append(f"sync_of_ideal={sync['samples_per_s'] / sync_ideal:.3f}")
-    for kind, _, n, s, best in rows:
-        if kind == "gens":
-            parts.append(f"driver_cpu_ms_per_sample_g{n}={1000 * s['driver_cpu_s'] / max(1, s['samples_received']):.3f}"
-                         f" of_ideal_g{n}={s['samples_per_s'] / best:.3f}")
-    print("RESULT " + " ".join(parts) + f" budget_s={budget:g} load_avg={os.getloadavg()[0]:.1f}")
-    return 0
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="20 s of training per mode")
@@ -136,8 +69,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sim", action="store_true", help="simulated devices (bench/rl_sim.py): the real controller, "
                     "staleness queue and weight sync driving generators and a trainer whose work is a time model")
     args = ap.parse_args(argv)
-    if args.sim:
-        return main_sim(args, 6.0 if args.quick else args.budget / 2)
+    if args.sim:  # the simulated-device bench lives with its roles
+        sys.path.insert(0, str(ROOT / "bench"))
+        from rl_sim import main as sim_main
+
+        return sim_main((["--quick"] if args.quick else ["--budget", str(args.budget / 2)]) +
+                        [x for o in args.set for x in ("--set", o)])
     budget = 20.0 if args.quick else args.budget
     from plait.runtime import ClusterConfig, connect, shutdown
 

@@ -9,6 +9,9 @@ the work itself is a time model instead of CPU compute:
     ``generation.max_new_tokens``, where the completion counts as unfinished);
   * a trainer step takes ``train_step_s + train_s_per_sample * samples``.
 
+    python bench/rl_sim.py --quick          # about three minutes: 7 runs of 6 s (start-up not counted)
+    python bench/rl_sim.py --budget 30      # (the same as bench/async_rl.py --sim)
+
 Both sleep for their time, so many simulated generators fit on two cores and what the bench measures is the
 controller's scheduling (async against sync, idle shares) and its own CPU cost per sample. ``ideal`` gives the
 samples/s the same time model allows with perfect scheduling, to compare with what the controller reached.
@@ -16,10 +19,15 @@ samples/s the same time model allows with perfect scheduling, to compare with wh
 
 from __future__ import annotations
 
+import argparse
 import math
+import os
 import random
+import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from plait.rl import rl_config, rl_job
@@ -27,6 +35,7 @@ from plait.rl.generator import Generator, RolloutBatch
 from plait.rl.trainer import Trainer
 
 PROMPT_TOKENS = 8  # every simulated prompt's length
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass
@@ -146,3 +155,82 @@ def summarize(cfg: Config, run_dir, result: dict) -> dict:
     keep = ("version", "steps_run", "eta", "samples_trained", "samples_per_s", "gen_busy_share",
             "trainer_busy_share", "loop_s", "driver_cpu_s", "samples_received", "staleness", "startup_s")
     return {k: result[k] for k in keep if k in result}
+
+
+# --- the bench ---------------------------------------------------------------------------------------------
+
+def run_sim(eta: int, generators: int, budget_s: float, run_dir: Path, extra: list[str]) -> tuple[dict, float]:
+    """One run of the real controller over simulated devices (bench/rl_sim.py) and its ideal samples/s. A step
+    takes 2 prompts per generator (one work item each; the staleness bound then admits (eta + 1) items per
+    generator) and the trainer's time per sample scales with 4 / generators, so generation and training stay
+    balanced as the generators grow and the controller handles proportionally more samples per second."""
+    from plait.runtime.job import run_job
+    from plait.runtime.spec import load_spec
+
+    spec = load_spec(ROOT / "bench" / "rl_sim.toml", [f"run_dir={run_dir}", f"rl.eta={eta}",
+                                                      f"rl.generators={generators}", f"train.time_budget_s={budget_s}",
+                                                      f"rl.batch_prompts={2 * generators}",
+                                                      *extra])
+    cfg = spec.config
+    cfg.sim.train_s_per_sample *= 4 / generators
+    cfg.sim.train_step_s *= 4 / generators
+    gen = cfg.generation
+    best = ideal(cfg.sim, generators, gen.prompts_per_call, gen.group_size, cfg.rl.batch_prompts, gen.max_new_tokens,
+                 eta)
+    return run_job(spec), best
+
+
+def main_sim(args, budget: float) -> int:
+    """The simulated-device mode: async/sync at eta 1, 2, 4 against the time model's ideal, generator idle
+    share, and the driver's CPU per sample at 2, 8 and 16 generators."""
+    from plait.runtime import ClusterConfig, connect, shutdown
+
+    connect(ClusterConfig(num_cpus=24, num_gpus=0))
+    rows = []
+    try:
+        with tempfile.TemporaryDirectory(prefix="plait-rl-sim-") as tmp:
+            for eta in (0, 1, 2, 4):
+                s, best = run_sim(eta, 4, budget, Path(tmp) / f"eta{eta}", args.set)
+                rows.append(("eta", eta, 4, s, best))
+            for n in (2, 8, 16):
+                s, best = run_sim(2, n, budget, Path(tmp) / f"g{n}", args.set)
+                rows.append(("gens", 2, n, s, best))
+    finally:
+        shutdown()
+    print(f"{'run':5} {'eta':>3} {'gens':>4} {'steps':>6} {'samples/s':>10} {'ideal':>8} {'of ideal':>8} "
+          f"{'gen idle':>8} {'trainer busy':>12} {'driver cpu ms/sample':>20} staleness")
+    for kind, eta, n, s, best in rows:
+        cpu_ms = 1000 * s["driver_cpu_s"] / max(1, s["samples_received"])
+        print(f"{kind:5} {eta:>3} {n:>4} {s['steps_run']:>6} {s['samples_per_s']:>10.1f} {best:>8.1f} "
+              f"{s['samples_per_s'] / best:>8.3f} {1 - s['gen_busy_share']:>8.3f} {s['trainer_busy_share']:>12.3f} "
+              f"{cpu_ms:>20.3f} {s['staleness']}")
+    by_eta = {eta: (s, best) for kind, eta, n, s, best in rows if kind == "eta"}
+    sync, sync_ideal = by_eta[0]
+    parts = []
+    for eta in (1, 2, 4):
+        s, best = by_eta[eta]
+        parts.append(f"ratio_eta{eta}={s['samples_per_s'] / sync['samples_per_s']:.2f}")
+    for eta in (1, 2, 4):
+        s, best = by_eta[eta]
+        parts.append(f"ideal_ratio_eta{eta}={best / sync_ideal:.2f} of_ideal_eta{eta}={s['samples_per_s'] / best:.3f}"
+                     f" gen_idle_eta{eta}={1 - s['gen_busy_share']:.3f}")
+    parts.append(f"sync_of_ideal={sync['samples_per_s'] / sync_ideal:.3f}")
+    for kind, _, n, s, best in rows:
+        if kind == "gens":
+            parts.append(f"driver_cpu_ms_per_sample_g{n}={1000 * s['driver_cpu_s'] / max(1, s['samples_received']):.3f}"
+                         f" of_ideal_g{n}={s['samples_per_s'] / best:.3f}")
+    print("RESULT " + " ".join(parts) + f" budget_s={budget:g} load_avg={os.getloadavg()[0]:.1f}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="6 s of training per run")
+    ap.add_argument("--budget", type=float, default=30.0, help="seconds of training per run")
+    ap.add_argument("--set", action="append", default=[], help="extra spec overrides (sim.sigma=1.2)")
+    args = ap.parse_args(argv)
+    return main_sim(args, 6.0 if args.quick else args.budget)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
