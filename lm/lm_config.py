@@ -62,7 +62,8 @@ class ModelSection:
 class DataSection:
     path: str = "data/stdlib-bytes"  # where the token dataset is built (once; reused while its recipe holds)
     files: list[str] = field(default_factory=list)  # your Parquet / JSONL text (globs ok); [] = made-offline tokens
-    text_column: str = "text"
+    text_column: str = "text"  # the text; with prompt_column, the completion
+    prompt_column: str = ""  # set: prompt / completion pairs, loss on the completion only (lm/pair_rows.py)
     tokenizer: str = ""  # a tokenizer.json or a folder holding one; "" = the one in model.path
     doc_mask: bool = True  # packed text: attention and loss stay inside each document
     make_sample: bool = False  # write standard-library text to files[0] when it is missing (examples)

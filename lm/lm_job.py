@@ -152,6 +152,7 @@ def text_config(cfg: Config):
     from plait.lm.text_data import TextDataConfig
 
     return TextDataConfig(files=list(cfg.data.files), text_column=cfg.data.text_column,
+                          prompt_column=cfg.data.prompt_column,
                           tokenizer=cfg.data.tokenizer or cfg.model.path, seq_len=cfg.train.seq_len,
                           doc_mask=cfg.data.doc_mask, rebuild=cfg.data.rebuild)
 

@@ -26,13 +26,15 @@ from plait.lm.data import DatasetError, StepBatches, recipe_digest  # noqa: F401
 from plait.storage.row_shards import RowShards
 
 TEXT = "plait-text-v1"  # the row layout above; bump when it changes
+PAIRS = "plait-text-pairs-v1"  # prompt / completion rows (lm/pair_rows.py): a third block, 1 where trained on
 IGNORE = -100  # the target ignored by torch's (and transformers') cross-entropy
 
 
-def split_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(tokens, document indices) of packed text rows, each [N, seq_len + 1]."""
-    width = rows.shape[1] // 2
-    return rows[:, :width], rows[:, width:]
+def split_rows(rows: np.ndarray, blocks: int = 2) -> tuple[np.ndarray, ...]:
+    """(tokens, document indices) of packed text rows, each [N, seq_len + 1]; with ``blocks=3`` (prompt /
+    completion rows) also the trained-on flags."""
+    width = rows.shape[1] // blocks
+    return tuple(rows[:, i * width : (i + 1) * width] for i in range(blocks))
 
 
 def position_ids(docs: torch.Tensor) -> torch.Tensor:
@@ -58,12 +60,16 @@ def document_mask(docs: torch.Tensor, dtype: torch.dtype = torch.bool) -> torch.
     return torch.zeros(allowed.shape, dtype=dtype, device=docs.device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
-def text_inputs(rows: np.ndarray, doc_mask: bool = True, mask_dtype: torch.dtype = torch.bool
+def text_inputs(rows: np.ndarray, doc_mask: bool = True, mask_dtype: torch.dtype = torch.bool, pairs: bool = False
                 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """(inputs, targets) of packed text rows [N, 2 * (T + 1)] (see the module docstring)."""
-    tokens, docs = (torch.from_numpy(np.ascontiguousarray(a).astype(np.int64)) for a in split_rows(rows))
+    """(inputs, targets) of packed text rows [N, 2 * (T + 1)] (see the module docstring); ``pairs``: prompt /
+    completion rows [N, 3 * (T + 1)], whose targets are IGNORE except at the completions' tokens."""
+    blocks = [torch.from_numpy(np.ascontiguousarray(a).astype(np.int64)) for a in split_rows(rows, 3 if pairs else 2)]
+    tokens, docs = blocks[:2]
     targets = tokens[:, 1:].clone()
     targets[docs[:, 1:] != docs[:, :-1]] = IGNORE
+    if pairs:
+        targets[blocks[2][:, 1:] == 0] = IGNORE
     in_docs = docs[:, :-1]
     inputs = {"input_ids": tokens[:, :-1]}
     if doc_mask:
@@ -80,10 +86,11 @@ class TextBatches(StepBatches):
 
     def __init__(self, shards: RowShards, global_batch: int, seed: int, doc_mask: bool = True,
                  mask_dtype: torch.dtype = torch.bool):
-        if shards.meta.get("text") != TEXT:
+        if shards.meta.get("text") not in (TEXT, PAIRS):
             raise DatasetError(f"{shards.path} is not a packed text dataset of this version (its manifest meta "
-                               f"says text={shards.meta.get('text')!r}, expected {TEXT!r}); build it with "
-                               "ensure_text_dataset")
+                               f"says text={shards.meta.get('text')!r}, expected {TEXT!r} or {PAIRS!r}); build it "
+                               "with ensure_text_dataset")
+        self.pairs = shards.meta["text"] == PAIRS
         if global_batch < 1:
             raise DatasetError(f"train.global_batch={global_batch}: must be >= 1")
         super().__init__(shards, global_batch, seed)
@@ -96,4 +103,4 @@ class TextBatches(StepBatches):
                              f"ranks and dp_rank={dp_rank} must lie in [0, {dp_size})")
         per_rank = self.global_batch // dp_size
         ids = self.row_ids(step)[dp_rank * per_rank : (dp_rank + 1) * per_rank]
-        return text_inputs(self.shards.read(np.sort(ids)), self.doc_mask, self.mask_dtype)
+        return text_inputs(self.shards.read(np.sort(ids)), self.doc_mask, self.mask_dtype, self.pairs)

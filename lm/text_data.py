@@ -34,7 +34,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from plait.lm.data import DatasetError, reuse_or_refuse
-from plait.lm.text_batches import TEXT, TextBatches, recipe_digest, split_rows  # noqa: F401 (re-exported)
+from plait.lm.pair_rows import pack_pairs
+from plait.lm.text_batches import PAIRS, TEXT, TextBatches, recipe_digest, split_rows  # noqa: F401 (re-exported)
 from plait.runtime.config import ConfigError
 from plait.storage.row_shards import (
     CorruptDataError,
@@ -54,7 +55,8 @@ GROUP_BYTES, SHARD_BYTES, CACHE_BYTES = 256 << 10, 64 << 20, 256 << 20  # row gr
 @dataclass
 class TextDataConfig:
     files: list[str] = field(default_factory=list)  # Parquet (.parquet/.pq) or JSONL (.jsonl/.ndjson); globs ok
-    text_column: str = "text"
+    text_column: str = "text"  # the text; with prompt_column, the completion
+    prompt_column: str = ""  # set: prompt / completion pairs, loss on the completion only (see lm/pair_rows.py)
     tokenizer: str = ""  # a tokenizer.json, or a model folder holding one
     seq_len: int = 1024
     doc_mask: bool = True  # attention stays inside each document (a block-diagonal mask, restarting positions)
@@ -66,6 +68,10 @@ class TextDataConfig:
                               "globs), e.g. data.files=['corpus/*.parquet']")
         if not isinstance(self.text_column, str) or not self.text_column:
             raise ConfigError(f"data.text_column={self.text_column!r}: name the column (JSONL key) holding the text")
+        if not isinstance(self.prompt_column, str) or self.prompt_column == self.text_column:
+            raise ConfigError(f"data.prompt_column={self.prompt_column!r}: name the column (JSONL key) holding the "
+                              f"prompt, other than data.text_column={self.text_column!r} (the completion), or leave it "
+                              "empty for plain text")
         if not isinstance(self.tokenizer, str) or not self.tokenizer:
             raise ConfigError(f"data.tokenizer={self.tokenizer!r}: give the path of a tokenizer.json or of a model "
                               "folder holding one (e.g. the folder the model is loaded from)")
@@ -120,44 +126,60 @@ def file_details(files: list[Path]) -> list[dict]:
 
 def text_recipe(cfg: TextDataConfig, files: list[dict], tokenizer: Path, eos_id: int) -> dict:
     """What a text dataset is made from: stored in its manifest's ``meta``, compared before reuse."""
-    return {"text": TEXT, "sources": hashlib.sha256(json.dumps(files).encode()).hexdigest()[:16],
-            "tokenizer": hashlib.sha256(tokenizer.read_bytes()).hexdigest()[:16], "eos_id": eos_id,
-            "text_column": cfg.text_column, "seq_len": cfg.seq_len}
+    recipe = {"text": PAIRS if cfg.prompt_column else TEXT,
+              "sources": hashlib.sha256(json.dumps(files).encode()).hexdigest()[:16],
+              "tokenizer": hashlib.sha256(tokenizer.read_bytes()).hexdigest()[:16], "eos_id": eos_id,
+              "text_column": cfg.text_column, "seq_len": cfg.seq_len}
+    return {**recipe, "prompt_column": cfg.prompt_column} if cfg.prompt_column else recipe
 
 
 def read_texts(file: Path, column: str, batch: int) -> Iterator[tuple[list[str], int]]:
     """Lists of at most ``batch`` non-empty texts of ``file``, each with the input bytes it accounts for."""
+    for rows, size in read_columns(file, [column], batch):
+        yield [r[0] for r in rows], size
+
+
+def read_columns(file: Path, columns: list[str], batch: int) -> Iterator[tuple[list[tuple[str, ...]], int]]:
+    """Lists of at most ``batch`` rows of ``file``'s text ``columns`` (rows whose texts are all empty left out),
+    each list with the input bytes it accounts for. ``columns[0]`` is data.text_column, a second one
+    data.prompt_column (the error messages name them so)."""
+    names = {columns[0]: "data.text_column", **({columns[1]: "data.prompt_column"} if len(columns) > 1 else {})}
     if file.name.endswith(PARQUET):
         reader = pq.ParquetFile(file)
-        if column not in reader.schema_arrow.names:
-            raise ConfigError(f"data.text_column={column!r}: {file} has no such column (it has "
-                              f"{', '.join(reader.schema_arrow.names)})")
-        kind = reader.schema_arrow.field(column).type
-        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)):
-            raise ConfigError(f"data.text_column={column!r}: {file} stores it as {kind}, not text")
+        for column, setting in names.items():
+            if column not in reader.schema_arrow.names:
+                raise ConfigError(f"{setting}={column!r}: {file} has no such column (it has "
+                                  f"{', '.join(reader.schema_arrow.names)})")
+            kind = reader.schema_arrow.field(column).type
+            if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)):
+                raise ConfigError(f"{setting}={column!r}: {file} stores it as {kind}, not text")
         per_row = file.stat().st_size / max(1, reader.metadata.num_rows)
-        for rb in reader.iter_batches(batch_size=batch, columns=[column]):
-            yield [t for t in rb.column(0).to_pylist() if t], round(per_row * rb.num_rows)
+        for rb in reader.iter_batches(batch_size=batch, columns=columns):
+            cols = [rb.column(c).to_pylist() for c in columns]
+            yield [r for r in zip(*cols, strict=True) if any(r)], round(per_row * rb.num_rows)
         return
-    texts, size = [], 0
+    rows, size = [], 0
     with open(file, "rb") as f:
         for n, line in enumerate(f, 1):
             size += len(line)
             if not line.strip():
                 continue
             try:
-                text = json.loads(line)[column]
+                obj = json.loads(line)
+                row = tuple(obj[c] for c in columns)
             except (json.JSONDecodeError, UnicodeDecodeError, TypeError, KeyError) as e:
-                raise ConfigError(f"{file}:{n} is not a JSON object with a {column!r} key ({type(e).__name__}: "
-                                  f"{e}); fix the line or set data.text_column") from None
-            if not isinstance(text, str):
-                raise ConfigError(f"{file}:{n}: {column!r} holds a {type(text).__name__}, not text")
-            if text:
-                texts.append(text)
-            if len(texts) >= batch:
-                yield texts, size
-                texts, size = [], 0
-    yield texts, size
+                keys = " and ".join(repr(c) for c in columns)
+                raise ConfigError(f"{file}:{n} is not a JSON object with {keys} key(s) ({type(e).__name__}: "
+                                  f"{e}); fix the line or set {' / '.join(names.values())}") from None
+            for column, text in zip(columns, row, strict=True):
+                if not isinstance(text, str):
+                    raise ConfigError(f"{file}:{n}: {column!r} holds a {type(text).__name__}, not text")
+            if any(row):
+                rows.append(row)
+            if len(rows) >= batch:
+                yield rows, size
+                rows, size = [], 0
+    yield rows, size
 
 
 class RowPacker:
@@ -213,7 +235,7 @@ def ensure_text_dataset(cfg: TextDataConfig, path: Path, read_batch: int = 1024)
     recipe = text_recipe(cfg, details, tokenizer, eos_id)
     refuse_changed_inputs(path, recipe, details, cfg.rebuild)
     width = cfg.seq_len + 1
-    open_kw = {"cache_rows": max(1, CACHE_BYTES // (8 * width))}
+    open_kw = {"cache_rows": max(1, CACHE_BYTES // (12 * width))}
     if (shards := reuse_or_refuse(path, recipe, cfg.rebuild)) is not None:
         return RowShards(shards.path, **open_kw)
     with dataset_lock(path):
@@ -226,22 +248,35 @@ def ensure_text_dataset(cfg: TextDataConfig, path: Path, read_batch: int = 1024)
                 stale.unlink()  # left by a crashed builder (we hold the lock)
         pack = path.with_name(f"{path.name}.pack-{os.getpid()}-{threading.get_native_id()}")
         try:
+            blocks = 3 if cfg.prompt_column else 2  # tokens, documents (, trained-on flags)
             with open(pack, "wb") as out:
-                packer = pack_texts(cfg, files, tok, eos_id, out, read_batch)
+                if cfg.prompt_column:
+                    packer = pack_pairs(cfg, files, tok, eos_id, out, read_batch, read_columns)
+                else:
+                    packer = pack_texts(cfg, files, tok, eos_id, out, read_batch)
             if packer.rows == 0:
                 raise DatasetError(f"data.files hold {packer.total} tokens in {packer.documents} documents, fewer "
                                    f"than one row of data.seq_len+1={width}: add text or lower data.seq_len")
-            rows = np.memmap(pack, dtype=np.int32, mode="r", shape=(packer.rows, 2 * width))
-            meta = {**recipe, "files": details, "documents": packer.documents, "tokens": packer.total,
-                    "dropped_tokens": packer.total - packer.rows * width}
-            row_bytes = 8 * width
+            rows = np.memmap(pack, dtype=np.int32, mode="r", shape=(packer.rows, blocks * width))
+            meta = {**recipe, "files": details, "documents": packer.documents, "tokens": packer.total}
+            if cfg.prompt_column:
+                meta.update(truncated=packer.truncated, padding_tokens=packer.padding, trained_tokens=packer.trained)
+            else:
+                meta.update(dropped_tokens=packer.total - packer.rows * width)
+            row_bytes = 4 * blocks * width
             replace_row_shards(path, rows, rows_per_shard=max(1, SHARD_BYTES // row_bytes), meta=meta,
                                rows_per_group=min(128, max(1, GROUP_BYTES // row_bytes)))
             del rows
         finally:
             pack.unlink(missing_ok=True)
-        print(f"[plait] data.path={path}: {packer.rows} rows from {packer.documents} documents "
-              f"({packer.total} tokens, {packer.total - packer.rows * width} dropped at the end)", flush=True)
+        if cfg.prompt_column:
+            print(f"[plait] data.path={path}: {packer.rows} rows from {packer.documents} prompt/completion pairs "
+                  f"({packer.total} tokens, {packer.trained} of them trained on, {packer.padding} padding), "
+                  f"{packer.truncated} pairs longer than a row truncated"
+                  + (" (raise train.seq_len to keep them whole)" if packer.truncated else ""), flush=True)
+        else:
+            print(f"[plait] data.path={path}: {packer.rows} rows from {packer.documents} documents "
+                  f"({packer.total} tokens, {packer.total - packer.rows * width} dropped at the end)", flush=True)
     return RowShards(path, **open_kw)
 
 
@@ -252,7 +287,7 @@ def refuse_changed_inputs(path: Path, recipe: dict, details: list[dict], rebuild
     except (CorruptDataError, OSError):
         return  # reuse_or_refuse explains what is wrong with the folder
     meta = manifest.get("meta") if is_row_shards(manifest) and isinstance(manifest.get("meta"), dict) else {}
-    if rebuild or meta.get("text") != TEXT or meta.get("sources") == recipe["sources"]:
+    if rebuild or meta.get("text") not in (TEXT, PAIRS) or meta.get("sources") == recipe["sources"]:
         return
     then = {d["file"]: d for d in meta.get("files", []) if isinstance(d, dict) and "file" in d}
     now = {d["file"]: d for d in details}
@@ -269,7 +304,7 @@ def refuse_changed_inputs(path: Path, recipe: dict, details: list[dict], rebuild
 def open_text_dataset(path: str | Path, digest: str, seq_len: int) -> RowShards:
     """On a rank: the dataset at ``path``, checked to be the one the driver built (``recipe_digest`` of its
     manifest), without ensure_text_dataset's input-file, tokenizer and shard checks, done once on the driver."""
-    shards = RowShards(path, cache_rows=max(1, CACHE_BYTES // (8 * (seq_len + 1))))
+    shards = RowShards(path, cache_rows=max(1, CACHE_BYTES // (12 * (seq_len + 1))))
     if recipe_digest(shards.meta) != digest:
         raise DatasetError(f"data.path={path} changed after the driver checked it (another job rebuilt it?): use a "
                            "data.path of your own")

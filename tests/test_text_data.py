@@ -176,7 +176,7 @@ def test_end_of_text_token_comes_from_the_tokenizer_or_a_clear_error(corpus, tmp
 
 @pytest.mark.parametrize("field, value, says", [
     ("files", [], "data.files"), ("tokenizer", "", "data.tokenizer"), ("seq_len", 0, "data.seq_len"),
-    ("text_column", "", "data.text_column")])
+    ("text_column", "", "data.text_column"), ("prompt_column", "text", "data.prompt_column")])
 def test_config_check_names_the_field_and_the_fix(field, value, says):
     cfg = TextDataConfig(files=["x.parquet"], tokenizer="tok.json")
     setattr(cfg, field, value)
@@ -189,3 +189,75 @@ def test_missing_column_names_the_columns_there(corpus, tmp_path):
     with pytest.raises(ConfigError, match=r"no such column \(it has id, text\)"):
         ensure_text_dataset(cfg, tmp_path / "ds")
     assert not (tmp_path / "ds").exists()
+
+
+def write_pairs(corpus, tmp_path, n: int = 60) -> tuple[list[dict], list[str]]:
+    """Prompt / completion pairs (a document's start and its next part) in a Parquet file and a JSONL file."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"prompt": d[:40], "completion": d[40:70 + 7 * (i % 9)]} for i, d in enumerate(corpus["docs"][:n])]
+    first = rows[: n // 2]
+    pq.write_table(pa.table({"q": [r["prompt"] for r in first], "a": [r["completion"] for r in first]}),
+                   tmp_path / "pairs.parquet", row_group_size=7)
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps({"q": r["prompt"], "a": r["completion"]}) + "\n"
+                                                  for r in rows[n // 2 :]))
+    return rows, [str(tmp_path / "pairs.parquet"), str(tmp_path / "pairs.jsonl")]
+
+
+def test_prompt_completion_pairs_are_whole_in_one_row_with_the_loss_on_the_completion_only(corpus, tmp_path):
+    rows, files = write_pairs(corpus, tmp_path)
+    cfg = TextDataConfig(files=files, prompt_column="q", text_column="a", tokenizer=corpus["tokenizer"], seq_len=SEQ)
+    shards = ensure_text_dataset(cfg, tmp_path / "pairs", read_batch=4)
+    tok = Tokenizer.from_file(corpus["tokenizer"] + "/tokenizer.json")
+    eos = tok.token_to_id(EOS)
+    expected = []
+    for r in rows:  # the prompt as the tokenizer makes it alone, the completion without special tokens, eos
+        p, c = tok.encode(r["prompt"]).ids, tok.encode(r["completion"], add_special_tokens=False).ids
+        expected.append((p + c + [eos])[: SEQ + 1])
+    tokens, docs, trained = split_rows(shards.read(np.arange(len(shards))), 3)
+    found = []
+    for row in range(len(tokens)):  # documents in order, each inside one row, then padding (no loss)
+        for d in dict.fromkeys(docs[row].tolist()):
+            at = docs[row] == d
+            if d < (1 << 30):
+                found.append(tokens[row][at].tolist())
+                n_prompt = len(tok.encode(rows[d]["prompt"]).ids)
+                assert trained[row][at].tolist() == [0] * n_prompt + [1] * (at.sum() - n_prompt)
+            else:
+                assert not trained[row][at].any() and (tokens[row][at] == eos).all()
+    assert found == expected
+    truncated = sum(len(tok.encode(r["prompt"]).ids) + len(tok.encode(r["completion"], add_special_tokens=False).ids)
+                    + 1 > SEQ + 1 for r in rows)
+    assert shards.meta["documents"] == len(rows) and shards.meta["truncated"] == truncated
+    inputs, targets = TextBatches(shards, global_batch=len(shards), seed=0).batch(0)
+    order = np.sort(TextBatches(shards, len(shards), 0).row_ids(0))
+    t, dd, tr = (torch.from_numpy(a.astype(np.int64)) for a in split_rows(shards.read(order), 3))
+    keep = (tr[:, 1:] == 1) & (dd[:, 1:] == dd[:, :-1])
+    assert keep.any() and torch.equal(targets != -100, keep) and torch.equal(targets[keep], t[:, 1:][keep])
+    assert (inputs["position_ids"][:, 0] == 0).all()  # every row starts a document: no pair was cut
+
+
+def test_a_missing_prompt_column_is_named_and_nothing_is_written(corpus, tmp_path):
+    _, files = write_pairs(corpus, tmp_path)
+    cfg = TextDataConfig(files=files[:1], prompt_column="question", text_column="a", tokenizer=corpus["tokenizer"],
+                         seq_len=SEQ)
+    with pytest.raises(ConfigError, match=r"data.prompt_column='question'.*no such column \(it has q, a\)"):
+        ensure_text_dataset(cfg, tmp_path / "ds")
+    cfg.files = files[1:]
+    with pytest.raises(ConfigError, match=r"pairs.jsonl:1 is not a JSON object with 'a' and 'question' key"):
+        ensure_text_dataset(cfg, tmp_path / "ds")
+    assert not (tmp_path / "ds").exists()
+
+
+def test_an_all_prompt_batch_has_a_zero_loss_not_nan():
+    from plait.parallel.loss import lm_loss
+
+    logits = torch.randn(2, 5, 11, requires_grad=True)
+    loss = lm_loss(logits, torch.full((2, 5), -100))
+    loss.backward()
+    assert loss.item() == 0.0 and torch.equal(logits.grad, torch.zeros_like(logits))
+    targets = torch.randint(0, 11, (2, 5))
+    targets[0, :3] = -100
+    torch.testing.assert_close(lm_loss(logits, targets), torch.nn.functional.cross_entropy(
+        logits.flatten(0, 1), targets.flatten()))
