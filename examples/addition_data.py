@@ -6,7 +6,8 @@ short warm start, and two-digit addition prompts with their answers (a training 
 writes, under the folder given (a new or empty one, or one this script made before: then nothing is redone):
 
     model/          config.json, model.safetensors, tokenizer.json (one token per character of "0123456789+= ")
-    sft.parquet     a "text" column "a+b=c": answers to a share of the training prompts (the warm start)
+    sft.parquet     "prompt" "a+b=" and "completion" "c": answers to a share of the training prompts (the warm
+                    start; the LM job trains on the completions only, data.prompt_column)
     train.jsonl     {"prompt": "a+b=", "ground_truth": "c"} for RL
     test.jsonl      held-out prompts, in neither of the two above
 
@@ -34,7 +35,7 @@ def make(out: Path, held_out: int, sft_share: float, seed: int) -> None:
     from plait.models.hf.tiny import make_tiny_llama
     from plait.storage.folders import write_atomic
 
-    recipe = {"held_out": held_out, "sft_share": sft_share, "seed": seed}
+    recipe = {"held_out": held_out, "sft_share": sft_share, "seed": seed, "sft": "prompt/completion"}
     marker = out / MARKER
     if marker.is_file():
         made = json.loads(marker.read_text())
@@ -52,7 +53,8 @@ def make(out: Path, held_out: int, sft_share: float, seed: int) -> None:
     test, train = pairs[:held_out], pairs[held_out:]
     sft = train[:int(len(train) * sft_share)]
     sink = pa.BufferOutputStream()
-    pq.write_table(pa.table({"text": [f"{a}+{b}={a + b}" for a, b in sft]}), sink)
+    pq.write_table(pa.table({"prompt": [f"{a}+{b}=" for a, b in sft], "completion": [str(a + b) for a, b in sft]}),
+                   sink)
     write_atomic(out / "sft.parquet", sink.getvalue().to_pybytes())
     for name, rows in (("train.jsonl", train), ("test.jsonl", test)):
         text = "".join(json.dumps({"prompt": f"{a}+{b}=", "ground_truth": str(a + b)}) + "\n" for a, b in rows)

@@ -42,7 +42,7 @@ from pathlib import Path
 import ray
 from plait.parallel.mesh import Layout
 from plait.rl.generator import Generator, RolloutBatch, Work, as_prompt
-from plait.rl.observe import RunWatch
+from plait.rl.observe import RunWatch, diversity
 from plait.rl.prompts import PromptSet, PromptStream, load_prompt_set
 from plait.rl.rewards import reward_code
 from plait.rl.rl_config import WEIGHT_SYNC, Config, RLConfig, TaskConfig, validate  # noqa: F401 (the job's spec)
@@ -356,6 +356,8 @@ def record_eval(metrics, version: int, result: dict) -> dict:
     n = max(1, len(rewards))
     row = {"version": version, "eval_pass_at_1": sum(r >= 1.0 for r in rewards) / n, "eval_reward": sum(rewards) / n,
            "eval_finished": sum(result["finished"]) / n, "eval_reward_errors": result.get("reward_errors", 0)}
+    answers = diversity(result["texts"])  # of the greedy answers: a collapse to one answer shows here too
+    row.update(eval_distinct_answers=answers["distinct_answers"], eval_answer_entropy=answers["answer_entropy"])
     metrics.log(version, **{k: v for k, v in row.items() if k != "version"})
     return {**row, "samples": list(zip(result["texts"][:8], rewards[:8], strict=False))}
 
