@@ -5,7 +5,8 @@
     run_dir = "runs/demo"                 # the local run directory (staging, when storage is set)
     storage = "s3://bucket/runs/demo"     # optional: where outputs persist (a folder or a pyarrow URI)
     [cluster]  address, num_cpus, ...     -> plait.runtime.cluster.ClusterConfig
-    [workers]  num, cpus_per_worker, ...  -> plait.runtime.worker_group.WorkerConfig
+    [workers]  num, cpus_per_worker, ...  -> plait.runtime.worker_group.WorkerConfig (num: by default the
+                                             ranks the job's [plan] declares, dp x tp x pp x cp, else 2)
     [watchdog] floor_s, factor, ...       -> plait.runtime.watchdog.WatchdogConfig (hung-rank detection)
     [model] [data] [train] [plan] ...     -> the job module's own Config dataclass
 
@@ -127,18 +128,34 @@ def spec_from_table(table: dict[str, Any], source: str = "<table>", search: list
     if not isinstance(storage, str):
         raise ConfigError(f"'storage' must be a path or URI string (e.g. \"s3://bucket/runs/demo\"), got {storage!r}")
     job_table = {k: v for k, v in table.items() if k not in RUNTIME_KEYS}
+    config = build(module.Config, job_table, "")
+    workers = build(WorkerConfig, table.get("workers", {}), "workers")
+    if "num" not in (table.get("workers") or {}):
+        workers.num = ranks_of_plan(config, workers.num)
     return JobSpec(
         job=table["job"],
         run_dir=output_path(run_dir, "run_dir"),
         storage=str(output_path(storage, "storage").resolve()) if storage and not is_uri(storage) else storage,
         cluster=build(ClusterConfig, table.get("cluster", {}), "cluster"),
-        workers=build(WorkerConfig, table.get("workers", {}), "workers"),
+        workers=workers,
         watchdog=build(WatchdogConfig, table.get("watchdog", {}), "watchdog"),
-        config=build(module.Config, job_table, ""),
+        config=config,
         module=module,
         source=source,
         code=local_code(table["job"], [Path(p).resolve() for p in (search or [Path.cwd()])]),
     )
+
+
+def ranks_of_plan(config: Any, default: int) -> int:
+    """The rank count a job's ``plan`` (a ParallelPlan field of its Config) declares, for a spec that does not
+    set workers.num: ``plan.dp=4`` alone then runs 4 ranks. ``default`` for a job without a plan."""
+    from plait.parallel.plan import ParallelPlan
+
+    plan = getattr(config, "plan", None)
+    try:
+        return plan.world_size if isinstance(plan, ParallelPlan) else default
+    except ValueError:  # degrees that make no layout: the job's validate says what is wrong with them
+        return default
 
 
 def output_path(path: str, key: str) -> Path:

@@ -199,3 +199,13 @@ def test_plan_estimate_splits_the_sequence_over_cp_and_refuses_an_indivisible_on
     assert "dp2(fsdp2) cp2 tp1 pp1" in out and "128 tokens of each per cp rank" in out
     assert main(["plan", "estimate", "examples/gpt_cp2_dp2.toml", "train.seq_len=254"]) == 2
     assert "seq_len=254 is not divisible by 2*plan.cp = 4" in capsys.readouterr().err
+
+
+def test_a_spec_without_workers_num_runs_the_ranks_its_plan_declares(tmp_path):
+    table = {"job": "plait.lm.lm_job", "plan": {"dp": 2, "tp": 2}}
+    assert spec_from_table(table).workers.num == 4  # no [workers]: dp x tp ranks
+    assert spec_from_table({**table, "workers": {"cpus_per_worker": 2}}).workers.num == 4
+    assert spec_from_table({**table, "workers": {"num": 2}}).workers.num == 2  # said: kept (validate refuses it)
+    rl = tmp_path / "rl.toml"
+    rl.write_text('job = "plait.rl.rl_job"\n[plan]\ndp = 1\n')
+    assert load_spec(rl).workers.num == 1 and load_spec(rl, ["plan.dp=2"]).workers.num == 2
