@@ -24,6 +24,8 @@ from typing import Any
 
 from plait.models.gpt import GPTConfig
 from plait.models.hf.export import EXPORTS, ExportSection  # noqa: F401 (the [export] table; EXPORTS re-exported)
+from plait.models.lora import LoraSettings  # noqa: F401 (the [train.lora] table, shared with the RL job)
+from plait.models.lora import lora_targets as lora_module_targets
 from plait.models.registry import model_spec, spec_for_config
 from plait.models.spec import ModelSpec
 from plait.parallel.parallelize import OptimConfig
@@ -72,13 +74,6 @@ class DataSection:
     seed: int = 0
     rebuild: bool = False  # replace a Plait dataset of another recipe (or a corrupt one); never other files
     built: str = ""  # set by prepare: the recipe digest of the text dataset it checked; ranks open exactly that
-
-
-@dataclass
-class LoraSettings:
-    rank: int = 0  # 0 = no LoRA: every parameter trains
-    alpha: float = 16.0
-    targets: list[str] = field(default_factory=list)  # module names; [] = the family's attention projections
 
 
 @dataclass
@@ -199,4 +194,4 @@ def model_config(model: ModelSection) -> tuple[ModelSpec, Any]:
 
 
 def lora_targets(cfg: Config, spec: ModelSpec) -> list[str]:
-    return list(cfg.train.lora.targets) or list(spec.lora_targets)
+    return lora_module_targets(cfg.train.lora, spec)

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from plait.lm.chunkwise import seco_step, spaco_step
-from plait.lm.lm_config import Config, check_batch, lora_targets, model_config
+from plait.lm.lm_config import Config, check_batch, model_config
 from plait.models.spec import ModelSpec, model_params
 from plait.parallel.data_parallel import call_model, to_device
 from plait.parallel.estimate import estimate_report
@@ -175,12 +175,10 @@ def build_model(cfg: Config, spec: ModelSpec, model_cfg, dtype: torch.dtype) -> 
         model = spec.build(model_cfg)
     finally:
         torch.set_default_dtype(previous)
-    lora = cfg.train.lora
-    if lora.rank:
-        from peft import LoraConfig, get_peft_model
+    if cfg.train.lora.rank:
+        from plait.models.lora import add_lora
 
-        model = get_peft_model(model, LoraConfig(r=lora.rank, lora_alpha=lora.alpha,
-                                                 target_modules=lora_targets(cfg, spec)))
+        model = add_lora(model, cfg.train.lora, spec)
     return model
 
 

@@ -30,9 +30,11 @@ InitRule = Callable[[nn.Module, str, tuple, torch.Generator], torch.Tensor]  # (
 
 
 @torch.no_grad()
-def init_shards(model: nn.Module | list[nn.Module], seed: int, init_value: InitRule | None) -> list[str]:
+def init_shards(model: nn.Module | list[nn.Module], seed: int, init_value: InitRule | None,
+                only: Callable[[str], bool] | None = None) -> list[str]:
     """Fill every parameter of ``model`` (a materialised, possibly sharded model, or this rank's pipeline
-    stages) as described in the module docstring; returns the names filled."""
+    stages) as described in the module docstring, or those whose name ``only`` accepts (LoRA adapters over
+    loaded weights); returns the names filled."""
     if init_value is None:
         raise ValueError(f"{type(model).__name__}'s family has no init_value rule, so it cannot be initialised shard "
                          "by shard: build it normally (init_seed=None), or load pretrained weights (weights=a "
@@ -43,6 +45,8 @@ def init_shards(model: nn.Module | list[nn.Module], seed: int, init_value: InitR
     for module in model if isinstance(model, (list, tuple)) else [model]:
         for name, p in module.named_parameters():
             name = clean_fqn(name)
+            if only is not None and not only(name):
+                continue
             gen = torch.Generator().manual_seed(param_seed(seed, name))
             value = init_value(module, name, tuple(p.shape), gen)
             if isinstance(p, DTensor):

@@ -271,7 +271,8 @@ def parallelize(build_model: Callable[[], nn.Module], plan: ParallelPlan, mesh: 
         pipe = None
         model = _build(build_model, plan, fill is not None, spec)
         modules = [_shard_part(model if fill is not None else model.to(device), plan, mesh, device, fill, spec)]
-    optimizers = [make_optimizer(m.parameters(), optim) for m in modules]
+    # frozen parameters (LoRA's base weights) are no optimizer's: no state, no weight decay, no step
+    optimizers = [make_optimizer([p for p in m.parameters() if p.requires_grad], optim) for m in modules]
     cp_rank = mesh.get_local_rank("cp") if plan.cp > 1 else 0
     replicated_kv = plan.tp > 1 and any(replicated(m) for m in modules)
 
@@ -329,20 +330,24 @@ def _parallelize_deepspeed(build_model, plan, mesh, device, optim, global_batch,
     return Parallelized(modules=[engine.module], optimizers=[], train_step=train_step, mesh=mesh, engine=engine)
 
 
-def iter_unsharded_parameters(parts: Parallelized | list[nn.Module]):
+def iter_unsharded_parameters(parts: Parallelized | list[nn.Module], only: Callable[[str], bool] | None = None):
     """``(name, full tensor)`` of this rank's parameters one at a time (each gathered when it is reached: a
     collective per DTensor parameter, so every rank of its meshes must iterate in step), so a caller that hands
-    each on (a bucket to the object store) never holds the whole model. Names as ``unsharded_parameters``."""
-    if isinstance(parts, Parallelized) and parts.engine is not None:
-        yield from unsharded_parameters(parts).items()  # ZeRO: DeepSpeed gathers a whole module at once
+    each on (a bucket to the object store) never holds the whole model. Names as ``unsharded_parameters``;
+    ``only``: the names to yield (e.g. LoRA adapters; the others are never gathered)."""
+    if isinstance(parts, Parallelized) and parts.engine is not None:  # ZeRO: DeepSpeed gathers a module at once
+        yield from ((n, t) for n, t in unsharded_parameters(parts).items() if only is None or only(n))
         return
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     for module in parts.modules if isinstance(parts, Parallelized) else list(parts):
         module = module.module if isinstance(module, DDP) else module
         for name, p in module.named_parameters():
+            name = clean_fqn(name)
+            if only is not None and not only(name):
+                continue
             t = p.detach()
-            yield clean_fqn(name), (t.full_tensor() if isinstance(t, DTensor) else t)
+            yield name, (t.full_tensor() if isinstance(t, DTensor) else t)
 
 
 def unsharded_parameters(parts: Parallelized | list[nn.Module]) -> dict[str, torch.Tensor]:

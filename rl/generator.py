@@ -13,7 +13,9 @@ text (decoded up to the first stop token, cut at the first stop string).
 ``generate`` first loads ``published`` (a ``plait.rl.weights.Published``) if it is newer than what the actor
 holds, so weights move between generations, once per version and actor. Each prompt is sampled
 ``group_size`` times (consecutive rows: GRPO's groups). The sampler is seeded by (seed, uid), so a work item
-gives the same completions on whichever actor runs it, with the same weights.
+gives the same completions on whichever actor runs it, with the same weights. A LoRA policy (``lora``: the
+job's ``[train.lora]``) is the same adapted model the trainer builds, its base weights read from the folder
+here; a version carries the adapters only.
 
 Interruption (``GenerationConfig.interrupt``): the pool runs the actor with two threads; the driver's
 ``notify(version)`` marks a newer version as out, generation stops at its next decode step, the new weights
@@ -38,6 +40,7 @@ from dataclasses import dataclass, field
 
 import torch
 from plait.models.gpt import GPTConfig
+from plait.models.lora import LoraSettings
 from plait.rl.generate import Rollout, generate
 from plait.rl.policy import Policy, PolicyConfig
 from plait.rl.prompts import Prompt
@@ -131,12 +134,16 @@ class RolloutBatch:
 
 class Generator:
     def __init__(self, policy: PolicyConfig | GPTConfig, gen_cfg: GenerationConfig, seed: int, index: int,
-                 reward: RewardConfig | None = None, reward_search: list[str] | None = None):
+                 reward: RewardConfig | None = None, reward_search: list[str] | None = None,
+                 lora: LoraSettings | None = None):
         gen_cfg.check()
         self.cfg, self.seed, self.index = gen_cfg, seed, index
-        self.policy = Policy(policy if isinstance(policy, PolicyConfig) else policy_of(policy))
+        self.policy = Policy(policy if isinstance(policy, PolicyConfig) else policy_of(policy), lora=lora)
         self.tok = self.policy.tokens()
         self.model = self.policy.build().eval()
+        if self.policy.synced is not None:  # LoRA: the frozen base from the folder; versions bring the adapters
+            with torch.no_grad():
+                self.policy.spec.load_weights(self.model, self.policy.weights)
         self.rewards = RewardRunner(reward or RewardConfig(), list(reward_search or []))
         self.version = -1  # nothing loaded yet
         self.newest = -1  # the newest version the driver told us about (notify)
@@ -157,7 +164,8 @@ class Generator:
         from plait.rl.weight_broadcast import WeightReceiver
 
         if self._receiver is None or self._receiver_at != tuple(address):
-            self._receiver, self._receiver_at = WeightReceiver(tuple(address), timeout_s=timeout_s), tuple(address)
+            self._receiver = WeightReceiver(tuple(address), timeout_s=timeout_s, synced=self.policy.synced)
+            self._receiver_at = tuple(address)
         self.version = -1  # a round that fails midway leaves some parameters overwritten: no version is held
         self.version = self._receiver.receive(self.model, round_id, epoch, self.index + 1, size, version)
         return self.version
@@ -169,7 +177,7 @@ class Generator:
                                f"{published.version}, and weights come by broadcast (rl.weight_sync): the driver "
                                "must run a sync round (sync_weights) before issuing work of a newer version")
         if published.version > self.version:
-            load_published(self.model, published)
+            load_published(self.model, published, self.policy.synced)
             self.version = published.version
         return time.perf_counter() - t0
 

@@ -145,13 +145,29 @@ def cut_at_stop(text: str, stop: list[str]) -> str:
 
 @dataclass
 class Policy:
-    """The family's spec, its model config and the tokenizer: what every generator and trainer rank builds."""
+    """The family's spec, its model config and the tokenizer: what every generator and trainer rank builds.
+
+    With ``lora`` (the job's ``[train.lora]``, rank > 0) the model is the family's with peft adapters on the
+    target modules (``plait.models.lora``): ``spec`` is then the adapted model's (its ``load_weights`` reads
+    the folder's base weights and initialises the adapters from ``seed``), ``base_spec`` the family's, and
+    ``synced`` names what a weight sync carries (the adapters)."""
 
     cfg: PolicyConfig
     spec: Any = None
     config: Any = None
+    lora: Any = None  # plait.models.lora.LoraSettings
+    seed: int = 0  # the adapters' initial values (trainer)
+    base_spec: Any = None
 
     def __post_init__(self) -> None:
+        self._family()
+        self.base_spec = self.spec
+        if self.lora is not None and self.lora.rank:
+            from plait.models.lora import lora_spec
+
+            self.spec = lora_spec(self.spec, self.lora, self.seed)
+
+    def _family(self) -> None:
         from plait.models import model_spec, spec_for_config
 
         if not self.cfg.path:
@@ -182,15 +198,22 @@ class Policy:
     def max_positions(self) -> int:
         return getattr(self.config, "max_seq_len", None) or getattr(self.config, "max_position_embeddings", 1 << 30)
 
-    def build(self, dtype: torch.dtype | None = None) -> nn.Module:
-        """The model in ``dtype`` (default: the config's ``model.dtype``), randomly initialised (load its weights
-        with ``load``)."""
+    def build(self, dtype: torch.dtype | None = None, base: bool = False) -> nn.Module:
+        """The model in ``dtype`` (default: the config's ``model.dtype``), randomly initialised (its weights:
+        ``spec.load_weights(model, weights)``, or ``parallelize(..., weights=)``); ``base``: without adapters."""
         previous = torch.get_default_dtype()
         torch.set_default_dtype(dtype or getattr(torch, self.cfg.dtype))
         try:
-            return self.spec.build(self.config)
+            return (self.base_spec if base else self.spec).build(self.config)
         finally:
             torch.set_default_dtype(previous)
+
+    @property
+    def synced(self):
+        """Which parameters (by name) a weight sync carries: None = all; a LoRA policy's adapters only."""
+        from plait.models.lora import synced_names
+
+        return synced_names(self.lora)
 
     @property
     def weights(self) -> str | None:

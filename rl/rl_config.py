@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from plait.models.hf.export import ExportSection
+from plait.models.lora import check_lora
 from plait.parallel.plan import ParallelPlan
 from plait.rl.generator import GenerationConfig, as_prompt
 from plait.rl.policy import Policy, PolicyConfig
@@ -77,6 +78,23 @@ def stream_sample(cfg: Config, n: int = 256) -> list:
     return [as_prompt(t) for t in make_tasks(cfg.task.name, n, cfg.task.seed, **cfg.task.options)]
 
 
+def check_policy_lora(cfg: Config, policy: Policy) -> None:
+    """``[train.lora]`` fits the policy and the plan: a folder's weights to adapt, data parallelism only, targets
+    that are Linear modules of the family."""
+    lora = cfg.train.lora
+    lora.check()
+    if not lora.rank:
+        return
+    if not cfg.model.path:
+        raise ValueError("train.lora.rank > 0 adapts a pretrained policy whose base weights both the trainer and the "
+                         "generators read from disk: set model.path to a local Hugging Face folder (e.g. an SFT "
+                         "run's outputs/hf_export), or train.lora.rank=0 to train Plait's GPT fully")
+    if cfg.plan.tp > 1:
+        raise ValueError(f"train.lora with plan.tp={cfg.plan.tp}: LoRA adapters are not in the families' tensor-"
+                         "parallel plans; use data parallelism (plan.dp with engine 'ddp' or 'fsdp2') and plan.tp=1")
+    check_lora(lora, policy.spec, policy.config)
+
+
 def validate(cfg: Config, world_size: int) -> None:
     """On the driver: the pieces fit together (policy, prompts, reward, lengths, batch shapes, trainer ranks)."""
     gen, rl = cfg.generation, cfg.rl
@@ -99,6 +117,7 @@ def validate(cfg: Config, world_size: int) -> None:
                          "'exact_match', 'math', 'format' or your own 'module:function'")
     load_reward(cfg.reward.function)  # importable here, where the spec's folder is on the path
     policy = Policy(cfg.model)
+    check_policy_lora(cfg, policy)
     tok = policy.tokens()
     if tok.vocab_size > policy.vocab_size:
         raise ValueError(f"the tokenizer has {tok.vocab_size} tokens, the model's vocab_size is {policy.vocab_size}: "

@@ -25,8 +25,9 @@ process group):
 the controller's position (task cursor, work not yet trained, next uid); ``train.resume = "latest"``
 continues from them. Metrics per version: reward, staleness_<s> (prompts trained at staleness s),
 dropped, samples_per_s, gen_idle_share, trainer_idle_share (shares of the loop's wall time without work in
-flight), completion_len, stop_rate (share of completions that emitted the stop token), the loss statistics
-and wall_s (seconds since the loop started).
+flight), completion_len, stop_rate (share of completions that emitted the stop token), the loss statistics,
+weight_sync_bytes (what one version's sync carries: under ``[train.lora]`` the adapters only) and wall_s
+(seconds since the loop started).
 """
 
 from __future__ import annotations
@@ -140,7 +141,8 @@ def control(job, cfg: Config, generator_cls: type = Generator, trainer_cls: type
     retry: deque[Work] = deque()  # lost work, issued again first
     pending = deque(pos.pending)  # a resumed run's untrained work, issued first under new uids
     job.code.update(reward_code(cfg.reward.function))  # your reward module goes to the generators with the job
-    pool = job.actor_pool(generator_cls, rl.generators, args=(cfg.model, gen, train.seed),
+    lora = {"lora": train.lora} if train.lora.rank else {}  # the generators build the trainer's adapted model
+    pool = job.actor_pool(generator_cls, rl.generators, args=(cfg.model, gen, train.seed), kwargs=lora,
                           per_actor_args=[(i, cfg.reward, *generator_args) for i in range(rl.generators)],
                           cpus=rl.generator_cpus,
                           name="generator", max_restarts=rl.max_generator_restarts,
@@ -215,6 +217,7 @@ def control(job, cfg: Config, generator_cls: type = Generator, trainer_cls: type
                   "trainer_idle_share": 1 - trainer_busy / wall,
                   "completion_len": sum(it.completion_tokens for it in batch.items) / samples,
                   "stop_rate": sum(_finished(it) for it in batch.items) / samples,
+                  "weight_sync_bytes": stats["published"].num_bytes,
                   **{f"staleness_{s}": batch.staleness.get(s, 0) for s in range(rl.eta + 1)},
                   **{k: stats[k] for k in ("loss", "is_weight", "truncated_frac", "clip_frac",
                                            "behaviour_kl", "grad_norm", "updated", "step_kl")}}
@@ -343,6 +346,7 @@ def control(job, cfg: Config, generator_cls: type = Generator, trainer_cls: type
         "gen_s_per_sample": gen_compute / max(1, made), "startup_s": t0 - started,
         "driver_cpu_s": driver_cpu, "samples_received": made,
         "warm_losses": hello["warm_losses"], "weights_published": store.published,
+        "weight_sync_bytes": store.latest.num_bytes, "model_bytes": hello.get("model_bytes"),
         "losses": [h["loss"] for h in history], "weight_sync": rl.weight_sync, "sync_rounds": sync["round"],
         "sync_rounds_failed": sync["failed"], "most_steps_queued": most_queued,
         "evals": evals, "answer_entropy": [h["answer_entropy"] for h in history],

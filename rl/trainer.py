@@ -13,6 +13,11 @@ step (clipping, optimizer); decoupled PPO's proximal log-probs are the trainer's
 GRPO advantages are per prompt group, computed in ``collate``. After every step rank 0 publishes the
 new weights (``plait.rl.weights.publish``; unsharding is a collective, so every rank takes part).
 
+``[train.lora]`` with rank > 0 (``plait.models.lora``): the folder's weights, frozen, with peft adapters on the
+target modules; only the adapters are in the optimizer, and only they are published or broadcast (the
+generators read the same base from the folder). Checkpoints hold the whole model as before; the export merges
+the adapters into the base weights.
+
 A batch in which every advantage is 0 (every group's completions scored alike: common once the policy is
 nearly deterministic) takes no optimizer step, though it still makes a new version: Adam would otherwise
 count its zero gradient, its second moment would decay over a run of such steps while its momentum
@@ -36,12 +41,14 @@ so with 0 the policy learns the format only and starts at chance (digit_sum: abo
 
 from __future__ import annotations
 
+import contextlib
 import random
 import string
 import time
 from dataclasses import dataclass, field
 
 import torch
+from plait.models.lora import LoraSettings, merged_view
 from plait.parallel.data_parallel import ZERO_STAGES
 from plait.parallel.mesh import build_mesh
 from plait.parallel.parallelize import OptimConfig, iter_unsharded_parameters, parallelize
@@ -77,9 +84,11 @@ class TrainConfig(LoopConfig):
     time_budget_s: float = 0.0  # > 0: stop after this much wall time (benchmarks), whatever steps says
     kl_beta: float = 0.0  # > 0: GRPO's KL penalty to a frozen reference (the initial policy), k3 estimator
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4, warmup_steps=0, weight_decay=0.0))
+    lora: LoraSettings = field(default_factory=LoraSettings)  # rank > 0: only peft adapters train and sync
 
     def check(self) -> None:
         self.check_loop()
+        self.lora.check()
         if self.loss not in LOSSES or self.normalize not in NORMALIZE:
             raise ValueError(f"train.loss={self.loss!r}, train.normalize={self.normalize!r}: choose a loss from "
                              f"{LOSSES} and a normalisation from {NORMALIZE}")
@@ -161,7 +170,8 @@ class Trainer:
         plan, train = cfg.plan, cfg.train
         check_trainer_plan(plan, ctx.world_size)
         self.ctx, self.cfg = ctx, cfg
-        self.policy = Policy(cfg.model if isinstance(cfg.model, PolicyConfig) else policy_of(cfg.model))
+        self.policy = Policy(cfg.model if isinstance(cfg.model, PolicyConfig) else policy_of(cfg.model),
+                             lora=getattr(train, "lora", None), seed=train.seed)
         self.tok = self.policy.tokens()
         torch.manual_seed(train.seed)
         self.mesh = build_mesh(plan, ctx.device_type)
@@ -172,8 +182,8 @@ class Trainer:
         self.reference = None  # the frozen initial policy of the KL penalty
         if train.kl_beta > 0:
             torch.manual_seed(train.seed)  # Plait's GPT: the same initial weights as the policy
-            ref = parallelize(self.policy.build, plan, self.mesh, ctx.device, train.optim, spec=self.policy.spec,
-                              weights=self.policy.weights)
+            ref = parallelize(lambda: self.policy.build(base=True), plan, self.mesh, ctx.device, train.optim,
+                              spec=self.policy.base_spec, weights=self.policy.weights)  # LoRA: the base alone
             self.reference = ref.modules[0].eval().requires_grad_(False)
         self.state = ModelOptimizer(self.parts.modules, self.parts.optimizers)
         self.warm_losses = []
@@ -225,14 +235,16 @@ class Trainer:
         self.ctx.step_done(self.version)  # the watchdog's step rhythm (runtime/watchdog.py)
         if not self.ctx.is_main:
             return None
+        model_bytes = sum(p.numel() * p.element_size() for m in self.parts.modules for p in m.parameters())
         return {"version": self.version, "published": published, "meta": self.meta, "warm_losses": self.warm_losses,
+                "model_bytes": model_bytes,
                 "sync_address": self.server.address if self.server is not None else None,
                 "pad_id": self.tok.pad_id}
 
     def _publish(self):
         """Every rank takes part (gathering a sharded parameter is a collective); rank 0 puts the version into the
         object store bucket by bucket, holding one bucket at a time (or hands it to the broadcast server)."""
-        params = iter_unsharded_parameters(self.parts)
+        params = iter_unsharded_parameters(self.parts, only=self.policy.synced)  # LoRA: the adapters only
         if not self.ctx.is_main:
             for _ in params:  # the other ranks' share of each gather
                 pass
@@ -281,16 +293,21 @@ class Trainer:
 
     def export(self) -> str | None:
         """The policy as a complete HF folder (a collective: every rank calls it) when ``[export]`` asks: by default
-        when it came from a folder, whose tokenizer, chat template and generation config go with it."""
+        when it came from a folder, whose tokenizer, chat template and generation config go with it. A LoRA
+        policy is written with its adapters merged into the base weights: an ordinary model of its family."""
         from plait.models.hf.export import export_hf_folder
 
         export = self.cfg.export
         if not export.wanted(from_folder=bool(self.policy.cfg.path)):
             return None
         folder = export.folder(self.ctx.run_dir)
-        export_hf_folder(self.parts.modules, folder, self.policy.config, spec=self.policy.spec,
-                         source=self.policy.cfg.path or None,
-                         dtype=getattr(torch, export.dtype) if export.dtype else None)
+        with contextlib.ExitStack() as views:
+            if self.policy.synced is not None:  # LoRA: the adapters merged into the base weights, then restored
+                for module in self.parts.modules:
+                    views.enter_context(merged_view(module))
+            export_hf_folder(self.parts.modules, folder, self.policy.config, spec=self.policy.base_spec,
+                             source=self.policy.cfg.path or None,
+                             dtype=getattr(torch, export.dtype) if export.dtype else None)
         return str(folder)
 
     def save(self, meta: dict) -> str:

@@ -109,14 +109,15 @@ class StepGuard:
 
 
 def _sharded_parameters(model: nn.Module) -> list[torch.Tensor]:
-    """The parameters as the optimizer holds them. FSDP2 leaves the root's parameters unsharded (plain
-    tensors) after a forward: reshard every FSDP module first, so they are this rank's DTensor shards again."""
+    """The parameters as the optimizer holds them (the trainable ones: a step never moves a frozen LoRA base).
+    FSDP2 leaves the root's parameters unsharded (plain tensors) after a forward: reshard every FSDP module
+    first, so they are this rank's DTensor shards again."""
     from torch.distributed.fsdp import FSDPModule
 
     for m in model.modules():
         if isinstance(m, FSDPModule):
             m.reshard()
-    return list(model.parameters())
+    return [p for p in model.parameters() if p.requires_grad]
 
 
 def _logits(out):

@@ -30,6 +30,9 @@ Failures: every collective has the group's timeout (``timeout_s``). A generator 
 the others' and the server's broadcast fail after it; the server drops that group and waits for the next
 round, and the driver bumps the epoch after any replaced generator or failed round, so the next round
 builds a fresh group with the new member. A dead trainer ends the job (the runtime restarts it).
+
+A LoRA policy broadcasts its adapters only (the receiver's ``synced`` names; the layout both sides agree on
+is theirs): the frozen base weights are read from the model folder on each side, never sent.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ import json
 import threading
 
 import torch
+from plait.rl.weights import synced_parameters
 from plait.runtime.actor_pool import ActorCallError, ActorLost
 from torch import nn
 
@@ -145,16 +149,19 @@ class WeightServer:
 class WeightReceiver:
     """A generator's side: joins round ``n``'s broadcast and loads the version it receives into a model."""
 
-    def __init__(self, address: tuple[str, int], device: torch.device | None = None, timeout_s: float = 60.0):
+    def __init__(self, address: tuple[str, int], device: torch.device | None = None, timeout_s: float = 60.0,
+                 synced=None):
+        """``synced``: which of the model's parameters the trainer broadcasts (by name; None: all of them, a LoRA
+        policy: its adapters, ``plait.models.lora.synced_names``)."""
         import torch.distributed as dist
 
-        self.device, self.timeout_s = device or torch.device("cpu"), timeout_s
+        self.device, self.timeout_s, self.synced = device or torch.device("cpu"), timeout_s, synced
         self.store = dist.TCPStore(address[0], int(address[1]), is_master=False, timeout=_timeout(timeout_s))
         self._epoch, self._pg, self._layout, self._dtype = -1, None, None, None
 
     def _agree(self, model: nn.Module) -> None:
         meta = json.loads(self.store.get("layout").decode())  # blocks until the trainer's first update
-        own = layout(dict(model.named_parameters()))
+        own = layout(synced_parameters(model, self.synced))
         if meta["layout"] != own:
             theirs = {n: s for n, s in meta["layout"]}
             diff = [(n, theirs.get(n), s) for n, s in own if theirs.get(n) != s][:3]
@@ -174,7 +181,7 @@ class WeightReceiver:
                 self._pg, self._epoch = _group(self.store, epoch, rank, size, self.device, self.timeout_s), epoch
             got = torch.zeros(1, dtype=torch.int64, device=self.device)
             _broadcast(self._pg, got)
-            params = [p.detach() for p in model.parameters()]
+            params = [p.detach() for p in synced_parameters(model, self.synced).values()]
             total = sum(p.numel() for p in params)
             buf = torch.empty(min(self.bucket, total), dtype=self._dtype, device=self.device)
             for lo in range(0, total, self.bucket):

@@ -20,11 +20,16 @@ copies of the model however long the run.
 trainer's rank 0 over a standalone group holding the generators (``plait.rl.weight_broadcast``); then a
 ``Published`` carries only the version and size (``ref`` empty) and the generators load weights in the
 driver's sync rounds instead of ``fetch``.
+
+A LoRA policy (``[train.lora]``, ``plait.models.lora``) syncs its adapters only: both sides build the same
+adapted model from the same folder, and the ``synced`` names (the adapters) are all a version carries, by
+either path; ``num_bytes`` is then the adapters' size.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import nn
@@ -74,29 +79,38 @@ def publish(params, version: int, bucket_bytes: float = float("inf")) -> Publish
     return Published(version, refs, total)
 
 
-def load_published(model: nn.Module, published: Published) -> None:
-    """Load a published version bucket by bucket (one bucket in memory besides the model); every parameter must
-    be covered once, nothing else may come."""
-    own, seen = dict(model.named_parameters()), set()
+def synced_parameters(model: nn.Module, synced: Callable[[str], bool] | None = None) -> dict[str, torch.Tensor]:
+    """The parameters a weight sync carries: all, or those whose name ``synced`` accepts (a LoRA policy's
+    adapters: ``plait.models.lora.synced_names``; its frozen base comes from disk on both sides)."""
+    return {n: p for n, p in model.named_parameters() if synced is None or synced(n)}
+
+
+def load_published(model: nn.Module, published: Published, synced: Callable[[str], bool] | None = None) -> None:
+    """Load a published version bucket by bucket (one bucket in memory besides the model); every synced
+    parameter (``synced_parameters``) must be covered once, nothing else may come."""
+    own, seen = synced_parameters(model, synced), set()
     for bucket in published.buckets():
-        load_weights(model, bucket, partial=True)
+        load_weights(model, bucket, partial=True, synced=synced)
         seen.update(bucket)
     missing = sorted(set(own) - seen)
     if missing:
-        raise ValueError(f"published weights do not match the generator's model: missing {missing[:5]}. Build the "
-                         "generators' model with the trainer's [model] settings")
+        raise ValueError(f"published weights do not match the generator's model: missing {_what(synced)}"
+                         f"{missing[:5]}. Build the generators' model with the trainer's [model] and [train.lora] "
+                         "settings")
 
 
-def load_weights(model: nn.Module, state: dict[str, torch.Tensor], partial: bool = False) -> None:
-    """Copy ``state`` into ``model``'s parameters; every parameter must be there (unless ``partial``), nothing
-    else may be."""
-    own = dict(model.named_parameters())
+def load_weights(model: nn.Module, state: dict[str, torch.Tensor], partial: bool = False,
+                 synced: Callable[[str], bool] | None = None) -> None:
+    """Copy ``state`` into ``model``'s synced parameters (all, or those ``synced`` accepts); every one must be
+    there (unless ``partial``), nothing else may be."""
+    own = synced_parameters(model, synced)
     missing = [] if partial else sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     if missing or unexpected:
-        raise ValueError(f"published weights do not match the generator's model: missing {missing[:5]}, unexpected "
-                         f"{unexpected[:5]}. Build the generators' GPT with the trainer's [model] settings; names must "
-                         "be the unwrapped model's (plait.parallel.parallelize.unsharded_parameters)")
+        raise ValueError(f"published weights do not match the generator's model: missing {_what(synced)}"
+                         f"{missing[:5]}, unexpected {unexpected[:5]}. Build the generators' model with the trainer's "
+                         "[model] and [train.lora] settings; names must be the unwrapped model's "
+                         "(plait.parallel.parallelize.unsharded_parameters)")
     with torch.no_grad():
         for name, param in own.items():
             if name not in state:
@@ -106,6 +120,12 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], partial: bool
                 raise ValueError(f"published weight {name} has shape {tuple(src.shape)}, the generator's model "
                                  f"{tuple(param.shape)}: the two were built with different [model] settings")
             param.copy_(src)
+
+
+def _what(synced) -> str:
+    from plait.models.lora import is_adapter
+
+    return "" if synced is None else "LoRA adapters " if synced is is_adapter else "synced parameters "
 
 
 @dataclass
