@@ -117,6 +117,7 @@ class RolloutBatch:
     train_rewards: torch.Tensor | None = None  # (R,) what advantages use: rewards, or unfinished_reward
     prompt_texts: list[str] = field(default_factory=list, repr=False)  # one per prompt (what completions answer)
     reward_failures: list = field(default_factory=list, repr=False)  # rl.rewards.Failure of this item's samples
+    reward_extras: dict = field(default_factory=dict)  # key -> (sum, count) of a dict reward's numeric extras
 
     @property
     def shaped_rewards(self) -> torch.Tensor:
@@ -219,10 +220,10 @@ class Generator:
         out = generate(self.model, batch.tokens, max_new_tokens, temperature=0.0, stop_tokens=self.tok.stop_ids,
                        pad_id=self.tok.pad_id, weight_version=self.version, spec=self.policy.spec)
         texts = [self.tok.decode(out.tokens[i, :int(out.lengths[i])].tolist()) for i in range(len(records))]
-        scores, _ = self.rewards.score([self._sample(r, t) for r, t in zip(records, texts, strict=True)])
+        scores, extras = self.rewards.score([self._sample(r, t) for r, t in zip(records, texts, strict=True)])
         failures, self.rewards.failures = self.rewards.failures, []
         return {"version": self.version, "rewards": scores, "texts": texts,
-                "finished": out.finished.tolist(), "reward_errors": len(failures)}
+                "finished": out.finished.tolist(), "reward_errors": len(failures), "extras": sum_extras(extras)}
 
     def _sample(self, record: Prompt, text: str) -> tuple:
         extra = {**record.extra, "format_reward": self.cfg.format_reward}
@@ -258,7 +259,7 @@ class Generator:
             texts.append(self.tok.decode(c))
             samples.append(self._sample(records[i // self.cfg.group_size], texts[-1]))
             finished.append(bool(c) and c[-1] in self.tok.stop_ids)
-        rewards, _ = self.rewards.score(samples)
+        rewards, extras = self.rewards.score(samples)
         failures, self.rewards.failures = self.rewards.failures, []
         scores, done = torch.tensor(rewards, dtype=torch.float32), torch.tensor(finished, dtype=torch.bool)
         return RolloutBatch(uid=work.uid, task_ids=list(work.task_ids), version=min(versions), versions=versions,
@@ -266,10 +267,23 @@ class Generator:
                             group_size=self.cfg.group_size, completion_tokens=int(mask.sum()), gen_time_s=gen_time,
                             load_time_s=load_s, generator=self.index, interrupted=interrupted, texts=texts,
                             finished=done, train_rewards=torch.where(done, scores, self.cfg.unfinished_reward),
-                            prompt_texts=[_prompt_text(r.prompt) for r in records], reward_failures=failures)
+                            prompt_texts=[_prompt_text(r.prompt) for r in records], reward_failures=failures,
+                            reward_extras=sum_extras(extras))
 
     def loaded_version(self) -> int:
         return self.version
+
+
+def sum_extras(extras: list[dict]) -> dict[str, tuple[float, int]]:
+    """(sum, count) per key of the numbers (and booleans) among a dict reward's extras; other values (text, lists)
+    stay out of the metrics."""
+    out: dict[str, tuple[float, int]] = {}
+    for extra in extras:
+        for key, value in extra.items():
+            if isinstance(value, (int, float)) and key != "reward_error":
+                total, n = out.get(key, (0.0, 0))
+                out[key] = (total + float(value), n + 1)
+    return out
 
 
 def policy_of(gpt: GPTConfig) -> PolicyConfig:

@@ -212,6 +212,7 @@ def control(job, cfg: Config, generator_cls: type = Generator, trainer_cls: type
         record = {"reward": reward, "dropped": sum(r.prompts for r in queue.dropped), "wall_s": wall,
                   **watch.step(version, batch.items),
                   "reward_errors": sum(len(it.reward_failures) for it in batch.items),
+                  **mean_extras([it.reward_extras for it in batch.items], "reward_"),
                   "samples_per_s": (pos.samples_trained - hello["meta"].get("samples_trained", 0)) / wall,
                   "gen_idle_share": 1 - _busy_share(busy, since, pool, now) / (rl.generators * wall),
                   "trainer_idle_share": 1 - trainer_busy / wall,
@@ -354,12 +355,24 @@ def control(job, cfg: Config, generator_cls: type = Generator, trainer_cls: type
     }
 
 
+def mean_extras(parts: list[dict], prefix: str) -> dict[str, float]:
+    """The mean of each numeric extra a dict reward returned (``{"score": 1.0, "format_ok": 1}`` ->
+    ``reward_format_ok``), over the samples that carried it; ``parts``: (sum, count) per key."""
+    totals: dict[str, list[float]] = {}
+    for part in parts:
+        for key, (total, n) in part.items():
+            acc = totals.setdefault(key, [0.0, 0])
+            acc[0], acc[1] = acc[0] + total, acc[1] + n
+    return {f"{prefix}{key}": total / n for key, (total, n) in sorted(totals.items()) if n}
+
+
 def record_eval(metrics, version: int, result: dict) -> dict:
     """A held-out scoring's figures into the metrics (at the version it scored) and the run's history."""
     rewards = result["rewards"]
     n = max(1, len(rewards))
     row = {"version": version, "eval_pass_at_1": sum(r >= 1.0 for r in rewards) / n, "eval_reward": sum(rewards) / n,
            "eval_finished": sum(result["finished"]) / n, "eval_reward_errors": result.get("reward_errors", 0)}
+    row.update(mean_extras([result.get("extras", {})], "eval_reward_"))
     answers = diversity(result["texts"])  # of the greedy answers: a collapse to one answer shows here too
     row.update(eval_distinct_answers=answers["distinct_answers"], eval_answer_entropy=answers["answer_entropy"])
     metrics.log(version, **{k: v for k, v in row.items() if k != "version"})

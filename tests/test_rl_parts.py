@@ -468,3 +468,13 @@ def test_broadcast_weight_sync_gives_two_generator_actors_the_trainers_versions_
         assert all(torch.equal(w, p) for w, p in zip(weights(gens[1]).values(), trainer.parameters(), strict=True))
     finally:
         server.close()
+
+
+def test_a_dict_rewards_numeric_extras_are_averaged_over_the_samples_that_carry_them():
+    from plait.rl.generator import sum_extras
+    from plait.rl.rl_job import mean_extras
+
+    first = sum_extras([{"format_ok": 1, "note": "text"}, {"format_ok": 0, "steps": 3.0}, {}])
+    second = sum_extras([{"format_ok": True}, {"reward_error": 1.0}])
+    assert first == {"format_ok": (1.0, 2), "steps": (3.0, 1)}
+    assert mean_extras([first, second], "reward_") == {"reward_format_ok": 2 / 3, "reward_steps": 3.0}

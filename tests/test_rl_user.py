@@ -535,6 +535,9 @@ def test_an_hf_policy_with_prompt_files_and_a_reward_module_trains_evaluates_and
     # the raising sample was counted and the job went on
     steps = [r for r in rows if "reward" in r]
     assert [r["step"] for r in steps] == [1, 2, 3, 4] and sum(r["reward_errors"] for r in steps) > 0
+    # the dict reward's extra number ("chars", the completion's length) is logged as its mean over the samples
+    assert all(r["reward_chars"] >= 0 for r in steps) and any(r["reward_chars"] > 0 for r in steps)
+    assert all("eval_reward_chars" in r for r in evals)
     assert "reward.function failed on a sample (ValueError: no score for 13)" in capsys.readouterr().out
     # what the user watches: completions of the prompts in the file
     shown = {r if isinstance(r, str) else "\n".join(f"{m['role']}: {m['content']}" for m in r)
