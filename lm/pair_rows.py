@@ -14,7 +14,9 @@ the prompt is context only.
 Unlike plain text, a document is never cut between rows: a pair that does not fit the rest of a row starts the
 next one, and the rest is padding (end-of-text tokens of a document of their own, without loss), so every
 completion is trained with its whole prompt in view. A pair longer than a row (``seq_len + 1`` tokens) is
-truncated at its end and counted (``truncated`` in the manifest's meta, and printed). Rows hold
+truncated at its end and counted (``truncated`` in the manifest's meta, and printed); one whose prompt alone
+fills a row is left out and counted (``skipped``): every row then holds a trained token, so no batch has a
+loss over nothing (NaN). Rows hold
 ``3 * (seq_len + 1)`` int32 values: tokens, document indices, and 1 where the token is trained on.
 """
 
@@ -34,10 +36,13 @@ class PairPacker:
         self.out, self.width, self.pad_id = out, width, pad_id
         self.row = np.empty((3, width), np.int32)
         self.fill = 0
-        self.documents = self.total = self.rows = self.truncated = self.padding = self.trained = 0
+        self.documents = self.total = self.rows = self.truncated = self.padding = self.trained = self.skipped = 0
 
     def add(self, documents: list[tuple[list[int], int]]) -> None:
         for tokens, prompt_len in documents:
+            if prompt_len >= self.width:  # not one completion token would fit beside the prompt
+                self.skipped += 1
+                continue
             if len(tokens) > self.width:
                 tokens, self.truncated = tokens[: self.width], self.truncated + 1
             n = len(tokens)

@@ -260,7 +260,8 @@ def ensure_text_dataset(cfg: TextDataConfig, path: Path, read_batch: int = 1024)
             rows = np.memmap(pack, dtype=np.int32, mode="r", shape=(packer.rows, blocks * width))
             meta = {**recipe, "files": details, "documents": packer.documents, "tokens": packer.total}
             if cfg.prompt_column:
-                meta.update(truncated=packer.truncated, padding_tokens=packer.padding, trained_tokens=packer.trained)
+                meta.update(truncated=packer.truncated, skipped=packer.skipped, padding_tokens=packer.padding,
+                            trained_tokens=packer.trained)
             else:
                 meta.update(dropped_tokens=packer.total - packer.rows * width)
             row_bytes = 4 * blocks * width
@@ -272,8 +273,9 @@ def ensure_text_dataset(cfg: TextDataConfig, path: Path, read_batch: int = 1024)
         if cfg.prompt_column:
             print(f"[plait] data.path={path}: {packer.rows} rows from {packer.documents} prompt/completion pairs "
                   f"({packer.total} tokens, {packer.trained} of them trained on, {packer.padding} padding), "
-                  f"{packer.truncated} pairs longer than a row truncated"
-                  + (" (raise train.seq_len to keep them whole)" if packer.truncated else ""), flush=True)
+                  f"{packer.truncated} pairs longer than a row truncated, {packer.skipped} whose prompt fills a row "
+                  "left out" + (" (raise train.seq_len to keep them whole)" if packer.truncated + packer.skipped
+                                else ""), flush=True)
         else:
             print(f"[plait] data.path={path}: {packer.rows} rows from {packer.documents} documents "
                   f"({packer.total} tokens, {packer.total - packer.rows * width} dropped at the end)", flush=True)

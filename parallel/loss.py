@@ -22,11 +22,10 @@ def upcast(logits: torch.Tensor) -> torch.Tensor:
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over the positions whose target is not -100 (ignored); 0, with a gradient,
-    when every target is ignored (a batch of prompts only), where torch's mean would be NaN."""
-    targets = targets.flatten(0, 1)
-    total = F.cross_entropy(upcast(logits).flatten(0, 1), targets, reduction="sum")
-    return total / (targets != -100).sum().clamp(min=1)
+    """Mean next-token cross-entropy over the positions whose target is not -100 (torch's ignore_index). A batch
+    must hold at least one such target (the mean of none is NaN): the packed prompt / completion rows of
+    ``plait.lm.pair_rows`` each hold one."""
+    return F.cross_entropy(upcast(logits).flatten(0, 1), targets.flatten(0, 1))
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):

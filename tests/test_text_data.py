@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 
@@ -250,14 +251,15 @@ def test_a_missing_prompt_column_is_named_and_nothing_is_written(corpus, tmp_pat
     assert not (tmp_path / "ds").exists()
 
 
-def test_an_all_prompt_batch_has_a_zero_loss_not_nan():
-    from plait.parallel.loss import lm_loss
+def test_a_pair_whose_prompt_fills_a_row_is_left_out_so_every_row_has_a_trained_token():
+    from plait.lm.pair_rows import PairPacker
 
-    logits = torch.randn(2, 5, 11, requires_grad=True)
-    loss = lm_loss(logits, torch.full((2, 5), -100))
-    loss.backward()
-    assert loss.item() == 0.0 and torch.equal(logits.grad, torch.zeros_like(logits))
-    targets = torch.randint(0, 11, (2, 5))
-    targets[0, :3] = -100
-    torch.testing.assert_close(lm_loss(logits, targets), torch.nn.functional.cross_entropy(
-        logits.flatten(0, 1), targets.flatten()))
+    out = io.BytesIO()
+    packer = PairPacker(out, width=6, pad_id=0)
+    packer.add([([1, 2, 3, 4, 5, 6, 7], 6), ([1, 2, 9, 9], 2), ([1, 2, 3, 4, 5, 9, 9, 9], 5), ([8, 9], 0)])
+    packer.flush()
+    rows = np.frombuffer(out.getvalue(), np.int32).reshape(-1, 3, 6)
+    assert packer.skipped == 1 and packer.truncated == 1 and packer.documents == 3 and len(rows) == 3
+    assert rows[:, 0].tolist() == [[1, 2, 9, 9, 0, 0], [1, 2, 3, 4, 5, 9], [8, 9, 0, 0, 0, 0]]
+    assert rows[:, 2].tolist() == [[0, 0, 1, 1, 0, 0], [0, 0, 0, 0, 0, 1], [1, 1, 0, 0, 0, 0]]
+    assert all(row[2, 1:].any() for row in rows)  # a trained target in every row: no loss over nothing
