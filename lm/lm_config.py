@@ -25,7 +25,6 @@ from typing import Any
 from plait.models.gpt import GPTConfig
 from plait.models.hf.export import EXPORTS, ExportSection  # noqa: F401 (the [export] table; EXPORTS re-exported)
 from plait.models.lora import LoraSettings  # noqa: F401 (the [train.lora] table, shared with the RL job)
-from plait.models.lora import lora_targets as lora_module_targets
 from plait.models.registry import model_spec, spec_for_config
 from plait.models.spec import ModelSpec
 from plait.parallel.parallelize import OptimConfig
@@ -191,7 +190,3 @@ def model_config(model: ModelSection) -> tuple[ModelSpec, Any]:
         return spec_for_config(cfg), cfg
     except ValueError as e:
         raise ConfigError(f"model.path={model.path}: {e}") from None
-
-
-def lora_targets(cfg: Config, spec: ModelSpec) -> list[str]:
-    return lora_module_targets(cfg.train.lora, spec)
