@@ -27,7 +27,7 @@ from plait.models.hf.export import EXPORTS, ExportSection  # noqa: F401 (the [ex
 from plait.models.lora import LoraSettings  # noqa: F401 (the [train.lora] table, shared with the RL job)
 from plait.models.registry import model_spec, spec_for_config
 from plait.models.spec import ModelSpec
-from plait.parallel.parallelize import OptimConfig
+from plait.parallel.parallelize import OptimConfig, optim_states_refusal
 from plait.parallel.plan import ParallelPlan, batch_violations
 from plait.runtime.config import ConfigError
 from plait.runtime.trainer import LoopConfig
@@ -141,6 +141,8 @@ class Config:
             raise ValueError("data.files needs a tokenizer: data.tokenizer (a tokenizer.json) or model.path (a folder "
                              "holding one)")
         check_chunkwise(self.train.mode, self.plan)
+        if self.train.optim.states != "fp32" and self.plan.engine not in ("ddp", "fsdp2"):
+            raise ValueError(optim_states_refusal(self.plan.engine, self.train.optim.states))
 
 
 def check_batch(cfg: Config) -> None:

@@ -99,7 +99,7 @@ def estimate(cfg: Config, world_size: int) -> str:
     where = f" from {cfg.model.path}" if cfg.model.path else ""
     return estimate_report(model_params(spec, model_cfg), spec.shape(model_cfg), cfg.plan, world_size,
                            global_batch=cfg.train.global_batch, seq_len=cfg.train.seq_len, dtype=cfg.train.dtype,
-                           title=f"{spec.name}{where}")
+                           title=f"{spec.name}{where}", optim_states=cfg.train.optim.states)
 
 
 def prepare(cfg: Config, run_dir: Path) -> None:

@@ -66,13 +66,14 @@ def spec_for_model(model: nn.Module) -> ModelSpec:
     return spec_for_config(config)
 
 
-def estimate_for(config: Any, plan: Any, *, global_batch: int, seq_len: int, dtype: str = "float32") -> list:
+def estimate_for(config: Any, plan: Any, *, global_batch: int, seq_len: int, dtype: str = "float32",
+                 optim_states: str = "fp32") -> list:
     """``parallel.estimate.estimate_memory`` for a model config of a registered family (RankMemory per rank)."""
     from plait.parallel.estimate import estimate_memory
 
     spec = spec_for_config(config)
     return estimate_memory(model_params(spec, config), spec.shape(config), plan, global_batch=global_batch,
-                           seq_len=seq_len, dtype=dtype)
+                           seq_len=seq_len, dtype=dtype, optim_states=optim_states)
 
 
 def _load_builtin() -> None:

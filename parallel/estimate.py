@@ -77,6 +77,7 @@ from dataclasses import dataclass, field
 
 from plait.parallel import pipeline
 from plait.parallel.activation_checkpoint import wrapped_indices
+from plait.parallel.low_bit_optim import MIN_8BIT_SIZE, block_len
 from plait.parallel.plan import ParallelPlan, batch_violations, sequence_violations
 from plait.parallel.shape import DecoderShape
 
@@ -214,8 +215,22 @@ def _activations(cfg: DecoderShape, plan: ParallelPlan, b_mb: int, seq: int, tp_
     return total, transient
 
 
+def moment_bytes(global_shape: tuple[int, ...], local: list[int], states: str, param_bytes: int) -> int:
+    """Bytes of AdamW's two moments for a parameter's local shard: in the parameter's dtype (torch's AdamW),
+    bf16, or 8-bit codes plus an fp32 absmax per block of each row (parallel/low_bit_optim.py)."""
+    numel = math.prod(local)
+    if states == "fp32":
+        return 2 * numel * param_bytes
+    if states == "bf16":
+        return 2 * numel * 2
+    if len(global_shape) >= 2 and math.prod(global_shape) >= MIN_8BIT_SIZE:
+        blen = block_len(global_shape[-1])
+        return 2 * numel + 2 * 4 * math.prod(local[:-1]) * -(-global_shape[-1] // blen)
+    return 2 * numel * 4
+
+
 def estimate_memory(model: ModelParams, shape: DecoderShape, plan: ParallelPlan, *, global_batch: int,
-                    seq_len: int, dtype: str = "float32") -> list[RankMemory]:
+                    seq_len: int, dtype: str = "float32", optim_states: str = "fp32") -> list[RankMemory]:
     """One RankMemory per global rank (see the module docstring for what is exact and what is not)."""
     plan.check()
     layout = plan.layout
@@ -246,7 +261,7 @@ def estimate_memory(model: ModelParams, shape: DecoderShape, plan: ParallelPlan,
         dp_rank, pp_rank, cp_rank, tp_rank = at["dp"], at["pp"], at["cp"], at["tp"]
         shard = dp_rank * plan.cp + cp_rank
         sids = stage_ids(pp_rank, plan)
-        params = padding = grads = optim = acts = transient = 0
+        params = padding = grads = optim = acts = transient = moments = 0
         numel = grad_numel = count = 0
         held: list[int] = []
         for sid, mbs in zip(sids, inflight(plan, pp_rank), strict=True):
@@ -264,6 +279,7 @@ def estimate_memory(model: ModelParams, shape: DecoderShape, plan: ParallelPlan,
                         * rest_elems * pb
                     local[0] = chunk_size(local[0], shards, shard)
                 numel += math.prod(local)
+                moments += moment_bytes(info.shape, local, optim_states, pb)
                 grad_numel += math.prod(local)
                 count += 1
             per_mb, extra = _activations(shape, plan, b_mb, seq_local, tp_rank, c, acc, layers, first, last,
@@ -278,7 +294,7 @@ def estimate_memory(model: ModelParams, shape: DecoderShape, plan: ParallelPlan,
             optim = 2 * share * 4 + 4 + master
         else:
             params, grads = numel * pb, grad_numel * pb
-            optim = 2 * numel * pb + 4 * count
+            optim = moments + 4 * count
         rows.append(RankMemory(rank=rank, dp=dp_rank, pp=pp_rank, tp=tp_rank, stages=tuple(sids),
                                layers=tuple(held), params=params, grads=grads, optim=optim,
                                activations=acts + transient, buffers=len(sids) * buffer_elems * 4,  # RoPE tables: fp32
@@ -328,13 +344,15 @@ def format_table(rows: list[RankMemory]) -> str:
 
 
 def estimate_report(model: ModelParams, shape: DecoderShape, plan: ParallelPlan, world_size: int, *,
-                    global_batch: int, seq_len: int, dtype: str, title: str) -> str:
+                    global_batch: int, seq_len: int, dtype: str, title: str, optim_states: str = "fp32") -> str:
     """The ``plait plan estimate`` text: a header, the per-rank table, the peak rank."""
-    rows = estimate_memory(model, shape, plan, global_batch=global_batch, seq_len=seq_len, dtype=dtype)
+    rows = estimate_memory(model, shape, plan, global_batch=global_batch, seq_len=seq_len, dtype=dtype,
+                           optim_states=optim_states)
     b_mb = global_batch // plan.dp // (plan.microbatches if plan.pp > 1 else 1)
     n_params = sum(math.prod(p.shape) for p in model.params.values())
     header = (f"plan {plan.describe()}, {world_size} ranks, {title} {n_params:,} params, "
-              f"{dtype} ({plan.mixed_precision}), activation checkpointing {plan.activation_checkpointing}\n"
+              f"{dtype} ({plan.mixed_precision}), activation checkpointing {plan.activation_checkpointing}, "
+              f"optimizer states {optim_states}\n"
               f"global batch {global_batch} x seq {seq_len}: {b_mb} sequences per microbatch per rank"
               + (f", {seq_len // plan.cp} tokens of each per cp rank" if plan.cp > 1 else "") + "\n")
     peak = max(rows, key=lambda r: r.total)

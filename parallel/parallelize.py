@@ -74,6 +74,7 @@ from plait.parallel.data_parallel import (
 from plait.parallel.grad_clip import clip_grad_norm, comm_device
 from plait.parallel.kv_replication import replicated, sync_replicated_kv_grads
 from plait.parallel.loss import tp_loss
+from plait.parallel.low_bit_optim import STATES, LowBitAdamW
 from plait.parallel.mesh import data_mesh
 from plait.parallel.meta_init import init_shards
 from plait.parallel.names import clean_fqn
@@ -96,6 +97,18 @@ class OptimConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0  # 0 = off
+    states: str = "fp32"  # AdamW's moments: fp32 | bf16 | 8bit (block-wise quantized; parallel/low_bit_optim.py)
+
+    def check(self) -> None:  # runtime/config.py calls it when the spec is read
+        if self.states not in STATES:
+            raise ValueError(f"train.optim.states = {self.states!r}: choose one of {', '.join(STATES)} (8bit: "
+                             f"block-wise quantized moments, about 2 bytes per parameter instead of 8)")
+
+
+def optim_states_refusal(engine: str, states: str) -> str:
+    return (f"train.optim.states = {states!r} with plan.engine = {engine!r}: a DeepSpeed ZeRO engine owns its "
+            f"optimizer (fp32 AdamW over its partitions); use engine = \"fsdp2\" or \"ddp\" for {states} states, "
+            f"or states = \"fp32\"")
 
 
 def lr_at(step: int, total: int, cfg: OptimConfig) -> float:
@@ -117,6 +130,10 @@ class Parallelized:
 
 
 def make_optimizer(params, cfg: OptimConfig) -> torch.optim.Optimizer:
+    cfg.check()
+    if cfg.states != "fp32":
+        return LowBitAdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay,
+                           states=cfg.states)
     return torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay,
                              foreach=True)
 
@@ -311,6 +328,8 @@ def _parallelize_deepspeed(build_model, plan, mesh, device, optim, global_batch,
                            init_seed=None, spec=None) -> Parallelized:
     if global_batch is None:
         raise ValueError("DeepSpeed engines need the global batch size (parallelize(..., global_batch=N))")
+    if optim.states != "fp32":
+        raise PlanError(optim_states_refusal(plan.engine, optim.states))
     fill = _loader(weights, device, init_seed, spec)
     model = _build(build_model, plan, fill is not None, spec)
     if fill is not None:
