@@ -9,7 +9,8 @@ import torch
 from plait.gnn.generate import generate_dataset
 from plait.gnn.link_batches import LinkLoader, LinkPlan
 from plait.gnn.link_split import LinkConfig, ensure_link_split
-from plait.gnn.link_task import random_mrr, rank_metrics
+from plait.gnn.link_task import LinkModel, random_mrr, rank_metrics
+from plait.gnn.models import build_model
 from plait.gnn.offline import CorruptPackError, prepare_packed
 from plait.gnn.packed_loader import PackedLoader
 from plait.gnn.sampler import NeighborSampler
@@ -106,6 +107,20 @@ def test_mrr_and_hits_on_a_hand_made_score_table():
     assert random_mrr(1) == pytest.approx(0.75)
 
 
+@pytest.mark.parametrize(("name", "decoder"), [("sage", "mlp"), ("gat", "dot")])
+def test_link_model_takes_a_step_on_a_link_batch(ds, split, name, decoder):
+    plan = LinkPlan(split.graph(), split.train_pos, [3, 3], batch_size=32, seed=0)
+    mb = plan.sample(0, 0)
+    x = torch.from_numpy(DiskStore(ds.features, mode="pread").read(mb.n_id))
+    torch.manual_seed(0)
+    model = LinkModel(build_model(name, 128, 16, 16, 2, heads=4), 16, decoder)
+    logits = model(x, mb.blocks, torch.from_numpy(mb.pairs))
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, torch.from_numpy(mb.label))
+    loss.backward()
+    assert logits.shape == (64,) and torch.isfinite(loss)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())  # every layer learns
+
+
 def test_packed_and_online_link_batches_agree(ds, split, tmp_path):
     plan = LinkPlan(split.graph(), split.train_pos, [4, 4], batch_size=256, seed=5)
     info = prepare_packed(split.graph(), ds.features, None, [4, 4], 256, 5, cache_rows=200, out_dir=tmp_path / "p",
@@ -148,3 +163,15 @@ def test_two_rank_packed_link_job_learns(ray_cluster, tmp_path):
     packs = [p for p in (tmp_path / "data.packs").iterdir() if p.is_dir()]
     assert len(packs) == 1 and json.loads((packs[0] / "meta.json").read_text())["link"]["task"] == "link"
     assert (tmp_path / "data.link").is_dir()
+
+
+@pytest.mark.slow
+def test_link_job_on_the_online_loader_checkpoints_and_resumes(ray_cluster, tmp_path):
+    common = [f"data.path={tmp_path / 'data'}", "data.num_nodes=2000", f"run_dir={tmp_path / 'run'}",
+              "train.task=link", "train.loader=online-mmap", "train.batch_size=1024", "train.hidden=32",
+              "train.fanouts=[3, 3]", "train.link.eval_edges=200", "train.link.decoder=mlp"]
+    first = run_job(load_spec(EXAMPLE, ["train.epochs=1", *common]))
+    assert first["start_epoch"] == 0 and len(first["val"]) == 1 and first["bytes_read"] > 0
+    resumed = run_job(load_spec(EXAMPLE, ["train.epochs=2", "train.resume=latest", *common]))
+    assert resumed["start_epoch"] == 1 and len(resumed["val"]) == 1 and len(set(resumed["param_digests"])) == 1
+    assert not (tmp_path / "data.packs").exists()  # online sampling: no packs
