@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 from plait.gnn.graph import CSCGraph
 from plait.gnn.graph import write_meta as write_graph_meta
+from plait.runtime.config import ConfigError
 from plait.storage.folders import read_meta, write_folder, write_npy
 
 FORMAT = "plait-gnn-link-split"
@@ -88,6 +89,13 @@ def split_edges(graph: CSCGraph, cfg: LinkConfig) -> tuple[CSCGraph, np.ndarray,
     dst = np.repeat(np.arange(n, dtype=np.int64), np.diff(indptr))
     ok = src < dst if cfg.undirected else src != dst
     cand = np.unique(src[ok] * n + dst[ok])  # distinct candidate keys, sorted
+    if cfg.undirected:
+        back = src > dst
+        lonely = len(np.setdiff1d(dst[back] * n + src[back], cand)) + len(np.setdiff1d(cand, dst[back] * n + src[back]))
+        if lonely:
+            raise ConfigError(f"train.link.undirected=true, but {lonely} of the graph's edges are stored one way only "
+                              "(an undirected graph holds each edge both ways): set train.link.undirected=false for "
+                              "a directed graph, or import the graph symmetrised")
     rng = np.random.default_rng([cfg.split_seed, 0x11])
     n_val, n_test = round(cfg.val_frac * len(cand)), round(cfg.test_frac * len(cand))
     pick = rng.permutation(len(cand))

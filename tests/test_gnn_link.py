@@ -67,6 +67,21 @@ def test_split_holds_out_exactly_the_asked_edges_both_ways_and_is_reused(ds, spl
     assert again.root == split.root and again.root.stat().st_ino == inode  # same recipe: reused, not rewritten
 
 
+def test_a_directed_graph_split_as_undirected_is_refused_before_anything_is_written(tmp_path):
+    from types import SimpleNamespace
+
+    from plait.gnn.graph_build import graph_from_edges
+    from plait.gnn.link_split import split_edges
+
+    g = graph_from_edges(np.array([0, 1, 2, 3]), np.array([1, 2, 3, 0]), 4)  # a directed cycle
+    ds = SimpleNamespace(meta={"num_nodes": 4}, load_graph=lambda: g)
+    with pytest.raises(ValueError, match="4 of the graph's edges are stored one way only.*undirected=false"):
+        ensure_link_split(ds, LinkConfig(), tmp_path / "splits")
+    assert not (tmp_path / "splits").exists()
+    train, pos, val, test = split_edges(g, LinkConfig(undirected=False, val_frac=0.25, test_frac=0.25))
+    assert pos.shape[1] == 2 and val.shape[1] == test.shape[1] == 1 and train.num_edges == 2
+
+
 def test_sampler_excludes_the_given_edges(ds):
     g, n = ds.load_graph(), ds.meta["num_nodes"]
     seeds = np.arange(0, 50)
