@@ -20,6 +20,10 @@ hit rates and bytes read from disk. After each epoch the ranks measure validatio
 Loaders (``train.loader``): "packed" (Plait: host cache + packed batches, one sequential read per batch),
 "online-mmap" (online sampling, features through mmap: what most users do), "online-ginex" (online sampling,
 per-row direct reads under a SIEVE host cache of ``cache_frac``), "memory" (every feature row loaded in RAM).
+
+Tasks (``train.task``): "node" (node classification on the dataset's labels) or "link" (link prediction,
+``train.link``: prepare holds out validation and test edges in ``<data.path>.link`` (gnn/link_split.py); batches
+of train edges and random negatives, every loader (gnn/link_batches.py); MRR and Hits@K (gnn/link_task.py)).
 """
 
 from __future__ import annotations
@@ -35,6 +39,9 @@ import torch
 import torch.nn.functional as F
 from plait.gnn.data_path import DataConfig, dataset_action, ensure_dataset, pack_root, rebuild_hints, resolve_paths
 from plait.gnn.dataset import check_dataset, load_labels, load_split, open_dataset, read_features
+from plait.gnn.link_batches import LinkLoader, LinkPlan
+from plait.gnn.link_split import LinkConfig, ensure_link_split, open_link_split
+from plait.gnn.link_task import link_summary, train_link
 from plait.gnn.models import MODELS, build_model
 from plait.gnn.offline import prepare_packed
 from plait.gnn.online_loader import OnlineLoader
@@ -48,6 +55,7 @@ from plait.storage.disk_reader import DiskStore
 from plait.storage.store import ArrayStore
 
 LOADERS = ("packed", "online-mmap", "online-ginex", "memory")
+TASKS = ("node", "link")
 
 
 @dataclass
@@ -67,6 +75,8 @@ class TrainConfig(LoopConfig):
     seed: int = 0
     eval_nodes: int = 4096  # validation (and test) nodes scored after each epoch; 0 = all
     checkpoint_every: int = 1  # epochs between checkpoints; 0 = only at the end (keep_last, resume: LoopConfig's)
+    task: str = "node"  # node | link
+    link: LinkConfig = field(default_factory=LinkConfig)  # train.task = "link" (gnn/link_split.py)
 
     def check(self) -> None:
         self.check_loop()
@@ -82,6 +92,9 @@ class TrainConfig(LoopConfig):
             raise ValueError("train.batch_size, train.epochs and train.hidden must be >= 1, train.prefetch and "
                              f"train.eval_nodes >= 0; got {self.batch_size}, {self.epochs}, {self.hidden}, "
                              f"{self.prefetch}, {self.eval_nodes}")
+        if self.task not in TASKS:
+            raise ValueError(f"train.task={self.task!r}: choose one of {', '.join(TASKS)}")
+        self.link.check()
         if self.model == "gat" and self.hidden % self.heads:
             raise ValueError(f"train.hidden={self.hidden} must divide by train.heads={self.heads} for GAT")
 
@@ -92,6 +105,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     world_size: int = field(default=0, init=False)  # set by validate (workers.num): the packs are cut for it
     pack_path: str = field(default="", init=False)  # set by prepare: this recipe's packs
+    link_path: str = field(default="", init=False)  # set by prepare (train.task = "link"): the edge split
 
 
 def validate(cfg: Config, world_size: int) -> None:
@@ -111,16 +125,33 @@ def prepare(cfg: Config, run_dir: Path) -> None:
     data, t = cfg.data, cfg.train
     with rebuild_hints(data):
         ds = ensure_dataset(data)
+        link = prepare_link(cfg, ds) if t.task == "link" else None
         if t.loader == "packed":
             out = pack_dir(cfg)
             before = _folder_id(out)
-            info = prepare_packed(ds.load_graph(), ds.features, load_split(ds.root).train, t.fanouts, t.batch_size,
+            info = prepare_packed(link.graph if link else ds.load_graph(), ds.features,
+                                  None if link else load_split(ds.root).train, t.fanouts, t.batch_size,
                                   t.seed, cache_rows(cfg, ds.meta["num_nodes"]), out,
-                                  world_size=max(cfg.world_size, 1), reuse=not (data.rebuild or data.rebuild_packs))
+                                  world_size=max(cfg.world_size, 1), reuse=not (data.rebuild or data.rebuild_packs),
+                                  link=link)
             if _folder_id(out) != before:
                 print(f"[plait] packed batches in {out}: {info.preprocess_s:.1f} s, {info.blowup:.2f}x the feature "
                       "bytes on disk", flush=True)
             cfg.pack_path = str(out)
+
+
+def prepare_link(cfg: Config, ds) -> LinkPlan:
+    """The link task's edge split (made once per recipe in ``<data.path>.link``) and its batch plan."""
+    folder = Path(cfg.data.path).resolve()
+    split = ensure_link_split(ds, cfg.train.link, folder.with_name(folder.name + ".link"), rebuild=cfg.data.rebuild)
+    cfg.link_path = str(split.root)
+    return link_plan(cfg)
+
+
+def link_plan(cfg: Config) -> LinkPlan:
+    t, split = cfg.train, open_link_split(cfg.link_path)
+    return LinkPlan(split.graph(), split.train_pos, t.fanouts, t.batch_size, t.seed, t.link.neg_per_pos,
+                    t.link.undirected)
 
 
 def _folder_id(path: Path) -> int | None:
@@ -137,6 +168,8 @@ def pack_dir(cfg: Config) -> Path:
     meta = {k: v for k, v in open_dataset(data.path).meta.items() if k != "seconds"}
     recipe = {"dataset": meta, "fanouts": list(t.fanouts), "batch_size": t.batch_size, "seed": t.seed,
               "cache_rows": cache_rows(cfg, meta["num_nodes"]), "world_size": max(cfg.world_size, 1)}
+    if t.task == "link":
+        recipe["link"] = {**t.link.recipe(), "neg_per_pos": t.link.neg_per_pos}
     digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
     return pack_root(data).resolve() / f"recipe-{digest}"
 
@@ -157,6 +190,8 @@ def make_loader(cfg: Config, ctx: RankContext, ds, train_ids: np.ndarray):
         store = CachedStore(DiskStore(ds.features, mode="direct"), "sieve", rows)
     else:
         store = ArrayStore(read_features(ds.root))
+    if t.task == "link":
+        return LinkLoader(link_plan(cfg), store, rank=rank, world_size=world, prefetch=t.prefetch)
     return OnlineLoader(ds.load_graph(), store, train_ids, t.fanouts, t.batch_size, t.seed, rank=rank,
                         world_size=world, prefetch=t.prefetch)
 
@@ -169,6 +204,8 @@ def train(ctx: RankContext, cfg: Config) -> dict:
 def _train(ctx: RankContext, cfg: Config) -> dict:
     t = cfg.train
     ds = open_dataset(cfg.data.path)
+    if t.task == "link":
+        return train_link(ctx, cfg, ds, make_loader, step_stats, describe)
     labels, split = torch.from_numpy(load_labels(ds.root)), load_split(ds.root)
     torch.manual_seed(t.seed)  # the same initial weights on every rank
     model = build_model(t.model, ds.meta["feat_dim"], t.hidden, ds.meta["num_classes"], len(t.fanouts), t.heads,
@@ -236,6 +273,8 @@ def describe(before: dict, after: dict) -> str:
 
 
 def summarize(cfg: Config, run_dir: Path, results: list[dict]) -> dict:
+    if cfg.train.task == "link":
+        return link_summary(cfg, run_dir, results)
     main = results[0]  # first/last loss, the run's start and the plot: the runtime's (runtime/run_summary.py)
     out = {"model": cfg.train.model, "loader": cfg.train.loader, "epochs": cfg.train.epochs,
            "start_epoch": main["start_epoch"],

@@ -38,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 from plait.gnn.graph import CSCGraph
+from plait.gnn.link_batches import write_pair_index
 from plait.gnn.pack_info import (  # noqa: F401  (re-exported: the pack API in one import)
     FORMAT,
     SMALL_INDEX,
@@ -63,12 +64,13 @@ READ_CHUNK_IDS = 1 << 13  # distinct rows per read of the feature file while pac
 
 def prepare_packed(graph, features_path, train_ids, fanouts, batch_size: int, seed: int, cache_rows: int,
                    out_dir, world_size: int = 1, memory_bytes: int = 256 << 20, read_mode: str = "direct",
-                   reuse: bool = False) -> PackInfo:
+                   reuse: bool = False, link=None) -> PackInfo:
     """Sample one epoch of batches over ``train_ids``, cache the ``cache_rows`` most-asked rows and pack the
     rest per batch into the pack folder ``out_dir`` (see the module doc). ``graph``: a CSCGraph or a graph
     folder; ``features_path``: a feature file. ``memory_bytes`` bounds the rows held while packing; the
     feature file is read with a ``DiskStore`` in ``read_mode``. ``reuse=True`` returns the pack already at
-    ``out_dir`` when it was made from the same graph, features (checksums), train ids and arguments."""
+    ``out_dir`` when it was made from the same graph, features (checksums), train ids and arguments. ``link``: a
+    LinkPlan (gnn/link_batches.py) whose epoch-0 link batches are packed instead, their pairs in the index."""
     start = time.perf_counter()
     graph = graph if isinstance(graph, CSCGraph) else CSCGraph.load(graph)
     world_size, cache_rows = int(world_size), int(cache_rows)
@@ -80,20 +82,24 @@ def prepare_packed(graph, features_path, train_ids, fanouts, batch_size: int, se
         raise ValueError(f"{finfo.path} holds {finfo.num_rows} rows but the graph has {graph.num_nodes} nodes; "
                          "pass the feature file of this graph")
     sampler = NeighborSampler(graph, fanouts)
-    key = _pack_key(graph, finfo, train_ids, sampler.fanouts, batch_size, seed, cache_rows, world_size)
+    key = _pack_key(graph, finfo, [] if link else train_ids, sampler.fanouts, batch_size, seed, cache_rows,
+                    world_size, link.key() if link else None)
     if reuse and is_pack_folder(Path(out_dir)):
         meta = read_meta(Path(out_dir))
         if meta.get("version") == VERSION and meta.get("key") == key:
             return info_from_meta(Path(out_dir), meta)
-    seeds = batch_seeds(train_ids, batch_size, seed, 0)
+    if link:
+        seeds = [link.seeds(0, i) for i in range(link.num_batches)]
+    else:
+        seeds = batch_seeds(train_ids, batch_size, seed, 0)
     if len(seeds) < world_size:
-        raise ValueError(f"{len(seeds)} batches (train ids {len(np.asarray(train_ids))}, batch_size {batch_size}) "
+        raise ValueError(f"{len(seeds)} batches (seed nodes {sum(len(s) for s in seeds)}, batch_size {batch_size}) "
                          f"cannot give each of {world_size} ranks one; use a smaller batch_size or fewer ranks")
     t = {"sample": 0.0, "read": 0.0, "write": 0.0}
 
     def sample(i: int) -> MiniBatch:
         t0 = time.perf_counter()
-        mb = sampler.sample(seeds[i], batch_rng(seed, 0, i))
+        mb = link.sample(0, i) if link else sampler.sample(seeds[i], batch_rng(seed, 0, i))
         t["sample"] += time.perf_counter() - t0
         return mb
 
@@ -135,6 +141,8 @@ def prepare_packed(graph, features_path, train_ids, fanouts, batch_size: int, se
                 "sample_s": t["sample"], "read_s": t["read"], "write_s": t["write"],
                 "preprocess_s": time.perf_counter() - start,
                 "index_crc": small_index_crc({name: np.load(tmp / f"{name}.npy") for name in SMALL_INDEX})}
+        if link:
+            meta["link"] = write_pair_index(tmp, link)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
 
     out_dir = Path(out_dir)
@@ -146,7 +154,8 @@ def prepare_packed(graph, features_path, train_ids, fanouts, batch_size: int, se
     return info_from_meta(out_dir, meta)
 
 
-def _pack_key(graph: CSCGraph, finfo, train_ids, fanouts, batch_size, seed, cache_rows, world_size) -> dict:
+def _pack_key(graph: CSCGraph, finfo, train_ids, fanouts, batch_size, seed, cache_rows, world_size,
+              link=None) -> dict:
     """What a pack is made from: a pack with the same key can be reused."""
     train = np.ascontiguousarray(np.asarray(train_ids, dtype=np.int64))
     return {"features": str(finfo.path), "features_crc": zlib.crc32(read_checksums(finfo).tobytes()),
@@ -154,7 +163,7 @@ def _pack_key(graph: CSCGraph, finfo, train_ids, fanouts, batch_size, seed, cach
             "graph_crc": zlib.crc32(np.asarray(graph.indptr[:: max(1, graph.num_nodes // 4096)]).tobytes()),
             "train_sha256": hashlib.sha256(train.tobytes()).hexdigest(), "fanouts": list(fanouts),
             "batch_size": int(batch_size), "seed": int(seed), "cache_rows": int(cache_rows),
-            "world_size": int(world_size)}
+            "world_size": int(world_size), **({"link": link} if link else {})}
 
 
 def _read_rows(src: DiskStore, ids: np.ndarray, t: dict) -> np.ndarray:

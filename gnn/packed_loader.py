@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from plait.gnn.epoch_loader import LoaderBase, check_rank, rank_batches
+from plait.gnn.link_batches import open_pair_index
 from plait.gnn.pack_info import REBUILD, SMALL_INDEX, batch_crc, corrupt_pack, load_pack_info, small_index_crc
 from plait.gnn.sampler import Block, MiniBatch
 from plait.storage.cache import host_buffer
@@ -49,6 +50,7 @@ class PackedLoader(LoaderBase):
                                           f"their checksum (meta.json's index_crc {info.index_crc:08x}): the pack "
                                           "folder changed after it was written")
         self._idx = idx
+        self._pairs = open_pair_index(self.path, info.num_batches, verify)  # link batches: their pairs
         try:
             self.packs = DiskStore(self.path / "packs.feat", mode="direct", threads=read_threads, verify=verify)
         except FeatureFileError as e:
@@ -195,7 +197,8 @@ class PackedLoader(LoaderBase):
         seeds, n_id, _, edges = index
         blocks = [Block(torch.from_numpy(e.astype(np.int64)), (int(size[0]), int(size[1])))
                   for e, size in zip(edges, self._idx["sizes"][b], strict=True)]
-        return MiniBatch(np.array(seeds), np.array(n_id), blocks)
+        mb = MiniBatch(np.array(seeds), np.array(n_id), blocks)
+        return self._pairs.attach(b, mb) if self._pairs else mb
 
     def stats(self) -> dict:
         with self._lock:

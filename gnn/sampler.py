@@ -26,6 +26,11 @@ Sampled positions are distinct edges of the CSC; a multigraph's repeated edge ma
 Relabelling uses two int32 arrays of ``num_nodes`` entries per sampling thread (8 bytes per node, allocated on
 first use, reset after each batch): O(sampled edges) per hop, no sort.
 
+Excluding edges (link prediction): ``sample(seeds, rng, exclude=edges)`` drops every sampled edge listed in
+``exclude`` ((2, X) global ids, row 0 source, row 1 target) before relabelling, so those edges and any node reached
+only through them stay out of the batch. As in DGL GraphBolt's ``exclude_seed_edges``, the edges are removed after
+sampling: a target that drew an excluded edge keeps one neighbour fewer.
+
 Determinism: batch ``i`` of epoch ``e`` samples with ``batch_rng(seed, e, i)`` and the epoch's order is drawn
 from ``(seed, e)`` alone, so any batch can be re-sampled on its own (offline sampling, several workers).
 """
@@ -131,8 +136,9 @@ class NeighborSampler:
         self.graph, self.fanouts, self.replace = graph, fanouts, replace
         self._tls = threading.local()
 
-    def sample(self, seeds, rng: np.random.Generator) -> MiniBatch:
-        """The mini-batch around ``seeds`` (distinct node ids), drawn with ``rng``."""
+    def sample(self, seeds, rng: np.random.Generator, exclude=None) -> MiniBatch:
+        """The mini-batch around ``seeds`` (distinct node ids), drawn with ``rng``; edges in ``exclude`` ((2, X)
+        global source and target ids) never appear in it."""
         seeds = np.asarray(seeds)
         if seeds.ndim != 1 or seeds.dtype.kind not in "iu":
             raise TypeError(f"seeds must be a 1-D integer array, got shape {seeds.shape} dtype {seeds.dtype}")
@@ -144,12 +150,15 @@ class NeighborSampler:
         if len(np.unique(seeds)) != len(seeds):
             raise ValueError(f"seeds must be distinct; {len(seeds) - len(np.unique(seeds))} repeat(s) among "
                              f"{len(seeds)}: pass np.unique(seeds)")
+        banned = edge_keys(np.asarray(exclude).reshape(2, -1), n) if exclude is not None else None
         local, first = self._scratch()
         nodes, blocks = seeds, []
         local[seeds] = np.arange(len(seeds), dtype=np.int32)
         try:
             for fanout in self.fanouts:
                 take, nbrs = sample_neighbors(self.graph, nodes, fanout, rng, self.replace)
+                if banned is not None and banned.size and nbrs.size:
+                    take, nbrs = _drop_edges(nodes, take, nbrs, banned, n)
                 nodes, src_local = _relabel(nodes, nbrs, local, first)
                 dst_local = np.repeat(np.arange(len(take), dtype=np.int64), take)
                 blocks.append(Block(torch.from_numpy(np.stack([src_local, dst_local])), (len(nodes), len(take))))
@@ -184,6 +193,23 @@ def batches(graph: CSCGraph, train_ids, batch_size: int, fanouts: Sequence[int],
             replace: bool = False) -> Iterator[MiniBatch]:
     """``NeighborSampler(graph, fanouts, replace).batches(train_ids, batch_size, seed, epoch)``."""
     return NeighborSampler(graph, fanouts, replace).batches(train_ids, batch_size, seed, epoch)
+
+
+def edge_keys(edges: np.ndarray, num_nodes: int) -> np.ndarray:
+    """Sorted distinct int64 keys ``src * num_nodes + dst`` of (2, X) edges."""
+    edges = np.asarray(edges, dtype=np.int64)
+    return np.unique(edges[0] * num_nodes + edges[1])
+
+
+def _drop_edges(nodes, take, nbrs, banned, n) -> tuple[np.ndarray, np.ndarray]:
+    """Sampled (take, nbrs) of targets ``nodes`` without the edges nbr -> target whose keys are in ``banned``."""
+    keys = nbrs * n + np.repeat(nodes, take)
+    pos = np.minimum(np.searchsorted(banned, keys), len(banned) - 1)
+    keep = banned[pos] != keys
+    if keep.all():
+        return take, nbrs
+    owner = np.repeat(np.arange(len(take)), take)
+    return np.bincount(owner[keep], minlength=len(take)).astype(take.dtype), nbrs[keep]
 
 
 def _relabel(nodes: np.ndarray, nbrs: np.ndarray, local: np.ndarray,
