@@ -165,6 +165,16 @@ def test_a_graph_built_inside_a_dataset_folder_leaves_no_lock_file_there(tmp_pat
     assert is_dataset_folder(mine) and dataset_action(spec(tmp_path, mine).config.data)[0] == "use"
 
 
+def test_a_graph_build_that_fails_inside_a_dataset_folder_leaves_no_lock_file_either(tmp_path):
+    pq.write_table(pa.table({"src": [0, 1, 5], "dst": [1, 2, 0]}), tmp_path / "edges.parquet")
+    (tmp_path / "ds").mkdir()
+    with pytest.raises(IndexError, match="src=5; node ids must be in"):
+        graph_from_parquet(tmp_path / "edges.parquet", out=tmp_path / "ds" / "graph", num_nodes=3)
+    assert list((tmp_path / "ds").iterdir()) == []
+    graph_from_parquet(tmp_path / "edges.parquet", out=tmp_path / "ds" / "graph", num_nodes=6)
+    assert [p.name for p in (tmp_path / "ds").iterdir()] == ["graph"]
+
+
 def test_the_build_lock_excludes_other_holders_while_its_file_comes_and_goes(tmp_path):
     inside, overlaps, errors = [0], [], []
 
