@@ -209,14 +209,15 @@ def _train(ctx: RankContext, cfg: Config) -> dict:
             opt.step()
             now = loader.stats()
             scalars = {"loss": loss.item(), "epoch": epoch, "compute_s": time.perf_counter() - t0,
-                       **step_stats(prev, now)}
+                       **step_stats(prev, now, t.loader)}
             prev = now
             if i + 1 == per_epoch:  # the epoch's end: score it
                 epoch_s.append(time.perf_counter() - t_epoch)
                 io_after = process_read_bytes()
                 disk = None if io_before is None or io_after is None else io_after - io_before
                 val_acc.append(scorer.accuracy(model, split.val, epoch))
-                scalars.update(val_acc=val_acc[-1], epoch_s=epoch_s[-1], **epoch_stats(before, loader.stats(), disk))
+                scalars.update(val_acc=val_acc[-1], epoch_s=epoch_s[-1], **epoch_stats(before, loader.stats(), disk,
+                                                                                        t.loader))
                 mean = np.mean(loop.losses[len(loop.losses) - i:] + [scalars["loss"]])
                 ctx.log(f"epoch {epoch + 1}/{t.epochs}: loss {mean:.4f} val_acc {val_acc[-1]:.4f} "
                         f"({epoch_s[-1]:.1f} s; {describe(before, loader.stats(), t.loader, disk)})")
@@ -231,10 +232,17 @@ def _train(ctx: RankContext, cfg: Config) -> dict:
             "param_digest": param_digest(model)}
 
 
-def step_stats(prev: dict, now: dict) -> dict:
+def bytes_key(loader: str) -> str:
+    """The name of the loader's bytes_read in metrics and the summary: ``bytes_requested`` for online-mmap, whose
+    store counts the bytes of the rows asked of the mapping (the page cache serves some, the kernel reads pages
+    around others), ``bytes_read`` for the rest (direct reads of the disk; nothing for memory)."""
+    return "bytes_requested" if loader == "online-mmap" else "bytes_read"
+
+
+def step_stats(prev: dict, now: dict, loader: str = "packed") -> dict:
     """What one step cost the loader: seconds and bytes since ``prev``, and the current hit rates."""
     out = {k: now.get(k, 0) - prev.get(k, 0) for k in ("sample_s", "read_s", "wait_s")}
-    out["bytes_read"] = now.get("bytes_read", 0) - prev.get("bytes_read", 0)
+    out[bytes_key(loader)] = now.get("bytes_read", 0) - prev.get("bytes_read", 0)
     out.update({k: v for k, v in now.items() if k.endswith("hit_rate")})
     return out
 
@@ -247,14 +255,17 @@ STORE_BYTES = {  # what a loader's bytes_read counts, for the log line
 }
 
 
-def epoch_stats(before: dict, after: dict, disk: int | None) -> dict:
+def epoch_stats(before: dict, after: dict, disk: int | None, loader: str = "packed") -> dict:
     """One epoch's accounting (metrics at its last step): ``disk_read_bytes`` (the process's /proc/self/io read_bytes
-    over the epoch, -1 where the kernel does not say; it includes whatever else the process read), the loader's
-    ``distinct_rows`` and ``distinct_bytes_needed`` (gnn/epoch_loader.py), and both read amplifications of the
-    loader's bytes_read: ``ampl_rows`` against the rows it asked of the disk (a row once per batch) and
-    ``ampl_distinct`` against the epoch's distinct rows outside a fixed host cache."""
+    over the epoch's steps, -1 where the kernel does not say; it includes whatever else the process read), the
+    loader's ``distinct_rows`` and ``distinct_bytes_needed`` (gnn/epoch_loader.py), and both read amplifications of
+    the bytes read: ``ampl_rows`` against the rows asked of the disk (a row once per batch) and ``ampl_distinct``
+    against the epoch's distinct rows outside a fixed host cache. The bytes read are the loader's direct reads, for
+    online-mmap (whose store counts rows requested) disk_read_bytes."""
     d = {k: after.get(k, 0) - before.get(k, 0) for k in ("bytes_read", "bytes_needed", "distinct_rows",
                                                          "distinct_bytes_needed")}
+    if loader == "online-mmap":
+        d["bytes_read"] = max(disk or 0, 0)
     return {"disk_read_bytes": -1 if disk is None else int(disk), "distinct_rows": int(d["distinct_rows"]),
             "distinct_bytes_needed": int(d["distinct_bytes_needed"]),
             "ampl_rows": d["bytes_read"] / d["bytes_needed"] if d["bytes_needed"] else 0.0,
@@ -263,7 +274,7 @@ def epoch_stats(before: dict, after: dict, disk: int | None) -> dict:
 
 def describe(before: dict, after: dict, loader: str = "packed", disk: int | None = None) -> str:
     d = {k: after.get(k, 0) - before.get(k, 0) for k in ("sample_s", "read_s", "wait_s", "bytes_read")}
-    e = epoch_stats(before, after, disk)
+    e = epoch_stats(before, after, disk, loader)
     rates = " ".join(f"{k} {v:.2f}" for k, v in after.items() if k.endswith("hit_rate"))
     kernel = "" if disk is None else f", {disk / 2**20:.1f} MiB read from disk by this process (/proc/self/io)"
     return (f"sample {d['sample_s']:.2f} s, read {d['read_s']:.2f} s, waited {d['wait_s']:.2f} s, "
@@ -278,7 +289,7 @@ def summarize(cfg: Config, run_dir: Path, results: list[dict]) -> dict:
            "start_epoch": main["start_epoch"],
            "val_acc": [round(a, 4) for a in main["val_acc"]], "test_acc": round(main["test_acc"], 4),
            "epoch_s": [round(s, 2) for s in main["epoch_s"]],
-           "bytes_read": int(sum(r["loader_stats"].get("bytes_read", 0) for r in results)),
+           bytes_key(cfg.train.loader): int(sum(r["loader_stats"].get("bytes_read", 0) for r in results)),
            "param_digests": [r["param_digest"] for r in results], "checkpoint": main["checkpoint"],
            "metrics": str(run_dir / "metrics.jsonl")}
     return out
