@@ -28,6 +28,16 @@ def test_example_spec_validates_for_two_workers():
     assert spec.workers.num == 2 and spec.config.train.loader == "packed" and spec.config.train.cache_frac == 0.1
 
 
+def test_packs_hold_min_epochs_4_sampled_epochs_unless_told_and_a_negative_count_is_refused(tmp_path):
+    def cfg(*overrides):
+        return load_spec(EXAMPLE, [f"run_dir={tmp_path}", *overrides]).config.train
+
+    assert [cfg(f"train.epochs={e}").sampled_epochs() for e in (1, 3, 4, 10)] == [1, 3, 4, 4]
+    assert cfg("train.epochs=10", "train.pack_epochs=10").sampled_epochs() == 10
+    with pytest.raises(ValueError, match="train.pack_epochs >= 0"):
+        cfg("train.pack_epochs=-1").check()
+
+
 @pytest.mark.parametrize("name", ["sage", "gat"])
 def test_model_takes_a_training_step_over_sampled_blocks(small_graph, name):
     graph, labels = small_graph.load_graph(), torch.from_numpy(load_labels(small_graph.root))
