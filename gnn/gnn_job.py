@@ -3,17 +3,20 @@
 On the driver, ``prepare`` generates the dataset at ``data.path`` when it holds none, uses the one there, or
 refuses (gnn/data_path.py: a dataset Plait did not generate is never written; one generated with another recipe
 is replaced only with ``data.rebuild=true``) and, for ``train.loader = "packed"``, runs the DiskGNN offline stage
-once for ``workers.num`` ranks: one epoch of batches sampled ahead, the hottest ``train.cache_frac`` of the
-feature rows chosen for the host cache, every batch's other rows packed contiguously on disk. Both live outside
-the run directory (the packs in ``data.packs``, default ``<data.path>.packs/<recipe>``) and are reused while their
-recipe (dataset, fanouts, batch size, seed, cache rows, ranks) is unchanged (``data.rebuild_packs=true`` rebuilds
-them). Every loader checks the feature rows it reads against their checksums; an error about a damaged file ends
-with the command that rebuilds it.
+once for ``workers.num`` ranks: ``train.pack_epochs`` epochs of batches sampled ahead (default min(train.epochs, 4);
+epoch e replays sampled epoch e mod that, so training sees fresh neighbourhoods as online sampling does until the
+cycle repeats), the hottest ``train.cache_frac`` of the feature rows chosen for the host cache, every batch's other
+rows packed contiguously on disk. Both live outside the run directory (the packs in ``data.packs``, default
+``<data.path>.packs/<recipe>``) and are reused while their recipe (dataset, fanouts, batch size, seed, cache rows,
+ranks, sampled epochs) is unchanged (``data.rebuild_packs=true`` rebuilds them). Every loader checks the feature
+rows it reads against their checksums; an error about a damaged file ends with the command that rebuilds it.
 
 On every rank, ``train`` builds its loader, the model (GraphSAGE or GAT, gnn/models.py) under PyTorch DDP on the
 process group the runtime set up, and trains ``train.epochs`` epochs; each epoch's batches are split over the
 ranks (equal counts). Rank 0 logs per step: loss, seconds spent sampling / reading / waiting for data, host-cache
-hit rates and bytes read from disk. After each epoch the ranks measure validation accuracy together (up to
+hit rates and the loader's bytes (``bytes_read``; ``bytes_requested`` for online-mmap, whose store counts rows
+asked of the mapping); the step closing an epoch adds its accounting (``epoch_stats``: the process's disk reads,
+distinct rows, both read amplifications). After each epoch the ranks measure validation accuracy together (up to
 ``train.eval_nodes`` nodes); checkpoints commit every ``train.checkpoint_every`` epochs, and
 ``train.resume = "latest"`` (or a restart) continues from the saved epoch.
 
