@@ -2,9 +2,12 @@
 
     python bench/ooc_gnn.py            # 2M nodes / ~40M edges / 1 GB of features; cache budgets 5%, 10%, 20%
     python bench/ooc_gnn.py --quick    # 150k nodes, 10% only, shorter caps: about a minute on 2 cores
+    python bench/ooc_gnn.py --dataset PATH   # any dataset folder (gnn/dataset.py's layout: imported, assembled or
+                                             # generated), read only; its packs go to PATH.packs (or --packs)
 
-Every system trains the same GraphSAGE (2 layers, fanout 10,10, batch 1024, Adam) on the same generated graph
-(gnn/generate.py) with the same prefetch overlap (gnn/epoch_loader.py, 2 batches ahead on a background thread).
+Every system trains the same GraphSAGE (2 layers, fanout 10,10, batch 1024, Adam) on the same graph (generated
+by gnn/generate.py, or the --dataset folder) with the same prefetch overlap (gnn/epoch_loader.py, 2 batches ahead
+on a background thread).
 The systems (bench/benchlib/ooc_systems.py): mmap, mmap-random (MADV_RANDOM), ginex (per-row direct reads under a
 SIEVE host cache of the budget), plait (PackedLoader: host cache + one sequential read per batch), memory (every
 row in RAM: the limit, no budget) and memory-presampled (Plait's offline-sampled batches in the same order with
@@ -21,12 +24,19 @@ dropped from the page cache after every batch instead; the line "memory bound:" 
 epoch starts cold (the feature or pack file dropped from the page cache). An epoch slower than --time-cap is stopped
 after the batch that crosses it and extrapolated; a process that finishes no epoch within 1.5 x the cap + --grace
 seconds (mmap thrashing inside one batch) is killed and its time is a lower bound (mmap_is_lower_bound=1). Disk
-bytes are the process's /proc/<pid>/io read_bytes; the read amplification is disk bytes / bytes of the rows the disk
-had to give (rows missing from the system's host cache; for mmap, every row asked). Accuracy: validation nodes after
-the measured epochs (the three online systems draw the same batches, so they score alike).
+bytes are the process's /proc/<pid>/io read_bytes (what the kernel read for it, before/after each epoch). Two read
+amplifications: ``ampl_rows``, disk bytes / bytes of the rows the disk had to give, a row counted once per batch
+asking for it (rows missing from the system's host cache; for mmap, every row asked; for Plait, the pack rows), and
+``ampl_dist``, disk bytes / bytes of the epoch's distinct rows outside a fixed host cache (Plait: outside its cache;
+the others: every distinct row), the least the disk has to give. Packs hold ``--pack-epochs`` sampled epochs
+(default: the measured epochs, so no measured epoch replays another, as online sampling); their size on disk
+(packs, cache and index, st_blocks) is reported against the feature file. Accuracy: validation nodes after the
+measured epochs (the three online systems draw the same batches, so they score alike).
 
-Last line: ``RESULT speedup_vs_mmap=... speedup_vs_ginex=... vs_memory=... amplification=... acc_gap=...`` at the
-10% budget (vs_memory: Plait's epoch / the in-memory one; acc_gap: Plait - in-memory accuracy in points).
+Last line: ``RESULT speedup_vs_mmap=... speedup_vs_ginex=... vs_memory=... amplification=...
+amplification_distinct=... acc_gap=... packs_vs_features=...`` at the 10% budget (vs_memory: Plait's epoch / the
+in-memory one; amplification: ampl_rows of Plait; acc_gap: Plait - in-memory accuracy in points; packs_vs_features:
+the pack folder's bytes on disk / the feature file's).
 """
 
 from __future__ import annotations
@@ -45,7 +55,15 @@ import numpy as np
 from benchlib import proc_status
 from benchlib.memgroup import MemGroup, can_make_groups, remove_stale_groups
 from benchlib.ooc_report import HEADER, mean, report
-from benchlib.ooc_systems import SYSTEMS, UNBOUNDED, ensure_dataset, ensure_packs, io_bytes_of, open_system
+from benchlib.ooc_systems import (
+    SYSTEMS,
+    UNBOUNDED,
+    ensure_dataset,
+    ensure_packs,
+    io_bytes_of,
+    open_any_dataset,
+    open_system,
+)
 
 GROUP_PREFIX = "plait-ooc"
 MARGIN = {"mmap": 32 << 20, "mmap-random": 32 << 20}  # page-cache systems: a margin is extra cache, keep it small
@@ -118,6 +136,7 @@ def worker(a: argparse.Namespace) -> None:
                        "read_s": s["read_s"] * scale, "wait_s": s["wait_s"] * scale,
                        "disk_bytes": (io_bytes_of() - io0) * scale, "counted_bytes": s["bytes_read"] * scale,
                        "needed_bytes": s["bytes_needed"] * scale, "hit_rate": s.get("host_hit_rate"),
+                       "distinct_bytes": s.get("distinct_bytes_needed", 0) * scale,
                        "batches": done, "of": total})
         log(f"  {a.system} epoch {e}: {wall * scale:.2f} s" + (f" (extrapolated from {done} of {total} batches "
                                                                  f"in {wall:.1f} s)" if done < total else ""))
@@ -199,7 +218,8 @@ def run_system(a, system: str, budget: float, feature_bytes: int, pack: str | No
             log(f"  {system}: no epoch finished in {deadline:.0f} s (killed); its epoch time is > {wall:.0f} s")
             result = {"acc": float("nan"), "epochs": [{"epoch_s": wall, "compute_s": 0.0, "sample_s": 0.0,
                       "read_s": 0.0, "wait_s": 0.0, "disk_bytes": disk / a.epochs, "counted_bytes": 0,
-                      "needed_bytes": 0, "hit_rate": None, "batches": 0, "of": 0}], "lower_bound": True}
+                      "needed_bytes": 0, "distinct_bytes": 0, "hit_rate": None, "batches": 0, "of": 0}],
+                      "lower_bound": True}
         else:
             if group:
                 group.leave(proc.pid)
@@ -220,7 +240,10 @@ def run_system(a, system: str, budget: float, feature_bytes: int, pack: str | No
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--data", default="")
+    p.add_argument("--data", default="", help="where the generated dataset goes (default /tmp/plait-bench/...)")
+    p.add_argument("--dataset", default="", help="train on this dataset folder instead of a generated one (read only)")
+    p.add_argument("--packs", default="", help="folder of the pack folders (default: <dataset>.packs)")
+    p.add_argument("--pack-epochs", type=int, default=0, help="sampled epochs in the packs (default: --epochs)")
     p.add_argument("--nodes", type=int, default=0)
     p.add_argument("--train-frac", type=float, default=0.0)
     p.add_argument("--budgets", default="")
@@ -253,16 +276,25 @@ def main() -> None:
     a.warmup = min(a.warmup, 2) if a.quick else a.warmup
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # finally blocks remove the memory groups
     remove_stale_groups(GROUP_PREFIX)
-    a.data = a.data or f"/tmp/plait-bench/ooc-gnn-{a.nodes}"
+    a.pack_epochs = a.pack_epochs or a.epochs
     budgets = [float(b) for b in (a.budgets or ("0.1" if a.quick else "0.05,0.1,0.2")).split(",")]
     systems = a.systems.split(",")
     fanouts = [int(f) for f in a.fanouts.split(",")]
-    meta = ensure_dataset(a.data, a.nodes, a.train_frac, a.seed)
-    feature_bytes = meta["num_nodes"] * meta["feat_dim"] * 4
+    if a.dataset:
+        a.data = a.dataset
+        meta = open_any_dataset(a.data)
+    else:
+        a.data = a.data or f"/tmp/plait-bench/ooc-gnn-{a.nodes}"
+        meta = ensure_dataset(a.data, a.nodes, a.train_frac, a.seed)
+    from plait.gnn.dataset import load_split, open_dataset
+    from plait.storage.feature_file import open_feature_file
+
+    ds = open_dataset(a.data)
+    feature_bytes, feature_disk = open_feature_file(ds.features).data_bytes, ds.features.stat().st_blocks * 512
     use_cgroup = can_make_groups(GROUP_PREFIX)
-    print(f"graph: {meta['num_nodes']:,} nodes, {meta['num_edges']:,} edges, {feature_bytes / 2**20:.0f} MiB of "
-          f"features, {meta['splits']['train']:,} train nodes; fanout {a.fanouts}, batch {a.batch_size}, "
-          f"{a.epochs} cold epochs per system", flush=True)
+    print(f"graph{' ' + a.data if a.dataset else ''}: {meta['num_nodes']:,} nodes, {ds.load_graph().num_edges:,} "
+          f"edges, {feature_bytes / 2**20:.0f} MiB of features, {len(load_split(ds.root).train):,} train nodes; "
+          f"fanout {a.fanouts}, batch {a.batch_size}, {a.epochs} cold epochs per system", flush=True)
     print("memory bound: " + ("cgroup v1 memory group per system (limit = working memory + budget - own cache)"
                               if use_cgroup else "no cgroup could be made: page cache dropped after every batch"),
           flush=True)
@@ -273,12 +305,15 @@ def main() -> None:
         results["memory", 0.0] = run_system(a, "memory", 0.0, feature_bytes, None, use_cgroup)
     for budget in budgets:
         need_pack = "plait" in systems or ("memory-presampled" in systems and budget == key)
-        pack = packs[budget] = ensure_packs(a.data, budget, fanouts, a.batch_size, a.seed) if need_pack else None
+        pack = packs[budget] = ensure_packs(a.data, budget, fanouts, a.batch_size, a.seed, a.pack_epochs,
+                                            a.packs) if need_pack else None
         if pack:
-            print(f"\n[{budget:.0%} cache] packing: {pack['preprocess_s']:.1f} s, packs "
-                  f"{pack['pack_bytes'] / 2**20:.0f} MiB = {pack['blowup']:.2f}x the features, host cache "
-                  f"{pack['cache_bytes'] / 2**20:.0f} MiB "
-                  f"serving {pack['cache_hit_rate']:.0%} of the rows", flush=True)
+            pack["vs_features"] = pack["disk_bytes"] / feature_disk
+            print(f"\n[{budget:.0%} cache] packing {pack['pack_epochs']} sampled epoch(s): {pack['preprocess_s']:.1f} "
+                  f"s; on disk {pack['disk_bytes'] / 2**20:.0f} MiB = {pack['vs_features']:.2f}x features.bin's "
+                  f"{feature_disk / 2**20:.0f} MiB (packs {pack['pack_bytes'] / 2**20:.0f} MiB = "
+                  f"{pack['blowup'] / pack['pack_epochs']:.2f}x the feature bytes per sampled epoch), host cache "
+                  f"{pack['cache_bytes'] / 2**20:.0f} MiB serving {pack['cache_hit_rate']:.0%} of the rows", flush=True)
         for system in [s for s in systems if s not in UNBOUNDED or (s == "memory-presampled" and budget == key)]:
             at = 0.0 if system in UNBOUNDED else budget
             try:
@@ -297,15 +332,19 @@ def main() -> None:
         return mean(r["epochs"], "epoch_s") if r else float("nan")
 
     plait, pack = results.get(("plait", key)), packs.get(key)
-    amp = (sum(e["disk_bytes"] for e in plait["epochs"]) / max(sum(e["needed_bytes"] for e in plait["epochs"]), 1)
-           if plait else float("nan"))
+    def ampl(key: str) -> float:
+        return (sum(e["disk_bytes"] for e in plait["epochs"]) / max(sum(e[key] for e in plait["epochs"]), 1)
+                if plait else float("nan"))
+
     gap = 100 * (plait["acc"] - results["memory", 0.0]["acc"]) if plait and ("memory", 0.0) in results else float("nan")
     print(f"RESULT speedup_vs_mmap={epoch('mmap') / epoch('plait'):.2f} "
           f"speedup_vs_ginex={epoch('ginex') / epoch('plait'):.2f} vs_memory={epoch('plait') / epoch('memory'):.2f} "
-          f"amplification={amp:.3f} acc_gap={gap:+.2f} "
+          f"amplification={ampl('needed_bytes'):.3f} amplification_distinct={ampl('distinct_bytes'):.3f} "
+          f"acc_gap={gap:+.2f} "
           f"speedup_vs_mmap_random={epoch('mmap-random') / epoch('plait'):.2f} "
           f"vs_memory_same_batches={epoch('plait') / epoch('memory-presampled'):.2f} budget={key} "
           f"blowup={pack['blowup'] if pack else float('nan'):.2f} "
+          f"packs_vs_features={pack['vs_features'] if pack else float('nan'):.2f} pack_epochs={a.pack_epochs} "
           f"mmap_is_lower_bound={int(bool(results.get(('mmap', key), {}).get('lower_bound')))}", flush=True)
 
 

@@ -15,9 +15,14 @@ match.
 
 ``stats()`` (cumulative since construction or ``reset_stats()``): ``batches``, ``sample_s`` and ``read_s``
 (seconds the thread spent sampling and reading), ``assemble_s`` (building x), ``wait_s`` (the caller blocked
-waiting for a batch), ``rows_read`` / ``bytes_read`` (rows and bytes asked of the disk), ``bytes_needed`` (rows
-the disk had to give x row bytes: the read amplification is bytes_read / bytes_needed), ``host_hits``,
-``host_rows_read`` and ``host_hit_rate`` per cache tier.
+waiting for a batch), ``rows_read`` / ``bytes_read`` (rows and bytes asked of the store: real disk reads for the
+direct-I/O stores and the packs; for an mmap store the bytes of the distinct rows of each request, which the page
+cache may serve), ``bytes_needed`` (rows the disk had to give, counting a row once per batch asking for it, x row
+bytes: bytes_read / bytes_needed is the read amplification against those rows), ``distinct_rows`` (per epoch, the
+distinct rows its batches asked for, summed over epochs) and ``distinct_bytes_needed`` (per epoch, the bytes of the
+distinct rows outside a fixed host cache, summed: bytes_read / distinct_bytes_needed is the read amplification
+against what the epoch needs from disk at least), ``host_hits``, ``host_rows_read`` and ``host_hit_rate`` per cache
+tier.
 """
 
 from __future__ import annotations
@@ -135,21 +140,34 @@ class LoaderBase:
     prefetch: int
     _name: str
 
-    def __init__(self, prefetch: int):
+    def __init__(self, prefetch: int, num_rows: int):
         if prefetch < 0:
             raise ValueError(f"prefetch must be >= 0 batches, got {prefetch}")
         self.prefetch = int(prefetch)
+        self._seen = np.zeros(num_rows, dtype=np.uint8)  # this epoch: 1 = row asked, 2 = and from disk
         self._active: Prefetcher | None = None
         self._lock = threading.Lock()
         self._closed = False
         self.reset_stats()
 
     def reset_stats(self) -> None:
-        self._t = {"sample_s": 0.0, "read_s": 0.0, "assemble_s": 0.0, "wait_s": 0.0, "batches": 0}
+        self._t = {"sample_s": 0.0, "read_s": 0.0, "assemble_s": 0.0, "wait_s": 0.0, "batches": 0,
+                   "distinct_rows": 0, "distinct_bytes_needed": 0}
 
     def _add(self, key: str, value: float) -> None:
         with self._lock:
             self._t[key] += value
+
+    def _count_distinct(self, ids: np.ndarray, disk_ids: np.ndarray, row_bytes: int) -> None:
+        """Count the rows ``ids`` (and ``disk_ids``, those of them the disk gives) not yet asked this epoch."""
+        seen = self._seen
+        new = int(np.count_nonzero(seen[ids] == 0))
+        seen[ids] |= 1
+        new_disk = int(np.count_nonzero(seen[disk_ids] < 2))
+        seen[disk_ids] = 3
+        with self._lock:
+            self._t["distinct_rows"] += new
+            self._t["distinct_bytes_needed"] += new_disk * row_bytes
 
     def epoch(self, epoch: int) -> Iterator[tuple[MiniBatch, torch.Tensor]]:
         """This rank's batches of ``epoch`` with their features; the thread starts at the first ``next``."""
@@ -159,6 +177,8 @@ class LoaderBase:
 
     def _iterate(self, epoch: int) -> Iterator[tuple[MiniBatch, torch.Tensor]]:
         plan = self._order(epoch)
+        self._stop_active()
+        self._seen[:] = 0  # distinct rows are counted per epoch
         if self.prefetch == 0:
             for item in plan:
                 t0 = time.perf_counter()

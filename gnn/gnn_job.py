@@ -3,17 +3,20 @@
 On the driver, ``prepare`` generates the dataset at ``data.path`` when it holds none, uses the one there, or
 refuses (gnn/data_path.py: a dataset Plait did not generate is never written; one generated with another recipe
 is replaced only with ``data.rebuild=true``) and, for ``train.loader = "packed"``, runs the DiskGNN offline stage
-once for ``workers.num`` ranks: one epoch of batches sampled ahead, the hottest ``train.cache_frac`` of the
-feature rows chosen for the host cache, every batch's other rows packed contiguously on disk. Both live outside
-the run directory (the packs in ``data.packs``, default ``<data.path>.packs/<recipe>``) and are reused while their
-recipe (dataset, fanouts, batch size, seed, cache rows, ranks) is unchanged (``data.rebuild_packs=true`` rebuilds
-them). Every loader checks the feature rows it reads against their checksums; an error about a damaged file ends
-with the command that rebuilds it.
+once for ``workers.num`` ranks: ``train.pack_epochs`` epochs of batches sampled ahead (default min(train.epochs, 4);
+epoch e replays sampled epoch e mod that, so training sees fresh neighbourhoods as online sampling does until the
+cycle repeats), the hottest ``train.cache_frac`` of the feature rows chosen for the host cache, every batch's other
+rows packed contiguously on disk. Both live outside the run directory (the packs in ``data.packs``, default
+``<data.path>.packs/<recipe>``) and are reused while their recipe (dataset, fanouts, batch size, seed, cache rows,
+ranks, sampled epochs) is unchanged (``data.rebuild_packs=true`` rebuilds them). Every loader checks the feature
+rows it reads against their checksums; an error about a damaged file ends with the command that rebuilds it.
 
 On every rank, ``train`` builds its loader, the model (GraphSAGE or GAT, gnn/models.py) under PyTorch DDP on the
 process group the runtime set up, and trains ``train.epochs`` epochs; each epoch's batches are split over the
 ranks (equal counts). Rank 0 logs per step: loss, seconds spent sampling / reading / waiting for data, host-cache
-hit rates and bytes read from disk. After each epoch the ranks measure validation accuracy together (up to
+hit rates and the loader's bytes (``bytes_read``; ``bytes_requested`` for online-mmap, whose store counts rows
+asked of the mapping); the step closing an epoch adds its accounting (``epoch_stats``: the process's disk reads,
+distinct rows, both read amplifications). After each epoch the ranks measure validation accuracy together (up to
 ``train.eval_nodes`` nodes); checkpoints commit every ``train.checkpoint_every`` epochs, and
 ``train.resume = "latest"`` (or a restart) continues from the saved epoch.
 
@@ -51,7 +54,7 @@ from plait.runtime.checkpoint import ModelOptimizer
 from plait.runtime.context import RankContext
 from plait.runtime.trainer import LoopConfig, TrainLoop
 from plait.storage.cache import CachedStore
-from plait.storage.disk_reader import DiskStore
+from plait.storage.disk_reader import DiskStore, process_read_bytes
 from plait.storage.store import ArrayStore
 
 LOADERS = ("packed", "online-mmap", "online-ginex", "memory")
@@ -71,6 +74,7 @@ class TrainConfig(LoopConfig):
     weight_decay: float = 0.0
     loader: str = "packed"  # packed | online-mmap | online-ginex | memory
     cache_frac: float = 0.1  # host cache: this share of the feature rows (packed, online-ginex)
+    pack_epochs: int = 0  # packed: epochs of batches sampled ahead (epoch e replays e % this); 0 = min(epochs, 4)
     prefetch: int = 2  # batches read ahead on a background thread
     seed: int = 0
     eval_nodes: int = 4096  # validation (and test) nodes scored after each epoch; 0 = all
@@ -88,15 +92,20 @@ class TrainConfig(LoopConfig):
             raise ValueError(f"train.fanouts={self.fanouts}: one positive fanout (or -1: all) per layer")
         if not 0 <= self.cache_frac <= 1:
             raise ValueError(f"train.cache_frac={self.cache_frac}: a share of the feature rows in [0, 1]")
-        if min(self.batch_size, self.epochs, self.hidden) < 1 or self.prefetch < 0 or self.eval_nodes < 0:
-            raise ValueError("train.batch_size, train.epochs and train.hidden must be >= 1, train.prefetch and "
-                             f"train.eval_nodes >= 0; got {self.batch_size}, {self.epochs}, {self.hidden}, "
-                             f"{self.prefetch}, {self.eval_nodes}")
+        if min(self.batch_size, self.epochs, self.hidden) < 1 or min(self.prefetch, self.eval_nodes,
+                                                                      self.pack_epochs) < 0:
+            raise ValueError("train.batch_size, train.epochs and train.hidden must be >= 1, train.prefetch, "
+                             f"train.eval_nodes and train.pack_epochs >= 0; got {self.batch_size}, {self.epochs}, "
+                             f"{self.hidden}, {self.prefetch}, {self.eval_nodes}, {self.pack_epochs}")
         if self.task not in TASKS:
             raise ValueError(f"train.task={self.task!r}: choose one of {', '.join(TASKS)}")
         self.link.check()
         if self.model == "gat" and self.hidden % self.heads:
             raise ValueError(f"train.hidden={self.hidden} must divide by train.heads={self.heads} for GAT")
+
+    def sampled_epochs(self) -> int:
+        """Epochs of batches the packs hold: train.pack_epochs, or min(train.epochs, 4) when it is 0."""
+        return self.pack_epochs or min(self.epochs, 4)
 
 
 @dataclass
@@ -133,10 +142,10 @@ def prepare(cfg: Config, run_dir: Path) -> None:
                                   None if link else load_split(ds.root).train, t.fanouts, t.batch_size,
                                   t.seed, cache_rows(cfg, ds.meta["num_nodes"]), out,
                                   world_size=max(cfg.world_size, 1), reuse=not (data.rebuild or data.rebuild_packs),
-                                  link=link)
+                                  epochs=t.sampled_epochs(), link=link)
             if _folder_id(out) != before:
-                print(f"[plait] packed batches in {out}: {info.preprocess_s:.1f} s, {info.blowup:.2f}x the feature "
-                      "bytes on disk", flush=True)
+                print(f"[plait] packed {info.pack_epochs} epoch(s) of batches in {out}: {info.preprocess_s:.1f} s, "
+                      f"{info.blowup:.2f}x the feature bytes on disk", flush=True)
             cfg.pack_path = str(out)
 
 
@@ -167,7 +176,8 @@ def pack_dir(cfg: Config) -> Path:
     data, t = cfg.data, cfg.train
     meta = {k: v for k, v in open_dataset(data.path).meta.items() if k != "seconds"}
     recipe = {"dataset": meta, "fanouts": list(t.fanouts), "batch_size": t.batch_size, "seed": t.seed,
-              "cache_rows": cache_rows(cfg, meta["num_nodes"]), "world_size": max(cfg.world_size, 1)}
+              "cache_rows": cache_rows(cfg, meta["num_nodes"]), "world_size": max(cfg.world_size, 1),
+              "pack_epochs": t.sampled_epochs()}
     if t.task == "link":
         recipe["link"] = {**t.link.recipe(), "neg_per_pos": t.link.neg_per_pos}
     digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
@@ -228,6 +238,7 @@ def _train(ctx: RankContext, cfg: Config) -> dict:
                 ddp.train()
                 t_epoch, batches = time.perf_counter(), iter(loader.epoch(epoch))
                 before = prev = loader.stats()
+                io_before = process_read_bytes()
             mb, x = next(batches)
             t0 = time.perf_counter()
             opt.zero_grad(set_to_none=True)
@@ -237,15 +248,18 @@ def _train(ctx: RankContext, cfg: Config) -> dict:
             opt.step()
             now = loader.stats()
             scalars = {"loss": loss.item(), "epoch": epoch, "compute_s": time.perf_counter() - t0,
-                       **step_stats(prev, now)}
+                       **step_stats(prev, now, t.loader)}
             prev = now
             if i + 1 == per_epoch:  # the epoch's end: score it
                 epoch_s.append(time.perf_counter() - t_epoch)
+                io_after = process_read_bytes()
+                disk = None if io_before is None or io_after is None else io_after - io_before
                 val_acc.append(scorer.accuracy(model, split.val, epoch))
-                scalars.update(val_acc=val_acc[-1], epoch_s=epoch_s[-1])
+                scalars.update(val_acc=val_acc[-1], epoch_s=epoch_s[-1], **epoch_stats(before, loader.stats(), disk,
+                                                                                        t.loader))
                 mean = np.mean(loop.losses[len(loop.losses) - i:] + [scalars["loss"]])
                 ctx.log(f"epoch {epoch + 1}/{t.epochs}: loss {mean:.4f} val_acc {val_acc[-1]:.4f} "
-                        f"({epoch_s[-1]:.1f} s; {describe(before, loader.stats())})")
+                        f"({epoch_s[-1]:.1f} s; {describe(before, loader.stats(), t.loader, disk)})")
             loop.step_done(**scalars)
         result = loop.finish()
         test_acc = scorer.accuracy(model, split.test, t.epochs)
@@ -257,19 +271,55 @@ def _train(ctx: RankContext, cfg: Config) -> dict:
             "param_digest": param_digest(model)}
 
 
-def step_stats(prev: dict, now: dict) -> dict:
+def bytes_key(loader: str) -> str:
+    """The name of the loader's bytes_read in metrics and the summary: ``bytes_requested`` for online-mmap, whose
+    store counts the bytes of the rows asked of the mapping (the page cache serves some, the kernel reads pages
+    around others), ``bytes_read`` for the rest (direct reads of the disk; nothing for memory)."""
+    return "bytes_requested" if loader == "online-mmap" else "bytes_read"
+
+
+def step_stats(prev: dict, now: dict, loader: str = "packed") -> dict:
     """What one step cost the loader: seconds and bytes since ``prev``, and the current hit rates."""
     out = {k: now.get(k, 0) - prev.get(k, 0) for k in ("sample_s", "read_s", "wait_s")}
-    out["bytes_read"] = now.get("bytes_read", 0) - prev.get("bytes_read", 0)
+    out[bytes_key(loader)] = now.get("bytes_read", 0) - prev.get("bytes_read", 0)
     out.update({k: v for k, v in now.items() if k.endswith("hit_rate")})
     return out
 
 
-def describe(before: dict, after: dict) -> str:
+STORE_BYTES = {  # what a loader's bytes_read counts, for the log line
+    "packed": "MiB of packs read (direct I/O)",
+    "online-mmap": "MiB of rows requested through mmap (the page cache may serve them)",
+    "online-ginex": "MiB of rows read (direct I/O, host-cache misses)",
+    "memory": "MiB read by the loader (rows are in RAM)",
+}
+
+
+def epoch_stats(before: dict, after: dict, disk: int | None, loader: str = "packed") -> dict:
+    """One epoch's accounting (metrics at its last step): ``disk_read_bytes`` (the process's /proc/self/io read_bytes
+    over the epoch's steps, -1 where the kernel does not say; it includes whatever else the process read), the
+    loader's ``distinct_rows`` and ``distinct_bytes_needed`` (gnn/epoch_loader.py), and both read amplifications of
+    the bytes read: ``ampl_rows`` against the rows asked of the disk (a row once per batch) and ``ampl_distinct``
+    against the epoch's distinct rows outside a fixed host cache. The bytes read are the loader's direct reads, for
+    online-mmap (whose store counts rows requested) disk_read_bytes."""
+    d = {k: after.get(k, 0) - before.get(k, 0) for k in ("bytes_read", "bytes_needed", "distinct_rows",
+                                                         "distinct_bytes_needed")}
+    if loader == "online-mmap":
+        d["bytes_read"] = max(disk or 0, 0)
+    return {"disk_read_bytes": -1 if disk is None else int(disk), "distinct_rows": int(d["distinct_rows"]),
+            "distinct_bytes_needed": int(d["distinct_bytes_needed"]),
+            "ampl_rows": d["bytes_read"] / d["bytes_needed"] if d["bytes_needed"] else 0.0,
+            "ampl_distinct": d["bytes_read"] / d["distinct_bytes_needed"] if d["distinct_bytes_needed"] else 0.0}
+
+
+def describe(before: dict, after: dict, loader: str = "packed", disk: int | None = None) -> str:
     d = {k: after.get(k, 0) - before.get(k, 0) for k in ("sample_s", "read_s", "wait_s", "bytes_read")}
+    e = epoch_stats(before, after, disk, loader)
     rates = " ".join(f"{k} {v:.2f}" for k, v in after.items() if k.endswith("hit_rate"))
+    kernel = "" if disk is None else f", {disk / 2**20:.1f} MiB read from disk by this process (/proc/self/io)"
     return (f"sample {d['sample_s']:.2f} s, read {d['read_s']:.2f} s, waited {d['wait_s']:.2f} s, "
-            f"{d['bytes_read'] / 2**20:.1f} MiB from disk{', ' + rates if rates else ''}")
+            f"{d['bytes_read'] / 2**20:.1f} {STORE_BYTES.get(loader, 'MiB read by the loader')}{kernel}, "
+            f"{e['distinct_rows']:,} distinct rows (amplification {e['ampl_distinct']:.2f}x their bytes outside the "
+            f"host cache, {e['ampl_rows']:.2f}x the rows asked){', ' + rates if rates else ''}")
 
 
 def summarize(cfg: Config, run_dir: Path, results: list[dict]) -> dict:
@@ -280,7 +330,7 @@ def summarize(cfg: Config, run_dir: Path, results: list[dict]) -> dict:
            "start_epoch": main["start_epoch"],
            "val_acc": [round(a, 4) for a in main["val_acc"]], "test_acc": round(main["test_acc"], 4),
            "epoch_s": [round(s, 2) for s in main["epoch_s"]],
-           "bytes_read": int(sum(r["loader_stats"].get("bytes_read", 0) for r in results)),
+           bytes_key(cfg.train.loader): int(sum(r["loader_stats"].get("bytes_read", 0) for r in results)),
            "param_digests": [r["param_digest"] for r in results], "checkpoint": main["checkpoint"],
            "metrics": str(run_dir / "metrics.jsonl")}
     return out

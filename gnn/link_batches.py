@@ -121,15 +121,16 @@ def pairs_crc(pairs: np.ndarray, label: np.ndarray) -> int:
     return zlib.crc32(np.ascontiguousarray(label), zlib.crc32(np.ascontiguousarray(pairs)))
 
 
-def write_pair_index(folder: Path, plan: LinkPlan, epoch: int = 0) -> dict:
-    """The pairs of ``epoch``'s batches into a pack folder being built (module doc); returns meta.json's ``link``."""
-    parts = [plan.pairs(epoch, i)[1:] for i in range(plan.num_batches)]
+def write_pair_index(folder: Path, plan: LinkPlan, epochs: int = 1) -> dict:
+    """The pairs of the first ``epochs`` sampled epochs' batches (batch e * B + i) into a pack folder being built
+    (module doc); returns meta.json's ``link``."""
+    parts = [plan.pairs(e, i)[1:] for e in range(epochs) for i in range(plan.num_batches)]
     ptr = np.r_[0, np.cumsum([p.shape[1] for p, _ in parts])].astype(np.int64)
     write_npy(folder / "pairs.npy", np.concatenate([p for p, _ in parts], axis=1))
     write_npy(folder / "pair_label.npy", np.concatenate([lab for _, lab in parts]))
     write_npy(folder / "pairs_ptr.npy", ptr)
     write_npy(folder / "pairs_crc.npy", np.array([pairs_crc(p, lab) for p, lab in parts], dtype=np.uint32))
-    return {**plan.key(), "epoch": epoch, "ptr_crc": zlib.crc32(ptr)}
+    return {**plan.key(), "epochs": epochs, "ptr_crc": zlib.crc32(ptr)}
 
 
 class PairIndex:

@@ -1,11 +1,16 @@
-"""DiskGNN's offline stage: sample one epoch of mini-batches, cache the hottest rows, pack the rest per batch.
+"""DiskGNN's offline stage: sample E epochs of mini-batches, cache the hottest rows, pack the rest per batch.
 
     info = prepare_packed(graph, "features.bin", split.train, fanouts=[10, 10], batch_size=1024, seed=0,
-                          cache_rows=200_000, out_dir="packs/")     # -> PackInfo (blowup, preprocess_s, ...)
+                          cache_rows=200_000, out_dir="packs/", epochs=4)  # -> PackInfo (blowup, preprocess_s, ...)
     loader = PackedLoader("packs/")                                  # gnn/packed_loader.py: the online stage
 
-Pass 1 samples the epoch (``NeighborSampler``, batch i with ``batch_rng(seed, 0, i)``) and counts how many batches
-ask for each row; the host cache is the ``cache_rows`` most-asked rows (rows never asked are not cached). Pass 2
+``epochs`` (E, default 1) distinct epochs are sampled: sampled epoch s splits the train ids as online sampling's
+epoch s does (``batch_seeds(train_ids, batch_size, seed, s)``) and samples its batch i with ``batch_rng(seed, s,
+i)``, so training epoch e, which replays sampled epoch e mod E (in an order shuffled by e), sees the very batches
+online sampling would while e < E; the packs take E times the disk space of one epoch's. Batch i of sampled
+epoch s is stored as batch s * B + i (B = num_batches, the batches of one epoch). Pass 1 samples the E epochs and
+counts how many batches ask for each row; the host cache is the ``cache_rows`` most-asked rows over all E epochs
+(rows never asked are not cached). Pass 2
 samples the same batches again (deterministic, so nothing from pass 1 but the counts and sizes is kept) a group at
 a time: the group's distinct non-cached rows are read from the feature file in one sorted, coalesced read, and each
 batch's non-cached rows are written, in ``n_id`` order, as one contiguous pack starting on a 4 KiB page, so the
@@ -64,42 +69,46 @@ READ_CHUNK_IDS = 1 << 13  # distinct rows per read of the feature file while pac
 
 def prepare_packed(graph, features_path, train_ids, fanouts, batch_size: int, seed: int, cache_rows: int,
                    out_dir, world_size: int = 1, memory_bytes: int = 256 << 20, read_mode: str = "direct",
-                   reuse: bool = False, link=None) -> PackInfo:
-    """Sample one epoch of batches over ``train_ids``, cache the ``cache_rows`` most-asked rows and pack the
+                   reuse: bool = False, epochs: int = 1, link=None) -> PackInfo:
+    """Sample ``epochs`` epochs of batches over ``train_ids``, cache the ``cache_rows`` most-asked rows and pack the
     rest per batch into the pack folder ``out_dir`` (see the module doc). ``graph``: a CSCGraph or a graph
     folder; ``features_path``: a feature file. ``memory_bytes`` bounds the rows held while packing; the
     feature file is read with a ``DiskStore`` in ``read_mode``. ``reuse=True`` returns the pack already at
     ``out_dir`` when it was made from the same graph, features (checksums), train ids and arguments. ``link``: a
-    LinkPlan (gnn/link_batches.py) whose epoch-0 link batches are packed instead, their pairs in the index."""
+    LinkPlan (gnn/link_batches.py) whose link batches (each sampled epoch's own negatives) are packed instead,
+    their pairs in the index."""
     start = time.perf_counter()
     graph = graph if isinstance(graph, CSCGraph) else CSCGraph.load(graph)
-    world_size, cache_rows = int(world_size), int(cache_rows)
-    if cache_rows < 0 or world_size < 1 or memory_bytes < 1:
-        raise ValueError(f"need cache_rows >= 0, world_size >= 1 and memory_bytes >= 1, got {cache_rows}, "
-                         f"{world_size} and {memory_bytes}")
+    world_size, cache_rows, epochs = int(world_size), int(cache_rows), int(epochs)
+    if cache_rows < 0 or world_size < 1 or memory_bytes < 1 or epochs < 1:
+        raise ValueError(f"need cache_rows >= 0, world_size >= 1, memory_bytes >= 1 and epochs >= 1, got "
+                         f"{cache_rows}, {world_size}, {memory_bytes} and {epochs}")
     finfo = open_feature_file(features_path)
     if finfo.num_rows != graph.num_nodes:
         raise ValueError(f"{finfo.path} holds {finfo.num_rows} rows but the graph has {graph.num_nodes} nodes; "
                          "pass the feature file of this graph")
     sampler = NeighborSampler(graph, fanouts)
     key = _pack_key(graph, finfo, [] if link else train_ids, sampler.fanouts, batch_size, seed, cache_rows,
-                    world_size, link.key() if link else None)
+                    world_size, epochs, link.key() if link else None)
     if reuse and is_pack_folder(Path(out_dir)):
         meta = read_meta(Path(out_dir))
         if meta.get("version") == VERSION and meta.get("key") == key:
             return info_from_meta(Path(out_dir), meta)
-    if link:
-        seeds = [link.seeds(0, i) for i in range(link.num_batches)]
+    if link:  # batch e * B + i: epoch e's link batch i (its negatives drawn for that epoch)
+        seeds = [link.seeds(e, i) for e in range(epochs) for i in range(link.num_batches)]
     else:
-        seeds = batch_seeds(train_ids, batch_size, seed, 0)
-    if len(seeds) < world_size:
-        raise ValueError(f"{len(seeds)} batches (seed nodes {sum(len(s) for s in seeds)}, batch_size {batch_size}) "
+        seeds = [s for e in range(epochs) for s in batch_seeds(train_ids, batch_size, seed, e)]  # batch e * B + i
+    per_epoch = len(seeds) // epochs
+    if per_epoch < world_size:
+        what = "link batches" if link else f"batches (train ids {len(np.asarray(train_ids))}"
+        raise ValueError(f"{per_epoch} {what}, batch_size {batch_size}{'' if link else ')'} "
                          f"cannot give each of {world_size} ranks one; use a smaller batch_size or fewer ranks")
     t = {"sample": 0.0, "read": 0.0, "write": 0.0}
 
     def sample(i: int) -> MiniBatch:
         t0 = time.perf_counter()
-        mb = link.sample(0, i) if link else sampler.sample(seeds[i], batch_rng(seed, 0, i))
+        e, j = divmod(i, per_epoch)
+        mb = link.sample(e, j) if link else sampler.sample(seeds[i], batch_rng(seed, e, j))
         t["sample"] += time.perf_counter() - t0
         return mb
 
@@ -108,9 +117,14 @@ def prepare_packed(graph, features_path, train_ids, fanouts, batch_size: int, se
     n_len = np.zeros(len(seeds), dtype=np.int64)
     e_len = np.zeros((len(seeds), layers), dtype=np.int64)
     sizes = np.zeros((len(seeds), layers, 2), dtype=np.int64)
+    seen, distinct_rows = np.zeros(graph.num_nodes, dtype=bool), []  # rows each sampled epoch asks for
     for i in range(len(seeds)):  # pass 1: counts and sizes
         mb = sample(i)
         counts[mb.n_id] += 1  # n_id holds distinct ids
+        seen[mb.n_id] = True
+        if (i + 1) % per_epoch == 0:
+            distinct_rows.append(int(np.count_nonzero(seen)))
+            seen[:] = False
         n_len[i] = len(mb.n_id)
         e_len[i] = [b.edge_index.shape[1] for b in mb.blocks]
         sizes[i] = [b.size for b in mb.blocks]
@@ -125,16 +139,18 @@ def prepare_packed(graph, features_path, train_ids, fanouts, batch_size: int, se
         try:
             _write_cache(tmp, src, cache_ids, t)
             budget = int(memory_bytes / max(miss_share, 1e-3))  # groups hold ~memory_bytes of packed rows
-            pages, pack_rows = _write_packs_and_index(tmp, src, sample, seeds, slot_of, n_len, e_len, sizes,
-                                                      budget, t)
+            pages, pack_rows, distinct_pack_rows = _write_packs_and_index(tmp, src, sample, seeds, per_epoch, slot_of,
+                                                                          n_len, e_len, sizes, budget, t, seen)
         finally:
             src.close()
-        meta = {"format": FORMAT, "version": VERSION, "key": key, "num_batches": len(seeds), "world_size": world_size,
-                "batches_per_rank": len(seeds) // world_size, "num_layers": layers, "fanouts": sampler.fanouts,
+        meta = {"format": FORMAT, "version": VERSION, "key": key, "num_batches": per_epoch, "pack_epochs": epochs,
+                "world_size": world_size, "batches_per_rank": per_epoch // world_size, "num_layers": layers,
+                "fanouts": sampler.fanouts,
                 "batch_size": int(batch_size), "seed": int(seed), "num_nodes": graph.num_nodes,
-                "num_train": int(sum(len(s) for s in seeds)), "features": str(finfo.path),
+                "num_train": int(sum(len(s) for s in seeds[:per_epoch])), "features": str(finfo.path),
                 "row_shape": list(finfo.row_shape), "dtype": finfo.dtype.str, "row_bytes": finfo.row_bytes,
                 "cache_rows": cache_rows, "cached_rows": len(cache_ids), "rows_needed": int(n_len.sum()),
+                "distinct_rows": distinct_rows, "distinct_pack_rows": distinct_pack_rows,
                 "pack_rows": pack_rows, "feature_bytes": finfo.data_bytes, "pack_bytes": pages * PAGE,
                 "cache_bytes": len(cache_ids) * finfo.row_bytes,
                 "blowup": pages * PAGE / finfo.data_bytes if finfo.data_bytes else 0.0,
@@ -142,7 +158,7 @@ def prepare_packed(graph, features_path, train_ids, fanouts, batch_size: int, se
                 "preprocess_s": time.perf_counter() - start,
                 "index_crc": small_index_crc({name: np.load(tmp / f"{name}.npy") for name in SMALL_INDEX})}
         if link:
-            meta["link"] = write_pair_index(tmp, link)
+            meta["link"] = write_pair_index(tmp, link, epochs)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
 
     out_dir = Path(out_dir)
@@ -154,7 +170,7 @@ def prepare_packed(graph, features_path, train_ids, fanouts, batch_size: int, se
     return info_from_meta(out_dir, meta)
 
 
-def _pack_key(graph: CSCGraph, finfo, train_ids, fanouts, batch_size, seed, cache_rows, world_size,
+def _pack_key(graph: CSCGraph, finfo, train_ids, fanouts, batch_size, seed, cache_rows, world_size, epochs,
               link=None) -> dict:
     """What a pack is made from: a pack with the same key can be reused."""
     train = np.ascontiguousarray(np.asarray(train_ids, dtype=np.int64))
@@ -163,7 +179,7 @@ def _pack_key(graph: CSCGraph, finfo, train_ids, fanouts, batch_size, seed, cach
             "graph_crc": zlib.crc32(np.asarray(graph.indptr[:: max(1, graph.num_nodes // 4096)]).tobytes()),
             "train_sha256": hashlib.sha256(train.tobytes()).hexdigest(), "fanouts": list(fanouts),
             "batch_size": int(batch_size), "seed": int(seed), "cache_rows": int(cache_rows),
-            "world_size": int(world_size), **({"link": link} if link else {})}
+            "world_size": int(world_size), "pack_epochs": int(epochs), **({"link": link} if link else {})}
 
 
 def _read_rows(src: DiskStore, ids: np.ndarray, t: dict) -> np.ndarray:
@@ -187,10 +203,10 @@ def _write_cache(tmp: Path, src: DiskStore, cache_ids: np.ndarray, t: dict) -> N
             t["write"] += time.perf_counter() - t0
 
 
-def _write_packs_and_index(tmp: Path, src: DiskStore, sample, seeds, slot_of, n_len, e_len, sizes,
-                           memory_bytes: int, t: dict) -> tuple[int, int]:
+def _write_packs_and_index(tmp: Path, src: DiskStore, sample, seeds, per_epoch: int, slot_of, n_len, e_len, sizes,
+                           memory_bytes: int, t: dict, seen: np.ndarray) -> tuple[int, int, list[int]]:
     """Pass 2: resample the batches a group at a time, write their packs and index arrays; returns the pages
-    and rows written to packs."""
+    and rows written to packs, and each sampled epoch's distinct packed rows (``seen``: a cleared bitmap)."""
     nb, layers = e_len.shape
     seeds_ptr = np.r_[0, np.cumsum([len(s) for s in seeds])]
     n_ptr, e_ptr = np.r_[0, np.cumsum(n_len)], np.vstack([np.zeros((1, layers), np.int64), np.cumsum(e_len, 0)])
@@ -204,7 +220,7 @@ def _write_packs_and_index(tmp: Path, src: DiskStore, sample, seeds, slot_of, n_
     edges = [_open(tmp / f"edges_{layer}.npy", np.int32, (2, int(e_ptr[-1, layer]))) for layer in range(layers)]
     pack_page, pack_rows = np.zeros(nb + 1, dtype=np.int64), np.zeros(nb, dtype=np.int64)
     index_crc = np.zeros(nb, dtype=np.uint32)
-    row_bytes = src.row_bytes
+    row_bytes, distinct_pack_rows = src.row_bytes, []
     groups = _groups(n_len * row_bytes, memory_bytes)
     with FeatureWriter(tmp / "packs.feat", (PAGE,), np.uint8, meta={"what": "per-batch packs"}) as w:
         for group in groups:
@@ -219,6 +235,10 @@ def _write_packs_and_index(tmp: Path, src: DiskStore, sample, seeds, slot_of, n_
                 loc[miss] = -1 - np.arange(len(miss))
                 batches.append((i, mb, loc, mb.n_id[miss]))
                 wanted.append(mb.n_id[miss])
+                seen[mb.n_id[miss]] = True
+                if (i + 1) % per_epoch == 0:
+                    distinct_pack_rows.append(int(np.count_nonzero(seen)))
+                    seen[:] = False
             uniq = np.unique(np.concatenate(wanted)) if wanted else np.empty(0, np.int64)
             rows = _read_rows(src, uniq, t)
             t0 = time.perf_counter()
@@ -247,7 +267,7 @@ def _write_packs_and_index(tmp: Path, src: DiskStore, sample, seeds, slot_of, n_
     _save(tmp / "pack_rows.npy", pack_rows)
     _save(tmp / "index_crc.npy", index_crc)
     t["write"] += time.perf_counter() - t0
-    return int(pack_page[-1]), int(pack_rows.sum())
+    return int(pack_page[-1]), int(pack_rows.sum()), distinct_pack_rows
 
 
 def _groups(batch_bytes: np.ndarray, budget: int) -> list[list[int]]:

@@ -56,7 +56,7 @@ def small_index_crc(arrays: dict[str, np.ndarray]) -> int:
 @dataclass(frozen=True)
 class PackInfo:
     path: Path
-    num_batches: int  # batches in one epoch (all ranks)
+    num_batches: int  # batches in one epoch (all ranks); the folder holds pack_epochs x num_batches
     world_size: int
     batches_per_rank: int  # num_batches // world_size: every rank steps this many times per epoch
     num_layers: int
@@ -64,18 +64,27 @@ class PackInfo:
     batch_size: int
     cache_rows: int  # asked for
     cached_rows: int  # held (<= cache_rows: rows no batch asks for are not cached)
-    rows_needed: int  # sum over batches of len(n_id)
+    rows_needed: int  # sum over all stored batches of len(n_id)
     pack_rows: int  # rows written to packs (the non-cached part of rows_needed)
     row_bytes: int
     feature_bytes: int  # the feature file's data bytes (num_rows x row_bytes)
     pack_bytes: int  # packs.feat data bytes (page-padded packs)
     cache_bytes: int  # cache.feat data bytes
-    blowup: float  # pack_bytes / feature_bytes: the disk space packing costs
+    blowup: float  # pack_bytes / feature_bytes: the disk space packing costs (all pack_epochs together)
     preprocess_s: float  # wall time of prepare_packed
     sample_s: float  # of which sampling (both passes)
     read_s: float  # of which reading feature rows
     write_s: float  # of which writing packs, cache and index
     index_crc: int  # small_index_crc of the folder's SMALL_INDEX arrays
+    num_nodes: int  # rows of the feature file the pack was made from
+    pack_epochs: int = 1  # sampled epochs held: training epoch e replays sampled epoch e % pack_epochs
+    distinct_rows: tuple[int, ...] = ()  # per sampled epoch: distinct rows its batches ask for
+    distinct_pack_rows: tuple[int, ...] = ()  # per sampled epoch: of those, the rows not in the host cache
+
+    @property
+    def total_batches(self) -> int:
+        """Batches stored: pack_epochs x num_batches (batch i of sampled epoch s is s * num_batches + i)."""
+        return self.pack_epochs * self.num_batches
 
     @property
     def cache_hit_rate(self) -> float:
@@ -104,9 +113,11 @@ def load_pack_info(pack_dir) -> PackInfo:
 
 def info_from_meta(path: Path, meta: dict) -> PackInfo:
     """The PackInfo that a pack folder's meta.json describes."""
-    names = [f for f in PackInfo.__dataclass_fields__ if f != "path"]
+    optional = ("pack_epochs", "distinct_rows", "distinct_pack_rows")  # absent from packs of one epoch made before
+    names = [f for f in PackInfo.__dataclass_fields__ if f != "path" and f not in optional]
     try:
-        return PackInfo(path=path, **{k: meta[k] for k in names})
+        more = {k: tuple(meta[k]) if isinstance(meta[k], list) else meta[k] for k in optional if k in meta}
+        return PackInfo(path=path, **{k: meta[k] for k in names}, **more)
     except KeyError as e:
         raise corrupt_pack(path, f"{path / 'meta.json'} lacks {e}") from None
 

@@ -3,7 +3,9 @@
     loader = PackedLoader("packs/", rank, world_size)
     for mb, x in loader.epoch(epoch): ...      # the EpochLoader interface (gnn/epoch_loader.py)
 
-The pack's batches come in an order shuffled by ``(seed, epoch)``. The cached rows are loaded into a host buffer
+Epoch ``e`` replays the batches of sampled epoch ``e % pack_epochs`` (gnn/offline.py: a pack may hold several
+epochs' samples, so training sees fresh neighbourhoods until the cycle repeats) in an order shuffled by
+``(seed, e)``. The cached rows are loaded into a host buffer
 (pinned when CUDA is available) once; then per batch the loader makes one aligned sequential direct read of its
 pack and assembles x by index from cache and pack. ``stats()`` adds ``index_bytes``: bytes of the
 memory-mapped batch index (n_id, loc, seeds, edges) read, which the page cache serves or the disk reads on top
@@ -50,7 +52,7 @@ class PackedLoader(LoaderBase):
                                           f"their checksum (meta.json's index_crc {info.index_crc:08x}): the pack "
                                           "folder changed after it was written")
         self._idx = idx
-        self._pairs = open_pair_index(self.path, info.num_batches, verify)  # link batches: their pairs
+        self._pairs = open_pair_index(self.path, info.total_batches, verify)  # link batches: their pairs
         try:
             self.packs = DiskStore(self.path / "packs.feat", mode="direct", threads=read_threads, verify=verify)
         except FeatureFileError as e:
@@ -68,10 +70,10 @@ class PackedLoader(LoaderBase):
         self._cache_t = torch.from_numpy(self._cache_rows)  # shares the (pinned) host buffer
         self._torch_dtype = self._cache_t.dtype
         self.pin = torch.cuda.is_available()
-        super().__init__(prefetch)
+        super().__init__(prefetch, info.num_nodes)
 
     def _check_index(self, idx: dict) -> None:
-        b, layers, info = self.info.num_batches, self.info.num_layers, self.info
+        b, layers, info = self.info.total_batches, self.info.num_layers, self.info
         rules = [
             ("seeds_ptr", idx["seeds_ptr"].shape == (b + 1,) and idx["seeds_ptr"][-1] == len(idx["seeds"])),
             ("n_id_ptr", idx["n_id_ptr"].shape == (b + 1,) and idx["n_id_ptr"][-1] == len(idx["n_id"])
@@ -117,8 +119,10 @@ class PackedLoader(LoaderBase):
         self._bytes0 = self.packs.stats()["bytes_read"]
 
     def epoch_order(self, epoch: int) -> np.ndarray:
-        """Every batch of the pack (all ranks) in the order of ``epoch``."""
-        return np.random.default_rng([self.info.seed, epoch, _ORDER]).permutation(self.info.num_batches)
+        """Every batch of ``epoch`` (all ranks): those of sampled epoch ``epoch % pack_epochs``, in the order of
+        ``epoch``."""
+        b = self.info.num_batches
+        return epoch % self.info.pack_epochs * b + np.random.default_rng([self.info.seed, epoch, _ORDER]).permutation(b)
 
     def rank_order(self, epoch: int) -> list[int]:
         """This rank's batches of ``epoch``, in the order ``epoch(epoch)`` yields them."""
@@ -158,6 +162,7 @@ class PackedLoader(LoaderBase):
                 pack = pack[torch.from_numpy(order)]
             x.index_copy_(0, torch.from_numpy(miss_pos), pack)
         t2 = time.perf_counter()
+        self._count_distinct(mb.n_id, mb.n_id[miss_pos], self.row_bytes)
         with self._lock:
             t = self._t
             t["read_s"] += t1 - t0

@@ -51,6 +51,16 @@ def drop_page_cache(path: str | Path) -> None:
         os.close(fd)
 
 
+def process_read_bytes(pid: int | str = "self") -> int | None:
+    """read_bytes of /proc/<pid>/io: the bytes the process made the block layer read (page-cache hits are not
+    counted); None where the kernel does not say (no /proc, or not allowed)."""
+    try:
+        with open(f"/proc/{pid}/io") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("read_bytes"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
 def aligned_empty(nbytes: int, align: int = PAGE) -> np.ndarray:
     """An uninitialised uint8 array of ``nbytes`` whose first byte sits on an ``align`` boundary."""
     raw = np.empty(nbytes + align, dtype=np.uint8)

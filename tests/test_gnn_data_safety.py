@@ -165,6 +165,16 @@ def test_a_graph_built_inside_a_dataset_folder_leaves_no_lock_file_there(tmp_pat
     assert is_dataset_folder(mine) and dataset_action(spec(tmp_path, mine).config.data)[0] == "use"
 
 
+def test_a_graph_build_that_fails_inside_a_dataset_folder_leaves_no_lock_file_either(tmp_path):
+    pq.write_table(pa.table({"src": [0, 1, 5], "dst": [1, 2, 0]}), tmp_path / "edges.parquet")
+    (tmp_path / "ds").mkdir()
+    with pytest.raises(IndexError, match="src=5; node ids must be in"):
+        graph_from_parquet(tmp_path / "edges.parquet", out=tmp_path / "ds" / "graph", num_nodes=3)
+    assert list((tmp_path / "ds").iterdir()) == []
+    graph_from_parquet(tmp_path / "edges.parquet", out=tmp_path / "ds" / "graph", num_nodes=6)
+    assert [p.name for p in (tmp_path / "ds").iterdir()] == ["graph"]
+
+
 def test_the_build_lock_excludes_other_holders_while_its_file_comes_and_goes(tmp_path):
     inside, overlaps, errors = [0], [], []
 
@@ -321,6 +331,38 @@ def test_damaged_packs_name_the_command_that_rebuilds_them_which_does(tmp_path):
     assert snapshot(data) == before and rebuilt.pack_path == cfg.pack_path
     with PackedLoader(rebuilt.pack_path, prefetch=0) as loader:
         assert sum(1 for _ in loader.epoch(0)) == loader.num_batches()
+
+
+def test_a_flipped_block_of_the_packs_host_cache_names_the_command_that_rebuilds_the_packs(tmp_path):
+    data = tmp_path / "gnn"
+    cfg = driver_side(tmp_path, data, *GENERATED)
+    cache = Path(cfg.pack_path) / "cache.feat"
+    assert open_feature_file(cache).num_rows > 0
+    raw = bytearray(cache.read_bytes())
+    raw[4096 + 100] ^= 0xFF  # a cached row
+    cache.write_bytes(bytes(raw))
+    with pytest.raises(FeatureFileError) as caught, rebuild_hints(cfg.data):
+        PackedLoader(cfg.pack_path, prefetch=0)  # the cache is read (and checked) as the loader opens
+    assert "cache.feat: data block 0" in str(caught.value) and "fails its checksum" in str(caught.value)
+    assert str(caught.value).endswith("rebuild them with `plait run SPEC data.rebuild_packs=true` (this job's spec "
+                                      "and overrides; the dataset is not touched)")
+
+
+def test_a_flipped_pack_of_a_later_sampled_epoch_is_caught_when_that_epoch_reads_it(tmp_path):
+    ds = generate_dataset(tmp_path / "gnn", num_nodes=600, feat_dim=16, num_classes=4, train_frac=0.3)
+    info = prepare_packed(ds.load_graph(), ds.features, load_split(ds.root).train, [5, 5], 32, 0, 60,
+                          tmp_path / "p", epochs=2)
+    first_of_epoch_1 = int(np.load(tmp_path / "p" / "pack_page.npy")[info.num_batches])
+    packs = tmp_path / "p" / "packs.feat"
+    raw = bytearray(packs.read_bytes())
+    raw[4096 * (1 + first_of_epoch_1) + 100] ^= 0xFF
+    packs.write_bytes(bytes(raw))
+    with PackedLoader(tmp_path / "p", prefetch=0) as loader:
+        assert sum(1 for _ in loader.epoch(0)) == loader.num_batches()  # sampled epoch 0: untouched
+        with pytest.raises(FeatureFileError, match=rf"packs\.feat: data block {first_of_epoch_1} .* fails its "
+                                                   rf"checksum .*the pack of batch {info.num_batches} "):
+            for _ in loader.epoch(1):
+                pass
 
 
 # --- items 6 and 7: imports one way; data errors are user errors --------------------------------------------------

@@ -28,6 +28,16 @@ def test_example_spec_validates_for_two_workers():
     assert spec.workers.num == 2 and spec.config.train.loader == "packed" and spec.config.train.cache_frac == 0.1
 
 
+def test_packs_hold_min_epochs_4_sampled_epochs_unless_told_and_a_negative_count_is_refused(tmp_path):
+    def cfg(*overrides):
+        return load_spec(EXAMPLE, [f"run_dir={tmp_path}", *overrides]).config.train
+
+    assert [cfg(f"train.epochs={e}").sampled_epochs() for e in (1, 3, 4, 10)] == [1, 3, 4, 4]
+    assert cfg("train.epochs=10", "train.pack_epochs=10").sampled_epochs() == 10
+    with pytest.raises(ValueError, match="train.pack_epochs >= 0"):
+        cfg("train.pack_epochs=-1").check()
+
+
 @pytest.mark.parametrize("name", ["sage", "gat"])
 def test_model_takes_a_training_step_over_sampled_blocks(small_graph, name):
     graph, labels = small_graph.load_graph(), torch.from_numpy(load_labels(small_graph.root))
@@ -64,7 +74,8 @@ def test_a_user_folder_is_refused_as_data_path_and_left_alone(tmp_path):
 @pytest.mark.slow
 def test_two_rank_packed_job_trains_checkpoints_and_resumes(ray_cluster, tmp_path):
     common = [f"data.path={tmp_path / 'data'}", "data.num_nodes=3000", f"run_dir={tmp_path / 'run'}",
-              "train.batch_size=32", "train.hidden=32", "train.eval_nodes=256", "train.fanouts=[5, 5]"]
+              "train.batch_size=32", "train.hidden=32", "train.eval_nodes=256", "train.fanouts=[5, 5]",
+              "train.pack_epochs=2"]  # fixed: by default the packs hold min(train.epochs, 4) epochs (a recipe)
     first = run_job(load_spec(EXAMPLE, ["train.epochs=2", *common]))
     assert first["start_epoch"] == 0 and len(first["val_acc"]) == 2
     assert first["checkpoint"].endswith("step_00000004")  # 150 train nodes / 32 = 4 batches: 2 per rank, 2 epochs
@@ -73,6 +84,8 @@ def test_two_rank_packed_job_trains_checkpoints_and_resumes(ray_cluster, tmp_pat
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     assert {"loss", "sample_s", "read_s", "wait_s", "bytes_read", "compute_s"} <= records[0].keys()
+    ends = [r for r in records if "val_acc" in r]  # each epoch's accounting, on the step that closes it
+    assert all(r["distinct_rows"] > 0 and r["ampl_rows"] >= 1 and r["ampl_distinct"] >= r["ampl_rows"] for r in ends)
     assert any(k.endswith("hit_rate") for k in records[0])
     assert [r["step"] for r in records if "val_acc" in r] == [2, 4]  # validation accuracy closes each epoch
     packs = sorted(p for p in (tmp_path / "data.packs").iterdir() if p.is_dir())

@@ -96,6 +96,60 @@ def test_batches_are_reused_across_epochs_in_a_new_order(data, tmp_path):
     assert np.array_equal(np.sort(seeds), np.sort(data[2].train))  # one epoch covers every train node once
 
 
+def test_packs_of_several_epochs_give_online_samplings_batches_then_repeat_the_cycle(data, tmp_path):
+    ds, graph, split, feats = data
+    info = pack(data, tmp_path / "p", epochs=3)
+    assert info.pack_epochs == 3 and info.total_batches == 3 * info.num_batches
+    online = OnlineLoader(graph, ArrayStore(feats), split.train, FANOUTS, BATCH, SEED, prefetch=0)
+    with PackedLoader(tmp_path / "p") as loader, online:
+        def batches(source, e):
+            return {tuple(mb.seeds.tolist()): mb.n_id.tobytes() for mb, _ in source.epoch(e)}
+
+        packed = [batches(loader, e) for e in range(6)]
+        orders = [[tuple(mb.seeds.tolist()) for mb, _ in loader.epoch(e)] for e in (0, 3)]
+        for e in range(3):  # sampled epoch e: online sampling's epoch e, the same seeds and neighbourhoods
+            assert packed[e] == batches(online, e)
+    assert len({frozenset(p.items()) for p in packed[:3]}) == 3  # three different epochs of samples
+    assert packed[3:] == packed[:3]  # then the cycle repeats (epoch e replays sampled epoch e % 3) ...
+    assert orders[0] != orders[1] and set(orders[0]) == set(orders[1])  # ... in a new order
+
+
+def test_the_host_cache_holds_the_rows_most_asked_over_all_sampled_epochs(data, tmp_path):
+    info = pack(data, tmp_path / "p", cache_rows=500, epochs=3)
+    counts = np.zeros(info.num_nodes, dtype=np.int64)
+    with PackedLoader(tmp_path / "p") as loader:
+        for b in range(info.total_batches):
+            counts[loader.batch(b).n_id] += 1
+    cached = np.zeros(info.num_nodes, dtype=bool)
+    cached[np.load(tmp_path / "p" / "cache_ids.npy")] = True
+    assert cached.sum() == 500 and counts[cached].min() >= counts[~cached].max()
+
+
+def test_the_accounting_of_an_epoch_equals_a_hand_count(data, tmp_path):
+    ds, graph, split, feats = data
+    info = pack(data, tmp_path / "p", cache_rows=700, epochs=2)
+    idx = {k: np.load(tmp_path / "p" / f"{k}.npy") for k in ("cache_ids", "pack_page", "pack_rows")}
+    cached = np.zeros(info.num_nodes, dtype=bool)
+    cached[idx["cache_ids"]] = True
+    with PackedLoader(tmp_path / "p", prefetch=0) as loader:
+        for e in (0, 1, 2):
+            loader.reset_stats()
+            order = loader.epoch_order(e)
+            asked = np.concatenate([mb.n_id for mb, _ in loader.epoch(e)])
+            s = loader.stats()
+            distinct = np.unique(asked)
+            assert s["distinct_rows"] == len(distinct) == info.distinct_rows[e % 2]
+            outside = np.count_nonzero(~cached[distinct])
+            assert s["distinct_bytes_needed"] == outside * info.row_bytes and outside == info.distinct_pack_rows[e % 2]
+            assert s["bytes_needed"] == np.count_nonzero(~cached[asked]) * info.row_bytes == \
+                idx["pack_rows"][order].sum() * info.row_bytes
+            assert s["bytes_read"] == (idx["pack_page"][order + 1] - idx["pack_page"][order]).sum() * 4096
+    with OnlineLoader(graph, ArrayStore(feats), split.train, FANOUTS, BATCH, SEED, prefetch=2) as online:
+        asked = np.concatenate([mb.n_id for mb, _ in online.epoch(0)])
+        s = online.stats()
+    assert s["distinct_rows"] == len(np.unique(asked)) and s["distinct_bytes_needed"] == s["distinct_rows"] * 4 * 128
+
+
 def test_ranks_of_a_two_way_split_get_disjoint_batches_of_equal_count(data, tmp_path):
     ds, graph, split, _ = data
     info = pack(data, tmp_path / "p", world_size=2)

@@ -1,4 +1,5 @@
-"""The systems bench/ooc_gnn.py compares, each an EpochLoader over the same generated dataset (gnn/generate.py):
+"""The systems bench/ooc_gnn.py compares, each an EpochLoader over the same dataset (generated, or any folder in the
+layout of gnn/dataset.py):
 
     mmap               OnlineLoader over DiskStore(mode="mmap"): online sampling, features through the page cache
     mmap-random        the same with MADV_RANDOM (no readahead)
@@ -26,9 +27,13 @@ UNBOUNDED = ("memory", "memory-presampled")  # features in RAM: no budget, no me
 
 
 def io_bytes_of(pid: int | str = "self") -> int:
-    """read_bytes of /proc/<pid>/io: what the process made the disk read."""
-    with open(f"/proc/{pid}/io") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("read_bytes"))
+    """read_bytes of /proc/<pid>/io: what the process made the disk read (page-cache hits not counted)."""
+    from plait.storage.disk_reader import process_read_bytes
+
+    got = process_read_bytes(pid)
+    if got is None:
+        raise RuntimeError(f"/proc/{pid}/io is not readable here: the bench measures disk reads with it")
+    return got
 
 
 @dataclass
@@ -147,14 +152,27 @@ def ensure_dataset(data: str, nodes: int, train_frac: float, seed: int) -> dict:
     return ds.meta
 
 
-def ensure_packs(data: str, budget: float, fanouts: list[int], batch_size: int, seed: int) -> dict:
-    """pack_info_dict of the packs of dataset ``data`` for a host cache of ``budget`` of its rows, in
-    ``<data>.packs/bNNNN``; prepared first unless packs made from the same inputs and settings are there."""
+def open_any_dataset(path: str) -> dict:
+    """The meta of the dataset folder at ``path`` (any made in gnn/dataset.py's layout: generated, imported or
+    assembled), after check_dataset; read only."""
+    from plait.gnn.dataset import check_dataset, open_dataset
+
+    ds = open_dataset(path)
+    check_dataset(ds)
+    return ds.meta
+
+
+def ensure_packs(data: str, budget: float, fanouts: list[int], batch_size: int, seed: int, epochs: int = 1,
+                 packs: str = "") -> dict:
+    """pack_info_dict of the packs of dataset ``data`` for a host cache of ``budget`` of its rows and ``epochs``
+    sampled epochs, in ``<packs or data.packs>/bNNNN-eE``, with ``disk_bytes``: the folder's bytes on disk (packs,
+    cache, index); prepared first unless packs made from the same inputs and settings are there."""
     from plait.gnn.generate import load_split, open_dataset
     from plait.gnn.offline import pack_info_dict, prepare_packed
 
     ds = open_dataset(data)
-    out = Path(data + ".packs") / f"b{round(budget * 1000):04d}"
+    out = Path(packs or data.rstrip("/") + ".packs") / f"b{round(budget * 1000):04d}-e{epochs}"
     info = prepare_packed(ds.load_graph(), ds.features, load_split(ds.root).train, fanouts, batch_size, seed,
-                          int(budget * ds.meta["num_nodes"]), out, reuse=True)
-    return pack_info_dict(info)
+                          int(budget * ds.meta["num_nodes"]), out, reuse=True, epochs=epochs)
+    disk = sum(p.stat().st_blocks * 512 for p in out.iterdir() if p.is_file())
+    return {**pack_info_dict(info), "disk_bytes": disk}
