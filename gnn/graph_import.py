@@ -44,7 +44,8 @@ from plait.storage.feature_file import FeatureWriter
 from plait.storage.folders import read_meta, write_folder, write_npy
 
 SELF_LOOPS = ("keep", "drop", "add")
-EDGE_ROWS = 1 << 21  # edges read at a time
+EDGE_ROWS = 1 << 18  # edges read at a time (and placed: ~100 bytes an edge of working memory)
+SORT_EDGES = 1 << 20  # edges sorted at a time in the graph's last pass (~48 bytes an edge)
 FEATURE_ROWS = 1 << 15  # feature rows read at a time
 HASH_CHUNK = 1 << 20  # bytes read at a time for a source file's crc32
 
@@ -57,9 +58,11 @@ def import_options(undirected: bool = False, dedupe: bool = False, self_loops: s
 
 def import_graph(source: str | Path, dest: str | Path, undirected: bool = False, dedupe: bool = False,
                  self_loops: str = "keep", rebuild: bool = False, edge_rows: int = EDGE_ROWS,
-                 feature_rows: int = FEATURE_ROWS) -> GraphDataset:
+                 feature_rows: int = FEATURE_ROWS, sort_edges: int = SORT_EDGES) -> GraphDataset:
     """Import the graph ``source`` describes into the dataset folder ``dest`` (the module doc); returns it. An import
-    of the same unchanged sources with the same options already at ``dest`` is returned as it is."""
+    of the same unchanged sources with the same options already at ``dest`` is returned as it is. ``edge_rows``,
+    ``feature_rows``, ``sort_edges``: the chunks that bound the working memory (edges read, feature rows read,
+    edges sorted at a time)."""
     options = import_options(undirected, dedupe, self_loops)
     dest = Path(dest)
     state, why = import_state(dest, source, options)
@@ -79,7 +82,8 @@ def import_graph(source: str | Path, dest: str | Path, undirected: bool = False,
     def build(tmp: Path) -> None:
         (tmp / "graph").mkdir()
         write_graph_files(tmp / "graph", lambda: _edges(src, n, options["self_loops"], edge_rows), n,
-                          undirected=options["undirected"], dedupe=options["dedupe"], where=str(src.where))
+                          undirected=options["undirected"], dedupe=options["dedupe"], where=str(src.where),
+                          sort_edges=sort_edges)
         edges = CSCGraph.load(tmp / "graph").num_edges
         dim = _write_features(tmp / "features.bin", src, n, feature_rows)
         write_npy(tmp / "labels.npy", labels)

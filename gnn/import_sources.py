@@ -256,17 +256,7 @@ def _raw_edges(ref: FileRef, rows: int) -> Iterator[tuple[np.ndarray, np.ndarray
             reader = _csv_reader(ref, ["src", "dst"], None, 1 << 22)
             it = iter(reader)
         else:
-            import pyarrow.dataset as ds
-
-            data = ds.dataset(str(ref.path), format="parquet")
-            names = data.schema.names
-            cols = [ref.options.get("src", "src"), ref.options.get("dst", "dst")]
-            if not set(cols) <= set(names):
-                if "src" in ref.options or len(names) < 2:
-                    raise GraphImportError(f"{ref.path} has columns {names}, not {cols}", "name the endpoint "
-                                           "columns with src: and dst: in the metadata", ref.path)
-                cols = names[:2]
-            it = iter(data.to_batches(columns=cols, batch_size=rows, use_threads=False))
+            it = _parquet_batches(ref, rows)
         while True:
             try:
                 batch = next(it)
@@ -287,6 +277,24 @@ def _raw_edges(ref: FileRef, rows: int) -> Iterator[tuple[np.ndarray, np.ndarray
         raise
     except (OSError, EOFError, pa.ArrowException, ValueError) as e:
         raise _stream_error(ref, e) from None
+
+
+def _parquet_batches(ref: FileRef, rows: int):
+    """Record batches of the two endpoint columns, file by file (a folder: its .parquet files by name), one row
+    group at a time: pyarrow.dataset's scanner reads many batches ahead (hundreds of MB on a large edge list)."""
+    import pyarrow.parquet as pq
+
+    files = sorted(ref.path.glob("*.parquet")) if ref.path.is_dir() else [ref.path]
+    for file in files:
+        pf = pq.ParquetFile(file, pre_buffer=False, buffer_size=1 << 20)
+        names = pf.schema_arrow.names
+        cols = [ref.options.get("src", "src"), ref.options.get("dst", "dst")]
+        if not set(cols) <= set(names):
+            if "src" in ref.options or len(names) < 2:
+                raise GraphImportError(f"{file} has columns {names}, not {cols}", "name the endpoint columns with "
+                                       "src: and dst: in the metadata", file)
+            cols = names[:2]
+        yield from pf.iter_batches(batch_size=rows, columns=cols, use_threads=False)
 
 
 def _npy(ref: FileRef) -> np.ndarray:

@@ -16,7 +16,6 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
-from plait.gnn import graph_build
 from plait.gnn.data_path import DataConfig, dataset_action
 from plait.gnn.dataset import check_dataset, load_labels, load_split, open_dataset, read_features
 from plait.gnn.graph_build import graph_from_edges
@@ -271,7 +270,7 @@ def test_the_cli_imports_end_to_end(tmp_path):
     assert gone.returncode == 2 and "nothere.yaml does not exist" in gone.stderr and not (tmp_path / "ds3").exists()
 
 
-def test_import_memory_is_bounded_by_its_chunks_not_the_graph(tmp_path, monkeypatch):
+def test_import_memory_is_bounded_by_its_chunks_not_the_graph(tmp_path):
     """Edges 20x and features 20x a chunk: the peak of Python-heap allocations (numpy's included) stays far below
     either (the edges go through memory-mapped files, the rows stream into the feature file)."""
     n, e, dim = 20_000, 600_000, 256
@@ -290,10 +289,10 @@ def test_import_memory_is_bounded_by_its_chunks_not_the_graph(tmp_path, monkeypa
                             {"name": "label", "format": "numpy", "path": "labels.npy"}],
            "tasks": [set_entry("train_set", "train.npy")]}
     (folder / "g.yaml").write_text(yaml.safe_dump(doc))
-    monkeypatch.setattr(graph_build, "SORT_CHUNK_EDGES", 1 << 15)  # the last pass's sort chunk, as a small budget
     tracemalloc.start()
     try:
-        ds = import_graph(folder / "g.yaml", tmp_path / "ds", undirected=True, edge_rows=1 << 15, feature_rows=1024)
+        ds = import_graph(folder / "g.yaml", tmp_path / "ds", undirected=True, edge_rows=1 << 15, feature_rows=1024,
+                          sort_edges=1 << 15)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
