@@ -5,13 +5,14 @@
     plait gnn import SOURCE DEST [--undirected] [--dedupe] [--self-loops keep|drop|add] [--rebuild]
 
 The sources (gnn/import_sources.py: a TOML / YAML metadata file with GraphBolt's field names, or an OGB
-node-property folder) are checked first, cheaply: files there and of a known format, the feature file's row count
-(from its header) against the number of nodes, labels integer class ids, splits in range and disjoint. Then the
-folder is built beside DEST (``<DEST>.tmp-<pid>-<thread>``) and renamed in: the graph by gnn/graph_build.py's two
-passes over the edge files (the first pass checks every node id, naming file and row, before anything is placed;
-a truncated .gz fails there), the features streamed row chunk by row chunk into a checksummed feature file
-(float32), labels, split and meta.json. Memory: O(num_nodes) (degrees, labels, split) plus a chunk of edges or
-feature rows, never the edges or the features. A failure leaves DEST as it was.
+node-property folder; their files read by gnn/import_readers.py) are checked first, cheaply: files there and of a
+known format, the feature file's row count (from its header) against the number of nodes, labels integer class
+ids, splits in range and disjoint. Then the folder is built beside DEST (``<DEST>.tmp-<pid>-<thread>``) and renamed
+in: the graph by gnn/graph_build.py's two passes over the edge files (the first checks every node id, naming file
+and row, before anything is placed; a truncated .gz fails there), the features streamed a chunk of rows at a time
+into a checksummed feature file (float32), labels, split and meta.json. Memory: O(num_nodes) (degrees, labels,
+split) plus a chunk of edges or feature rows, never the edges or the features (bench/gnn_import.py: 20M edges and
+0.5 GB of features import in 175 MiB of working memory). A failure leaves DEST as it was.
 
 meta.json records what the dataset was made from under "imported": the source, the options, and each file read
 (path relative to the source's folder, bytes, mtime_ns, crc32). DEST is refused unless absent, empty, or an import
@@ -31,15 +32,8 @@ from plait.gnn.dataset import FORMAT, VERSION, GraphDataset, extra_files, open_d
 from plait.gnn.generate import file_crc32
 from plait.gnn.graph import CSCGraph
 from plait.gnn.graph_build import write_graph_files
-from plait.gnn.import_sources import (
-    GraphImportError,
-    GraphSource,
-    edge_chunks,
-    feature_chunks,
-    feature_shape,
-    read_column,
-    read_source,
-)
+from plait.gnn.import_readers import GraphImportError, edge_chunks, feature_chunks, feature_shape, read_column
+from plait.gnn.import_sources import GraphSource, read_source
 from plait.storage.feature_file import FeatureWriter
 from plait.storage.folders import read_meta, write_folder, write_npy
 

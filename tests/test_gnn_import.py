@@ -1,7 +1,7 @@
-"""Importing a user's graph (gnn/graph_import.py, gnn/import_sources.py): every source kind gives the dataset the
-in-memory truth gives; bad input is named before anything is written; a changed source is refused unless rebuilt;
-the CLI and a job spec's data.source import; memory stays bounded; and a stochastic block model made outside
-Plait's generator trains through the job above an MLP, alike through the packed and the in-memory loaders."""
+"""Importing a user's graph (gnn/graph_import.py, import_sources.py, import_readers.py): every source kind gives the
+dataset the in-memory truth gives; bad input is named before anything is written; a changed source is refused
+unless rebuilt; the CLI and a job spec's data.source import; memory stays bounded; and a stochastic block model made
+outside Plait's generator trains through the job above an MLP, alike through the packed and the in-memory loaders."""
 
 import gzip
 import os
@@ -20,7 +20,7 @@ from plait.gnn.data_path import DataConfig, dataset_action
 from plait.gnn.dataset import check_dataset, load_labels, load_split, open_dataset, read_features
 from plait.gnn.graph_build import graph_from_edges
 from plait.gnn.graph_import import import_graph
-from plait.gnn.import_sources import GraphImportError
+from plait.gnn.import_readers import GraphImportError
 from plait.runtime.config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
