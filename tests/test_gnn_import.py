@@ -350,3 +350,14 @@ def test_an_imported_block_model_trains_above_an_mlp_alike_through_packed_and_me
     assert open_dataset(tmp_path / "ds").meta["imported"]["source"] == str(meta)
     assert min(acc.values()) > mlp + 0.15, (acc, mlp)
     assert abs(acc["packed"] - acc["memory"]) < 0.06, acc
+
+
+def test_a_damaged_file_of_an_import_names_the_command_that_imports_it_again(tmp_path):
+    from plait.gnn.data_path import with_rebuild_hint
+    from plait.storage.feature_file import FeatureFileError
+
+    meta = write_metadata(tmp_path / "src", make_graph())
+    ds = import_graph(meta, tmp_path / "ds")
+    error = FeatureFileError(f"{ds.features}: data block 3 fails its checksum", "rewrite it", ds.features)
+    fixed = with_rebuild_hint(error, DataConfig(path=str(ds.root), source=str(meta)))
+    assert "data.rebuild=true" in fixed.fix and f"plait gnn import {meta} {ds.root} --rebuild" in fixed.fix
