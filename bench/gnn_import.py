@@ -235,7 +235,7 @@ def main() -> None:
     if not a.keep:
         shutil.rmtree(meta.parent, ignore_errors=True)
     plait, base, free = runs
-    ratio = free["peak_work"] / plait["peak_work"] if plait["peak_work"] else float("nan")
+    ratio = free["peak_work"] / plait["peak_work"] if plait["peak_work"] and free["peak_work"] else float("nan")
     print(f"RESULT baseline_over_plait_memory={ratio:.2f} plait_fits={int(plait['fits'])} "
           f"baseline_fits={int(base['fits'])} plait_s={plait['wall_s']:.1f} baseline_unbounded_s={free['wall_s']:.1f} "
           f"plait_peak_mib={plait['peak_work'] >> 20} baseline_peak_mib={free['peak_work'] >> 20} "
