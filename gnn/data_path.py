@@ -16,6 +16,16 @@ What the job does at ``data.path`` (reads only, until it generates):
 | a dataset Plait did not generate          | used as it is (one line says so); never written | refused             |
 | anything else                             | refused; never written                          | refused             |
 
+With ``data.source`` set (a graph's metadata file or OGB folder: gnn/graph_import.py) the job imports instead of
+generating:
+
+| data.path holds                                  | data.rebuild=false (default)        | data.rebuild=true     |
+|--------------------------------------------------|-------------------------------------|-----------------------|
+| nothing (absent, or an empty folder)             | data.source is imported there       | the same              |
+| an import of data.source, unchanged, same options| used                                | imported again        |
+| an import whose sources or options changed       | refused: data.rebuild, or a new path| imported again        |
+| anything else                                    | refused; never written              | refused               |
+
 With ``data.generate=false`` a dataset of either kind is used as it is and nothing is ever generated. "Plait
 generated" is ``generated_recipe`` (gnn/generate.py): the recipe in meta.json, and features.bin, labels.npy and
 split.npz as the generator wrote them. A dataset you assembled (graph_from_parquet, write_features_from_parquet,
@@ -35,6 +45,7 @@ from pathlib import Path
 
 from plait.gnn.dataset import GraphDataset, check_dataset, is_dataset_folder, open_dataset
 from plait.gnn.generate import generate_dataset, generated_recipe, generation_recipe
+from plait.gnn.graph_import import import_graph, import_options, import_record, import_state
 from plait.runtime.config import ConfigError
 from plait.runtime.storage_location import persistent_path
 from plait.storage.errors import ProblemAndFix
@@ -56,6 +67,10 @@ class DataConfig:
     train_frac: float = 0.02
     seed: int = 0
     packs: str = ""  # folder of packed batches; "" = "<path>.packs"
+    source: str = ""  # a graph to import into data.path (metadata file or OGB folder); "" = generate one
+    undirected: bool = False  # import options (gnn/graph_import.py): add every edge both ways,
+    dedupe: bool = False  # drop repeated edges,
+    self_loops: str = "keep"  # keep | drop | add
 
     def check(self) -> None:
         if self.num_nodes < 100 or self.feat_dim < 1 or self.num_classes < 2:
@@ -63,7 +78,9 @@ class DataConfig:
                              f"{self.num_classes}: need >= 100 nodes, >= 1 feature and >= 2 classes")
         if not 0 < self.train_frac <= 0.85:
             raise ValueError(f"data.train_frac={self.train_frac}: choose a share in (0, 0.85]")
-        if self.rebuild and not self.generate:
+        if self.source:
+            import_options(self.undirected, self.dedupe, self.self_loops)
+        if self.rebuild and not self.generate and not self.source:
             raise ConfigError("data.rebuild=true generates the dataset at data.path again, but data.generate=false "
                               "says never to generate one: drop one of the two")
 
@@ -88,6 +105,8 @@ def dataset_action(data: DataConfig) -> tuple[str, str]:
     """What prepare does at data.path (the module doc's table): ("generate" | "rebuild" | "use", a line to print
     or ""); raises ConfigError naming the folder and the choices for what it refuses. Reads only."""
     path = Path(data.path)
+    if data.source:
+        return import_action(data)
     if path.is_symlink() or (path.exists() and not path.is_dir()):
         raise ConfigError(f"data.path={data.path!r} is {'a symbolic link' if path.is_symlink() else 'a file'}, not a "
                           "dataset folder: choose a folder (a dataset is generated there when it holds none)")
@@ -126,6 +145,24 @@ def dataset_action(data: DataConfig) -> tuple[str, str]:
                       "reading it now keep reading their copy).")
 
 
+def import_action(data: DataConfig) -> tuple[str, str]:
+    """dataset_action with data.source set: ("import" | "reimport" | "use", a line), or a refusal."""
+    options = import_options(data.undirected, data.dedupe, data.self_loops)
+    state, why = import_state(data.path, data.source, options)
+    if state == "absent":
+        return "import", f"importing {data.source} into {data.path}"
+    if state == "foreign":
+        raise ConfigError(f"data.path={data.path!r} holds something other than an import of data.source ({why}); "
+                          "it is never overwritten (data.rebuild does not apply): choose an empty or new folder")
+    if state == "same":
+        return ("reimport", f"data.rebuild=true: importing {data.source} into {data.path} again") if data.rebuild \
+            else ("use", "")
+    if data.rebuild:
+        return "reimport", f"data.rebuild=true: importing {data.source} into {data.path} again ({why})"
+    raise ConfigError(f"data.path={data.path} was imported from data.source={data.source}, which changed since "
+                      f"({why}): import it again with data.rebuild=true, or choose another data.path")
+
+
 def _text(recipe: dict, keys) -> str:
     return ", ".join(f"{k}={recipe.get(k)!r}" for k in keys)
 
@@ -137,9 +174,13 @@ def ensure_dataset(data: DataConfig) -> GraphDataset:
     data.path = str(Path(data.path).resolve())
     if data.packs:
         data.packs = str(Path(data.packs).resolve())
+    if data.source:
+        data.source = str(Path(data.source).absolute())
     if note:
         print(f"[plait] {note}", flush=True)
-    if action in ("generate", "rebuild"):
+    if action in ("import", "reimport"):
+        import_graph(data.source, data.path, data.undirected, data.dedupe, data.self_loops, rebuild=True)
+    elif action in ("generate", "rebuild"):
         generate_dataset(data.path, **{k: getattr(data, k) for k in SETTINGS})
     ds = open_dataset(data.path)
     check_dataset(ds)
@@ -173,6 +214,10 @@ def with_rebuild_hint(error: ProblemAndFix, data: DataConfig) -> ProblemAndFix:
     if not file.is_relative_to(root):
         return error
     recipe, why = generated_recipe(root)
+    if (record := import_record(root)) is not None:
+        return error.with_fix(f"{file.name} is part of data.path={root}, imported from {record.get('source')}: "
+                              "import it again with `plait run SPEC data.rebuild=true` (or `plait gnn import "
+                              f"{record.get('source')} {root} --rebuild`; the packs are rebuilt too)")
     if recipe is not None:
         return error.with_fix(f"{file.name} is part of the dataset Plait generated at data.path={root}: generate it "
                               "again with `plait run SPEC data.rebuild=true` (this job's spec and overrides; its "

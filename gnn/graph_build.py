@@ -86,9 +86,10 @@ def graph_from_chunks(chunks: Callable[[], Iterable[tuple[np.ndarray, np.ndarray
 
 def write_graph_files(folder: Path, chunks: Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]],
                       num_nodes: int | None = None, undirected: bool = False, dedupe: bool = False,
-                      where: str = "edges") -> None:
+                      where: str = "edges", sort_edges: int = SORT_CHUNK_EDGES) -> None:
     """graph_from_chunks' work, writing a graph's files into the existing empty ``folder`` with no rename: for a
-    caller that commits a larger folder (holding this one) atomically itself."""
+    caller that commits a larger folder (holding this one) atomically itself. ``sort_edges``: edges sorted at a
+    time in the last pass (its working memory: about 48 bytes an edge)."""
     folder = Path(folder)
     n, indptr = _count_degrees(chunks, num_nodes, undirected, where)
     raw = np.lib.format.open_memmap(folder / "unsorted.npy", mode="w+", dtype=np.int32, shape=(int(indptr[-1]),))
@@ -98,7 +99,7 @@ def write_graph_files(folder: Path, chunks: Callable[[], Iterable[tuple[np.ndarr
         _place(raw, cursor, d, s)
         if undirected:
             _place(raw, cursor, s, d)
-    indptr = _sort_segments(raw, indptr, n, dedupe)
+    indptr = _sort_segments(raw, indptr, n, dedupe, sort_edges)
     e = int(indptr[-1])
     if e == len(raw):  # nothing dropped: the sorted file is the final one
         raw.flush()
@@ -106,8 +107,8 @@ def write_graph_files(folder: Path, chunks: Callable[[], Iterable[tuple[np.ndarr
         os.rename(folder / "unsorted.npy", folder / "indices.npy")
     else:  # deduplicated: copy the compacted prefix into a file of the right length
         indices = np.lib.format.open_memmap(folder / "indices.npy", mode="w+", dtype=np.int32, shape=(e,))
-        for a in range(0, e, SORT_CHUNK_EDGES):
-            b = min(a + SORT_CHUNK_EDGES, e)
+        for a in range(0, e, sort_edges):
+            b = min(a + sort_edges, e)
             indices[a:b] = raw[a:b]
         indices.flush()
         del raw, indices
@@ -184,10 +185,11 @@ def _sorted_keys(key: np.ndarray, dedupe: bool) -> np.ndarray:
     return key[np.r_[True, key[1:] != key[:-1]]] if dedupe and len(key) else key
 
 
-def _sort_segments(indices: np.ndarray, indptr: np.ndarray, n: int, dedupe: bool) -> np.ndarray:
+def _sort_segments(indices: np.ndarray, indptr: np.ndarray, n: int, dedupe: bool,
+                   chunk: int = SORT_CHUNK_EDGES) -> np.ndarray:
     """Sort each node's segment of ``indices`` in place (deduplicated and compacted forward when ``dedupe``),
     a few million edges at a time; returns the new indptr."""
-    bounds = np.unique(np.searchsorted(indptr, np.arange(0, indptr[-1], SORT_CHUNK_EDGES), side="right") - 1)
+    bounds = np.unique(np.searchsorted(indptr, np.arange(0, indptr[-1], chunk), side="right") - 1)
     bounds = np.r_[bounds[bounds < n], n] if n else np.array([0])
     new_deg, write = np.zeros(n, dtype=np.int64), 0
     for a, b in zip(bounds[:-1], bounds[1:], strict=True):

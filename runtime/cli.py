@@ -3,11 +3,13 @@
     plait run SPEC [section.key=value ...] [--address ADDR]
     plait plot RUN_DIR [--out FILE.png]
     plait plan estimate SPEC [--plan dp=2,tp=2,...] [section.key=value ...]
+    plait gnn import SOURCE DEST [--undirected] [--dedupe] [--self-loops keep|drop|add] [--rebuild]
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 from plait.runtime.config import ConfigError, is_user_error
@@ -31,7 +33,13 @@ def _parser() -> argparse.ArgumentParser:
     est.add_argument("spec")
     est.add_argument("overrides", nargs="*")
     est.add_argument("--plan", default="", help="comma-separated plan fields, e.g. dp=2,tp=2,engine=fsdp2")
+    gnn = sub.add_parser("gnn", help="GNN data tools: `plait gnn import SOURCE DEST` (see plait.gnn.graph_import)")
+    gnn.add_argument("gnn_command", choices=sorted(TOOLS))
+    gnn.add_argument("rest", nargs=argparse.REMAINDER, help="the tool's own arguments (plait gnn import -h)")
     return p
+
+
+TOOLS = {"import": "plait.gnn.graph_import"}  # `plait gnn <tool>`: the module whose main(argv) runs it
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -40,6 +48,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     positional list at the first option, so the rest arrive as extras and join the overrides."""
     parser = _parser()
     args, extras = parser.parse_known_args(argv)
+    if args.command == "gnn":  # the tool parses its own arguments (options included)
+        args.rest = [*args.rest, *extras]
+        return args
     stray = [e for e in extras if e.startswith("-") or not hasattr(args, "overrides")]
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
@@ -92,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
             if estimate is None:
                 raise ConfigError(f"job {spec.job!r} has no memory estimator")
             print(estimate(spec.config, spec.workers.num))
+        elif args.command == "gnn":  # imported when asked for: the runtime does not depend on plait.gnn
+            return importlib.import_module(TOOLS[args.gnn_command]).main(args.rest)
     except KeyboardInterrupt:  # before the run's own handling of Ctrl-C was in place
         print("plait: interrupted (Ctrl-C) before the run started; nothing was left to continue", file=sys.stderr)
         return 130
