@@ -63,7 +63,8 @@ def import_graph(source: str | Path, dest: str | Path, undirected: bool = False,
     if state == "same" and not rebuild:
         return open_dataset(dest)
     if state == "changed" and not rebuild:
-        raise GraphImportError(f"{dest} was imported from {source}, which changed since ({why})", "import it again "
+        raise GraphImportError(f"{dest} was imported from {source} with other options or from files that changed "
+                               f"since ({why})", "import it again "
                                f"with `plait gnn import {source} {dest} --rebuild` (data.rebuild=true in a job spec)",
                                dest)
     if state == "foreign":
@@ -253,8 +254,13 @@ def main(argv: list[str]) -> int:
     p.add_argument("--rebuild", action="store_true", help="import again an import whose sources changed")
     a = p.parse_args(argv)
     start = time.perf_counter()
+    state, _ = import_state(Path(a.dest), a.source, import_options(a.undirected, a.dedupe, a.self_loops))
     ds = import_graph(a.source, a.dest, a.undirected, a.dedupe, a.self_loops, a.rebuild)
     m = ds.meta
+    if state == "same" and not a.rebuild:
+        print(f"{ds.root} is already an import of {a.source} (its files unchanged, the same options): kept as it is",
+              flush=True)
+        return 0
     print(f"imported {m['num_nodes']:,} nodes, {m['num_edges']:,} edges, {m['feat_dim']} features, "
           f"{m['num_classes']} classes into {ds.root} ({time.perf_counter() - start:.1f} s)", flush=True)
     return 0
