@@ -157,3 +157,19 @@ def test_plan_estimate_says_float8_keeps_the_stored_bytes():
     with pytest.raises(PlanError, match="engine='zero1'"):
         estimate(Config(model=ModelSection(**shape), train=TrainConfig(global_batch=4, seq_len=SEQ),
                         plan=ParallelPlan(dp=2, engine="zero1", float8="rowwise")), 2)
+
+
+def test_gpu_check_dry_run_has_a_float8_row():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "gpu_check.py"
+    run = subprocess.run([sys.executable, str(script), "--dry-run"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    out = run.stdout
+    assert "float8 (tensorwise) (torchao's CPU emulation" in out
+    result = dict(kv.split("=", 1) for kv in out.strip().splitlines()[-1].removeprefix("RESULT ").split())
+    assert list(result)[:10] == ["mfu", "tokens_per_s", "peak_mem_gib", "estimate_gib", "mem_vs_estimate",
+                                 "h2d_pinned_gbps", "h2d_pageable_gbps", "pinned_vs_pageable", "flash", "device"]
+    assert result["float8"] == "tensorwise" and float(result["float8_tokens_per_s"]) > 0
