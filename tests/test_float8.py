@@ -64,6 +64,7 @@ def _gap(a: list[float], b: list[float]) -> float:
 
 def test_only_the_blocks_linears_become_float8():
     model = GPT(CFG)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
     assert convert_model(model, "tensorwise", "cpu") == 14  # 2 blocks x (wq wk wv wo w1 w2 w3)
     converted = float8_linears(model)
     assert sorted(converted) == sorted(f"layers.{i}.{n}" for i in range(2) for n in
@@ -71,6 +72,8 @@ def test_only_the_blocks_linears_become_float8():
                                         "feed_forward.w1", "feed_forward.w2", "feed_forward.w3"))
     assert type(model.output) is torch.nn.Linear and type(model.tok_embeddings) is torch.nn.Embedding
     assert all(model.get_submodule(f).config.emulate for f in converted)  # CPU: torchao's emulation mode
+    after = model.state_dict()  # checkpoints and weight loading see the same names, dtypes and values
+    assert list(after) == list(before) and all(torch.equal(after[k], v) for k, v in before.items())
 
 
 @pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
@@ -96,6 +99,12 @@ def test_refusals_name_the_fix():
     with pytest.raises(ValueError, match=r"not on 'meta'"):
         convert_model(GPT(CFG), "tensorwise", "meta")
     ParallelPlan(dp=2, engine="fsdp2", float8="tensorwise").validate(2, CFG, 2, model_dtype=torch.float32)
+    from plait.lm.lm_config import Config
+    from plait.runtime.config import build
+
+    assert build(Config, {"plan": {"float8": "rowwise"}}).plan.float8 == "rowwise"  # a spec's [plan] table
+    with pytest.raises(ValueError, match=r"plan.float8='fp8' is not one of"):
+        build(Config, {"plan": {"float8": "fp8"}})
 
 
 TWO_RANKS = {
@@ -175,3 +184,16 @@ def test_gpu_check_dry_run_has_a_float8_row():
     assert list(result)[:10] == ["mfu", "tokens_per_s", "peak_mem_gib", "estimate_gib", "mem_vs_estimate",
                                  "h2d_pinned_gbps", "h2d_pageable_gbps", "pinned_vs_pageable", "flash", "device"]
     assert result["float8"] == "tensorwise" and float(result["float8_tokens_per_s"]) > 0
+
+
+def test_a_gpu_without_float8_is_refused_by_name(monkeypatch):
+    """No GPU here: the capability query is stood in for (the only thing not real in this file)."""
+    from plait.parallel.float8 import device_refusal
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda _d=None: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda _d=None: "NVIDIA A100-SXM4-80GB")
+    msg = device_refusal("tensorwise", "cuda:0")
+    assert "NVIDIA A100-SXM4-80GB is 8.0" in msg and "compute capability >= 8.9" in msg
+    assert 'plan.float8="off"' in msg
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda _d=None: (9, 0))
+    assert device_refusal("rowwise", "cuda:0") is None and device_refusal("off", "cuda:0") is None
