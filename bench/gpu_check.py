@@ -12,9 +12,14 @@ Reports, on one GPU, with the plan ``dp=1, engine=ddp`` and the model in bf16 (`
   * peak memory (``torch.cuda.max_memory_allocated``) against ``plait plan estimate``'s figure for
     the same model, plan, batch and sequence (parallel/estimate.py);
   * host-to-device bandwidth from pinned against pageable memory (``non_blocking`` copies of a
-    256 MiB buffer, best of several).
+    256 MiB buffer, best of several);
+  * a float8 row: the same steps with the blocks' linears in float8 (``plan.float8``, parallel/float8.py,
+    ``--float8`` recipe, eager: no torch.compile) where the GPU has float8 matmuls (compute capability >= 8.9),
+    its tokens/s against the bf16 row; otherwise the row says "float8: not supported on <GPU>". The dry run
+    takes the same path in torchao's CPU emulation.
 Last line: ``RESULT mfu=... tokens_per_s=... peak_mem_gib=... estimate_gib=... mem_vs_estimate=...
-h2d_pinned_gbps=... h2d_pageable_gbps=... pinned_vs_pageable=... flash=...``.
+h2d_pinned_gbps=... h2d_pageable_gbps=... pinned_vs_pageable=... flash=... device=... float8=<recipe or
+unsupported> float8_tokens_per_s=... float8_vs_bf16=...``.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import time
 import torch
 from plait.models import estimate_for
 from plait.models.gpt import GPT, GPTConfig, lm_loss
+from plait.parallel.float8 import RECIPES, convert_model, device_refusal
 from plait.parallel.plan import ParallelPlan
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -59,11 +65,13 @@ def estimate_bytes(cfg: GPTConfig, batch: int, seq: int) -> int:
 
 
 def train_steps(cfg: GPTConfig, device: torch.device, batch: int, seq: int, warmup: int, steps: int,
-                flash: bool) -> tuple[float, list[float]]:
-    """Train ``warmup + steps`` steps on random tokens; returns (seconds of the timed steps, losses)."""
+                flash: bool, float8: str = "off") -> tuple[float, list[float]]:
+    """Train ``warmup + steps`` steps on random tokens; returns (seconds of the timed steps, losses).
+    ``float8``: the blocks' linears converted first (plan.float8's recipe)."""
     torch.manual_seed(0)
     with torch.device(device):
         model = GPT(cfg).to(torch.bfloat16)
+    convert_model(model, float8, device)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4, foreach=False)  # as the estimator assumes
     if device.type == "cuda":  # from here on: what the estimate counts (the fp32 init copy is gone)
         torch.cuda.empty_cache()
@@ -117,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=0, help="timed steps (default 20; dry run 2)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--peak-tflops", type=float, default=0.0, help="the GPU's dense bf16 peak, if not in the table")
+    p.add_argument("--float8", default="tensorwise", choices=RECIPES,
+                   help="the float8 row's recipe (plan.float8); off skips the row")
     p.add_argument("--h2d-mib", type=int, default=0, help="copy size for the bandwidth test (default 256; dry 8)")
     args = p.parse_args(argv)
     dry = args.dry_run or (args.quick and not torch.cuda.is_available())
@@ -154,11 +164,31 @@ def main(argv: list[str] | None = None) -> int:
     print(f"host->device {args.h2d_mib or 256} MiB: pinned {pinned:.1f} GB/s, pageable {pageable:.1f} GB/s",
           flush=True)
     flash = "asserted" if device.type == "cuda" else "n/a"
+    f8_name, f8_tokens_per_s = float8_row(cfg, device, name, args.float8, batch, seq, warmup, steps, tokens_per_s)
     print(f"RESULT mfu={mfu:.3f} tokens_per_s={tokens_per_s:.0f} peak_mem_gib={peak_mem / 2**30:.2f} "
           f"estimate_gib={estimate / 2**30:.2f} mem_vs_estimate={peak_mem / estimate:.3f} "
           f"h2d_pinned_gbps={pinned:.1f} h2d_pageable_gbps={pageable:.1f} pinned_vs_pageable={pinned / pageable:.2f} "
-          f"flash={flash} device={name.replace(' ', '_')}", flush=True)
+          f"flash={flash} device={name.replace(' ', '_')} float8={f8_name} float8_tokens_per_s={f8_tokens_per_s:.0f} "
+          f"float8_vs_bf16={f8_tokens_per_s / tokens_per_s:.3f}", flush=True)
     return 0
+
+
+def float8_row(cfg: GPTConfig, device: torch.device, name: str, recipe: str, batch: int, seq: int, warmup: int,
+               steps: int, bf16_tokens_per_s: float) -> tuple[str, float]:
+    """The float8 row: (recipe or why not, tokens/s); the same steps with plan.float8's conversion."""
+    refusal = device_refusal(recipe, device)
+    if recipe == "off" or refusal:
+        print(f"float8: not supported on {name}" if refusal else "float8: off (--float8 off)", flush=True)
+        return ("unsupported" if refusal else "off"), math.nan
+    seconds, losses = train_steps(cfg, device, batch, seq, warmup, steps, flash=device.type == "cuda",
+                                  float8=recipe)
+    if not all(math.isfinite(x) for x in losses):
+        raise SystemExit(f"non-finite float8 loss in {losses}")
+    tokens_per_s = batch * seq * steps / seconds
+    emulated = " (torchao's CPU emulation: not a speed)" if device.type == "cpu" else " (eager, no torch.compile)"
+    print(f"float8 ({recipe}){emulated}: loss {losses[0]:.3f} -> {losses[-1]:.3f}; {seconds / steps * 1e3:.1f} "
+          f"ms/step, {tokens_per_s:,.0f} tokens/s, {tokens_per_s / bf16_tokens_per_s:.2f}x the bf16 row", flush=True)
+    return recipe, tokens_per_s
 
 
 if __name__ == "__main__":

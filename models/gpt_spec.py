@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from plait.models.gpt import GPT, Attention, GPTConfig, rope_tables
 from plait.models.hf.weights import WeightRef, load_hf_folder
 from plait.models.spec import AttentionHooks, ModelSpec, register
+from plait.parallel.float8 import float8_styles
 from plait.parallel.kv_replication import check_divisible
 from plait.parallel.names import clean_fqn
 from plait.parallel.shape import DecoderShape
@@ -84,7 +85,7 @@ def parallelize_gpt(model: GPT, mesh: DeviceMesh, sp: bool, lp: bool) -> None:
     if sp:
         model.sequence_shards = tp
     for block in model.layers.values():
-        parallelize_module(block, mesh, block_plan)
+        parallelize_module(block, mesh, float8_styles(block, block_plan))  # float8 TP styles where converted
         if sp:
             block.attention.register_forward_pre_hook(_rope_length_check)
 

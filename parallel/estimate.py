@@ -354,6 +354,9 @@ def estimate_report(model: ModelParams, shape: DecoderShape, plan: ParallelPlan,
               f"{dtype} ({plan.mixed_precision}), activation checkpointing {plan.activation_checkpointing}, "
               f"optimizer states {optim_states}\n"
               f"global batch {global_batch} x seq {seq_len}: {b_mb} sequences per microbatch per rank"
-              + (f", {seq_len // plan.cp} tokens of each per cp rank" if plan.cp > 1 else "") + "\n")
+              + (f", {seq_len // plan.cp} tokens of each per cp rank" if plan.cp > 1 else "") + "\n"
+              + (f"float8 ({plan.float8}): the blocks' matmuls take float8 inputs; parameters, gradients and "
+                 "optimizer states keep the bytes above (float8 changes no stored tensor), activations are counted "
+                 "as without it\n" if plan.float8 != "off" else ""))
     peak = max(rows, key=lambda r: r.total)
     return header + format_table(rows) + f"\npeak: rank {peak.rank}, {human(peak.total)}"

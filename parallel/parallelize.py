@@ -47,6 +47,10 @@ applied (engine fsdp2, dp * cp > 1), DeepSpeed's bf16 under ZeRO, and everywhere
 FSDP, pipeline stages, one rank) each model part's forward and the loss run under
 ``torch.autocast(device_type, torch.bfloat16)``: float32 parameters (what the optimizer steps), bf16
 activations, float32 gradients, reduced in float32. It needs a float32 model (refused otherwise).
+
+Float8 (``plan.float8="tensorwise"|"rowwise"``, float8.py): step 1 swaps the blocks' linears for torchao's
+Float8Linear (emulated on CPU); TP then uses torchao's float8 styles for them (tensorwise), FSDP2 all-gathers
+them in float8 (tensorwise) and ``train_step`` precomputes their scales after the optimizer step.
 """
 
 from __future__ import annotations
@@ -71,6 +75,7 @@ from plait.parallel.data_parallel import (
     full_parameters,
     to_device,
 )
+from plait.parallel.float8 import after_optimizer_step, convert_model, float8_violations
 from plait.parallel.grad_clip import clip_grad_norm, comm_device
 from plait.parallel.kv_replication import replicated, sync_replicated_kv_grads
 from plait.parallel.loss import tp_loss
@@ -214,11 +219,20 @@ def _loader(weights: str | Path | None, device: torch.device, init_seed: int | N
     return fill
 
 
-def _build(build_model: Callable[[], nn.Module], plan: ParallelPlan, on_meta: bool, spec: Any) -> nn.Module:
+def _build(build_model: Callable[[], nn.Module], plan: ParallelPlan, on_meta: bool, spec: Any,
+           device: torch.device | None = None) -> nn.Module:
+    """Step 1: the model (on meta for a sharded load), checked, its blocks' linears converted to float8."""
     if not on_meta:
-        return check_model(build_model(), plan, spec)
-    with torch.device("meta"):
-        return check_model(build_model(), plan, spec)
+        model = check_model(build_model(), plan, spec)
+    else:
+        with torch.device("meta"):
+            model = check_model(build_model(), plan, spec)
+    if plan.float8 != "off":  # torchtitan's order: right after building, before pipeline cuts, TP and FSDP2
+        try:
+            convert_model(model, plan.float8, device, fsdp=_fsdp_applied(plan))
+        except ValueError as e:
+            raise PlanError(str(e)) from None
+    return model
 
 
 def _shard_part(part: nn.Module, plan: ParallelPlan, mesh: DeviceMesh, device: torch.device,
@@ -262,7 +276,7 @@ def parallelize(build_model: Callable[[], nn.Module], plan: ParallelPlan, mesh: 
     (``build_model`` must make the folder's architecture, e.g. ``spec.build(config)``).
     ``init_seed`` (no ``weights``): built on meta too, each rank's shards drawn per parameter from
     (seed, name) by the family's ``init_value`` rule (meta_init.py): the same model under every plan."""
-    plan.check()
+    plan.check()  # (float8 with a ZeRO engine is refused here)
     if plan.cp > 1:  # the rest is checked by plan.validate; these would fail deep inside an engine
         for msg in engine_violations(plan):
             raise PlanError(msg)
@@ -278,7 +292,7 @@ def parallelize(build_model: Callable[[], nn.Module], plan: ParallelPlan, mesh: 
         loss_fn = under_autocast(loss_fn, device.type)
     fill = _loader(weights, device, init_seed, spec)
     if plan.pp > 1:
-        pipe = build_pipeline(lambda: _build(build_model, plan, fill is not None, spec), mesh["pp"], spec,
+        pipe = build_pipeline(lambda: _build(build_model, plan, fill is not None, spec, device), mesh["pp"], spec,
                               schedule=plan.schedule, microbatches=plan.microbatches,
                               virtual_stages=plan.virtual_stages, loss_fn=loss_fn, device=device,
                               parallelize_stage=lambda part: _shard_part(part, plan, mesh, device, fill, spec),
@@ -286,7 +300,7 @@ def parallelize(build_model: Callable[[], nn.Module], plan: ParallelPlan, mesh: 
         modules = pipe.modules
     else:
         pipe = None
-        model = _build(build_model, plan, fill is not None, spec)
+        model = _build(build_model, plan, fill is not None, spec, device)
         modules = [_shard_part(model if fill is not None else model.to(device), plan, mesh, device, fill, spec)]
     # frozen parameters (LoRA's base weights) are no optimizer's: no state, no weight decay, no step
     optimizers = [make_optimizer([p for p in m.parameters() if p.requires_grad], optim) for m in modules]
@@ -310,6 +324,8 @@ def parallelize(build_model: Callable[[], nn.Module], plan: ParallelPlan, mesh: 
             result.grad_norm = clip_grad_norm(modules, optim.grad_clip, mesh)
         for opt in optimizers:
             opt.step()
+        if plan.float8 != "off":  # FSDP2's float8 all-gather: next step's weight scales, from the new weights
+            after_optimizer_step(modules)
         return float(_mean_over(loss.detach().double().reshape(()).clone(), data_mesh(mesh)))
 
     result = Parallelized(modules=modules, optimizers=optimizers, train_step=train_step, mesh=mesh)
@@ -330,6 +346,8 @@ def _parallelize_deepspeed(build_model, plan, mesh, device, optim, global_batch,
         raise ValueError("DeepSpeed engines need the global batch size (parallelize(..., global_batch=N))")
     if optim.states != "fp32":
         raise PlanError(optim_states_refusal(plan.engine, optim.states))
+    for msg in float8_violations(plan.float8, plan.engine):
+        raise PlanError(msg)
     fill = _loader(weights, device, init_seed, spec)
     model = _build(build_model, plan, fill is not None, spec)
     if fill is not None:

@@ -18,6 +18,9 @@ without FSDP, pipelines, one rank) by running each model part's forward under ``
 (bf16): float32 master parameters, bf16 activations, float32 gradients and gradient reduction. It
 needs a float32 model (``model_dtype``): autocast leaves float64 operations in float64.
 
+``float8="tensorwise"|"rowwise"`` trains the blocks' linears through torchao's float8 (float8.py): on a GPU of
+compute capability >= 8.9, or on the CPU in torchao's emulation mode; not with DeepSpeed ZeRO, nor a float64 model.
+
 ``cp`` (context parallelism, context_parallel.py): each of cp ranks holds a zigzag piece of every
 sequence and attention runs as ring attention. The ranks are laid out by ``mesh.Layout`` as
 ``arange(world).view(dp, pp, cp, tp)``; gradients are reduced, FSDP2 shards and the loss is averaged
@@ -32,6 +35,8 @@ from typing import Any
 
 from plait.parallel.activation_checkpoint import MODES as CHECKPOINTING
 from plait.parallel.data_parallel import ENGINES, PRECISIONS, check_engine_combination
+from plait.parallel.float8 import RECIPES as FLOAT8_RECIPES
+from plait.parallel.float8 import float8_violations
 from plait.parallel.mesh import Layout
 from plait.parallel.pipeline import SCHEDULES as PIPELINE_SCHEDULES
 from plait.parallel.pipeline import check_schedule, schedule_name
@@ -60,6 +65,7 @@ class ParallelPlan:
     virtual_stages: int = 1  # pipeline stages per pp rank (2+ for interleaved / V schedules)
     activation_checkpointing: str = "off"  # off | full | selective (every other block)
     mixed_precision: str = "fp32"  # fp32 | bf16 (bf16 compute, fp32 master parameters and gradient reduction)
+    float8: str = "off"  # off | tensorwise | rowwise: the blocks' linears through torchao's float8 (float8.py)
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -90,6 +96,9 @@ class ParallelPlan:
             raise PlanError(f"plan.schedule={self.schedule!r}: {e}") from None
         _one_of("activation_checkpointing", self.activation_checkpointing, CHECKPOINTING)
         _one_of("mixed_precision", self.mixed_precision, PRECISIONS)
+        _one_of("float8", self.float8, FLOAT8_RECIPES)
+        for msg in float8_violations(self.float8, self.engine):
+            raise PlanError(msg)
 
     def validate(self, world_size: int, model: Any = None, batch_per_dp_rank: int | None = None, *,
                  world_name: str = "world_size", model_dtype: Any = None, seq_len: int | None = None) -> None:
@@ -104,7 +113,8 @@ class ParallelPlan:
             raise PlanError(f"{self.layout.product()} but the job has {world_size} ranks: make the product equal "
                             f"{world_name}{fix}")
         if model_dtype is not None:
-            for msg in precision_violations(self, model_dtype):
+            for msg in precision_violations(self, model_dtype) + float8_violations(self.float8, self.engine,
+                                                                                   model_dtype):
                 raise PlanError(msg)
         for msg in model_violations(self, model):
             raise PlanError(msg + fix)
@@ -126,6 +136,8 @@ class ParallelPlan:
         if self.pp > 1:
             parts.append(f"{self.schedule}x{self.microbatches}mb" + (f"/v{self.virtual_stages}"
                                                                    if self.virtual_stages > 1 else ""))
+        if self.float8 != "off":
+            parts.append(f"float8({self.float8})")
         return " ".join(parts)
 
 
