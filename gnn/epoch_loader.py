@@ -234,3 +234,15 @@ def torch_rows(rows) -> torch.Tensor:
     if not rows.flags.writeable or not rows.flags.c_contiguous:
         rows = np.array(rows)
     return torch.from_numpy(rows)
+
+
+def epoch_train_loop(ctx, t, per_epoch: int, model: torch.nn.Module, optimizer, **meta):
+    """The one training loop (runtime/trainer.py) over ``t.epochs`` epochs of ``per_epoch`` batches, an epoch a
+    boundary: checkpoints (and a stop request) land at epoch ends, and a resume starts an epoch (its batches depend
+    on the ranks, so the epoch is stored, with ``meta``). Both GNN tasks (node, link) drive it."""
+    from plait.runtime.checkpoint import ModelOptimizer
+    from plait.runtime.trainer import TrainLoop
+
+    return TrainLoop(ctx, t, total=t.epochs * per_epoch, state=ModelOptimizer([model], [optimizer]),
+                     boundary=per_epoch, meta=lambda done: {"epoch": done // per_epoch, "loader": t.loader, **meta},
+                     resume_step=lambda saved: int(saved["epoch"]) * per_epoch, schedule_follows_total=False)

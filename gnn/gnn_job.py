@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from plait.gnn.data_path import DataConfig, dataset_action, ensure_dataset, pack_root, rebuild_hints, resolve_paths
 from plait.gnn.dataset import check_dataset, load_labels, load_split, open_dataset, read_features
+from plait.gnn.epoch_loader import epoch_train_loop
 from plait.gnn.link_batches import LinkLoader, LinkPlan
 from plait.gnn.link_split import LinkConfig, ensure_link_split, open_link_split
 from plait.gnn.link_task import link_summary, train_link
@@ -50,9 +51,8 @@ from plait.gnn.offline import prepare_packed
 from plait.gnn.online_loader import OnlineLoader
 from plait.gnn.packed_loader import PackedLoader
 from plait.gnn.scoring import Scorer, param_digest
-from plait.runtime.checkpoint import ModelOptimizer
 from plait.runtime.context import RankContext
-from plait.runtime.trainer import LoopConfig, TrainLoop
+from plait.runtime.trainer import LoopConfig
 from plait.storage.cache import CachedStore
 from plait.storage.disk_reader import DiskStore, process_read_bytes
 from plait.storage.store import ArrayStore
@@ -224,11 +224,7 @@ def _train(ctx: RankContext, cfg: Config) -> dict:
     opt = torch.optim.Adam(ddp.parameters(), lr=t.lr, weight_decay=t.weight_decay)
     loader = make_loader(cfg, ctx, ds, split.train)
     per_epoch = loader.num_batches()
-    # The one training loop (runtime/trainer.py), an epoch of batches a boundary: checkpoints (and a stop request)
-    # land at epoch ends, and a resume starts an epoch (its batches depend on the ranks, so the epoch is stored).
-    loop = TrainLoop(ctx, t, total=t.epochs * per_epoch, state=ModelOptimizer([ddp], [opt]), boundary=per_epoch,
-                     meta=lambda done: {"epoch": done // per_epoch, "loader": t.loader},
-                     resume_step=lambda saved: int(saved["epoch"]) * per_epoch, schedule_follows_total=False)
+    loop = epoch_train_loop(ctx, t, per_epoch, ddp, opt)
     scorer = Scorer(ds, t, ctx)
     val_acc, epoch_s, batches = [], [], None
     try:

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from plait.gnn.epoch_loader import epoch_train_loop
 from plait.gnn.link_split import LinkSplit
 from plait.gnn.sampler import NeighborSampler
 from plait.runtime.context import RankContext
@@ -119,8 +120,6 @@ def train_link(ctx: RankContext, cfg, ds, make_loader, step_stats, describe) -> 
     from plait.gnn.link_split import open_link_split
     from plait.gnn.models import build_model
     from plait.gnn.scoring import param_digest
-    from plait.runtime.checkpoint import ModelOptimizer
-    from plait.runtime.trainer import TrainLoop
 
     t = cfg.train
     split = open_link_split(cfg.link_path)
@@ -131,9 +130,7 @@ def train_link(ctx: RankContext, cfg, ds, make_loader, step_stats, describe) -> 
     opt = torch.optim.Adam(ddp.parameters(), lr=t.lr, weight_decay=t.weight_decay)
     loader = make_loader(cfg, ctx, ds, None)
     per_epoch = loader.num_batches()
-    loop = TrainLoop(ctx, t, total=t.epochs * per_epoch, state=ModelOptimizer([ddp], [opt]), boundary=per_epoch,
-                     meta=lambda done: {"epoch": done // per_epoch, "loader": t.loader, "task": "link"},
-                     resume_step=lambda saved: int(saved["epoch"]) * per_epoch, schedule_follows_total=False)
+    loop = epoch_train_loop(ctx, t, per_epoch, ddp, opt, task="link")
     evaluator = LinkEvaluator(split, ds.features, t, ctx)
     val, epoch_s, batches = [], [], None
     try:

@@ -77,7 +77,7 @@ from dataclasses import dataclass, field
 
 from plait.parallel import pipeline
 from plait.parallel.activation_checkpoint import wrapped_indices
-from plait.parallel.low_bit_optim import MIN_8BIT_SIZE, block_len
+from plait.parallel.low_bit_optim import block_len, quantized_shape
 from plait.parallel.plan import ParallelPlan, batch_violations, sequence_violations
 from plait.parallel.shape import DecoderShape
 
@@ -223,7 +223,7 @@ def moment_bytes(global_shape: tuple[int, ...], local: list[int], states: str, p
         return 2 * numel * param_bytes
     if states == "bf16":
         return 2 * numel * 2
-    if len(global_shape) >= 2 and math.prod(global_shape) >= MIN_8BIT_SIZE:
+    if quantized_shape(global_shape, states):
         blen = block_len(global_shape[-1])
         return 2 * numel + 2 * 4 * math.prod(local[:-1]) * -(-global_shape[-1] // blen)
     return 2 * numel * 4

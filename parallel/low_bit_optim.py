@@ -146,8 +146,13 @@ def dequantize(q: torch.Tensor, scales: torch.Tensor, code: torch.Tensor,
     return _unblocked(values, piece, q.shape)
 
 
+def quantized_shape(shape: tuple[int, ...] | torch.Size, states: str) -> bool:
+    """Whether a parameter of (global) ``shape`` gets 8-bit moments: 2-D or more and MIN_8BIT_SIZE elements."""
+    return states == "8bit" and len(shape) >= 2 and math.prod(shape) >= MIN_8BIT_SIZE
+
+
 def quantized(p: torch.Tensor, states: str) -> bool:
-    return states == "8bit" and p.dim() >= 2 and p.numel() >= MIN_8BIT_SIZE
+    return quantized_shape(p.shape, states)
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -280,12 +285,3 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> int:
                 local = _local(value)
                 total += local.numel() * local.element_size()
     return total
-
-
-def state_bytes_per_param(states: str, shape: tuple[int, ...], block: int = BLOCK) -> float:
-    """Bytes of moment state per element of a parameter of ``shape`` (what the estimator counts)."""
-    numel = math.prod(shape)
-    if states == "8bit" and len(shape) >= 2 and numel >= MIN_8BIT_SIZE:
-        blen = block_len(shape[-1], block)
-        return 2 + 2 * 4 * (-(-shape[-1] // blen)) / shape[-1]
-    return 4.0 if states == "bf16" else 8.0
