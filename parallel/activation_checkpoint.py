@@ -48,18 +48,7 @@ def apply_activation_checkpointing(model: nn.Module, mode: str) -> nn.Module:
     wrapped_indices([], mode)  # raises on an unknown mode
     if mode == "off":
         return model
-    layers = getattr(model, "layers", None)
-    if layers is None and isinstance(getattr(model, "model", None), nn.Module):
-        layers = getattr(model.model, "layers", None)  # a HF decoder causal LM: model.model.layers
-    if isinstance(layers, nn.ModuleDict):
-        keys = list(layers.keys())
-    elif isinstance(layers, nn.ModuleList):
-        keys = [str(i) for i in range(len(layers))]
-    else:
-        raise TypeError("activation checkpointing needs the blocks in model.layers or model.model.layers (a "
-                        "ModuleDict or ModuleList); "
-                        f"{type(model).__name__}.layers is {type(layers).__name__}: put the repeated blocks there, "
-                        "or set activation_checkpointing='off'")
+    layers, keys = block_container(model, "activation checkpointing", "activation_checkpointing='off'")
     for key in wrapped_indices(keys, mode):
         block = layers[key] if isinstance(layers, nn.ModuleDict) else layers[int(key)]
         if isinstance(block, CheckpointWrapper) or not any(True for _ in block.parameters()):
@@ -70,6 +59,22 @@ def apply_activation_checkpointing(model: nn.Module, mode: str) -> nn.Module:
         else:
             layers[int(key)] = wrapped
     return model
+
+
+def block_container(model: nn.Module, what: str, instead: str) -> tuple[nn.Module, list[str]]:
+    """(the container of a model's repeated blocks, their keys): ``model.layers`` or, for a HF decoder causal LM
+    and its pipeline stages, ``model.model.layers`` (a ModuleDict or ModuleList). ``what`` needs them; ``instead``
+    is the setting that does without (both name the fix in the error)."""
+    layers = getattr(model, "layers", None)
+    if layers is None and isinstance(getattr(model, "model", None), nn.Module):
+        layers = getattr(model.model, "layers", None)  # a HF decoder causal LM: model.model.layers
+    if isinstance(layers, nn.ModuleDict):
+        return layers, list(layers.keys())
+    if isinstance(layers, nn.ModuleList):
+        return layers, [str(i) for i in range(len(layers))]
+    raise TypeError(f"{what} needs the blocks in model.layers or model.model.layers (a ModuleDict or ModuleList); "
+                    f"{type(model).__name__}.layers is {type(layers).__name__}: put the repeated blocks there, "
+                    f"or set {instead}")
 
 
 def clean_fqn(name: str) -> str:

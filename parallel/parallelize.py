@@ -7,7 +7,8 @@ The recipe, in torchtitan's order, each step on its named sub-mesh:
   1. build the model (same seed on every rank) and, with pp > 1, cut this rank's pipeline stages;
   2. tensor (+ sequence, loss) parallelism on ``mesh["tp"]``;
   3. context parallelism on ``mesh["cp"]`` (ring attention, context_parallel.py);
-  4. activation checkpointing (off / full / selective);
+  4. activation checkpointing (off / full / selective), then ``plan.compile`` (each block, or the whole part:
+     compile.py);
   5. mixed precision and data parallelism on ``data_mesh(mesh)``: ``mesh["dp"]``, or ``mesh["dp_cp"]``
      with cp > 1 (parameters are replicated over cp): DDP or FSDP2 per part (a DeepSpeed ZeRO engine
      instead of steps 1-5 when the plan says zero1/2/3: DeepSpeed then owns the optimizer step);
@@ -64,6 +65,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 from plait.parallel.activation_checkpoint import apply_activation_checkpointing
+from plait.parallel.compile import apply_compile
 from plait.parallel.context_parallel import apply_context_parallel, shard_batch
 from plait.parallel.data_parallel import (
     ZERO_STAGES,
@@ -245,6 +247,7 @@ def _shard_part(part: nn.Module, plan: ParallelPlan, mesh: DeviceMesh, device: t
     if plan.cp > 1:
         apply_context_parallel(part, mesh["cp"], spec.attention)
     apply_activation_checkpointing(part, plan.activation_checkpointing)
+    apply_compile(part, plan.compile)
     if _autocast_bf16(plan):  # an instance attribute: DDP and PipelineStage call part(...), which finds it
         part.forward = under_autocast(part.forward, device.type)
     if _fsdp_applied(plan):

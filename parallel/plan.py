@@ -34,6 +34,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from plait.parallel.activation_checkpoint import MODES as CHECKPOINTING
+from plait.parallel.compile import MODES as COMPILE_MODES
 from plait.parallel.data_parallel import ENGINES, PRECISIONS, check_engine_combination
 from plait.parallel.float8 import RECIPES as FLOAT8_RECIPES
 from plait.parallel.float8 import float8_violations
@@ -66,6 +67,7 @@ class ParallelPlan:
     activation_checkpointing: str = "off"  # off | full | selective (every other block)
     mixed_precision: str = "fp32"  # fp32 | bf16 (bf16 compute, fp32 master parameters and gradient reduction)
     float8: str = "off"  # off | tensorwise | rowwise: the blocks' linears through torchao's float8 (float8.py)
+    compile: str = "off"  # off | blocks | model: torch.compile each transformer block, or the whole part (compile.py)
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -97,6 +99,7 @@ class ParallelPlan:
         _one_of("activation_checkpointing", self.activation_checkpointing, CHECKPOINTING)
         _one_of("mixed_precision", self.mixed_precision, PRECISIONS)
         _one_of("float8", self.float8, FLOAT8_RECIPES)
+        _one_of("compile", self.compile, COMPILE_MODES)
         for msg in float8_violations(self.float8, self.engine):
             raise PlanError(msg)
 
@@ -138,6 +141,8 @@ class ParallelPlan:
                                                                    if self.virtual_stages > 1 else ""))
         if self.float8 != "off":
             parts.append(f"float8({self.float8})")
+        if self.compile != "off":
+            parts.append(f"compile({self.compile})")
         return " ".join(parts)
 
 
