@@ -8,7 +8,8 @@ al., ICLR 2022): each moment is stored as one byte per element, an index into a 
 for the first moment, then an exponent run of zeros and a linear fraction, so values from 1e-7 to 1 of a block's
 largest magnitude keep about 2 significant digits; the second moment, never negative, uses the unsigned code and
 so gets one more bit of fraction), plus one fp32 absolute maximum per block. Each step dequantizes a tensor's
-moments, does the ordinary AdamW update in fp32 and quantizes them again (rounding to the nearest code).
+moments, does the ordinary AdamW update in fp32 and quantizes them again (rounding to the nearest code, found
+through a table of float bit patterns: ``Code``).
 
 Blocks. The paper's blocks are 2048 consecutive elements. Here a block is 2048 consecutive elements of one row
 (the tensor's last dimension; the whole row when it is shorter), aligned to the global row, and the scales are a
@@ -71,6 +72,41 @@ def dynamic_code(signed: bool) -> torch.Tensor:
     return code
 
 
+@dataclass(frozen=True)
+class Code:
+    """A dynamic code with a lookup that finds each value's nearest code in a few elementwise operations.
+
+    ``table`` maps the top 20 bits of a float32 (sign, exponent and 11 bits of mantissa) to the number of
+    midpoints between neighbouring codes below the smallest-valued float with those bits; no such interval of
+    floats holds more than one midpoint (checked when the table is built), so one comparison with that midpoint
+    finishes the count. The result is exactly ``torch.bucketize(x, midpoints)``, the nearest code, about 3x faster
+    on CPU than its binary search."""
+
+    values: torch.Tensor  # (256,) sorted
+    mids: torch.Tensor  # (256,): midpoints between neighbours, then +inf
+    table: torch.Tensor  # (2**20,) uint8
+
+    @staticmethod
+    def make(signed: bool, device: torch.device | str = "cpu") -> Code:
+        values = dynamic_code(signed)
+        mids = (values[1:] + values[:-1]) / 2
+        keys = torch.arange(1 << 20, dtype=torch.int32)
+        ends = torch.stack([(keys << 12).view(torch.float32), ((keys << 12) | 0xFFF).view(torch.float32)])
+        low, high = ends.amin(0), ends.amax(0)
+        below, below_high = torch.bucketize(low, mids), torch.bucketize(high, mids)
+        finite = torch.isfinite(low) & torch.isfinite(high)
+        if int((below_high - below)[finite].max()) > 1:  # pragma: no cover - a property of the code above
+            raise AssertionError("a 20-bit float interval holds two code midpoints")
+        mids = torch.cat([mids, torch.tensor([math.inf])])
+        return Code(values.to(device), mids.to(device), below.to(torch.uint8).to(device))
+
+    def nearest(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 index of the nearest code to each element of float32 ``x`` (values in [-1, 1])."""
+        x = x.to(torch.float32).contiguous()
+        below = self.table[((x.view(torch.int32) >> 12) & 0xFFFFF).long()]
+        return below + (x > self.mids[below.long()]).to(torch.uint8)
+
+
 def block_len(cols: int, block: int = BLOCK) -> int:
     """The block length for rows of ``cols`` elements: ``block``, or the whole row when it is shorter."""
     return max(1, min(block, cols))
@@ -119,7 +155,7 @@ def _unblocked(b: torch.Tensor, piece: RowPiece, shape: torch.Size) -> torch.Ten
     return b.reshape(b.shape[0], n * piece.blen)[:, front:front + piece.cols].reshape(shape)
 
 
-def quantize(x: torch.Tensor, code: torch.Tensor, piece: RowPiece | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize(x: torch.Tensor, code: Code, piece: RowPiece | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """x (..., cols) float -> (codes uint8 (..., cols), scales fp32 (..., blocks)): the nearest code of x / absmax.
 
     ``piece`` places x's columns in global rows (default: x holds whole rows); with ``piece.groups`` the scales
@@ -133,15 +169,15 @@ def quantize(x: torch.Tensor, code: torch.Tensor, piece: RowPiece | None = None)
         dist.all_reduce(scales, op=dist.ReduceOp.MAX, group=group)
     mine = scales[:, j0:j0 + n, None]
     normed = blocks / mine.clamp_min(torch.finfo(torch.float32).tiny)
-    q = torch.bucketize(normed, (code[1:] + code[:-1]) / 2).to(torch.uint8)
+    q = code.nearest(normed)
     return _unblocked(q, piece, x.shape), scales.reshape(*x.shape[:-1], piece.blocks)
 
 
-def dequantize(q: torch.Tensor, scales: torch.Tensor, code: torch.Tensor,
+def dequantize(q: torch.Tensor, scales: torch.Tensor, code: Code,
                piece: RowPiece | None = None) -> torch.Tensor:
     piece = piece or whole_rows(q)
     j0, n, _, _ = piece.span
-    values = _blocked(code[q.long()], piece)
+    values = _blocked(code.values[q.long()], piece)
     values = values * scales.reshape(-1, piece.blocks)[:, j0:j0 + n, None]
     return _unblocked(values, piece, q.shape)
 
@@ -193,12 +229,12 @@ class LowBitAdamW(torch.optim.Optimizer):
             raise ValueError(f"optimizer states {states!r}: choose one of {', '.join(STATES)}")
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         self.states, self.block = states, block
-        self._codes: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._codes: dict[torch.device, tuple[Code, Code]] = {}
         self.register_load_state_dict_post_hook(LowBitAdamW._restore_dtypes)
 
-    def _code(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def _code(self, device: torch.device) -> tuple[Code, Code]:
         if device not in self._codes:
-            self._codes[device] = (dynamic_code(True).to(device), dynamic_code(False).to(device))
+            self._codes[device] = (Code.make(True, device), Code.make(False, device))
         return self._codes[device]
 
     def _init_state(self, p: torch.Tensor) -> dict:
@@ -270,6 +306,9 @@ class LowBitAdamW(torch.optim.Optimizer):
             for key in ("exp_avg_q", "exp_avg_sq_q"):
                 if key in state and state[key].dtype != torch.uint8:
                     state[key] = state[key].round().to(torch.uint8)
+            for key in ("exp_avg_scale", "exp_avg_sq_scale"):  # fp32 absmax, cast to a float64 model's dtype
+                if key in state and state[key].dtype != torch.float32:
+                    state[key] = state[key].to(torch.float32)
             if optimizer.states == "bf16":
                 for key in ("exp_avg", "exp_avg_sq"):
                     if key in state and state[key].dtype != torch.bfloat16:

@@ -16,6 +16,7 @@ from plait.models.gpt import GPT, GPTConfig, lm_loss
 from plait.models.registry import estimate_for
 from plait.parallel.low_bit_optim import (
     MIN_8BIT_SIZE,
+    Code,
     LowBitAdamW,
     RowPiece,
     dequantize,
@@ -49,9 +50,24 @@ def test_dynamic_codes():
     assert tiny < 1e-6  # the dynamic range: 7 decades below a block's absmax
 
 
+def test_code_lookup_is_the_nearest_code():
+    """Code.nearest (a table of float bit patterns + one comparison) equals bucketize's binary search over the
+    midpoints, on values spanning every decade of the code, the midpoints themselves and their float neighbours."""
+    g = torch.Generator().manual_seed(0)
+    for signed in (True, False):
+        code = Code.make(signed)
+        mids = (code.values[1:] + code.values[:-1]) / 2
+        x = torch.randn(200_000, generator=g) * 10.0 ** -torch.randint(0, 9, (200_000,), generator=g)
+        x = torch.cat([x.clamp(-1, 1), mids, torch.nextafter(mids, torch.tensor(2.0)),
+                       torch.nextafter(mids, torch.tensor(-2.0)), code.values, torch.tensor([0.0, -0.0, 1.0, -1.0])])
+        if not signed:
+            x = x.abs()
+        assert torch.equal(code.nearest(x), torch.bucketize(x, mids).to(torch.uint8)), signed
+
+
 def test_quantize_round_trip_and_blocks():
     torch.manual_seed(0)
-    code = dynamic_code(True)
+    code = Code.make(True)
     x = torch.randn(8, 5000) * torch.logspace(-3, 0, 5000)  # a row with 3 decades of magnitude
     q, scales = quantize(x, code)
     assert q.dtype == torch.uint8 and q.shape == x.shape and scales.shape == (8, 3)  # 2048 + 2048 + 904
