@@ -94,6 +94,9 @@ class ModelSpec:
     # forward(x (T, H), top_k_index (T, k), top_k_weights (T, k)), ``num_experts``, params with dim 0 = expert):
     # expert parallelism shards their dim 0 over the ep ranks
     experts: tuple[str, ...] = ()
+    # module names inside a block that are MoE routers (forward output[2]: the (T, k) expert ids): the expert
+    # load meter (models/moe.py's ExpertLoad) hooks them for per-expert token counts
+    routers: tuple[str, ...] = ()
 
     def supports(self) -> tuple[str, ...]:
         """The mesh dimensions this family can be split over beyond data parallelism."""
