@@ -90,6 +90,25 @@ def test_gpt_moe_output_carries_its_aux_term_and_counts_sum_to_tokens_times_k():
     assert params.params["layers.0.moe.experts.gate_up_proj"].shape == (4, 2 * cfg.moe_hidden, 32)
 
 
+def test_gpt_moe_under_activation_checkpointing_has_the_same_gradients_and_counts_once():
+    import copy
+
+    from plait.parallel.activation_checkpoint import apply_activation_checkpointing
+    from plait.parallel.names import clean_fqn
+
+    torch.manual_seed(0)
+    plain = GPT(GPTConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_experts=4, max_seq_len=32)).double()
+    wrapped = apply_activation_checkpointing(copy.deepcopy(plain), "full")
+    meter = ExpertLoad.attach(wrapped, model_spec("gpt"))
+    x, y = torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 16))
+    tp_loss(plain(x), y, False).backward()
+    tp_loss(wrapped(x), y, False).backward()  # the recomputed forwards in backward are not counted again
+    assert [sum(c) for c in meter.take()["counts"]] == [2 * 16 * 2] * 2
+    grads = {clean_fqn(n): p.grad for n, p in wrapped.named_parameters()}
+    for name, p in plain.named_parameters():
+        assert torch.allclose(p.grad, grads[name], rtol=0, atol=1e-12), name
+
+
 def test_gpt_moe_refusals_name_the_field_and_the_fix():
     with pytest.raises(ValueError, match="experts_top_k=5 must be 1..model.n_experts=4"):
         GPT(GPTConfig(n_experts=4, experts_top_k=5))
