@@ -3,8 +3,9 @@
 One process: tp_loss(model(x), y) is HF's loss with labels (cross-entropy + router_aux_loss_coef x the balance
 loss over every layer's router logits), and its gradients; a HF folder round trip. Two gloo ranks (one spawn):
 tp2 (plain, SP, SP + loss parallel) and FSDP2 dp2 equal the unsharded model (logits, loss with the aux term,
-every gradient); each rank loads only its experts (a Shard(0) DTensor over the expert dim) from a folder that
-``save_pretrained`` wrote, and the export from those shards is what ``from_pretrained`` reads equal.
+every gradient), Plait's GPT-MoE under tp2 too; each rank loads only its experts (a Shard(0) DTensor over the
+expert dim) from a folder that ``save_pretrained`` wrote, and the export from those shards is what
+``from_pretrained`` reads equal.
 """
 
 import pytest
@@ -64,11 +65,20 @@ def test_qwen3_moe_dense_layers_and_sparse_step_have_no_experts():
     assert [hasattr(layer.mlp, "experts") for layer in model.model.layers] == [False, True, False, True]
 
 
+def gpt_moe():
+    from plait.models.gpt import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    return GPT(GPTConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_experts=4, n_shared_experts=1,
+                         max_seq_len=32)).double()
+
+
 def moe_ranks(ctx, src, dst) -> dict:
     """On 2 gloo ranks: tp2 variants, FSDP2 dp2, per-shard expert loading and export (module docstring)."""
     import torch.distributed as dist
     from plait.models.hf.export import export_hf_folder
     from plait.models.hf.weights import load_hf_folder
+    from plait.models.registry import spec_for_model
     from plait.parallel.data_parallel import apply_fsdp2
     from plait.parallel.tensor_parallel import apply_tensor_parallel
     from torch.distributed.device_mesh import init_device_mesh
@@ -95,6 +105,14 @@ def moe_ranks(ctx, src, dst) -> dict:
         avg = loss.detach().clone()
         dist.all_reduce(avg, op=dist.ReduceOp.AVG)
         out[name, "fsdp"] = {"loss": avg.item(), "grads": grads_of([model])}
+    for sp in (False, True):  # Plait's GPT-MoE: the same replicated MoE block under tp2
+        model = gpt_moe()
+        apply_tensor_parallel(model, mesh, spec_for_model(model), sequence_parallel=sp, loss_parallel=sp)
+        x, y = tokens(64)
+        o = model(x)
+        loss = tp_loss(o, y, sp)
+        loss.backward()
+        out["gpt", sp] = {"logits": full(o), "loss": loss.item(), "grads": grads_of([model])}
     # each rank holds experts [2r, 2r+2) of every layer: it reads only those (and exports them back)
     model, spec, cfg = build(tiny_mixtral)
     with torch.no_grad():
@@ -131,13 +149,25 @@ def test_moe_families_under_tp_and_fsdp_and_per_shard_expert_loading(ray_cluster
         loss = sum(halves) / 2
         loss.backward()
         dp_refs[make_config.__name__] = {"loss": loss.item(), "grads": {n: p.grad for n, p in model.named_parameters()}}
+    gpt = gpt_moe()
+    x, y = tokens(64)
+    o = gpt(x)
+    loss = tp_loss(o, y, False)
+    loss.backward()
+    refs["gpt"] = {"logits": o.detach(), "loss": loss.item(), "grads": {n: p.grad for n, p in gpt.named_parameters()}}
     # the source folder as transformers writes it (per-expert w1/w2/w3), float64
     source, _, cfg = build(tiny_mixtral)
     source.save_pretrained(tmp_path / "src")
     assert isinstance(source, MixtralForCausalLM)
     got = run_ranks(moe_ranks, 2, tmp_path / "src", tmp_path / "out", run_dir=tmp_path / "ranks")
     for rank, result in enumerate(got):
-        for name, ref in refs.items():
+        for sp in (False, True):
+            r, ref = result["gpt", sp], refs["gpt"]
+            assert torch.allclose(r["logits"], ref["logits"], rtol=0, atol=1e-10), ("gpt-moe tp2", sp)
+            assert abs(r["loss"] - ref["loss"]) < 1e-9, ("gpt-moe tp2", sp)
+            for n, g in ref["grads"].items():
+                assert torch.allclose(r["grads"][n], g, rtol=1e-6, atol=1e-10), ("gpt-moe tp2", sp, n)
+        for name, ref in ((n, r) for n, r in refs.items() if n != "gpt"):
             for sp, lp in ((False, False), (True, False), (True, True)):
                 r = result[name, "tp", sp, lp]
                 what = f"{name} tp2 sp={sp} lp={lp}"
