@@ -185,7 +185,7 @@ class ExpertLoad:
                 return
             index = output[2].detach()
             n = getattr(module, "num_experts", None) or int(index.max()) + 1
-            add = torch.bincount(index.reshape(-1).to("cpu"), minlength=n)
+            add = torch.bincount(index.reshape(-1), minlength=n)  # on the device: no sync per layer
             self.counts[name] = self.counts[name] + add if name in self.counts else add
         return hook
 
@@ -201,6 +201,7 @@ class ExpertLoad:
             table = torch.stack([self.counts[n].double() for n in names])
             if group is not None and dist.is_initialized():
                 dist.all_reduce(table, group=group)
+            table = table.cpu()
             share = table.max(dim=1).values / table.mean(dim=1).clamp_min(1e-12)
             out = {"expert_max_share": float(share.max()), "counts": table.long().tolist()}
         if self.aux:

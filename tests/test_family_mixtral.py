@@ -57,6 +57,32 @@ def test_tp_loss_is_transformers_loss_with_its_balance_term(make_config):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("make_config", FAMILIES)
+def test_a_folder_round_trip_keeps_transformers_per_expert_layout(make_config, tmp_path):
+    from plait.models.hf.export import export_hf_folder
+    from plait.models.hf.weights import load_hf_folder
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    model, spec, cfg = build(make_config)
+    export_hf_folder(model, tmp_path / "hf", cfg, spec=spec)
+    with safe_open(tmp_path / "hf" / "model.safetensors", framework="pt") as f:
+        names = set(f.keys())
+    native = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float64, experts_implementation="eager")
+    native.save_pretrained(tmp_path / "native")  # what transformers itself writes: the same tensor names
+    with safe_open(tmp_path / "native" / "model.safetensors", framework="pt") as f:
+        assert names == set(f.keys()) and not any(n.endswith("gate_up_proj") for n in names)
+    x, _ = tokens(cfg.vocab_size)
+    with torch.no_grad():
+        assert torch.equal(native(input_ids=x).logits, model(input_ids=x).logits)
+        fresh, _, _ = build(make_config)
+        for p in fresh.parameters():
+            p.zero_()
+    load_hf_folder(fresh, tmp_path / "native", spec)
+    for (n, a), b in zip(model.named_parameters(), fresh.parameters(), strict=True):
+        assert torch.equal(a, b), n
+
+
 def test_qwen3_moe_dense_layers_and_sparse_step_have_no_experts():
     model, _, _ = build(tiny_qwen3_moe)
     kinds = [hasattr(layer.mlp, "experts") for layer in model.model.layers]
