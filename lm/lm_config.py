@@ -52,11 +52,21 @@ class ModelSection:
     max_seq_len: int = 256
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
+    n_experts: int = 0  # > 0: a mixture of experts in every block (models/moe.py; GPTConfig's MoE fields)
+    experts_top_k: int = 2
+    n_shared_experts: int = 0
+    expert_hidden: int = 0
+    router: str = "topk_softmax"
+    aux_loss_coef: float = 0.01
+    z_loss_coef: float = 0.001
 
     def gpt(self) -> GPTConfig:
         return GPTConfig(vocab_size=self.vocab_size, d_model=self.d_model, n_layers=self.n_layers,
                          n_heads=self.n_heads, n_kv_heads=self.n_kv_heads, ffn_hidden=self.ffn_hidden,
-                         max_seq_len=self.max_seq_len, rope_theta=self.rope_theta, norm_eps=self.norm_eps)
+                         max_seq_len=self.max_seq_len, rope_theta=self.rope_theta, norm_eps=self.norm_eps,
+                         n_experts=self.n_experts, experts_top_k=self.experts_top_k,
+                         n_shared_experts=self.n_shared_experts, expert_hidden=self.expert_hidden, router=self.router,
+                         aux_loss_coef=self.aux_loss_coef, z_loss_coef=self.z_loss_coef)
 
 
 @dataclass

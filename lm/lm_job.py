@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 from plait.lm.chunkwise import seco_step, spaco_step
 from plait.lm.lm_config import Config, check_batch, model_config
+from plait.models.moe import ExpertLoad
 from plait.models.spec import ModelSpec, model_params
 from plait.parallel.data_parallel import call_model, to_device
 from plait.parallel.estimate import estimate_report
@@ -229,17 +230,24 @@ def train(ctx: RankContext, cfg: Config) -> dict:
     probe = batches.batch(0, dp_rank, plan.dp)
     eval_start = eval_loss(parts, *probe, cfg, ctx.device)
     tokens_per_step = t.global_batch * t.seq_len
+    meter = ExpertLoad.attach(parts.modules[0], spec) if spec.routers and len(parts.modules) == 1 else None
+    expert_counts = None
     for step in loop:
         inputs, targets = batches.batch(step, dp_rank, plan.dp)
         lr = lr_at(step, t.steps, t.optim)
         loss = step_fn(inputs, targets, lr, step)
         dt = loop.elapsed()
-        loop.step_done(loss=loss, lr=lr, step_time_s=dt, tokens_per_s=tokens_per_step / dt)
+        moe = meter.take(mesh["dp"].get_group() if plan.dp > 1 else None) if meter is not None else {}
+        expert_counts = moe.pop("counts", expert_counts)
+        loop.step_done(loss=loss, lr=lr, step_time_s=dt, tokens_per_s=tokens_per_step / dt, **moe)
     result = loop.finish()
+    if meter is not None:
+        meter.close()
     eval_end = eval_loss(parts, *probe, cfg, ctx.device)
     export = export_model(cfg, ctx, parts, spec, model_cfg) if not result.stopped else None
     return {"rank": ctx.rank, **result.as_dict(), "eval_loss_start": eval_start, "eval_loss_end": eval_end,
-            "export": str(export) if export else None, "family": spec.name}
+            "export": str(export) if export else None, "family": spec.name,
+            **({"expert_counts_last_step": expert_counts} if expert_counts is not None else {})}
 
 
 def full_step(parts: Parallelized, cfg: Config):

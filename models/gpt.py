@@ -6,6 +6,13 @@ Layers live in a ``ModuleDict`` keyed by their global index, so a pipeline stage
 layers 4..7 still calls them ``layers.4`` .. ``layers.7`` and checkpoints line up across plans.
 A stage built by deleting ``tok_embeddings`` / ``norm`` / ``output`` (set to ``None``) passes
 hidden states through, which is how pipeline stages are cut from one model.
+
+Mixture of experts (``n_experts > 0``, models/moe.py): every block's feed-forward is ``moe`` (a router
+``moe.router``, ``experts_top_k`` of ``n_experts`` SwiGLU experts ``moe.experts`` of width ``expert_hidden``, and
+``n_shared_experts`` always-on experts ``moe.shared``, DeepSeek's). The logits carry the auxiliary term
+(``aux_loss_coef`` x balance + ``z_loss_coef`` x router z-loss, averaged over the layers) for ``tp_loss`` to add
+(parallel/loss.py's ``with_aux_loss``). ``expert_hidden`` defaults to the dense hidden / (top_k + shared), so the
+active feed-forward parameters per token equal the dense model's of the same config.
 The RoPE tables stay float32 whatever the model is cast to (``GPT(cfg).to(torch.bfloat16)``), and the
 rotation runs in float32 (float64 for a float64 model).
 
@@ -35,7 +42,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from plait.parallel.loss import lm_loss, upcast  # noqa: F401 - the GPT's loss, re-exported
+from plait.models.moe import ROUTERS, MoE
+from plait.parallel.loss import lm_loss, upcast, with_aux_loss  # noqa: F401 - the GPT's loss, re-exported
 from plait.parallel.shape import DecoderShape
 from torch import nn
 
@@ -51,6 +59,17 @@ class GPTConfig:
     max_seq_len: int = 256
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
+    n_experts: int = 0  # 0: a dense feed-forward; > 0: a mixture of experts in every block (models/moe.py)
+    experts_top_k: int = 2  # experts per token
+    n_shared_experts: int = 0  # always-on experts beside the routed ones (DeepSeek)
+    expert_hidden: int = 0  # 0: hidden // (experts_top_k + n_shared_experts) (the dense model's active size)
+    router: str = "topk_softmax"  # or "softmax_topk" (models/moe.py)
+    aux_loss_coef: float = 0.01  # the balance loss's weight
+    z_loss_coef: float = 0.001  # the router z-loss's weight
+
+    @property
+    def moe_hidden(self) -> int:
+        return self.expert_hidden or max(1, self.hidden // (self.experts_top_k + self.n_shared_experts))
 
     @property
     def kv_heads(self) -> int:
@@ -73,17 +92,44 @@ class GPTConfig:
             raise ValueError(f"model.n_heads={self.n_heads} must be divisible by model.n_kv_heads={self.kv_heads}")
         if self.head_dim % 2:
             raise ValueError(f"head dim {self.head_dim} must be even for RoPE; change d_model or n_heads")
+        if self.n_experts:
+            self.check_moe()
+
+    def check_moe(self) -> None:
+        bad = []
+        if self.n_experts < 0 or not 1 <= self.experts_top_k <= max(self.n_experts, 1):
+            bad.append(f"model.experts_top_k={self.experts_top_k} must be 1..model.n_experts={self.n_experts}")
+        if self.n_shared_experts < 0 or self.expert_hidden < 0:
+            bad.append(f"model.n_shared_experts={self.n_shared_experts} and model.expert_hidden={self.expert_hidden} "
+                       "must be >= 0 (expert_hidden 0: the default width)")
+        if self.router not in ROUTERS:
+            bad.append(f"model.router={self.router!r} is not one of {', '.join(ROUTERS)}")
+        if self.aux_loss_coef < 0 or self.z_loss_coef < 0:
+            bad.append(f"model.aux_loss_coef={self.aux_loss_coef} and model.z_loss_coef={self.z_loss_coef} must be "
+                       ">= 0 (0 turns a term off)")
+        if bad:
+            raise ValueError("; ".join(bad))
 
     def decoder_shape(self) -> DecoderShape:
         """The sizes plan checks and the estimator read (parallel/shape.py)."""
+        if self.n_experts:  # the MoE block is replicated over tp; pp and cp cannot see every router at once
+            return DecoderShape(vocab_size=self.vocab_size, d_model=self.d_model, n_layers=self.n_layers,
+                                n_heads=self.n_heads, n_kv_heads=self.kv_heads, head_dim=self.head_dim,
+                                ffn_hidden=self.moe_hidden, family="gpt", supports=("tp", "ep"),
+                                extra_tp_sizes={"model.d_model": self.d_model})
         return DecoderShape(vocab_size=self.vocab_size, d_model=self.d_model, n_layers=self.n_layers,
                             n_heads=self.n_heads, n_kv_heads=self.kv_heads, head_dim=self.head_dim,
                             ffn_hidden=self.hidden, family="gpt", extra_tp_sizes={"model.d_model": self.d_model})
 
-    def num_params(self) -> int:
+    def num_params(self, active: bool = False) -> int:
+        """Parameters (``active``: those one token uses, top_k + shared experts of each MoE block)."""
         d, h, v = self.d_model, self.hidden, self.vocab_size
         kv = self.kv_heads * self.head_dim
-        per_layer = d * d * 2 + d * kv * 2 + 3 * d * h + 2 * d
+        ffn = 3 * d * h
+        if self.n_experts:
+            used = (self.experts_top_k if active else self.n_experts) + self.n_shared_experts
+            ffn = 3 * d * self.moe_hidden * used + self.n_experts * d
+        per_layer = d * d * 2 + d * kv * 2 + ffn + 2 * d
         return v * d * 2 + d + self.n_layers * per_layer
 
 
@@ -200,12 +246,17 @@ class Block(nn.Module):
         self.attention_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.attention = Attention(cfg)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.feed_forward = FeedForward(cfg.d_model, cfg.hidden)
+        if cfg.n_experts:
+            self.moe = MoE(cfg.d_model, cfg.n_experts, cfg.experts_top_k, cfg.moe_hidden, cfg.n_shared_experts,
+                           cfg.router, cfg.aux_loss_coef, cfg.z_loss_coef)
+        else:
+            self.feed_forward = FeedForward(cfg.d_model, cfg.hidden)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None,
                 layer_idx: int | None = None) -> torch.Tensor:
         x = x + self.attention(self.attention_norm(x), cos, sin, cache=cache, layer_idx=layer_idx)
-        return x + self.feed_forward(self.ffn_norm(x))
+        ffn = self.moe if hasattr(self, "moe") else self.feed_forward
+        return x + ffn(self.ffn_norm(x))
 
 
 class GPT(nn.Module):
@@ -250,7 +301,8 @@ class GPT(nn.Module):
         rest N(0, 0.02). ``init_weights`` draws every parameter in order; ``meta_init`` one at a time."""
         if len(shape) == 1:
             return torch.ones(shape)
-        std = 0.02 / (2 * self.cfg.n_layers) ** 0.5 if name.endswith(("wo.weight", "w2.weight")) else 0.02
+        out_proj = name.endswith(("wo.weight", "w2.weight", "experts.down_proj"))
+        std = 0.02 / (2 * self.cfg.n_layers) ** 0.5 if out_proj else 0.02
         return torch.randn(shape, generator=generator) * std
 
     def forward(self, tokens: torch.Tensor, *, start_pos: int | None = None, positions: torch.Tensor | None = None,
@@ -259,6 +311,9 @@ class GPT(nn.Module):
         hidden (batch, n, d_model) -> hidden. The tokens sit at positions ``start_pos`` .. ``start_pos + n - 1``
         (default: the cache's length, else 0), or at ``positions`` ((n,) or (batch, n)). With a ``cache``,
         every layer's keys/values go through ``cache.update`` (see the module docstring)."""
+        if self.cfg.n_experts and (self.tok_embeddings is None or self.output is None):
+            raise ValueError("a pipeline stage of a mixture-of-experts GPT: its auxiliary loss needs every layer's "
+                             "router in one forward: use plan.pp=1 (split the experts with plan.ep instead)")
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
         n = tokens.shape[1] if self.tok_embeddings is not None else h.shape[1] * self.sequence_shards
         cos, sin = self.rope(n, start_pos, positions, cache)
@@ -266,7 +321,11 @@ class GPT(nn.Module):
             h = layer(h, cos, sin) if cache is None else layer(h, cos, sin, cache=cache, layer_idx=int(key))
         if self.norm is not None:
             h = self.norm(h)
-        return self.output(h) if self.output is not None else h
+        logits = self.output(h) if self.output is not None else h
+        if self.cfg.n_experts:
+            terms = [layer.moe.aux for layer in self.layers.values()]
+            with_aux_loss(logits, torch.stack(terms).mean())
+        return logits
 
     def rope(self, n: int, start_pos: int | None = None, positions: torch.Tensor | None = None,
              cache=None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,6 +15,9 @@ attention checks the lengths agree.
 Weights in and out of HF folders: a GPT is a Llama (``LlamaForCausalLM``) with q/k rows permuted (the GPT
 rotates interleaved pairs (2j, 2j+1), HF halves (j, j + head_dim/2)).
 
+Mixture of experts (``n_experts > 0``): the block's ``moe`` (models/moe.py) is replicated over tp; ``experts``
+names ``moe.experts`` for expert parallelism (a dense GPT has none); no HF layout (export and HF folders refused).
+
 Attention: ``Attention.attend(q, k, v)`` is the core ring attention replaces; explicit positions come as
 ``positions``; ``model(tokens, start_pos=s, cache=c)`` runs tokens at positions s.. through a cache.
 """
@@ -27,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from plait.models.gpt import GPT, Attention, GPTConfig, rope_tables
 from plait.models.hf.weights import WeightRef, load_hf_folder
+from plait.models.moe import moe_block_style
 from plait.models.spec import AttentionHooks, ModelSpec, register
 from plait.parallel.float8 import float8_styles
 from plait.parallel.kv_replication import check_divisible
@@ -60,6 +64,7 @@ def gpt_tp_plan(sequence_parallel: bool = False, loss_parallel: bool = False) ->
         "feed_forward.w1": ColwiseParallel(),
         "feed_forward.w2": RowwiseParallel(output_layouts=act),
         "feed_forward.w3": ColwiseParallel(),
+        "moe": moe_block_style(sp),  # a mixture-of-experts block (n_experts > 0) is replicated over tp
     }
     return top, block
 
@@ -85,7 +90,8 @@ def parallelize_gpt(model: GPT, mesh: DeviceMesh, sp: bool, lp: bool) -> None:
     if sp:
         model.sequence_shards = tp
     for block in model.layers.values():
-        parallelize_module(block, mesh, float8_styles(block, block_plan))  # float8 TP styles where converted
+        # float8 TP styles where converted; a dense or an MoE block keeps the entries of the modules it has
+        parallelize_module(block, mesh, float8_styles(block, present(block, block_plan)))
         if sp:
             block.attention.register_forward_pre_hook(_rope_length_check)
 
@@ -136,6 +142,9 @@ def rope_rows(rows: torch.Tensor, head_dim: int) -> torch.Tensor:
 def gpt_weight_names(module: nn.Module) -> dict[str, WeightRef]:
     """GPT parameter name -> its HF Llama tensor (q/k rows permuted to HF's RoPE layout)."""
     gpt = _gpt(module)
+    if gpt.cfg.n_experts:
+        raise ValueError("a mixture-of-experts GPT (model.n_experts > 0) has no Hugging Face layout (it is not a "
+                         "Llama): save DCP checkpoints (train.checkpoint_every) instead of export.hf / model.path")
     out = {}
     for name, _ in module.named_parameters():
         name = clean_fqn(name)
@@ -231,4 +240,5 @@ SPEC = register(ModelSpec(
     attention=AttentionHooks(set_core=set_attention_core, positions_kwarg="positions", cache_forward=cache_forward,
                              padded_forward=padded_forward),
     kv_projections=("attention.wk", "attention.wv"), lora_targets=("wq", "wk", "wv", "wo"),
+    experts=("moe.experts",), routers=("moe.router",),
 ))

@@ -81,4 +81,6 @@ def _load_builtin() -> None:
     import plait.models.gemma3  # noqa: F401
     import plait.models.gpt_spec  # noqa: F401
     import plait.models.llama  # noqa: F401
+    import plait.models.mixtral  # noqa: F401
     import plait.models.phi3  # noqa: F401
+    import plait.models.qwen3_moe  # noqa: F401

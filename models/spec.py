@@ -25,6 +25,7 @@ ModelSpec and calls ``register``; nothing in ``parallel/`` changes:
   tied_weights(model)       groups of parameter names that are one tensor (a tied embedding and head): pipeline
                             stages holding copies sum their gradients
   init_value(model, name, shape, generator)   a parameter's initial value (random init shard by shard)
+  experts                   module names in a block that are experts modules (models/moe.py): "ep" shards them
   attention                 how its attention is reached from outside (``AttentionHooks``): the core that ring
                             attention replaces (cp), the keyword that takes explicit positions, and a forward
                             through a KV cache at a start position (SeCO/SpaCO chunks, KV-cache generation)
@@ -89,6 +90,13 @@ class ModelSpec:
     kv_projections: tuple[str, ...] = ()  # module names in a block that hold kv heads (the estimator's replication)
     lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")  # default LoRA modules (peft names)
     generation: bool = True  # a causal LM that KV-cache generation can drive (the RL policy)
+    # module names inside a block (``layers.<i>.<name>``) that are experts modules (models/moe.py's contract:
+    # forward(x (T, H), top_k_index (T, k), top_k_weights (T, k)), ``num_experts``, params with dim 0 = expert):
+    # expert parallelism shards their dim 0 over the ep ranks
+    experts: tuple[str, ...] = ()
+    # module names inside a block that are MoE routers (forward output[2]: the (T, k) expert ids): the expert
+    # load meter (models/moe.py's ExpertLoad) hooks them for per-expert token counts
+    routers: tuple[str, ...] = ()
 
     def supports(self) -> tuple[str, ...]:
         """The mesh dimensions this family can be split over beyond data parallelism."""
@@ -99,6 +107,8 @@ class ModelSpec:
             out.append("pp")
         if self.attention is not None:
             out.append("cp")
+        if self.experts:
+            out.append("ep")
         return tuple(out)
 
 

@@ -6,6 +6,11 @@
 ``tp_loss`` is parallelize's default loss: plain under ``loss_parallel=False``; with it, the logits are the
 vocab-sharded DTensor a tensor-parallel output projection returns (Shard(-1)) and the cross-entropy runs under
 torch's ``loss_parallel()``. A Hugging Face model's output (``.logits``) is accepted too.
+
+Auxiliary terms (mixture-of-experts load balancing, router z-loss): a model output may carry an already weighted
+scalar under the attribute ``AUX_LOSS`` (``with_aux_loss(output, term)`` sets it: a HF ``ModelOutput`` or a logits
+tensor alike); ``tp_loss`` adds it to the cross-entropy, so parallelize's default loss trains it without knowing
+the family. A family computes the term as its reference does (HF's ``router_aux_loss_coef * aux_loss`` ...).
 """
 
 from __future__ import annotations
@@ -14,6 +19,20 @@ import torch
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
+
+AUX_LOSS = "plait_aux_loss"  # the weighted auxiliary term a model output carries (added by tp_loss)
+
+
+def with_aux_loss(output, term: torch.Tensor | None):
+    """``output`` (a logits tensor or a HF ModelOutput) carrying ``term`` for tp_loss to add; returns it."""
+    if term is not None:
+        setattr(output, AUX_LOSS, term)
+    return output
+
+
+def aux_loss_of(output) -> torch.Tensor | None:
+    """The weighted auxiliary term an output carries (None: none)."""
+    return getattr(output, AUX_LOSS, None)
 
 
 def upcast(logits: torch.Tensor) -> torch.Tensor:
@@ -52,8 +71,17 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
 def tp_loss(logits: torch.Tensor, targets: torch.Tensor, loss_parallel: bool) -> torch.Tensor:
     """Mean next-token cross-entropy (like ``lm_loss``), a plain scalar equal on every tp rank.
     With ``loss_parallel`` the logits are the vocab-sharded DTensor the model returns; the full
-    (batch, seq, vocab) logits are never gathered. A HF model's output (``.logits``) is accepted too."""
-    logits = getattr(logits, "logits", logits)
+    (batch, seq, vocab) logits are never gathered. A HF model's output (``.logits``) is accepted too. An
+    auxiliary term the output carries (``with_aux_loss``: MoE load balancing, z-loss) is added."""
+    aux = aux_loss_of(logits)
+    loss = _cross_entropy(getattr(logits, "logits", logits), targets, loss_parallel)
+    if aux is None:
+        return loss
+    aux = aux.full_tensor() if isinstance(aux, DTensor) else aux
+    return loss + aux.to(loss.dtype)
+
+
+def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor, loss_parallel: bool) -> torch.Tensor:
     if not loss_parallel:
         return lm_loss(logits, targets)
     vocab_sharded = isinstance(logits, DTensor) and any(

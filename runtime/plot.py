@@ -24,6 +24,8 @@ KNOWN = {
     "tokens_per_s": ("throughput", "tokens / s (all ranks)"),
     "mem_bytes": ("memory", "bytes"),
     "step_time_s": ("step time", "s"),
+    "moe_aux_loss": ("MoE auxiliary loss (weighted balance + z-loss)", "aux loss"),
+    "expert_max_share": ("expert load: busiest expert / mean (1 = balanced)", "max / mean tokens"),
 }
 NOT_METRICS = {"step", "time"}
 # Panels of one metric against another logged key: name -> (x key, y key, title, x label, y label).

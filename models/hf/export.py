@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from plait.models.hf.weights import INDEX, SINGLE, targets
+from plait.models.hf.weights import INDEX, SINGLE, expert_names, targets
 from plait.storage.folders import ForeignFolderError, fsync_path
 from torch.distributed.tensor import DTensor
 
@@ -68,6 +68,12 @@ def full_state(model: Any, spec: Any, config_dict: dict, dtype: torch.dtype | No
     for _name, t in targets(model, getattr(spec, "weight_names", None)).items():
         value = t.param.detach()
         value = value.full_tensor() if isinstance(value, DTensor) else value
+        if t.experts:  # stacked experts: each expert's rows split into its checkpoint tensors
+            names = iter(expert_names(t, value.shape[0]))
+            for expert in value:
+                for part in expert.chunk(len(t.experts)):
+                    rows[next(names)] = [(part, None)]
+            continue
         at = t.rows(torch.arange(value.shape[0])) if t.rows is not None else None
         rows.setdefault(t.ckpt, []).append((value, at))
     out = {}

@@ -138,3 +138,30 @@ def make_tiny_llama(folder: str | Path, vocab_size: int = 512, hidden: int = 64,
 
     write_folder(folder, build, lambda p: (Path(p) / MARKER).is_file(), "tiny Llama")
     return folder
+
+
+def tiny_mixtral_config(vocab_size: int = 128, hidden: int = 32, layers: int = 2, heads: int = 4, kv_heads: int = 2,
+                        experts: int = 4, top_k: int = 2, max_positions: int = 64):
+    """A tiny random ``MixtralConfig`` (offline; float64 capable through torch's default dtype)."""
+    from transformers import MixtralConfig
+
+    return MixtralConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                         head_dim=hidden // heads, num_local_experts=experts, num_experts_per_tok=top_k,
+                         max_position_embeddings=max_positions, router_aux_loss_coef=0.02, bos_token_id=0,
+                         eos_token_id=1, tie_word_embeddings=False, attn_implementation="sdpa")
+
+
+def tiny_qwen3_moe_config(vocab_size: int = 128, hidden: int = 32, layers: int = 3, heads: int = 4, kv_heads: int = 2,
+                          experts: int = 4, top_k: int = 2, max_positions: int = 64, norm_topk_prob: bool = False,
+                          mlp_only_layers: tuple[int, ...] = (1,), decoder_sparse_step: int = 1):
+    """A tiny random ``Qwen3MoeConfig``: by default layer 1 is dense (``mlp_only_layers``), top-k not renormalised."""
+    from transformers import Qwen3MoeConfig
+
+    return Qwen3MoeConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
+                          moe_intermediate_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                          num_key_value_heads=kv_heads, head_dim=hidden // heads, num_experts=experts,
+                          num_experts_per_tok=top_k, norm_topk_prob=norm_topk_prob,
+                          mlp_only_layers=list(mlp_only_layers), decoder_sparse_step=decoder_sparse_step,
+                          max_position_embeddings=max_positions, router_aux_loss_coef=0.02, bos_token_id=0,
+                          eos_token_id=1, tie_word_embeddings=False, attn_implementation="sdpa")

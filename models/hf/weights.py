@@ -42,6 +42,19 @@ RowMap = Callable[[torch.Tensor], torch.Tensor]  # model rows -> checkpoint rows
 class WeightRef:
     name: str  # the checkpoint tensor's name
     rows: RowMap | None = None  # model rows -> its rows in the checkpoint tensor (None: the same rows)
+    # Stacked experts (models/moe.py): the parameter is (E, rows, cols) and expert e's (rows, cols) is these
+    # checkpoint tensors ("...experts.{e}.w1.weight", ...) concatenated along rows, in equal parts; ``name`` is
+    # then the first part of expert 0
+    experts: tuple[str, ...] = ()
+
+
+def expert_ref(*parts: str) -> WeightRef:
+    """The WeightRef of a stacked experts parameter whose expert e is ``parts`` (templates with ``{e}``)."""
+    return WeightRef(parts[0].format(e=0), experts=tuple(parts))
+
+
+def expert_names(ref: WeightRef, num_experts: int) -> list[str]:
+    return [part.format(e=e) for e in range(num_experts) for part in ref.experts]
 
 
 @dataclass(frozen=True)
@@ -50,6 +63,7 @@ class Target:
     ckpt: str
     rows: RowMap | None  # model rows (replicated copies included) -> checkpoint rows
     copies: int  # copies of each row in the model (replicated kv heads), 1 otherwise
+    experts: tuple[str, ...] = ()  # stacked experts: WeightRef.experts
 
 
 def same_names(module: nn.Module) -> dict[str, WeightRef]:
@@ -90,7 +104,7 @@ def targets(model: nn.Module | list[nn.Module], names: Callable[[nn.Module], dic
             if name not in refs:
                 raise KeyError(f"{name}: the model's family names no checkpoint tensor for it")
             dedup, n = copies.get(name, (None, 1))
-            out[name] = Target(p, refs[name].name, _compose(dedup, refs[name].rows), n)
+            out[name] = Target(p, refs[name].name, _compose(dedup, refs[name].rows), n, refs[name].experts)
     return out
 
 
@@ -139,7 +153,8 @@ def load_hf_folder(model: nn.Module | list[nn.Module], folder: str | Path, spec:
 
     files = weight_files(folder)
     found = targets(model, getattr(spec, "weight_names", None))
-    missing = sorted(t.ckpt for t in found.values() if t.ckpt not in files)
+    wanted = [n for t in found.values() for n in (expert_names(t, t.param.shape[0]) if t.experts else [t.ckpt])]
+    missing = sorted(n for n in wanted if n not in files)
     if missing:
         raise KeyError(f"{folder} has no tensors for {len(missing)} parameters, e.g. {missing[:4]} (it has e.g. "
                        f"{sorted(files)[:4]}): the model must be the checkpoint's architecture with HF parameter names")
@@ -148,6 +163,9 @@ def load_hf_folder(model: nn.Module | list[nn.Module], folder: str | Path, spec:
         with torch.no_grad():
             for name, t in found.items():
                 p, path = t.param, files[t.ckpt]
+                if t.experts:
+                    _load_experts(t, name, files, handles, folder)
+                    continue
                 if path not in handles:
                     handles[path] = safe_open(path, framework="pt").__enter__()
                 f = handles[path]
@@ -168,6 +186,43 @@ def load_hf_folder(model: nn.Module | list[nn.Module], folder: str | Path, spec:
         for handle in handles.values():
             handle.__exit__(None, None, None)
     return sorted(found)
+
+
+def _load_experts(t: Target, name: str, files: dict[str, Path], handles: dict, folder) -> None:
+    """A stacked experts parameter: each rank reads, of each expert it holds (dim 0: Shard(0) under expert
+    parallelism), the rows and columns its shard covers, from the per-expert checkpoint tensors."""
+    from safetensors import safe_open
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    p = t.param
+    if isinstance(p, DTensor):
+        shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+        local = p.to_local()
+    else:
+        shape, offset, local = tuple(p.shape), (0,) * p.ndim, p
+    if not local.numel():
+        return
+    n_parts = len(t.experts)
+    part_rows = p.shape[1] // n_parts
+    rows = range(offset[1], offset[1] + shape[1])
+    cols = slice(offset[2], offset[2] + shape[2])
+    for i, e in enumerate(range(offset[0], offset[0] + shape[0])):
+        pieces = []
+        for k, template in enumerate(t.experts):
+            lo, hi = max(rows.start, k * part_rows), min(rows.stop, (k + 1) * part_rows)
+            if lo >= hi:
+                continue
+            ckpt = template.format(e=e)
+            path = files[ckpt]
+            if path not in handles:
+                handles[path] = safe_open(path, framework="pt").__enter__()
+            sl = handles[path].get_slice(ckpt)
+            if tuple(sl.get_shape()) != (part_rows, p.shape[2]):
+                raise ValueError(f"{name}: the checkpoint in {folder} has shape {tuple(sl.get_shape())} for {ckpt}, "
+                                 f"the model {(part_rows, p.shape[2])} per expert: build the model from the "
+                                 "folder's config.json")
+            pieces.append(sl[lo - k * part_rows:hi - k * part_rows, cols])
+        local[i].copy_(torch.cat(pieces))
 
 
 def materialize(model: nn.Module | list[nn.Module], device: torch.device | str, spec: Any = None
