@@ -10,12 +10,14 @@ Under data parallelism the reference is the MEAN over dp ranks of each rank's lo
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 import torch
 from plait.models.llama import SPEC as LLAMA
 from plait.models.llama import decoder_tp_plan, shard_decoder
 from plait.models.spec import ModelSpec
+from plait.parallel.estimate import ModelParams, ParamInfo, estimate_memory, estimate_report
 from plait.parallel.expert_parallel import expert_parameters
 from plait.parallel.mesh import Layout, build_mesh
 from plait.parallel.names import clean_fqn
@@ -120,7 +122,15 @@ def compare(ctx, kind: str, plan: ParallelPlan, **model_kw) -> dict:
     loss = parts.train_step(batch(dp_rank), None, 0.0)  # the train step: loss mean over dp, global grad norm
     diffs["step_loss"] = abs(loss - ref["loss"])
     diffs["grad_norm"] = abs(parts.grad_norm.item() - ref["norm"])
+    local = [_local(p) for p in model.parameters()]  # what this rank holds, for the estimator's check
+    diffs["held"] = {"params": sum(t.numel() * t.element_size() for t in local),
+                     "optim": sum(_local(v).numel() * _local(v).element_size()
+                                  for st in parts.optimizers[0].state.values() for v in st.values())}
     return diffs
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def dcp_roundtrip(ctx, folder: str, save_ep: int, load_ep: int) -> float:
@@ -171,6 +181,19 @@ def _assert_equal(records: dict) -> None:
             assert d[key] < TOL, (name, key, d)
 
 
+def moe_params(kind: str) -> ModelParams:
+    """The estimator's view of the tiny model (the families' model_params will mark experts the same way)."""
+    with torch.device("meta"):
+        model = build(kind)
+    params = {}
+    for name, p in model.named_parameters():
+        layer = re.match(r"model\.layers\.(\d+)\.", name)
+        params[name] = ParamInfo(shape=tuple(p.shape), layer=int(layer.group(1)) if layer else None,
+                                 end="" if layer else ("first" if "embed" in name else "last"),
+                                 expert=".experts." in name)
+    return ModelParams(params, n_layers=2)
+
+
 @pytest.mark.slow
 def test_ep2_tp2_and_ep2_with_checkpointing_equal_the_unsharded_model_and_dcp_reshards(ray_cluster, tmp_path):
     for records in run_ranks(two_ranks, 2, str(tmp_path / "dcp"), run_dir=tmp_path / "run"):
@@ -178,9 +201,13 @@ def test_ep2_tp2_and_ep2_with_checkpointing_equal_the_unsharded_model_and_dcp_re
 
 
 @pytest.mark.slow
-def test_ep2_under_fsdp2_dp4_equals_the_unsharded_model(ray_cluster, tmp_path):
-    for records in run_ranks(four_ranks, 4, run_dir=tmp_path, cpus_per_worker=0.5):
+def test_ep2_under_fsdp2_dp4_equals_the_unsharded_model_and_the_estimate(ray_cluster, tmp_path):
+    plan = ParallelPlan(dp=4, ep=2, engine="fsdp2")
+    rows = estimate_memory(moe_params("mixtral"), MOE, plan, global_batch=4 * ROWS, seq_len=SEQ, dtype="float64")
+    for rank, records in enumerate(run_ranks(four_ranks, 4, run_dir=tmp_path, cpus_per_worker=0.5)):
         _assert_equal(records)
+        held = records["mixtral_dp4_ep2"]["held"]
+        assert (held["params"], held["optim"]) == (rows[rank].params, rows[rank].optim), (rank, held, rows[rank])
 
 
 def test_the_layout_puts_ep_inside_dp():
@@ -208,6 +235,17 @@ DENSE = dataclasses.replace(MOE, family="llama", supports=("tp", "pp", "cp"), n_
 def test_impossible_ep_plans_are_refused_with_a_plan_that_works(kwargs, world, shape, says):
     with pytest.raises(PlanError, match=says.replace("(", r"\(").replace(")", r"\)")):
         ParallelPlan(**kwargs).validate(world, shape)
+
+
+def test_the_estimate_counts_expert_shards_and_dispatch_buffers():
+    model = moe_params("mixtral")
+    one = estimate_memory(model, MOE, ParallelPlan(dp=4, engine="fsdp2"), global_batch=8, seq_len=SEQ)
+    ep = estimate_memory(model, MOE, ParallelPlan(dp=4, ep=2, engine="fsdp2"), global_batch=8, seq_len=SEQ)
+    assert [r.params for r in one] == [r.params for r in ep]  # E/2 experts over dp/ep = 2 ranks: same share
+    assert all(r.activations > o.activations for r, o in zip(ep, one, strict=True))  # + the dispatch buffers
+    report = estimate_report(model, MOE, ParallelPlan(dp=2, ep=2, engine="fsdp2"), 2, global_batch=4, seq_len=SEQ,
+                             dtype="float32", title="tiny mixtral")
+    assert "experts: 12,288 of the params" in report and "dispatch buffers" in report, report
 
 
 def test_ep_without_experts_in_the_spec_is_refused_on_the_rank():
