@@ -146,6 +146,8 @@ def data_mesh(mesh: DeviceMesh) -> DeviceMesh:
         # = mesh["dp_cp"]; torch asks callers to keep the flattened mesh rather than slice it from the root,
         # and _flatten returns the one build_mesh made (or makes it, for a mesh built elsewhere)
         return mesh[FLAT_DIMS["dp_cp"]]._flatten("dp_cp")
+    if "ep" in names:  # dp = (dp_mod_ep, ep) flattened by build_mesh (kept, as above)
+        return mesh[EP_DIMS]._flatten("dp")
     return mesh["dp"]
 
 

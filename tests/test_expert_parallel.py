@@ -1,6 +1,7 @@
-"""Expert parallelism: a tiny float64 Mixtral and Qwen3-MoE under ep2, ep2 x FSDP2 (dp4), tp2 and ep2 + activation
-checkpointing equal the unsharded model (logits, loss with the router's auxiliary term, every gradient, the
-global gradient norm); DCP checkpoints reshard ep2 <-> ep1; impossible plans are refused with a plan that works.
+"""Expert parallelism: a tiny float64 Mixtral and Qwen3-MoE under ep2, ep2 x FSDP2 (dp4), tp2, ep2 x tp2 and
+ep2 + activation checkpointing equal the unsharded model (logits, loss with the router's auxiliary term, every
+gradient, the global gradient norm); DCP checkpoints reshard ep2 <-> ep1; impossible plans are refused
+(with a plan that works).
 
 Under data parallelism the reference is the MEAN over dp ranks of each rank's local-batch loss and gradients
 (HF's auxiliary loss is a statistic of the batch it sees). The MoE spec is test-local (llama's, with
@@ -168,7 +169,8 @@ def two_ranks(ctx, folder: str) -> dict:
 
 def four_ranks(ctx) -> dict:
     plan = ParallelPlan(dp=4, ep=2, engine="fsdp2")
-    return {"mixtral_dp4_ep2": compare(ctx, "mixtral", plan), "qwen3_moe_dp4_ep2": compare(ctx, "qwen3_moe", plan)}
+    both = ParallelPlan(dp=2, ep=2, tp=2, engine="fsdp2")  # attention split over tp, experts over ep, FSDP2 over dp
+    return {"mixtral_dp4_ep2": compare(ctx, "mixtral", plan), "qwen3_moe_dp2_ep2_tp2": compare(ctx, "qwen3_moe", both)}
 
 
 def _assert_equal(records: dict) -> None:
@@ -201,7 +203,7 @@ def test_ep2_tp2_and_ep2_with_checkpointing_equal_the_unsharded_model_and_dcp_re
 
 
 @pytest.mark.slow
-def test_ep2_under_fsdp2_dp4_equals_the_unsharded_model_and_the_estimate(ray_cluster, tmp_path):
+def test_dp4_ep2_and_dp2_ep2_tp2_under_fsdp2_equal_the_unsharded_model_and_the_estimate(ray_cluster, tmp_path):
     plan = ParallelPlan(dp=4, ep=2, engine="fsdp2")
     rows = estimate_memory(moe_params("mixtral"), MOE, plan, global_batch=4 * ROWS, seq_len=SEQ, dtype="float64")
     for rank, records in enumerate(run_ranks(four_ranks, 4, run_dir=tmp_path, cpus_per_worker=0.5)):
