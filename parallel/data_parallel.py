@@ -113,7 +113,8 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
 
 
 def apply_fsdp2(model: nn.Module, dp_mesh: DeviceMesh, *, mixed_precision: str = "fp32",
-                reshard_after_forward: bool = True) -> nn.Module:
+                reshard_after_forward: bool = True,
+                inner: list[tuple[nn.Module, DeviceMesh]] | tuple = ()) -> nn.Module:
     """``fully_shard`` every transformer block, then the root (embeddings, norm, output) over the dp mesh.
     A model without blocks (``transformer_blocks`` finds none: an MLP, a CNN) is one unit: the root.
 
@@ -121,6 +122,8 @@ def apply_fsdp2(model: nn.Module, dp_mesh: DeviceMesh, *, mixed_precision: str =
     optimizer sees stay float32. Parameters that are already DTensors on a tp mesh (TP applied first)
     become 2-D (dp, tp) DTensors: FSDP2 needs dp_mesh and the tp mesh cut from the same root mesh.
     The last block keeps its parameters after forward, since backward starts with it (torchtitan's rule).
+    ``inner``: ``(module, mesh)`` sharded first over their own 1-D mesh (expert parallelism: an experts module over
+    ``mesh["dp_mod_ep"]``); the blocks then leave its parameters to it.
     Returns the same module, now an FSDPModule.
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -129,6 +132,9 @@ def apply_fsdp2(model: nn.Module, dp_mesh: DeviceMesh, *, mixed_precision: str =
     _check_precision(mixed_precision)
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
         if mixed_precision == "bf16" else MixedPrecisionPolicy()
+    for module, mesh in inner:
+        _check_1d(mesh)
+        fully_shard(module, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     blocks = transformer_blocks(model)
     for i, block in enumerate(blocks):
         fully_shard(block, mesh=dp_mesh, mp_policy=policy,

@@ -29,6 +29,9 @@ Exact (what the rank holds in ``p.to_local()`` / ``p.grad`` / ``optimizer.state`
     parameter's placement as it is accumulated, tensor_parallel.keep_grads_sharded, so it is counted sharded.)
   * ddp: everything replicated. AdamW (torch 2.13, foreach/fused off): exp_avg and exp_avg_sq like the
     parameter (its dtype and local shape) plus a 0-d float32 ``step`` tensor per parameter.
+  * expert parallelism (ep > 1, ``ParamInfo.expert``): an experts module's parameter holds E/ep experts (dim 0),
+    replicated over tp, and FSDP2 chunks that over the dp/ep ranks holding the same experts (shard index = the
+    rank's ``dp_mod_ep`` coordinate, mesh.Layout); grads and AdamW state follow.
 Approximate: ZeRO-1/2/3 use DeepSpeed's flat partition, ceil(N/dp) elements per rank (alignment
 padding aside): ZeRO-1 shards optimizer state, ZeRO-2 also gradients, ZeRO-3 also parameters. The
 optimizer column holds AdamW's fp32 exp_avg/exp_avg_sq of the partition, one step tensor (one flat
@@ -45,7 +48,11 @@ sequence_parallel else 1, d = d_model, h = n_heads, k = kv heads, e = head_dim, 
                                   returns (b, s, h, e) memory, so transpose+reshape is a view)
          + h/t * a                SDPA logsumexp
          + 4H/t * c               w1 out, silu out, w3 out, their product (w2's input)
-  RoPE saves only cos/sin (buffers); residual adds save nothing. (CPU kernels, torch 2.13: rms_norm
+  RoPE saves only cos/sin (buffers); residual adds save nothing.
+  mixture of experts (shape.n_experts > 0, top_k = K, H = one expert's hidden size, experts replicated over tp):
+  the 4H/t term is 4HK + E (each token's K expert rows; router logits, c each) and, under ep > 1, the dispatch
+  buffers: 3 * K * d * c (the rows sent, the rows received, the rows returned), assuming balanced routing (a
+  rank receiving more than its share holds more). (CPU kernels, torch 2.13: rms_norm
   decomposes; CUDA's fused rms_norm and SDPA backends save slightly different extras.)
   context parallelism (cp > 1): every per-token term counts the rank's seq/cp tokens; ring attention
   saves what SDPA saves (q, k, v, output, lse); RoPE's tables are gathered at the local positions,
@@ -91,6 +98,7 @@ class ParamInfo:
     end: str = ""  # a top-level parameter's stage: "first" (embeddings) or "last" (final norm, head)
     tp_dim: int | None = None  # the dim the family's tensor-parallel plan shards (None: replicated)
     kv_heads: int = 0  # > 0: a projection of this many kv heads (replicated one per rank when tp exceeds them)
+    expert: bool = False  # a parameter of an experts module (dim 0 = the expert index): ep shards dim 0
 
 
 @dataclass(frozen=True)
@@ -197,7 +205,7 @@ def _activations(cfg: DecoderShape, plan: ParallelPlan, b_mb: int, seq: int, tp_
     kv = cfg.n_kv_heads if cfg.n_kv_heads % t == 0 else t  # replicated kv heads: one per rank
     qkvo = (2 * cfg.n_heads * cfg.head_dim + 2 * kv * cfg.head_dim) // t
     block = (2 * (tok_sp * (2 * d + 1) * c + tok * d * c) + tok * qkvo * c
-             + tok * (cfg.n_heads // t) * acc + tok * 4 * (cfg.ffn_hidden // t) * c)
+             + tok * (cfg.n_heads // t) * acc + tok * _ffn_per_token(cfg, plan) * c)
     block_input = tok_sp * d * c
     total = sum(block_input if i in wrapped else block for i in layers)
     if first:
@@ -213,6 +221,20 @@ def _activations(cfg: DecoderShape, plan: ParallelPlan, b_mb: int, seq: int, tp_
     if plan.cp > 1 and first:  # RoPE tables gathered at the zigzag positions, float32 (n, e/2) cos and sin
         total += tok * cfg.head_dim * 4
     return total, transient
+
+
+def _ffn_per_token(cfg: DecoderShape, plan: ParallelPlan) -> int:
+    """Elements the feed-forward saves per token: a dense FFN's 4H/t, or a mixture of experts' K expert rows,
+    router logits and (ep > 1) its dispatch buffers (see the module docstring)."""
+    if not cfg.n_experts:
+        return 4 * (cfg.ffn_hidden // plan.tp)
+    k = max(1, cfg.top_k)
+    return 4 * cfg.ffn_hidden * k + cfg.n_experts + (dispatch_elems(cfg, plan) if plan.ep > 1 else 0)
+
+
+def dispatch_elems(cfg: DecoderShape, plan: ParallelPlan) -> int:
+    """Per token and MoE layer, the elements of expert parallelism's dispatch buffers (balanced routing)."""
+    return 3 * max(1, cfg.top_k) * cfg.d_model if plan.ep > 1 and cfg.n_experts else 0
 
 
 def moment_bytes(global_shape: tuple[int, ...], local: list[int], states: str, param_bytes: int) -> int:
@@ -271,13 +293,18 @@ def estimate_memory(model: ModelParams, shape: DecoderShape, plan: ParallelPlan,
             for name in _stage_params(model, layers, first, last):
                 info = model.params[name]
                 local, stored = _tp_local(info, plan.tp, tp_rank)
+                n_shards, index = shards, shard
+                if info.expert and plan.ep > 1:  # E/ep experts, FSDP2 over the dp/ep ranks holding them
+                    local[0] //= plan.ep
+                    stored = math.prod(local)
+                    n_shards, index = layout.dp_mod_ep, layout.coordinate(rank, "dp_mod_ep")
                 rest_elems = math.prod(local[1:])
                 if not fsdp:  # FSDP2 copies each shard into its own (padded) storage
                     padding += (stored - math.prod(local)) * pb
                 else:
-                    padding += (chunk_size(local[0], shards, 0) - chunk_size(local[0], shards, shard)) \
+                    padding += (chunk_size(local[0], n_shards, 0) - chunk_size(local[0], n_shards, index)) \
                         * rest_elems * pb
-                    local[0] = chunk_size(local[0], shards, shard)
+                    local[0] = chunk_size(local[0], n_shards, index)
                 numel += math.prod(local)
                 moments += moment_bytes(info.shape, local, optim_states, pb)
                 grad_numel += math.prod(local)
@@ -343,6 +370,22 @@ def format_table(rows: list[RankMemory]) -> str:
     return "\n".join(text)
 
 
+def _experts_line(model: ModelParams, shape: DecoderShape, plan: ParallelPlan, b_mb: int, seq_len: int,
+                  dtype: str) -> str:
+    """A header line for a mixture of experts: its expert parameters, and how ep splits them and their tokens."""
+    experts = sum(math.prod(p.shape) for p in model.params.values() if p.expert)
+    if not experts:
+        return ""
+    held = experts // plan.ep
+    line = (f"experts: {experts:,} of the params ({shape.n_experts} per MoE layer, top-{shape.top_k}); each rank "
+            f"holds {held:,} (ep{plan.ep}" + (f", then FSDP2 over dp/ep={plan.layout.dp_mod_ep}" if plan.ep > 1 and
+                                            plan.engine == "fsdp2" and plan.layout.dp_mod_ep > 1 else "") + ")")
+    if plan.ep > 1:
+        per_layer = dispatch_elems(shape, plan) * b_mb * (seq_len // plan.cp) * DTYPE_BYTES[dtype]
+        line += f"; dispatch buffers {human(per_layer)} per MoE layer per microbatch (in activations)"
+    return line + "\n"
+
+
 def estimate_report(model: ModelParams, shape: DecoderShape, plan: ParallelPlan, world_size: int, *,
                     global_batch: int, seq_len: int, dtype: str, title: str, optim_states: str = "fp32") -> str:
     """The ``plait plan estimate`` text: a header, the per-rank table, the peak rank."""
@@ -355,6 +398,7 @@ def estimate_report(model: ModelParams, shape: DecoderShape, plan: ParallelPlan,
               f"optimizer states {optim_states}\n"
               f"global batch {global_batch} x seq {seq_len}: {b_mb} sequences per microbatch per rank"
               + (f", {seq_len // plan.cp} tokens of each per cp rank" if plan.cp > 1 else "") + "\n"
+              + _experts_line(model, shape, plan, b_mb, seq_len, dtype)
               + (f"float8 ({plan.float8}): the blocks' matmuls take float8 inputs; parameters, gradients and "
                  "optimizer states keep the bytes above (float8 changes no stored tensor), activations are counted "
                  "as without it\n" if plan.float8 != "off" else ""))

@@ -19,9 +19,10 @@ def clip_grad_norm(modules: list[nn.Module], max_norm: float, mesh: DeviceMesh) 
     Squares are summed locally, per gradient, on its local tensor, grouped by the mesh dimensions the
     gradient is sharded over (DTensor ``Shard`` / ``_StridedShard`` placements; ``Replicate`` dims hold copies and plain
     tensors are replicated over every dimension but pp; a flattened dimension such as FSDP2's ``dp_cp``
-    counts as sharded over each dimension it spans). One small vector of group sums then takes at
-    most one all-reduce per mesh dimension of size > 1: along a dimension, the groups sharded over it
-    sum, the others keep the coordinate-0 copy; pp always sums (stages hold different parameters).
+    counts as sharded over each dimension it spans, and with expert parallelism ``dp`` over ``dp_mod_ep`` and
+    ``ep``; an expert parameter is sharded over ``ep`` and ``dp_mod_ep``, so each expert counts once). One small
+    vector of group sums then takes at most one all-reduce per mesh dimension of size > 1: along a dimension, the
+    groups sharded over it sum, the others keep the coordinate-0 copy; pp always sums (stages hold other parameters).
     Nothing waits on the host. Sums accumulate in float64 when a gradient is float64, else float32.
     Every rank must hold the same kinds of gradients (all DTensors or all plain), as parallelize does.
     """
@@ -68,7 +69,7 @@ def _local_shard(g: torch.Tensor, split: list[str], root_sizes: dict[str, int]) 
     # dim (dp_cp) splits it over each plan mesh dim it spans that has size > 1.
     sharded = frozenset(d for i, p in enumerate(g.placements)
                         if not (p.is_replicate() or p.is_partial()) and mesh.size(i) > 1
-                        for d in (root_dims(names[i]) if i < len(names) else (f"#{i}",))
+                        for d in (root_dims(names[i], tuple(root_sizes)) if i < len(names) else (f"#{i}",))
                         if root_sizes.get(d, 2) > 1)
     if not sharded <= set(split):
         raise ValueError(f"a gradient is sharded over mesh dims {sorted(sharded)} (its mesh: {names}), but the "

@@ -6,12 +6,15 @@
 The recipe, in torchtitan's order, each step on its named sub-mesh:
   1. build the model (same seed on every rank) and, with pp > 1, cut this rank's pipeline stages;
   2. tensor (+ sequence, loss) parallelism on ``mesh["tp"]``;
-  3. context parallelism on ``mesh["cp"]`` (ring attention, context_parallel.py);
+  3. expert parallelism on ``mesh["ep"]`` (expert_parallel.py: the spec's experts modules sharded, tokens
+     dispatched with all-to-all), context parallelism on ``mesh["cp"]`` (ring attention, context_parallel.py);
   4. activation checkpointing (off / full / selective), then ``plan.compile`` (each block, or the whole part:
      compile.py);
   5. mixed precision and data parallelism on ``data_mesh(mesh)``: ``mesh["dp"]``, or ``mesh["dp_cp"]``
      with cp > 1 (parameters are replicated over cp): DDP or FSDP2 per part (a DeepSpeed ZeRO engine
-     instead of steps 1-5 when the plan says zero1/2/3: DeepSpeed then owns the optimizer step);
+     instead of steps 1-5 when the plan says zero1/2/3: DeepSpeed then owns the optimizer step); with ep > 1 each
+     experts module first over ``mesh["dp_mod_ep"]`` (mesh.py; expert_parallel.py says how its gradients
+     become the mean over dp);
   6. one AdamW per part, and a train step that a pipeline schedule or a plain forward/backward drives;
      gradient clipping uses the global norm across tp, dp, cp and pp (one all-reduce per mesh dimension).
 
@@ -77,6 +80,7 @@ from plait.parallel.data_parallel import (
     full_parameters,
     to_device,
 )
+from plait.parallel.expert_parallel import apply_expert_parallel, sharded_experts
 from plait.parallel.float8 import after_optimizer_step, convert_model, float8_violations
 from plait.parallel.grad_clip import clip_grad_norm, comm_device
 from plait.parallel.kv_replication import replicated, sync_replicated_kv_grads
@@ -137,12 +141,17 @@ class Parallelized:
 
 
 def make_optimizer(params, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """AdamW over ``params``: multi-tensor (foreach) kernels unless the parameters are DTensors on different meshes
+    or DTensors and plain tensors mixed (expert parallelism: experts on (dp_mod_ep, ep), the rest on dp; tp with
+    replicated experts), which one foreach call cannot take."""
     cfg.check()
+    params = list(params)
+    foreach = len({p.device_mesh if isinstance(p, DTensor) else None for p in params}) <= 1
     if cfg.states != "fp32":
         return LowBitAdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay,
                            states=cfg.states)
     return torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay,
-                             foreach=True)
+                             foreach=foreach)
 
 
 def _set_lr(optimizers: list[torch.optim.Optimizer], lr: float) -> None:
@@ -184,9 +193,9 @@ def check_model(model: nn.Module, plan: ParallelPlan, spec: Any = None) -> nn.Mo
     name = getattr(spec, "name", None)
     family = f"family {name!r}" if name else f"{type(model).__name__} (no model spec given)"
     needs = (("tp", "tensor_parallel", "a tensor-parallel plan"), ("pp", "cut_stage", "a pipeline stage cut"),
-             ("cp", "attention", "an attention hook for ring attention"))
+             ("cp", "attention", "an attention hook for ring attention"), ("ep", "experts", "its experts modules"))
     for dim, attr, what in needs:
-        if getattr(plan, dim) > 1 and getattr(spec, attr, None) is None:
+        if getattr(plan, dim) > 1 and not getattr(spec, attr, None):
             raise PlanError(f"plan.{dim}={getattr(plan, dim)}: splitting a model over {dim} needs {what} from its "
                             f"family's spec (plait.models), and {family} has none: pass spec=model_spec(...) / "
                             f"spec_for_config(config), or use {dim}=1 (data parallelism only)")
@@ -244,6 +253,11 @@ def _shard_part(part: nn.Module, plan: ParallelPlan, mesh: DeviceMesh, device: t
     if plan.tp > 1:
         apply_tensor_parallel(part, mesh["tp"], spec, sequence_parallel=plan.sequence_parallel,
                               loss_parallel=plan.loss_parallel)
+    if plan.ep > 1:
+        try:
+            apply_expert_parallel(part, mesh["ep"], spec.experts, grad_scale=1 / plan.ep)
+        except ValueError as e:
+            raise PlanError(str(e)) from None
     if plan.cp > 1:
         apply_context_parallel(part, mesh["cp"], spec.attention)
     apply_activation_checkpointing(part, plan.activation_checkpointing)
@@ -252,7 +266,8 @@ def _shard_part(part: nn.Module, plan: ParallelPlan, mesh: DeviceMesh, device: t
         part.forward = under_autocast(part.forward, device.type)
     if _fsdp_applied(plan):
         # With tp > 1 the parameters are DTensors on mesh["tp"]; FSDP2 makes them 2-D (dp or dp_cp, tp).
-        apply_fsdp2(part, data_mesh(mesh), mixed_precision=plan.mixed_precision)
+        inner = [(m, mesh["dp_mod_ep"]) for m in sharded_experts(part)]
+        apply_fsdp2(part, data_mesh(mesh), mixed_precision=plan.mixed_precision, inner=inner)
         if fill is not None:
             fill(part)
         return part
@@ -279,7 +294,7 @@ def parallelize(build_model: Callable[[], nn.Module], plan: ParallelPlan, mesh: 
     (``build_model`` must make the folder's architecture, e.g. ``spec.build(config)``).
     ``init_seed`` (no ``weights``): built on meta too, each rank's shards drawn per parameter from
     (seed, name) by the family's ``init_value`` rule (meta_init.py): the same model under every plan."""
-    plan.check()  # (float8 with a ZeRO engine is refused here)
+    plan.check()  # (float8 with a ZeRO engine, ep with another engine, pp or cp are refused here)
     if plan.cp > 1:  # the rest is checked by plan.validate; these would fail deep inside an engine
         for msg in engine_violations(plan):
             raise PlanError(msg)

@@ -21,6 +21,13 @@ needs a float32 model (``model_dtype``): autocast leaves float64 operations in f
 ``float8="tensorwise"|"rowwise"`` trains the blocks' linears through torchao's float8 (float8.py): on a GPU of
 compute capability >= 8.9, or on the CPU in torchao's emulation mode; not with DeepSpeed ZeRO, nor a float64 model.
 
+``ep`` (expert parallelism, expert_parallel.py): a mixture-of-experts model's experts sharded over ep ranks, tokens
+sent to their experts' ranks and back with all-to-all. ep sits inside dp (``mesh.Layout``: dp = dp/ep x ep, not a
+factor of the world size): ep must divide dp and the number of experts, needs engine fsdp2 (expert parameters
+FSDP2-sharded over the dp/ep ranks holding the same experts, the rest over dp), pp == 1 and cp == 1, and a family
+whose spec names its experts modules (``ModelSpec.experts``). It composes with tp (attention split, experts
+replicated over tp) and activation checkpointing.
+
 ``cp`` (context parallelism, context_parallel.py): each of cp ranks holds a zigzag piece of every
 sequence and attention runs as ring attention. The ranks are laid out by ``mesh.Layout`` as
 ``arange(world).view(dp, pp, cp, tp)``; gradients are reduced, FSDP2 shards and the loss is averaged
@@ -58,6 +65,7 @@ class ParallelPlan:
     tp: int = 1
     pp: int = 1
     cp: int = 1  # context parallelism: ranks sharing each sequence (ring attention; pp == 1)
+    ep: int = 1  # expert parallelism: dp ranks the experts are split over (divides dp; expert_parallel.py)
     sequence_parallel: bool = False  # shard norms/residual activations along the sequence (needs tp > 1)
     loss_parallel: bool = False  # keep logits vocab-sharded into the cross-entropy (needs tp > 1)
     engine: str = "ddp"  # data-parallel engine: ddp | fsdp2 | zero1 | zero2 | zero3 (DeepSpeed)
@@ -88,7 +96,7 @@ class ParallelPlan:
     def check(self) -> None:
         """Checks that need no world size or model (also run when a spec is parsed)."""
         _check_types(self)
-        for name in ("dp", "tp", "pp", "cp", "microbatches", "virtual_stages"):
+        for name in ("dp", "tp", "pp", "cp", "ep", "microbatches", "virtual_stages"):
             if getattr(self, name) < 1:
                 raise PlanError(f"plan.{name}={getattr(self, name)}: must be >= 1")
         _one_of("engine", self.engine, ENGINES)
@@ -101,6 +109,8 @@ class ParallelPlan:
         _one_of("float8", self.float8, FLOAT8_RECIPES)
         _one_of("compile", self.compile, COMPILE_MODES)
         for msg in float8_violations(self.float8, self.engine):
+            raise PlanError(msg)
+        for msg in expert_violations(self):
             raise PlanError(msg)
 
     def validate(self, world_size: int, model: Any = None, batch_per_dp_rank: int | None = None, *,
@@ -123,6 +133,8 @@ class ParallelPlan:
             raise PlanError(msg + fix)
         for msg in context_violations(self, model, seq_len):
             raise PlanError(msg)
+        for msg in expert_violations(self, model):
+            raise PlanError(msg)
         for msg in schedule_violations(self):
             raise PlanError(msg)
         for msg in engine_violations(self):
@@ -134,7 +146,8 @@ class ParallelPlan:
             )
 
     def describe(self) -> str:
-        parts = [f"dp{self.dp}({self.engine})", *([f"cp{self.cp}"] if self.cp > 1 else []),
+        parts = [f"dp{self.dp}({self.engine})", *([f"ep{self.ep}"] if self.ep > 1 else []),
+                 *([f"cp{self.cp}"] if self.cp > 1 else []),
                  f"tp{self.tp}" + ("+sp" if self.sequence_parallel else ""), f"pp{self.pp}"]
         if self.pp > 1:
             parts.append(f"{self.schedule}x{self.microbatches}mb" + (f"/v{self.virtual_stages}"
@@ -223,6 +236,41 @@ def sequence_violations(plan: ParallelPlan, seq_len: int | None) -> list[str]:
             f"{fit + 2 * plan.cp}, or another cp"]
 
 
+def expert_violations(plan: ParallelPlan, model: Any = None) -> list[str]:
+    """What expert parallelism (ep > 1) cannot run with (see expert_parallel.py); ``model`` (a DecoderShape or
+    None) adds the checks against the model: a family with experts, ep dividing their number."""
+    if plan.ep == 1:
+        return []
+    ep, out = plan.ep, []
+    if plan.dp % ep:
+        good = plan.dp - plan.dp % ep if plan.dp >= ep else ep
+        out.append(f"plan.ep={ep} must divide plan.dp={plan.dp}: expert parallelism splits the data-parallel ranks "
+                   f"into dp/ep groups of ep (each holds every expert once); use dp={good},ep={ep} or an ep "
+                   f"dividing {plan.dp}")
+    if plan.engine != "fsdp2":
+        why = ("DDP would average the expert gradients over ranks that hold other experts" if plan.engine == "ddp"
+               else "DeepSpeed ZeRO flattens parameters over the whole world and cannot keep experts apart")
+        out.append(f"plan.ep={ep} with plan.engine={plan.engine!r}: {why}; use engine='fsdp2' (expert parameters "
+                   f"sharded over the dp/ep ranks holding the same experts, the others over dp)")
+    if plan.pp > 1:
+        out.append(f"plan.ep={ep} with plan.pp={plan.pp}: expert parallelism does not combine with pipeline stages in "
+                   f"Plait (the auxiliary load-balancing loss spans every layer's router, which no single stage "
+                   f"sees); use pp=1, e.g. dp={plan.dp * plan.pp},ep={ep},tp={plan.tp}")
+    if plan.cp > 1:
+        out.append(f"plan.ep={ep} with plan.cp={plan.cp}: expert parallelism over context-parallel ranks is not "
+                   f"built in Plait; use cp=1, e.g. dp={plan.dp * plan.cp},ep={ep},tp={plan.tp}")
+    shape = decoder_shape(model)
+    if model is not None and (shape is None or "ep" not in shape.supports or not shape.n_experts):
+        who = f"the model family ({shape.family})" if shape is not None and shape.family else "the model"
+        out.append(f"plan.ep={ep}: {who} has no mixture-of-experts layers (its spec names no experts modules): "
+                   f"use ep=1 (dp={plan.dp} stays data parallelism)")
+    elif shape is not None and shape.n_experts % ep:
+        fits = [d for d in range(2, shape.n_experts + 1) if shape.n_experts % d == 0 and plan.dp % d == 0]
+        out.append(f"model.n_experts={shape.n_experts} is not divisible by plan.ep={ep} (each ep rank holds an "
+                   f"equal share of the experts): use ep in {fits or [1]}")
+    return out
+
+
 def schedule_violations(plan: ParallelPlan) -> list[str]:
     """What torch's schedule constructors would refuse (see pipeline.check_schedule), before launch."""
     if plan.pp == 1:
@@ -272,10 +320,11 @@ def suggest_plan(world_size: int, model: Any, like: ParallelPlan) -> str:
                         sequence_parallel=like.sequence_parallel and tp > 1,
                         loss_parallel=like.loss_parallel and tp > 1,
                         microbatches=max(like.microbatches, pp))
-        if trial.engine != "fsdp2" and dp * cp > 1 and (tp > 1 or pp > 1 or (cp > 1 and trial.engine != "ddp")):
+        if trial.engine != "fsdp2" and dp * cp > 1 and (tp > 1 or pp > 1 or like.ep > 1
+                                                         or (cp > 1 and trial.engine != "ddp")):
             trial = replace(trial, engine="fsdp2")
         if (model_violations(trial, model) or context_violations(trial, model) or schedule_violations(trial)
-                or engine_violations(trial)):
+                or engine_violations(trial) or expert_violations(trial, model)):
             continue
         distance = abs(tp - like.tp) + abs(pp - like.pp) + abs(cp - like.cp)
         candidates.append((distance, -dp, trial))
@@ -286,7 +335,8 @@ def suggest_plan(world_size: int, model: Any, like: ParallelPlan) -> str:
     if best.pp > 1 and best.microbatches != like.microbatches:
         extra += f",microbatches={best.microbatches}"
     cp = f",cp={best.cp}" if best.cp > 1 or like.cp > 1 else ""
-    return f"dp={best.dp},tp={best.tp},pp={best.pp}{cp}{extra}"
+    ep = f",ep={best.ep}" if best.ep > 1 else ""
+    return f"dp={best.dp}{ep},tp={best.tp},pp={best.pp}{cp}{extra}"
 
 
 def _factorisations(world_size: int) -> list[tuple[int, int, int]]:

@@ -28,6 +28,8 @@ class DecoderShape:
     family: str = ""  # the spec's name, for messages
     supports: tuple[str, ...] = ("tp", "pp", "cp")  # the dimensions the family's spec can split it over
     extra_tp_sizes: dict[str, int] = field(default_factory=dict)  # more sizes tp splits, by their config name
+    n_experts: int = 0  # experts per mixture-of-experts layer (0: a dense model); ep divides it
+    top_k: int = 0  # experts each token is routed to (the estimator's dispatch buffers)
 
     def tp_sizes(self) -> dict[str, int]:
         """What tensor parallelism splits, by the names messages use."""
