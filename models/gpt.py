@@ -116,7 +116,8 @@ class GPTConfig:
             return DecoderShape(vocab_size=self.vocab_size, d_model=self.d_model, n_layers=self.n_layers,
                                 n_heads=self.n_heads, n_kv_heads=self.kv_heads, head_dim=self.head_dim,
                                 ffn_hidden=self.moe_hidden, family="gpt", supports=("tp", "ep"),
-                                extra_tp_sizes={"model.d_model": self.d_model})
+                                extra_tp_sizes={"model.d_model": self.d_model}, n_experts=self.n_experts,
+                                top_k=self.experts_top_k)
         return DecoderShape(vocab_size=self.vocab_size, d_model=self.d_model, n_layers=self.n_layers,
                             n_heads=self.n_heads, n_kv_heads=self.kv_heads, head_dim=self.head_dim,
                             ffn_hidden=self.hidden, family="gpt", extra_tp_sizes={"model.d_model": self.d_model})

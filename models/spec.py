@@ -156,7 +156,8 @@ def model_params(spec: ModelSpec, config: Any) -> ModelParams:
             shape=tuple(p.shape), layer=layer,
             end="" if m else ("first" if name in first_stage else "last"),
             tp_dim=_tp_dim(style, modules.get(owner), leaf),
-            kv_heads=shape.n_kv_heads if m and rel in spec.kv_projections else 0)
+            kv_heads=shape.n_kv_heads if m and rel in spec.kv_projections else 0,
+            expert=bool(m) and any(rel == e or rel.startswith(e + ".") for e in spec.experts))
     buffers = sum(b.numel() for b in model.buffers())
     return ModelParams(params, buffer_elems=buffers, n_layers=shape.n_layers,
                        meta={"params": sum(math.prod(i.shape) for i in params.values())})

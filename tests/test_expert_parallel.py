@@ -4,8 +4,8 @@ gradient, the global gradient norm); DCP checkpoints reshard ep2 <-> ep1; imposs
 (with a plan that works).
 
 Under data parallelism the reference is the MEAN over dp ranks of each rank's local-batch loss and gradients
-(HF's auxiliary loss is a statistic of the batch it sees). The MoE spec is test-local (llama's, with
-``experts=("mlp.experts",)`` and a tp plan that leaves the MoE block replicated) until the families' specs land.
+(HF's auxiliary loss is a statistic of the batch it sees). The models are transformers' own classes, split through
+the families' specs (models/mixtral.py, models/qwen3_moe.py).
 """
 
 from __future__ import annotations
@@ -15,9 +15,7 @@ import re
 
 import pytest
 import torch
-from plait.models.llama import SPEC as LLAMA
-from plait.models.llama import decoder_tp_plan, shard_decoder
-from plait.models.spec import ModelSpec
+from plait.models import model_spec
 from plait.parallel.estimate import ModelParams, ParamInfo, estimate_memory, estimate_report
 from plait.parallel.expert_parallel import expert_parameters
 from plait.parallel.mesh import Layout, build_mesh
@@ -25,35 +23,11 @@ from plait.parallel.names import clean_fqn
 from plait.parallel.parallelize import OptimConfig, parallelize
 from plait.parallel.plan import ParallelPlan, PlanError
 from plait.parallel.shape import DecoderShape
-from plait.parallel.tensor_parallel import act_layout
 from plait.runtime import run_ranks
-from torch.distributed.tensor import DTensor, Replicate
-from torch.distributed.tensor.parallel import PrepareModuleInput
+from torch.distributed.tensor import DTensor
 
 TOL = 1e-10
 ROWS, SEQ, VOCAB = 2, 8, 64  # sequences per dp rank, tokens per sequence
-
-
-@dataclasses.dataclass(frozen=True)
-class MoESpec(ModelSpec):
-    experts: tuple[str, ...] = ()
-
-
-def moe_tensor_parallel(model, mesh, sp: bool, lp: bool) -> None:
-    """Llama's plan without its mlp projections: the MoE block gets its input Replicate as a plain tensor; router
-    and experts are replicated over tp (attention is split)."""
-    head_norms = hasattr(model.model.layers[0].self_attn, "q_norm")
-    top, block = decoder_tp_plan(sp, lp, head_norms)
-    block = {k: v for k, v in block.items() if not k.startswith("mlp.")}
-    block["mlp"] = PrepareModuleInput(input_layouts=(act_layout(sp),), desired_input_layouts=(Replicate(),),
-                                      use_local_output=True)
-    shard_decoder(model, mesh, sp, lp, (top, block))
-
-
-SPEC = MoESpec(**{f.name: getattr(LLAMA, f.name) for f in dataclasses.fields(ModelSpec)},
-               experts=("mlp.experts",))
-SPEC = dataclasses.replace(SPEC, name="moe-test", hf_model_types=("mixtral", "qwen3_moe"),
-                           tensor_parallel=moe_tensor_parallel)
 
 
 def build(kind: str, seed: int = 0, norm_topk: bool = True) -> torch.nn.Module:
@@ -106,7 +80,7 @@ def compare(ctx, kind: str, plan: ParallelPlan, **model_kw) -> dict:
     dp_rank = mesh.get_local_rank("dp")
     ref = reference(kind, plan.dp, dp_rank, **model_kw)
     parts = parallelize(lambda: build(kind, **model_kw), plan, mesh, ctx.device, OptimConfig(lr=0.0, grad_clip=1e9),
-                        loss_fn=lambda out, _targets: out.loss, spec=SPEC)
+                        loss_fn=lambda out, _targets: out.loss, spec=model_spec(kind))
     model = parts.modules[0]
     out = model(**batch(dp_rank))
     out.loss.backward()
@@ -141,13 +115,13 @@ def dcp_roundtrip(ctx, folder: str, save_ep: int, load_ep: int) -> float:
     plans = {ep: ParallelPlan(dp=2, ep=ep, engine="fsdp2") for ep in (save_ep, load_ep)}
     mesh = build_mesh(plans[save_ep], "cpu")
     a = parallelize(lambda: build("mixtral"), plans[save_ep], mesh, ctx.device, OptimConfig(lr=1e-2),
-                    loss_fn=lambda out, _t: out.loss, spec=SPEC)
+                    loss_fn=lambda out, _t: out.loss, spec=model_spec("mixtral"))
     a.train_step(batch(mesh.get_local_rank("dp")), None, 1e-2)
     ModelOptimizer(a.modules, a.optimizers).save_to(folder)
     saved = {clean_fqn(n): _full(p.detach()) for n, p in a.modules[0].named_parameters()}
     mesh = build_mesh(plans[load_ep], "cpu")
     b = parallelize(lambda: build("mixtral", seed=1), plans[load_ep], mesh, ctx.device, OptimConfig(lr=1e-2),
-                    loss_fn=lambda out, _t: out.loss, spec=SPEC)
+                    loss_fn=lambda out, _t: out.loss, spec=model_spec("mixtral"))
     ModelOptimizer(b.modules, b.optimizers).load_from(folder)
     return max((_full(p.detach()) - saved[clean_fqn(n)]).abs().max().item() for n, p in b.modules[0].named_parameters())
 
@@ -254,4 +228,4 @@ def test_ep_without_experts_in_the_spec_is_refused_on_the_rank():
     from plait.parallel.parallelize import check_model
 
     with pytest.raises(PlanError, match="needs its experts modules"):
-        check_model(torch.nn.Linear(2, 2), ParallelPlan(dp=2, ep=2, engine="fsdp2"), LLAMA)
+        check_model(torch.nn.Linear(2, 2), ParallelPlan(dp=2, ep=2, engine="fsdp2"), model_spec("llama"))

@@ -20,6 +20,7 @@ tp rank routes and computes every token alike, and its parameters stay plain ten
 from __future__ import annotations
 
 import copy
+import dataclasses
 from typing import Any
 
 import torch
@@ -52,7 +53,11 @@ def build_moe(config: Any) -> nn.Module:
 
 
 def moe_shape(config: Any, family: str) -> DecoderShape:
-    return hf_shape(config, family, supports=MOE_SUPPORTS)
+    """Mixtral (``num_local_experts``) and Qwen3-MoE (``num_experts``) alike, with their top-k."""
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    experts = getattr(text, "num_local_experts", None) or getattr(text, "num_experts", 0)
+    return dataclasses.replace(hf_shape(config, family, supports=MOE_SUPPORTS), n_experts=experts,
+                               top_k=text.num_experts_per_tok)
 
 
 def moe_decoder_tp_plan(sequence_parallel: bool = False, loss_parallel: bool = False, head_norms: bool = False
