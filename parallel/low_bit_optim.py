@@ -103,8 +103,14 @@ class Code:
     def nearest(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 index of the nearest code to each element of float32 ``x`` (values in [-1, 1])."""
         x = x.to(torch.float32).contiguous()
-        below = self.table[((x.view(torch.int32) >> 12) & 0xFFFFF).long()]
-        return below + (x > self.mids[below.long()]).to(torch.uint8)
+        keys = ((x.view(torch.int32) >> 12) & 0xFFFFF).reshape(-1)
+        below = self.table.index_select(0, keys)  # index_select: several times faster than x[idx] on CPU
+        above = x.reshape(-1) > self.mids.index_select(0, below.int())
+        return (below + above.to(torch.uint8)).reshape(x.shape)
+
+    def lookup(self, q: torch.Tensor) -> torch.Tensor:
+        """The code values of uint8 indices ``q`` (float32, q's shape)."""
+        return self.values.index_select(0, q.reshape(-1).int()).reshape(q.shape)
 
 
 def block_len(cols: int, block: int = BLOCK) -> int:
@@ -177,7 +183,7 @@ def dequantize(q: torch.Tensor, scales: torch.Tensor, code: Code,
                piece: RowPiece | None = None) -> torch.Tensor:
     piece = piece or whole_rows(q)
     j0, n, _, _ = piece.span
-    values = _blocked(code.values[q.long()], piece)
+    values = _blocked(code.lookup(q), piece)
     values = values * scales.reshape(-1, piece.blocks)[:, j0:j0 + n, None]
     return _unblocked(values, piece, q.shape)
 
