@@ -2,7 +2,7 @@
 
     apply_compile(part, "blocks")     # each repeated block compiled on its own (model.layers / model.model.layers)
     apply_compile(part, "model")      # the whole part as one compiled region
-    compile_violations("blocks", "zero2")   # the refusals, each naming why and a plan that works
+    compile_violations(plan)          # the refusals, each naming why and a plan that works
 
 ``blocks`` compiles every transformer block separately, in place (the module's ``_call_impl``, as
 ``nn.Module.compile`` does: parameter names, checkpoints and hooks are unchanged); blocks of the same structure
@@ -26,7 +26,9 @@ What does not trace, and what is done instead:
     backward that torch 2.13 hands to the DTensor redistribute's backward as a plain tensor (AttributeError
     '_local_tensor'). Such inputs are waited for and copied (``clone``, one activation per step) before the
     compiled region is entered, so its inputs are plain tensors; the copy keeps the autograd edge.
-  * DeepSpeed ZeRO engines (zero1/2/3) build the model their own way: refused (``compile_violations``).
+  * refused (``compile_violations``): DeepSpeed ZeRO engines (they build the model their own way: the compile
+    step never runs); ``model`` under FSDP2 (its per-block hooks are compiler-disabled: no full graph); cp with
+    activation checkpointing (a graph break inside a checkpoint: dynamo leaves the whole block eager).
 """
 
 from __future__ import annotations
@@ -43,16 +45,29 @@ from torch.distributed._functional_collectives import AsyncCollectiveTensor
 MODES = ("off", "blocks", "model")
 
 
-def compile_violations(mode: str, engine: str) -> list[str]:
-    """Why ``plan.compile=mode`` cannot run with ``plan.engine=engine`` (empty: it can). The plan calls it from
-    ``check()``; an unknown mode is the plan's own one-of check."""
+def compile_violations(plan: Any) -> list[str]:
+    """Why ``plan.compile`` cannot run with the rest of ``plan`` (a ParallelPlan; empty: it can). Meant for the
+    plan's ``check()``; an unknown mode is the plan's own one-of check."""
+    mode = plan.compile
     if mode == "off" or mode not in MODES:
         return []
-    if engine.startswith("zero"):
-        return [f"plan.compile={mode!r} with engine={engine!r}: a DeepSpeed ZeRO engine wraps the model itself and "
-                f"Plait's compile step never runs there (it would be silently eager); use engine=\"fsdp2\" (ZeRO-3's "
-                f"sharding) or \"ddp\" with compile={mode!r}, or compile=\"off\" with {engine}"]
-    return []
+    out = []
+    if plan.engine.startswith("zero"):
+        out.append(f"plan.compile={mode!r} with engine={plan.engine!r}: a DeepSpeed ZeRO engine wraps the model "
+                   f"itself and Plait's compile step never runs there (it would be silently eager); use "
+                   f"engine=\"fsdp2\" (ZeRO-3's sharding) or \"ddp\" with compile={mode!r}, or compile=\"off\" with "
+                   f"{plan.engine}")
+    if mode == "model" and plan.engine == "fsdp2" and plan.dp * plan.cp > 1:
+        out.append("plan.compile='model' with engine='fsdp2' (dp*cp > 1): FSDP2's per-block hooks are "
+                   "torch.compiler.disable'd, so one graph for the whole model cannot hold them (dynamo stops at "
+                   "'Attempted to call function marked as skipped'); use compile=\"blocks\" (each block compiled "
+                   "inside its FSDP2 unit, as torchtitan does), or engine=\"ddp\" with compile=\"model\"")
+    if plan.cp > 1 and plan.activation_checkpointing != "off":
+        out.append(f"plan.compile={mode!r} with cp={plan.cp} and activation_checkpointing="
+                   f"{plan.activation_checkpointing!r}: ring attention is a graph break, and dynamo cannot compile a "
+                   f"checkpointed region with a graph break inside, so every checkpointed block would run eagerly "
+                   f"(nothing compiled); use activation_checkpointing=\"off\" with cp and compile, or compile=\"off\"")
+    return out
 
 
 def apply_compile(part: nn.Module, mode: str, *, fullgraph: bool | None = None) -> nn.Module:
