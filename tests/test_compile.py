@@ -41,11 +41,10 @@ def train(ctx, kwargs: dict, steps: int = STEPS, seq: int = SEQ) -> dict:
     """``steps`` steps of ``kwargs``'s plan; the losses and the graphs compiled in step 1 and after it."""
     torch._dynamo.reset()
     plan = ParallelPlan(**kwargs)
-    plan.validate(ctx.world_size if ctx else 1, CFG, BATCH // plan.dp, model_dtype=torch.float32)
+    plan.validate(ctx.world_size, CFG, BATCH // plan.dp, model_dtype=torch.float32)
     torch.manual_seed(0)
     mesh = build_mesh(plan, "cpu")
-    parts = parallelize(lambda: GPT(CFG), plan, mesh, ctx.device if ctx else torch.device("cpu"), OPTIM,
-                        global_batch=BATCH, spec=model_spec("gpt"))
+    parts = parallelize(lambda: GPT(CFG), plan, mesh, ctx.device, OPTIM, global_batch=BATCH, spec=model_spec("gpt"))
     rows = BATCH // plan.dp
     dp_rank = mesh.get_local_rank("dp") if plan.dp > 1 else 0
     mine = _tokens(seq)[dp_rank * rows:(dp_rank + 1) * rows]
