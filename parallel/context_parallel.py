@@ -37,6 +37,13 @@ from plait.parallel.ring_attention import ring_attention, shard_positions, shard
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
+RING_MARK = "_plait_ring_attention"
+
+
+def uses_ring_attention(model: nn.Module) -> bool:
+    """Whether ``apply_context_parallel`` made ``model``'s attention cores ring attention."""
+    return bool(getattr(model, RING_MARK, False))
+
 
 class RingCore:
     """An attention core as ring attention over a cp process group: ``core(q, k, v, scale=, window=, softcap=)``
@@ -46,6 +53,7 @@ class RingCore:
     def __init__(self, group, cp: int):
         self.group, self.cp = group, cp
 
+    @torch.compiler.disable  # send/recv inside an autograd.Function: dynamo cannot trace it (compile.py)
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
                  window: int | None = None, softcap: float | None = None) -> torch.Tensor:
         if softcap:
@@ -68,6 +76,7 @@ def apply_context_parallel(model: nn.Module, cp_mesh: DeviceMesh, hooks: Any) ->
     if cp == 1:
         return model
     hooks.set_core(model, RingCore(cp_mesh.get_group(), cp))
+    setattr(model, RING_MARK, True)  # plan.compile: a graph break at each attention core (compile.py)
     model.register_forward_pre_hook(_positions_hook(cp_mesh.get_local_rank(), cp, hooks.positions_kwarg),
                                     with_kwargs=True)
     return model
