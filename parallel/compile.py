@@ -28,7 +28,8 @@ What does not trace, and what is done instead:
     compiled region is entered, so its inputs are plain tensors; the copy keeps the autograd edge.
   * refused (``compile_violations``): DeepSpeed ZeRO engines (they build the model their own way: the compile
     step never runs); ``model`` under FSDP2 (its per-block hooks are compiler-disabled: no full graph); cp with
-    activation checkpointing (a graph break inside a checkpoint: dynamo leaves the whole block eager).
+    activation checkpointing (a graph break inside a checkpoint: dynamo leaves the whole block eager); a
+    mixture-of-experts model (dropless routing reads per-expert counts on the host: a graph break per layer).
 """
 
 from __future__ import annotations
@@ -45,13 +46,20 @@ from torch.distributed._functional_collectives import AsyncCollectiveTensor
 MODES = ("off", "blocks", "model")
 
 
-def compile_violations(plan: Any) -> list[str]:
+def compile_violations(plan: Any, experts: int = 0) -> list[str]:
     """Why ``plan.compile`` cannot run with the rest of ``plan`` (a ParallelPlan; empty: it can). Meant for the
-    plan's ``check()``; an unknown mode is the plan's own one-of check."""
+    plan's ``check()``; an unknown mode is the plan's own one-of check. ``experts``: the model's experts per
+    mixture-of-experts layer (0: dense, or unknown)."""
     mode = plan.compile
     if mode == "off" or mode not in MODES:
         return []
     out = []
+    if experts:
+        out.append(f"plan.compile={mode!r} with a mixture-of-experts model ({experts} experts per layer): dropless "
+                   f"routing sizes each expert's token group, and the expert-parallel all-to-all its splits, from "
+                   f"counts read on the host (.tolist(), a graph break; transformers' MoE blocks also read a "
+                   f"ContextVar dynamo cannot trace), so no block would compile whole; use compile=\"off\" for MoE "
+                   f"models")
     if plan.engine.startswith("zero"):
         out.append(f"plan.compile={mode!r} with engine={plan.engine!r}: a DeepSpeed ZeRO engine wraps the model "
                    f"itself and Plait's compile step never runs there (it would be silently eager); use "

@@ -68,7 +68,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 from plait.parallel.activation_checkpoint import apply_activation_checkpointing
-from plait.parallel.compile import apply_compile
+from plait.parallel.compile import apply_compile, compile_violations
 from plait.parallel.context_parallel import apply_context_parallel, shard_batch
 from plait.parallel.data_parallel import (
     ZERO_STAGES,
@@ -199,6 +199,11 @@ def check_model(model: nn.Module, plan: ParallelPlan, spec: Any = None) -> nn.Mo
             raise PlanError(f"plan.{dim}={getattr(plan, dim)}: splitting a model over {dim} needs {what} from its "
                             f"family's spec (plait.models), and {family} has none: pass spec=model_spec(...) / "
                             f"spec_for_config(config), or use {dim}=1 (data parallelism only)")
+    experts = getattr(spec, "experts", ())
+    if plan.compile != "off" and experts and any(n.endswith(tuple("." + e for e in experts))
+                                                 for n, _ in model.named_modules()):
+        for msg in compile_violations(plan, experts=1):
+            raise PlanError(msg)
     if plan.mixed_precision == "bf16":
         other = {str(p.dtype) for p in model.parameters() if p.is_floating_point() and p.dtype != torch.float32}
         if other:

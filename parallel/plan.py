@@ -42,6 +42,7 @@ from typing import Any
 
 from plait.parallel.activation_checkpoint import MODES as CHECKPOINTING
 from plait.parallel.compile import MODES as COMPILE_MODES
+from plait.parallel.compile import compile_violations
 from plait.parallel.data_parallel import ENGINES, PRECISIONS, check_engine_combination
 from plait.parallel.float8 import RECIPES as FLOAT8_RECIPES
 from plait.parallel.float8 import float8_violations
@@ -110,6 +111,8 @@ class ParallelPlan:
         _one_of("compile", self.compile, COMPILE_MODES)
         for msg in float8_violations(self.float8, self.engine):
             raise PlanError(msg)
+        for msg in compile_violations(self):
+            raise PlanError(msg)
         for msg in expert_violations(self):
             raise PlanError(msg)
 
@@ -134,6 +137,9 @@ class ParallelPlan:
         for msg in context_violations(self, model, seq_len):
             raise PlanError(msg)
         for msg in expert_violations(self, model):
+            raise PlanError(msg)
+        shape = decoder_shape(model)
+        for msg in compile_violations(self, shape.n_experts if shape is not None else 0):
             raise PlanError(msg)
         for msg in schedule_violations(self):
             raise PlanError(msg)

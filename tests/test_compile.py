@@ -134,6 +134,12 @@ def test_refusals_name_the_fix():
                  dict(cp=2, compile="blocks"), dict(dp=2, engine="fsdp2", activation_checkpointing="full",
                                                      compile="blocks")):
         assert compile_violations(ParallelPlan(**fine)) == [], fine
+    # checked in plan.check() (a spec's [plan] is refused when read) and, with the model, in validate: an MoE model
+    with pytest.raises(PlanError, match="ZeRO engine wraps the model itself"):
+        ParallelPlan(dp=2, engine="zero2", compile="blocks").check()
+    moe = GPTConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_experts=4)
+    with pytest.raises(PlanError, match=r"mixture-of-experts model \(4 experts per layer\).*compile=\"off\""):
+        ParallelPlan(dp=2, compile="blocks").validate(2, moe)
     with pytest.raises(ValueError, match=r"plan.compile='fast': choose one of off, blocks, model"):
         apply_compile(GPT(CFG), "fast")
     with pytest.raises(TypeError, match=r"plan.compile='blocks' needs the blocks in model.layers.*"
