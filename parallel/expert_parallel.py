@@ -153,8 +153,12 @@ class ExpertDispatch:
         ones = torch.ones(rows.shape[0], 1, dtype=rows.dtype, device=rows.device)
         with _reparametrize_module(module, params):
             out = self.forward(rows, local_ids[:, None], ones)
-        if rows.shape[0] == 0:  # no token for this rank's experts: zero gradients, so every rank reduces them
-            out = out + sum(p.sum() for p in params.values()) * 0
+        if rows.shape[0] == 0:
+            # No token for this rank's experts: the (empty) output still depends on the received rows and on every
+            # local expert parameter (zero gradients), so this rank's backward runs the dispatch's reverse
+            # all-to-all and FSDP2's gradient reduce-scatter like every other rank does (without the rows' edge
+            # it skipped the all-to-all and the group hung).
+            out = out + (rows.sum() + sum(p.sum() for p in params.values())) * 0
         back = _AllToAll.apply(out, send, recv, group, self.grad_scale)
         pairs = torch.empty_like(back).index_copy(0, order, back)  # back to (token, k) order
         weights = top_k_weights.to(pairs.dtype).reshape(tokens, k, 1)
