@@ -1,5 +1,5 @@
 """GPT-MoE (models/moe.py, models/gpt.py's n_experts): routing invariants, the balance and z-loss values, config
-refusals, and a short data-parallel training run of examples/gpt_moe.toml whose loss falls and whose experts are
+refusals, and a short expert-parallel (ep2) training run of examples/gpt_moe.toml whose loss falls and whose experts are
 all used (the step metrics carry the aux term and the busiest expert's share)."""
 
 import json
