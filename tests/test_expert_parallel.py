@@ -156,7 +156,32 @@ def skewed_routing(ctx) -> float:
     return max((ya - yb).abs().max().item(), (xa.grad - xb.grad).abs().max().item())
 
 
-def two_ranks(ctx, folder: str) -> dict:
+def hf_folder_under_ep2(ctx, src: str, dst: str) -> float:
+    """A Mixtral folder (transformers' per-expert tensors) loaded by parallelize(weights=...) under dp2 x ep2
+    FSDP2 (meta build, each rank reading only its experts) gives transformers' own logits; the export from those
+    shards goes to ``dst``. Max |logit difference| on this rank's batch."""
+    from plait.models.hf.export import export_hf_folder
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.from_pretrained(src)
+    spec = model_spec("mixtral")
+    plan = ParallelPlan(dp=2, ep=2, engine="fsdp2")
+    mesh = build_mesh(plan, "cpu")
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        parts = parallelize(lambda: spec.build(cfg), plan, mesh, ctx.device, OptimConfig(), weights=src, spec=spec)
+    finally:
+        torch.set_default_dtype(previous)
+    native = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float64, experts_implementation="eager")
+    x = batch(mesh.get_local_rank("dp"))["input_ids"]
+    with torch.no_grad():
+        diff = (parts.modules[0](input_ids=x).logits - native(input_ids=x).logits).abs().max().item()
+    export_hf_folder(parts.modules[0], dst, cfg, spec=spec)
+    return diff
+
+
+def two_ranks(ctx, folder: str, hf_src: str) -> dict:
     fsdp = dict(dp=2, ep=2, engine="fsdp2")
     out = {
         "mixtral_ep2": compare(ctx, "mixtral", ParallelPlan(**fsdp)),
@@ -167,6 +192,7 @@ def two_ranks(ctx, folder: str) -> dict:
         "qwen3_moe_tp2": compare(ctx, "qwen3_moe", ParallelPlan(tp=2)),
     }
     out["skewed_routing"] = skewed_routing(ctx)
+    out["hf_folder_ep2"] = hf_folder_under_ep2(ctx, hf_src, f"{folder}/hf_out")
     out["dcp_ep2_to_ep1"] = dcp_roundtrip(ctx, f"{folder}/ep2", 2, 1)
     out["dcp_ep1_to_ep2"] = dcp_roundtrip(ctx, f"{folder}/ep1", 1, 2)
     return out
@@ -202,9 +228,18 @@ def moe_params(kind: str) -> ModelParams:
 
 
 @pytest.mark.slow
-def test_ep2_tp2_and_ep2_with_checkpointing_equal_the_unsharded_model_and_dcp_reshards(ray_cluster, tmp_path):
-    for records in run_ranks(two_ranks, 2, str(tmp_path / "dcp"), run_dir=tmp_path / "run"):
+def test_ep2_tp2_and_checkpointing_equal_the_unsharded_model_dcp_reshards_hf_folders_load(ray_cluster, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    source = build("mixtral")  # float64, the experts drawn
+    source.save_pretrained(tmp_path / "hf_src")  # per-expert tensors, as transformers writes them
+    for records in run_ranks(two_ranks, 2, str(tmp_path / "dcp"), str(tmp_path / "hf_src"), run_dir=tmp_path / "run"):
         _assert_equal(records)
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "dcp" / "hf_out", dtype=torch.float64,
+                                                    experts_implementation="eager")
+    x = batch(0)["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(exported(input_ids=x).logits, source(input_ids=x).logits)
 
 
 @pytest.mark.slow
