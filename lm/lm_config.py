@@ -155,6 +155,21 @@ class Config:
             raise ValueError(optim_states_refusal(self.plan.engine, self.train.optim.states))
 
 
+def check_experts(cfg: Config, n_experts: int) -> None:
+    """What a mixture-of-experts model (``n_experts`` per MoE layer, from the family's shape) cannot train with."""
+    if not n_experts:
+        return
+    if cfg.train.mode != "full":
+        raise ValueError(f"train.mode={cfg.train.mode!r} with a mixture-of-experts model ({n_experts} experts per "
+                         "layer): chunk-wise training computes the cross-entropy chunk by chunk and would drop the "
+                         "experts' balance and z-loss (a statistic of the whole batch's routing); use "
+                         "train.mode='full'")
+    if cfg.export.hf == "always" and not cfg.model.path:
+        raise ValueError(f"export.hf='always' with model.n_experts={n_experts}: Plait's GPT-MoE has no Hugging Face "
+                         "layout (a GPT exports as a Llama, which has no experts); use export.hf='never' (DCP "
+                         "checkpoints keep the trained model)")
+
+
 def check_batch(cfg: Config) -> None:
     """After the world check (validate): the global batch splits over the dp ranks."""
     for msg in batch_violations(cfg.plan, cfg.train.global_batch):

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from plait.lm.chunkwise import seco_step, spaco_step
-from plait.lm.lm_config import Config, check_batch, model_config
+from plait.lm.lm_config import Config, check_batch, check_experts, model_config
 from plait.models.moe import ExpertLoad
 from plait.models.spec import ModelSpec, model_params
 from plait.parallel.data_parallel import call_model, to_device
@@ -52,6 +52,7 @@ def validate(cfg: Config, world_size: int) -> None:
     spec, model_cfg = model_config(cfg.model)
     cfg.plan.validate(world_size, spec.shape(model_cfg), cfg.train.global_batch // cfg.plan.dp,
                       world_name="workers.num", model_dtype=cfg.train.dtype, seq_len=cfg.train.seq_len)
+    check_experts(cfg, spec.shape(model_cfg).n_experts)
     limit = getattr(model_cfg, "max_seq_len", None) or getattr(model_cfg, "max_position_embeddings", None)
     if limit and cfg.train.seq_len > limit:
         raise ValueError(f"train.seq_len={cfg.train.seq_len} exceeds the model's {limit} positions (model.max_seq_len "
@@ -260,7 +261,6 @@ def full_step(parts: Parallelized, cfg: Config):
 def chunkwise_step(parts: Parallelized, cfg: Config, device: torch.device, spec: ModelSpec):
     """(inputs, targets, lr, step) -> the global mean loss, with SeCO or SpaCO instead of one backward."""
     train, model, mesh = cfg.train, parts.modules[0], parts.mesh
-    dp_rank = mesh.get_local_rank("dp")
 
     def step_fn(inputs, targets, lr: float, step: int) -> float:
         for opt in parts.optimizers:
@@ -271,8 +271,10 @@ def chunkwise_step(parts: Parallelized, cfg: Config, device: torch.device, spec:
         inputs, targets = inputs.to(device), targets.to(device)
         if train.mode == "seco":
             loss = seco_step(model, inputs, targets, train.chunk_len, spec=spec)
-        else:  # a fresh, reproducible draw per step and dp rank (resumes draw the same chunks)
-            gen = torch.Generator().manual_seed((train.seed * 1_000_003 + step) * 1009 + dp_rank)
+        else:  # a fresh, reproducible draw per step (resumes draw the same chunks), the same on every dp rank:
+            # each backward chunk is a forward and backward with FSDP2's all-gathers / reduce-scatters, so ranks that
+            # drew different numbers of chunks would issue different collectives and hang
+            gen = torch.Generator().manual_seed(train.seed * 1_000_003 + step)
             loss = spaco_step(model, inputs, targets, train.chunk_len, train.spaco_t, cap=train.spaco_cap,
                               generator=gen, spec=spec)
         if train.optim.grad_clip > 0:
@@ -297,6 +299,9 @@ def eval_loss(parts: Parallelized, inputs, targets, cfg: Config, device) -> floa
     model.eval()
     try:
         out = call_model(model, to_device(model_inputs(inputs, cfg), device))
+        # the cross-entropy alone: detach() makes a new tensor object, without the MoE auxiliary term an output
+        # carries (parallel/loss.py), so held-out losses of MoE and dense models compare
+        out = getattr(out, "logits", out).detach()
         loss = tp_loss(out, to_device(targets, device), cfg.plan.loss_parallel).detach().double().reshape(()).clone()
     finally:
         model.train()

@@ -44,6 +44,7 @@ from plait.parallel.activation_checkpoint import MODES as CHECKPOINTING
 from plait.parallel.compile import MODES as COMPILE_MODES
 from plait.parallel.compile import compile_violations
 from plait.parallel.data_parallel import ENGINES, PRECISIONS, check_engine_combination
+from plait.parallel.expert_parallel import expert_violations
 from plait.parallel.float8 import RECIPES as FLOAT8_RECIPES
 from plait.parallel.float8 import float8_violations
 from plait.parallel.mesh import Layout
@@ -240,41 +241,6 @@ def sequence_violations(plan: ParallelPlan, seq_len: int | None) -> list[str]:
     return [f"seq_len={seq_len} is not divisible by 2*plan.cp = {2 * plan.cp}: context parallelism cuts each "
             f"sequence into 2*cp equal chunks (rank r holds chunks r and 2*cp-1-r); use seq_len={fit} or "
             f"{fit + 2 * plan.cp}, or another cp"]
-
-
-def expert_violations(plan: ParallelPlan, model: Any = None) -> list[str]:
-    """What expert parallelism (ep > 1) cannot run with (see expert_parallel.py); ``model`` (a DecoderShape or
-    None) adds the checks against the model: a family with experts, ep dividing their number."""
-    if plan.ep == 1:
-        return []
-    ep, out = plan.ep, []
-    if plan.dp % ep:
-        good = plan.dp - plan.dp % ep if plan.dp >= ep else ep
-        out.append(f"plan.ep={ep} must divide plan.dp={plan.dp}: expert parallelism splits the data-parallel ranks "
-                   f"into dp/ep groups of ep (each holds every expert once); use dp={good},ep={ep} or an ep "
-                   f"dividing {plan.dp}")
-    if plan.engine != "fsdp2":
-        why = ("DDP would average the expert gradients over ranks that hold other experts" if plan.engine == "ddp"
-               else "DeepSpeed ZeRO flattens parameters over the whole world and cannot keep experts apart")
-        out.append(f"plan.ep={ep} with plan.engine={plan.engine!r}: {why}; use engine='fsdp2' (expert parameters "
-                   f"sharded over the dp/ep ranks holding the same experts, the others over dp)")
-    if plan.pp > 1:
-        out.append(f"plan.ep={ep} with plan.pp={plan.pp}: expert parallelism does not combine with pipeline stages in "
-                   f"Plait (the auxiliary load-balancing loss spans every layer's router, which no single stage "
-                   f"sees); use pp=1, e.g. dp={plan.dp * plan.pp},ep={ep},tp={plan.tp}")
-    if plan.cp > 1:
-        out.append(f"plan.ep={ep} with plan.cp={plan.cp}: expert parallelism over context-parallel ranks is not "
-                   f"built in Plait; use cp=1, e.g. dp={plan.dp * plan.cp},ep={ep},tp={plan.tp}")
-    shape = decoder_shape(model)
-    if model is not None and (shape is None or "ep" not in shape.supports or not shape.n_experts):
-        who = f"the model family ({shape.family})" if shape is not None and shape.family else "the model"
-        out.append(f"plan.ep={ep}: {who} has no mixture-of-experts layers (its spec names no experts modules): "
-                   f"use ep=1 (dp={plan.dp} stays data parallelism)")
-    elif shape is not None and shape.n_experts % ep:
-        fits = [d for d in range(2, shape.n_experts + 1) if shape.n_experts % d == 0 and plan.dp % d == 0]
-        out.append(f"model.n_experts={shape.n_experts} is not divisible by plan.ep={ep} (each ep rank holds an "
-                   f"equal share of the experts): use ep in {fits or [1]}")
-    return out
 
 
 def schedule_violations(plan: ParallelPlan) -> list[str]:

@@ -33,8 +33,8 @@ class DecoderShape:
 
     def tp_sizes(self) -> dict[str, int]:
         """What tensor parallelism splits, by the names messages use."""
-        return {"model.n_heads": self.n_heads, "model.n_kv_heads": self.n_kv_heads, "ffn hidden size": self.ffn_hidden,
-                **self.extra_tp_sizes}
+        ffn = {} if self.n_experts else {"ffn hidden size": self.ffn_hidden}  # an MoE block is replicated over tp
+        return {"model.n_heads": self.n_heads, "model.n_kv_heads": self.n_kv_heads, **ffn, **self.extra_tp_sizes}
 
 
 def decoder_shape(model: Any) -> DecoderShape | None:

@@ -126,6 +126,17 @@ def test_gpt_moe_refusals_name_the_field_and_the_fix():
 
     with pytest.raises(ValueError, match="no Hugging Face layout"):
         gpt_weight_names(GPT(GPTConfig(n_layers=1, n_experts=2)))
+    # tp splits attention only (the MoE block is replicated): an expert width tp does not divide is fine
+    ParallelPlan(dp=1, tp=2, engine="fsdp2").validate(2, GPTConfig(d_model=128, n_heads=4, n_experts=8,
+                                                                   n_shared_experts=1))
+    # the LM job refuses, on the driver, what would silently drop the aux term or fail after training
+    from plait.runtime.spec import load_spec
+
+    for extra, says in ((["train.mode=seco", "train.chunk_len=32"], "would drop the experts' balance"),
+                        (["export.hf=always"], "use export.hf='never'")):
+        spec = load_spec("examples/gpt_moe.toml", extra)
+        with pytest.raises(ValueError, match=says):
+            spec.module.validate(spec.config, spec.workers.num)
 
 
 @pytest.mark.slow
@@ -143,4 +154,6 @@ def test_gpt_moe_example_trains_on_the_demo_data_with_every_expert_used(ray_clus
     last = records[-1]
     print(f"GPT-MoE 30 steps: loss {summary['first_loss']:.3f} -> {summary['last_loss']:.3f}, "
           f"aux {last['moe_aux_loss']:.4f}, max/mean expert share {last['expert_max_share']:.2f}")
-    assert last["expert_max_share"] < 4.0  # 8 experts: none takes half the assignments of its layer
+    # 8 experts, top-2: 4.0 = one expert picked by every token (collapse); measured 2.48 at step 30 (it peaks
+    # near 4 around step 15, before the balance loss has acted)
+    assert last["expert_max_share"] < 3.5

@@ -56,8 +56,9 @@ def moe_shape(config: Any, family: str) -> DecoderShape:
     """Mixtral (``num_local_experts``) and Qwen3-MoE (``num_experts``) alike, with their top-k."""
     text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
     experts = getattr(text, "num_local_experts", None) or getattr(text, "num_experts", 0)
+    width = getattr(text, "moe_intermediate_size", None) or text.intermediate_size  # an expert's (Qwen3-MoE's own)
     return dataclasses.replace(hf_shape(config, family, supports=MOE_SUPPORTS), n_experts=experts,
-                               top_k=text.num_experts_per_tok)
+                               top_k=text.num_experts_per_tok, ffn_hidden=width)
 
 
 def moe_decoder_tp_plan(sequence_parallel: bool = False, loss_parallel: bool = False, head_norms: bool = False
