@@ -181,6 +181,40 @@ def hf_folder_under_ep2(ctx, src: str, dst: str) -> float:
     return diff
 
 
+def gpt_moe_ep2(ctx) -> float:
+    """Plait's GPT-MoE (its own experts module and DeepSeek balance + z-loss) under dp2 x ep2 FSDP2 against the
+    unsharded model: loss and every gradient (the mean over the two ranks' batches). Max |difference|."""
+    from plait.models.gpt import GPT, GPTConfig
+    from plait.parallel.loss import tp_loss
+
+    cfg = GPTConfig(vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, n_experts=4, n_shared_experts=1,
+                    max_seq_len=32)
+
+    def make():
+        torch.manual_seed(0)
+        return GPT(cfg).double()
+
+    def tokens(r: int) -> torch.Tensor:
+        return torch.randint(0, VOCAB, (ROWS, SEQ + 1), generator=torch.Generator().manual_seed(200 + r))
+
+    ref = make()
+    losses = [tp_loss(ref(tokens(r)[:, :-1]), tokens(r)[:, 1:], False) for r in range(2)]
+    (sum(losses) / 2).backward()
+    plan = ParallelPlan(dp=2, ep=2, engine="fsdp2")
+    mesh = build_mesh(plan, "cpu")
+    rank = mesh.get_local_rank("dp")
+    parts = parallelize(make, plan, mesh, ctx.device, OptimConfig(), spec=model_spec("gpt"))
+    model = parts.modules[0]
+    loss = tp_loss(model(tokens(rank)[:, :-1]), tokens(rank)[:, 1:], False)
+    loss.backward()
+    worst = abs(loss.item() - losses[rank].item())
+    grads = {clean_fqn(n): p.grad for n, p in ref.named_parameters()}
+    assert len(expert_parameters(model)) == 2 * cfg.n_layers  # gate_up_proj and down_proj of each layer
+    for name, p in model.named_parameters():
+        worst = max(worst, (_full(p.grad) - grads[clean_fqn(name)]).abs().max().item())
+    return worst
+
+
 def two_ranks(ctx, folder: str, hf_src: str) -> dict:
     fsdp = dict(dp=2, ep=2, engine="fsdp2")
     out = {
@@ -192,6 +226,7 @@ def two_ranks(ctx, folder: str, hf_src: str) -> dict:
         "qwen3_moe_tp2": compare(ctx, "qwen3_moe", ParallelPlan(tp=2)),
     }
     out["skewed_routing"] = skewed_routing(ctx)
+    out["gpt_moe_ep2"] = gpt_moe_ep2(ctx)
     out["hf_folder_ep2"] = hf_folder_under_ep2(ctx, hf_src, f"{folder}/hf_out")
     out["dcp_ep2_to_ep1"] = dcp_roundtrip(ctx, f"{folder}/ep2", 2, 1)
     out["dcp_ep1_to_ep2"] = dcp_roundtrip(ctx, f"{folder}/ep1", 1, 2)
