@@ -24,8 +24,9 @@ def test_an_unknown_hf_family_is_refused_with_the_known_ones(tmp_path):
 
     transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2).save_pretrained(tmp_path / "gpt2")
     spec = load_spec(GPT_DP2, [f"model.path={tmp_path / 'gpt2'}"])
-    with pytest.raises(ConfigError, match=r"model_type 'gpt2' .* has no Plait model spec; known Hugging Face model "
-                                          r"types: gemma3_text, llama, mistral, mixtral, phi3, qwen2, qwen3, qwen3_moe"):
+    with pytest.raises(ConfigError, match=r"model_type 'gpt2' .* has no Plait model spec; known Hugging Face "
+                                          r"model types: gemma3_text, llama, mistral, mixtral, phi3, qwen2, qwen3, "
+                                          r"qwen3_moe"):
         spec.module.validate(spec.config, spec.workers.num)
 
 
