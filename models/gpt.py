@@ -42,7 +42,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from plait.models.moe import ROUTERS, MoE
+from plait.models.moe import ROUTERS, MoE, SwiGLU
 from plait.parallel.loss import lm_loss, upcast, with_aux_loss  # noqa: F401 - the GPT's loss, re-exported
 from plait.parallel.shape import DecoderShape
 from torch import nn
@@ -230,17 +230,6 @@ class Attention(nn.Module):
         return causal_attention(q, k, v)
 
 
-class FeedForward(nn.Module):
-    def __init__(self, d_model: int, hidden: int):
-        super().__init__()
-        self.w1 = nn.Linear(d_model, hidden, bias=False)
-        self.w2 = nn.Linear(hidden, d_model, bias=False)
-        self.w3 = nn.Linear(d_model, hidden, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
-
-
 class Block(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
@@ -251,7 +240,7 @@ class Block(nn.Module):
             self.moe = MoE(cfg.d_model, cfg.n_experts, cfg.experts_top_k, cfg.moe_hidden, cfg.n_shared_experts,
                            cfg.router, cfg.aux_loss_coef, cfg.z_loss_coef)
         else:
-            self.feed_forward = FeedForward(cfg.d_model, cfg.hidden)
+            self.feed_forward = SwiGLU(cfg.d_model, cfg.hidden)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None,
                 layer_idx: int | None = None) -> torch.Tensor:

@@ -15,12 +15,11 @@ writes the same layout back, so ``from_pretrained`` reads it equal.
 
 from __future__ import annotations
 
-from plait.models.hf.experts import build_moe, moe_decoder_tp_plan, moe_shape
+from plait.models.hf.experts import build_moe, moe_decoder_tp_plan, moe_shape, stacked_expert_names
 from plait.models.hf.family import hf_spec
-from plait.models.hf.weights import WeightRef, expert_ref
+from plait.models.hf.weights import WeightRef
 from plait.models.llama import shard_decoder
 from plait.models.spec import register
-from plait.parallel.names import clean_fqn
 from torch import nn
 
 EXPERTS = ("mlp.experts",)
@@ -29,18 +28,8 @@ ROUTERS = ("mlp.gate",)
 
 def mixtral_weight_names(module: nn.Module) -> dict[str, WeightRef]:
     """Model name -> checkpoint tensor: ``mlp.`` is ``block_sparse_moe.``; stacked experts are per-expert w1/w3/w2."""
-    out = {}
-    for name, _ in module.named_parameters():
-        name = clean_fqn(name)
-        ckpt = name.replace(".mlp.", ".block_sparse_moe.")
-        if name.endswith(".mlp.experts.gate_up_proj"):
-            base = ckpt.removesuffix("gate_up_proj")
-            out[name] = expert_ref(base + "{e}.w1.weight", base + "{e}.w3.weight")
-        elif name.endswith(".mlp.experts.down_proj"):
-            out[name] = expert_ref(ckpt.removesuffix("down_proj") + "{e}.w2.weight")
-        else:
-            out[name] = WeightRef(ckpt)
-    return out
+    return stacked_expert_names(module, lambda name: name.replace(".mlp.", ".block_sparse_moe."),
+                                "w1.weight", "w3.weight", "w2.weight")
 
 
 def parallelize_mixtral(model: nn.Module, mesh, sp: bool, lp: bool) -> None:

@@ -96,6 +96,8 @@ def z_loss(logits: torch.Tensor) -> torch.Tensor:
 
 
 class SwiGLU(nn.Module):
+    """The dense feed-forward ``w2(silu(w1 x) * w3 x)``: the GPT's (models/gpt.py) and its shared experts'."""
+
     def __init__(self, d_model: int, hidden: int):
         super().__init__()
         self.w1 = nn.Linear(d_model, hidden, bias=False)

@@ -14,12 +14,11 @@ reads only its experts', export writes them back.
 
 from __future__ import annotations
 
-from plait.models.hf.experts import build_moe, moe_decoder_tp_plan, moe_shape
+from plait.models.hf.experts import build_moe, moe_decoder_tp_plan, moe_shape, stacked_expert_names
 from plait.models.hf.family import hf_spec
-from plait.models.hf.weights import WeightRef, expert_ref
+from plait.models.hf.weights import WeightRef
 from plait.models.llama import shard_decoder
 from plait.models.spec import register
-from plait.parallel.names import clean_fqn
 from torch import nn
 
 EXPERTS = ("mlp.experts",)
@@ -27,17 +26,9 @@ ROUTERS = ("mlp.gate",)
 
 
 def qwen3_moe_weight_names(module: nn.Module) -> dict[str, WeightRef]:
-    out = {}
-    for name, _ in module.named_parameters():
-        name = clean_fqn(name)
-        if name.endswith(".mlp.experts.gate_up_proj"):
-            base = name.removesuffix("gate_up_proj")
-            out[name] = expert_ref(base + "{e}.gate_proj.weight", base + "{e}.up_proj.weight")
-        elif name.endswith(".mlp.experts.down_proj"):
-            out[name] = expert_ref(name.removesuffix("down_proj") + "{e}.down_proj.weight")
-        else:
-            out[name] = WeightRef(name)
-    return out
+    """Model name -> checkpoint tensor: the same names, stacked experts per-expert gate/up/down projections."""
+    return stacked_expert_names(module, lambda name: name, "gate_proj.weight", "up_proj.weight",
+                                "down_proj.weight")
 
 
 def qwen3_moe_tp_plan(sequence_parallel: bool = False, loss_parallel: bool = False) -> tuple[dict, dict]:

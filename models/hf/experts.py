@@ -21,13 +21,15 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from plait.models.hf.family import build_hf, hf_shape
+from plait.models.hf.weights import WeightRef, expert_ref
 from plait.models.llama import decoder_tp_plan
 from plait.models.moe import moe_block_style
 from plait.parallel.loss import with_aux_loss
+from plait.parallel.names import clean_fqn
 from plait.parallel.shape import DecoderShape
 from torch import nn
 
@@ -69,3 +71,23 @@ def moe_decoder_tp_plan(sequence_parallel: bool = False, loss_parallel: bool = F
         del block[name]
     block["mlp"] = moe_block_style(sequence_parallel)
     return top, block
+
+
+def stacked_expert_names(module: nn.Module, checkpoint_name: Callable[[str], str], gate: str, up: str,
+                         down: str) -> dict[str, WeightRef]:
+    """Model name -> checkpoint tensor for a HF MoE decoder whose model stacks its experts (``mlp.experts.
+    gate_up_proj`` (E, 2I, H), ``down_proj`` (E, H, I)) while its checkpoints hold one tensor per expert, as
+    transformers' ``save_pretrained`` writes them: ``<experts>.<e>.<gate>`` and ``.<up>`` make gate_up_proj,
+    ``.<down>`` down_proj. ``checkpoint_name`` maps the rest of a model name to the checkpoint's."""
+    out = {}
+    for name, _ in module.named_parameters():
+        name = clean_fqn(name)
+        ckpt = checkpoint_name(name)
+        if name.endswith(".mlp.experts.gate_up_proj"):
+            base = ckpt.removesuffix("gate_up_proj")
+            out[name] = expert_ref(base + "{e}." + gate, base + "{e}." + up)
+        elif name.endswith(".mlp.experts.down_proj"):
+            out[name] = expert_ref(ckpt.removesuffix("down_proj") + "{e}." + down)
+        else:
+            out[name] = WeightRef(ckpt)
+    return out
