@@ -49,10 +49,12 @@ Two cases, each on 2 ranks (gloo, CPU, float32, one torch thread per rank), on P
    the next all-gather in backward where the hand-written code gathers synchronously.
 
 3. tp2+compile, fsdp2+compile: the same two cases with Plait's plan at ``compile="blocks"`` (each block
-   compiled by inductor, parallel/compile.py), against the same hand-written sides, which stay eager (the
-   hand-written TP issues in-place c10d calls from autograd.Functions; a compiled version of it would be a
-   rewrite with functional collectives, not done here). The headline is tp2+compile against the
-   eager hand-written TP: whether compiled regions remove DTensor's per-op dispatch cost. The compile itself
+   compiled by inductor, parallel/compile.py; Plait then compiles its default loss too), against the same
+   hand-written sides, whose blocks stay eager (the hand-written TP issues in-place c10d calls from
+   autograd.Functions; a compiled version of it would be a rewrite with functional collectives, not done here)
+   and whose loss is compiled as Plait's is (``torch.compile(lm_loss)``, one line a hand-written loop would
+   write too). The headline is tp2+compile against the eager-block hand-written TP: whether compiled regions
+   remove DTensor's per-op dispatch cost. The compile itself
    happens in the first warm-up step and is never timed. The collectives check holds for compiled cases too:
    gloo runs the same all-reduces and all-gathers (19 all-reduces and 1 all-gather for tp2, 8 all-gathers and 7
    all-reduces for fsdp2).
@@ -300,14 +302,15 @@ def hand_clip(sharded: list[nn.Parameter], replicated: list[nn.Parameter], group
     torch._foreach_mul_([p.grad for p in sharded + replicated], coef)
 
 
-def hand_step_fn(model: nn.Module, opt: torch.optim.Optimizer, dp_group, clip: Callable[[], None]):
+def hand_step_fn(model: nn.Module, opt: torch.optim.Optimizer, dp_group, clip: Callable[[], None],
+                 loss_fn: Callable = lm_loss):
     """The hand-written side of Plait's train_step: same loss, clipping, same AdamW, loss averaged over dp."""
 
     def step(inputs: torch.Tensor, targets: torch.Tensor, lr: float) -> float:
         for group in opt.param_groups:
             group["lr"] = lr
         opt.zero_grad(set_to_none=True)
-        loss = lm_loss(model(inputs), targets)
+        loss = loss_fn(model(inputs), targets)
         loss.backward()
         clip()
         opt.step()
@@ -344,6 +347,8 @@ def build_case(case: str, cfg: GPTConfig, optim: OptimConfig, seed: int):
     mesh = build_mesh(plan, "cpu")
     parts = parallelize(lambda: _seeded_gpt(cfg, seed), plan, mesh, torch.device("cpu"), optim, spec=model_spec("gpt"))
     group = dist.group.WORLD
+    # Plait compiles its default loss with the blocks; a hand-written loop compiles its loss as easily (one line)
+    loss_fn = torch.compile(lm_loss, dynamic=False) if compiled else lm_loss
     if case == "tp2":
         model = HandTPGPT(_seeded_gpt(cfg, seed), group)
         opt = _adamw(model.parameters(), optim)
@@ -351,12 +356,13 @@ def build_case(case: str, cfg: GPTConfig, optim: OptimConfig, seed: int):
         ids = {id(p) for p in replicated}
         sharded = [p for p in model.parameters() if id(p) not in ids]
         hand = hand_step_fn(model, opt, dp_group=None,
-                            clip=lambda: hand_clip(sharded, replicated, group, optim.grad_clip))
+                            clip=lambda: hand_clip(sharded, replicated, group, optim.grad_clip), loss_fn=loss_fn)
     else:
         model = _seeded_gpt(cfg, seed)
         shards = hand_zero3(model, group)
         opt = _adamw(shards, optim)
-        hand = hand_step_fn(model, opt, dp_group=group, clip=lambda: hand_clip(shards, [], group, optim.grad_clip))
+        hand = hand_step_fn(model, opt, dp_group=group, clip=lambda: hand_clip(shards, [], group, optim.grad_clip),
+                            loss_fn=loss_fn)
     return parts.train_step, parts.optimizers, hand, [opt]
 
 

@@ -116,6 +116,17 @@ def _plain(x: Any) -> Any:
     return x.clone() if isinstance(x, AsyncCollectiveTensor) else x
 
 
+def compile_loss(loss_fn: Callable, mode: str) -> Callable:
+    """parallelize's default loss (next-token cross-entropy), compiled when ``mode`` compiles anything: inductor
+    fuses the log-softmax, the gather and their backward into one pass over the logits. Measured on this CPU (one
+    process, forward + backward of the loss alone, CPU time): 24.8 -> 2.5 ms at vocab 256 (16 x 128 tokens) and
+    260 -> 174 ms at vocab 32000 (4 x 256 tokens). Not under loss parallelism (vocab-sharded DTensor logits go
+    through torch's loss_parallel), nor a caller's own loss, which is left as given."""
+    if mode == "off":
+        return loss_fn
+    return torch.compile(loss_fn, dynamic=False)
+
+
 def graphs_compiled() -> int:
     """How many graphs dynamo has captured in this process so far (a recompilation is one more)."""
     from torch._dynamo.utils import counters

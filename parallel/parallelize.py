@@ -8,8 +8,8 @@ The recipe, in torchtitan's order, each step on its named sub-mesh:
   2. tensor (+ sequence, loss) parallelism on ``mesh["tp"]``;
   3. expert parallelism on ``mesh["ep"]`` (expert_parallel.py: the spec's experts modules sharded, tokens
      dispatched with all-to-all), context parallelism on ``mesh["cp"]`` (ring attention, context_parallel.py);
-  4. activation checkpointing (off / full / selective), then ``plan.compile`` (each block, or the whole part:
-     compile.py);
+  4. activation checkpointing (off / full / selective), then ``plan.compile`` (each block, or the whole part,
+     and the default loss: compile.py);
   5. mixed precision and data parallelism on ``data_mesh(mesh)``: ``mesh["dp"]``, or ``mesh["dp_cp"]``
      with cp > 1 (parameters are replicated over cp): DDP or FSDP2 per part (a DeepSpeed ZeRO engine
      instead of steps 1-5 when the plan says zero1/2/3: DeepSpeed then owns the optimizer step); with ep > 1 each
@@ -68,7 +68,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 from plait.parallel.activation_checkpoint import apply_activation_checkpointing
-from plait.parallel.compile import apply_compile, compile_violations
+from plait.parallel.compile import apply_compile, compile_loss, compile_violations
 from plait.parallel.context_parallel import apply_context_parallel, shard_batch
 from plait.parallel.data_parallel import (
     ZERO_STAGES,
@@ -308,6 +308,8 @@ def parallelize(build_model: Callable[[], nn.Module], plan: ParallelPlan, mesh: 
                             "pipeline stages: use pp=1")
     if loss_fn is None:
         loss_fn = functools.partial(tp_loss, loss_parallel=plan.loss_parallel)
+        if not plan.loss_parallel and plan.engine not in ZERO_STAGES:
+            loss_fn = compile_loss(loss_fn, plan.compile)
     if plan.engine in ZERO_STAGES:
         return _parallelize_deepspeed(build_model, plan, mesh, device, optim, global_batch, loss_fn, weights,
                                       init_seed, spec)
