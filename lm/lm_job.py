@@ -333,4 +333,6 @@ def summarize(cfg: Config, run_dir: Path, results: list[dict]) -> dict:
     return {"plan": cfg.plan.describe(), "family": main["family"], "model": cfg.model.path or "gpt",
             "steps": cfg.train.steps, "eval_loss_start": main["eval_loss_start"],
             "eval_loss_end": main["eval_loss_end"], "export": main["export"], "checkpoint": main["checkpoint"],
-            "losses": main["losses"], "metrics": str(run_dir / "metrics.jsonl")}
+            "losses": main["losses"], "metrics": str(run_dir / "metrics.jsonl"),
+            **({"expert_counts_last_step": main["expert_counts_last_step"]}  # per layer, per expert (all dp ranks)
+               if "expert_counts_last_step" in main else {})}
