@@ -30,7 +30,6 @@ import numpy as np
 import torch
 from plait.lm.data import markov_tokens, stdlib_bytes
 from plait.models.gpt import GPT, GPTConfig, lm_loss
-from plait.parallel.low_bit_optim import state_bytes
 from plait.parallel.parallelize import OptimConfig, lr_at, make_optimizer
 
 CFG = GPTConfig(vocab_size=256, d_model=128, n_layers=4, n_heads=4, max_seq_len=128)
@@ -104,7 +103,7 @@ def moment_bytes(opt) -> int:
                 total += value.codes.numel() * value.codes.element_size() + value.scale.numel() * 4
             elif isinstance(value, torch.Tensor):
                 total += value.numel() * value.element_size()
-    return total if total else state_bytes(opt)
+    return total
 
 
 def main(argv: list[str] | None = None) -> int:

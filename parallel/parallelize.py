@@ -80,7 +80,7 @@ from plait.parallel.data_parallel import (
     full_parameters,
     to_device,
 )
-from plait.parallel.expert_parallel import apply_expert_parallel, sharded_experts
+from plait.parallel.expert_parallel import apply_expert_parallel, expert_modules, sharded_experts
 from plait.parallel.float8 import after_optimizer_step, convert_model, float8_violations
 from plait.parallel.grad_clip import clip_grad_norm, comm_device
 from plait.parallel.kv_replication import replicated, sync_replicated_kv_grads
@@ -199,11 +199,9 @@ def check_model(model: nn.Module, plan: ParallelPlan, spec: Any = None) -> nn.Mo
             raise PlanError(f"plan.{dim}={getattr(plan, dim)}: splitting a model over {dim} needs {what} from its "
                             f"family's spec (plait.models), and {family} has none: pass spec=model_spec(...) / "
                             f"spec_for_config(config), or use {dim}=1 (data parallelism only)")
-    experts = getattr(spec, "experts", ())
-    if plan.compile != "off" and experts and any(n.endswith(tuple("." + e for e in experts))
-                                                 for n, _ in model.named_modules()):
-        for msg in compile_violations(plan, experts=1):
-            raise PlanError(msg)
+    found = expert_modules(model, getattr(spec, "experts", ())) if plan.compile != "off" else []
+    for msg in compile_violations(plan, experts=getattr(found[0][1], "num_experts", 1)) if found else []:
+        raise PlanError(msg)
     if plan.mixed_precision == "bf16":
         other = {str(p.dtype) for p in model.parameters() if p.is_floating_point() and p.dtype != torch.float32}
         if other:
