@@ -155,7 +155,7 @@ class ExpertLoad:
     forwards without gradients (evaluation) are not counted."""
 
     counts: dict[str, torch.Tensor] = field(default_factory=dict)
-    aux: list[float] = field(default_factory=list)
+    aux: list[torch.Tensor] = field(default_factory=list)
     handles: list = field(default_factory=list)
 
     @classmethod
@@ -176,7 +176,7 @@ class ExpertLoad:
         def record_aux(_m, _args, output):
             aux = aux_loss_of(output)
             if aux is not None and torch.is_grad_enabled() and not _in_backward():
-                meter.aux.append(float(aux.detach()))
+                meter.aux.append(aux.detach())  # read in take(): no host sync per forward
 
         meter.handles.append(model.register_forward_hook(record_aux))
         return meter
@@ -207,7 +207,7 @@ class ExpertLoad:
             share = table.max(dim=1).values / table.mean(dim=1).clamp_min(1e-12)
             out = {"expert_max_share": float(share.max()), "counts": table.long().tolist()}
         if self.aux:
-            out["moe_aux_loss"] = sum(self.aux) / len(self.aux)
+            out["moe_aux_loss"] = float(torch.stack(self.aux).double().mean())
         self.counts, self.aux = {}, []
         return out
 
